@@ -1,0 +1,510 @@
+"""
+MetaEmbed: a vision-language backbone + learnable Meta Tokens -> a multi-vector embedding,
+trained with the Matryoshka Multi-Vector Retrieval (MMR) loss.
+
+Xiao et al., "MetaEmbed: Scaling Multimodal Retrieval at Test-Time with Flexible Late
+Interaction", arXiv 2509.18095. Read top to bottom:
+  1. config and budgets        (MetaEmbedConfig, GROUPS, parse_budgets)
+  2. backbones                 (hub aliases, the offline `tiny` Qwen2-VL, LoRA)
+  3. prompts and the processor (the paper's "simple prompt", left padding)
+  4. the model                 (Meta Tokens appended, last-layer states read, L2-normalised)
+  5. the loss                  (InfoNCE per Matryoshka group on prefix MaxSim scores)
+  6. save / load               (safetensors + json, never pickle)
+"""
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+from kernels import maxsim_reference
+
+# -----------------------------------------------------------------------------
+# 1. config and budgets
+
+# Matryoshka groups (r_q, r_c): nested prefixes of the R_q query and R_c candidate vectors.
+GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
+
+BACKBONES = {
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+
+
+@dataclass
+class MetaEmbedConfig:
+    backbone: str = "tiny"           # alias in BACKBONES, "tiny" (offline), a hub id or a local folder
+    num_query_tokens: int = 16       # R_q, Query Meta Tokens
+    num_candidate_tokens: int = 64   # R_c, Candidate Meta Tokens
+    groups: tuple = GROUPS           # Matryoshka groups (r_q, r_c), coarse to fine
+    group_weights: tuple | None = None  # w_g, default 1 for every group
+    temperature: float = 0.03        # tau of InfoNCE
+    proj_dim: int | None = None      # optional linear projection; None: D = hidden size
+    lora: bool | None = None         # None: full fine-tuning for `tiny`, LoRA for real backbones
+    lora_r: int = 32
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    dtype: str | None = None         # backbone weights; None: float32 for `tiny`, bfloat16 otherwise
+    min_pixels: int | None = None    # image processor bounds; None: the backbone's own
+    max_pixels: int | None = None
+    tiny: dict = field(default_factory=dict)  # overrides of TINY (hidden_size, layers, ...)
+
+    def __post_init__(self):
+        self.groups = tuple(tuple(int(x) for x in g) for g in self.groups)
+        if self.group_weights is not None:
+            self.group_weights = tuple(float(w) for w in self.group_weights)
+        check_groups(self.groups, self.num_query_tokens, self.num_candidate_tokens)
+        if self.group_weights is not None and len(self.group_weights) != len(self.groups):
+            raise ValueError(f"group_weights has {len(self.group_weights)} entries but there are "
+                             f"{len(self.groups)} groups {self.groups}")
+
+
+def check_groups(groups, num_query_tokens, num_candidate_tokens):
+    """Groups must be nested prefixes: non-decreasing, and within the trained tokens."""
+    if not groups:
+        raise ValueError("groups is empty: give at least one (r_q, r_c) pair")
+    for (rq, rc), prev in zip(groups, ((0, 0),) + tuple(groups[:-1])):
+        if rq < 1 or rc < 1:
+            raise ValueError(f"group {(rq, rc)}: r_q and r_c must be at least 1")
+        if rq > num_query_tokens or rc > num_candidate_tokens:
+            raise ValueError(f"group {(rq, rc)} exceeds the meta tokens "
+                             f"(R_q={num_query_tokens}, R_c={num_candidate_tokens})")
+        if rq < prev[0] or rc < prev[1]:
+            raise ValueError(f"groups must grow coarse to fine, got {prev} before {(rq, rc)}")
+
+
+def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None):
+    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)].
+
+    A number k names the group whose r_c == k; 'AxB' names (r_q, r_c) = (A, B) directly, which
+    must lie within the trained tokens (default: the largest group)."""
+    max_q = num_query_tokens or max(g[0] for g in groups)
+    max_c = num_candidate_tokens or max(g[1] for g in groups)
+    budgets = []
+    for part in str(spec).replace(" ", "").split(","):
+        if not part:
+            continue
+        if re.fullmatch(r"\d+", part):
+            k = int(part)
+            match = [g for g in groups if g[1] == k]
+            if not match:
+                raise ValueError(f"budget '{part}': no Matryoshka group has {k} candidate vectors; "
+                                 f"the groups are {', '.join(f'{a}x{b}' for a, b in groups)} "
+                                 f"(a number names r_c, 'AxB' names r_q x r_c)")
+            budget = match[0]
+        elif m := re.fullmatch(r"(\d+)x(\d+)", part):
+            budget = (int(m.group(1)), int(m.group(2)))
+            if budget[0] < 1 or budget[1] < 1:
+                raise ValueError(f"budget '{part}': r_q and r_c must be at least 1")
+            if budget[0] > max_q or budget[1] > max_c:
+                raise ValueError(f"budget '{part}' exceeds the trained meta tokens "
+                                 f"(R_q={max_q}, R_c={max_c})")
+        else:
+            raise ValueError(f"budget '{part}' is not a number or 'AxB' (e.g. '1,4,16,64' or '2x4')")
+        if budget not in budgets:
+            budgets.append(budget)
+    if not budgets:
+        raise ValueError(f"no budget given in {spec!r}")
+    return budgets
+
+
+# -----------------------------------------------------------------------------
+# 2. backbones
+
+# The offline backbone: a small random-initialised Qwen2-VL (same code path as the real ones).
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vision_depth=2, vision_embed_dim=64, vision_heads=4,
+            vocab_size=1024, min_pixels=28 * 28, max_pixels=112 * 112)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# A small built-in corpus for the tiny tokenizer's byte-level BPE (any text still encodes, by bytes).
+TINY_CORPUS = """user Query: Describe the image. Find the image that matches the caption. Which scene is this?
+a the of and in on with at to is are this that what which where image picture photo caption
+red green blue yellow purple orange white black gray cyan pink brown
+circle square triangle diamond cross star ring bar small large big tiny
+top bottom left right center middle upper lower corner
+one two three four five six seven eight nine zero object objects scene
+"""
+
+
+def build_tiny_backbone(seed=0, **overrides):
+    """Random Qwen2-VL + byte-level BPE tokenizer + image processor, built in code (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLModel
+    t = {**TINY, **overrides}
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=t["vocab_size"], special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(TINY_CORPUS.split("\n") * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", padding_side="left")
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    half = head_dim // 2  # M-RoPE: mrope_section (temporal, height, width) sums to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
+                         intermediate_size=t["intermediate_size"],
+                         num_hidden_layers=t["num_hidden_layers"],
+                         num_attention_heads=t["num_attention_heads"],
+                         num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                                              mrope_section=section),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(depth=t["vision_depth"], embed_dim=t["vision_embed_dim"],
+                           hidden_size=t["hidden_size"], num_heads=t["vision_heads"], mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = Qwen2VLModel(config)
+    image_processor = _image_processor_class()(min_pixels=t["min_pixels"], max_pixels=t["max_pixels"],
+                                               patch_size=14, merge_size=2, temporal_patch_size=2)
+    return backbone, ImageTextProcessor(image_processor, tokenizer)
+
+
+def _image_processor_class():
+    # The PIL image processor needs no torchvision (the default one does).
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil
+    except ImportError:  # older transformers 5.x
+        from transformers import Qwen2VLImageProcessor
+        return Qwen2VLImageProcessor
+
+
+def load_backbone(name, dtype=None):
+    """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
+    from transformers import AutoModel, AutoTokenizer
+    name = BACKBONES.get(name, name)
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        backbone = AutoModel.from_pretrained(name, dtype=dtype or torch.bfloat16,
+                                             attn_implementation="sdpa")
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+        image_processor = _image_processor_class().from_pretrained(name)
+    except OSError as e:
+        raise OSError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
+                      f"folder holding its files, or 'tiny' for the offline backbone") from None
+    if getattr(backbone.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"backbone '{name}' is a {backbone.config.model_type}; MetaEmbed here supports "
+                         f"Qwen2-VL and Qwen2.5-VL backbones")
+    return backbone, ImageTextProcessor(image_processor, tokenizer)
+
+
+# LoRA on the language and vision attention / MLP projections (the paper's q,k,v,o,gate,up,down;
+# the Qwen2-VL vision tower names them qkv, proj, fc1, fc2).
+LORA_TARGETS = (r".*(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+                r"|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)))")
+
+
+def add_lora(backbone, config):
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
+                      lora_dropout=config.lora_dropout, target_modules=LORA_TARGETS)
+    return get_peft_model(backbone, lora)
+
+
+# -----------------------------------------------------------------------------
+# 3. prompts and the processor
+
+IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def format_prompt(text, has_image, side):
+    """The paper's "simple prompt" in Qwen chat format; side is 'query' or 'candidate'."""
+    text = text or ""
+    if "<|image_1|>" in text:  # MMEB carries Phi-3.5-V's image token inline
+        if not has_image:
+            raise ValueError(f"text has an <|image_1|> placeholder but no image: {text[:80]!r}")
+        text, image = text.replace("<|image_1|>", IMAGE_PLACEHOLDER), ""
+    else:
+        image = IMAGE_PLACEHOLDER if has_image else ""
+    if not text.strip() and has_image:
+        text = "Describe the image."
+    prefix = "Query: " if side == "query" else ""
+    return f"<|im_start|>user\n{image}{prefix}{text}<|im_end|><|endoftext|>"
+
+
+def load_image(image, where=""):
+    """PIL image or path -> RGB PIL image; a missing or unreadable file is named in the error."""
+    from PIL import Image
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                return im.convert("RGB")
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"cannot read image {str(image)!r}{where}: {e}") from None
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image{where} must be a PIL image or a path, got {type(image).__name__}")
+    return image.convert("RGB")
+
+
+class ImageTextProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor (which needs torchvision); left padding,
+    so the meta tokens appended after it are the last positions of every row."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        tokenizer.padding_side = "left"
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+# -----------------------------------------------------------------------------
+# 4. the model
+
+class MetaEmbed(nn.Module):
+    """Backbone VLM + R_q Query and R_c Candidate Meta Tokens (two sets, one table).
+
+    Input: [image tokens; text tokens; M_q; M_c]. E_q = last-layer states at the M_q positions,
+    E_c = those at the M_c positions, optionally projected, L2-normalised. Attention is causal,
+    so a query needs only M_q appended (M_c comes after and cannot change E_q)."""
+
+    def __init__(self, config, backbone, processor):
+        super().__init__()
+        self.config, self.backbone, self.processor = config, backbone, processor
+        hidden = backbone.config.get_text_config().hidden_size
+        emb = backbone.get_input_embeddings().weight
+        # meta tokens start at the scale of the word embeddings
+        std = emb.detach().float().std().item()
+        self.meta_tokens = nn.Parameter(torch.randn(config.num_query_tokens + config.num_candidate_tokens,
+                                                    hidden) * std)  # (R_q + R_c, H)
+        self.proj = nn.Linear(hidden, config.proj_dim) if config.proj_dim else None
+        self.dim = config.proj_dim or hidden  # D
+
+    # -- construction ---------------------------------------------------------
+    @classmethod
+    def from_backbone(cls, name="tiny", seed=0, **kwargs):
+        """Backbone by alias / hub id / folder, with fresh meta tokens (seeded)."""
+        config = MetaEmbedConfig(backbone=name, **kwargs)
+        if name == "tiny":
+            backbone, processor = build_tiny_backbone(seed=seed, **config.tiny)
+        else:
+            backbone, processor = load_backbone(name, config.dtype)
+        return cls._assemble(config, backbone, processor, seed)
+
+    @classmethod
+    def _assemble(cls, config, backbone, processor, seed=0):
+        ip = processor.image_processor
+        if config.min_pixels:
+            ip.min_pixels = ip.size["shortest_edge"] = config.min_pixels
+        if config.max_pixels:
+            ip.max_pixels = ip.size["longest_edge"] = config.max_pixels
+        if config.dtype and config.backbone == "tiny":
+            backbone = backbone.to(getattr(torch, config.dtype))
+        if config.lora is None:  # resolved once, so a saved config says what was done
+            config.lora = config.backbone != "tiny"
+        if config.lora:
+            backbone = add_lora(backbone, config)
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model = cls(config, backbone, processor)
+        return model
+
+    @property
+    def device(self):
+        return self.meta_tokens.device
+
+    def trainable_state(self):
+        """What training changes: meta tokens, projection, and LoRA adapters or the full backbone."""
+        return {k: v for k, v in self.named_parameters() if v.requires_grad}
+
+    # -- batching -------------------------------------------------------------
+    def prepare(self, texts, images=None, side="query"):
+        """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded."""
+        if images is None:
+            images = [None] * len(texts)
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
+        prompts = [format_prompt(t, im is not None, side) for t, im in zip(texts, images)]
+        pil = [load_image(im, f" (item {i})") for i, im in enumerate(images) if im is not None]
+        return self.processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
+
+    def meta_states(self, inputs, R):
+        """Append meta_tokens[:R] to every row; -> last-layer states at those positions (B, R, H)."""
+        dev = self.device
+        ids = inputs["input_ids"].to(dev)                                  # (B, L)
+        B = ids.shape[0]
+        pad = self.processor.tokenizer.pad_token_id
+        ids = torch.cat([ids, ids.new_full((B, R), pad)], 1)               # (B, L + R)
+        mask = torch.cat([inputs["attention_mask"].to(dev), ids.new_ones(B, R)], 1)
+        types = inputs.get("mm_token_type_ids")
+        types = (ids == self.backbone.config.image_token_id).long() if types is None else \
+            torch.cat([types.to(dev), ids.new_zeros(B, R)], 1)             # meta tokens are text
+        grid = inputs.get("image_grid_thw")
+        grid = grid.to(dev) if grid is not None else None
+        # M-RoPE positions from input_ids (meta tokens continue the 1-D text count); passing
+        # inputs_embeds alone would give wrong positions.
+        position_ids, _ = self._base().get_rope_index(ids, mm_token_type_ids=types,
+                                                      image_grid_thw=grid, attention_mask=mask)
+        embeds = self.backbone.get_input_embeddings()(ids)                 # (B, L + R, H)
+        meta = self.meta_tokens[:R].to(embeds.dtype).expand(B, -1, -1)     # (B, R, H)
+        embeds = torch.cat([embeds[:, :-R], meta], 1)
+        pixels = inputs.get("pixel_values")
+        out = self.backbone(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
+                            position_ids=position_ids, mm_token_type_ids=types,
+                            pixel_values=pixels.to(dev) if pixels is not None else None,
+                            image_grid_thw=grid, use_cache=False)
+        return out.last_hidden_state[:, -R:]                               # (B, R, H)
+
+    def embed(self, inputs, side):
+        """Processor tensors -> (B, R, D) unit vectors; side 'query' (R = R_q) or 'candidate' (R_c).
+
+        Query: [x; M_q] -> E_q. Candidate: [x; M_q; M_c] -> E_c at the M_c positions."""
+        R_q, R_c = self.config.num_query_tokens, self.config.num_candidate_tokens
+        if side == "query":
+            h = self.meta_states(inputs, R_q)                              # (B, R_q, H)
+        else:
+            h = self.meta_states(inputs, R_q + R_c)[:, R_q:]               # (B, R_c, H)
+        if self.proj is not None:
+            h = self.proj(h.to(self.proj.weight.dtype))                    # (B, R, D)
+        return F.normalize(h.float(), dim=-1)
+
+    def _base(self):
+        b = self.backbone
+        return b.get_base_model() if hasattr(b, "get_base_model") else b
+
+    def forward(self, query_inputs, candidate_inputs):
+        """One training forward (one call, so DDP sees one forward): (B, R_q, D), (B_c, R_c, D)."""
+        return self.embed(query_inputs, "query"), self.embed(candidate_inputs, "candidate")
+
+    @torch.no_grad()
+    def _encode(self, texts, images, side, batch_size, progress):
+        texts = list(texts)
+        images = list(images) if images is not None else [None] * len(texts)
+        was_training = self.training
+        self.eval()
+        out = []
+        starts = range(0, len(texts), batch_size)
+        if progress:
+            from tqdm import tqdm
+            starts = tqdm(starts, desc=f"encode {side}s", unit="batch", leave=False)
+        amp = self.device.type == "cuda"
+        try:
+            for i in starts:
+                inputs = self.prepare(texts[i:i + batch_size], images[i:i + batch_size], side)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                    out.append(self.embed(inputs, side).cpu())
+        finally:
+            self.train(was_training)
+        if not out:
+            return torch.zeros(0, self.config.num_query_tokens if side == "query"
+                               else self.config.num_candidate_tokens, self.dim)
+        return torch.cat(out)
+
+    def encode_queries(self, texts, images=None, batch_size=32, progress=False):
+        """-> (N, R_q, D) float32, unit rows."""
+        return self._encode(texts, images, "query", batch_size, progress)
+
+    def encode_candidates(self, texts, images=None, batch_size=32, progress=False):
+        """-> (N, R_c, D) float32, unit rows."""
+        return self._encode(texts, images, "candidate", batch_size, progress)
+
+    # -- save / load ----------------------------------------------------------
+    def save_pretrained(self, path):
+        """Folder: metaembed.json, model.safetensors (what was trained), the backbone config
+        (so `tiny` can be rebuilt) and the processor. Written to a temporary folder, then renamed."""
+        from safetensors.torch import save_file
+        path = os.fspath(path)
+        tmp = path.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        # the random `tiny` base exists nowhere else: keep all of it; a hub base is reloaded by name
+        state = self.state_dict() if self.config.backbone == "tiny" else self.trainable_state()
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "metaembed.json"), "w") as f:
+            json.dump(asdict(self.config), f, indent=2)
+        self._base().config.save_pretrained(tmp)
+        self.processor.tokenizer.save_pretrained(tmp)
+        self.processor.image_processor.save_pretrained(tmp)
+        _replace_dir(tmp, path)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
+        path = os.fspath(path)
+        cfg_file = os.path.join(path, "metaembed.json")
+        if not os.path.isfile(cfg_file):
+            raise FileNotFoundError(f"{path!r} is not a MetaEmbed checkpoint: no metaembed.json in it")
+        with open(cfg_file) as f:
+            config = MetaEmbedConfig(**json.load(f))
+        if config.backbone == "tiny":  # rebuilt from its saved config; weights come below
+            backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
+            backbone.config._attn_implementation = "sdpa"
+            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+            processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
+        else:
+            backbone, _ = load_backbone(config.backbone, config.dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+            processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
+        model = cls._assemble(config, backbone, processor)
+        state = load_file(os.path.join(path, "model.safetensors"))
+        own = model.state_dict()
+        unknown = [k for k in state if k not in own]
+        missing = [k for k in model.trainable_state() if k not in state]
+        if unknown or missing:
+            raise ValueError(f"checkpoint {path!r} does not match its model: "
+                             f"unknown {unknown[:3]}, missing {missing[:3]}")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+def _replace_dir(tmp, path):
+    """Atomically move a finished folder into place (the old one is removed only after)."""
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# 5. the loss
+
+def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=0.03, weights=None, offset=0,
+                    return_groups=False):
+    """Matryoshka Multi-Vector Retrieval loss.
+
+    q (B, R_q, D); pos (B', R_c, D), B' >= B, the positive of query u at row offset + u (other
+    rows: in-batch negatives, e.g. other ranks' positives); neg None, (B, R_c, D) or
+    (B, K, R_c, D): each query's OWN hard negatives. For each group g = (r_q, r_c):
+        s_g(q, c) = sum_{i<=r_q} max_{j<=r_c} <E_q^i, E_c^j>       (prefix MaxSim)
+        L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)
+    L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code)."""
+    B = q.shape[0]
+    if pos.shape[0] < offset + B:
+        raise ValueError(f"pos has {pos.shape[0]} rows, fewer than offset {offset} + {B} queries")
+    if neg is not None and neg.dim() == 3:
+        neg = neg[:, None]                                                 # (B, K, R_c, D)
+    weights = weights or [1.0] * len(groups)
+    labels = torch.arange(B, device=q.device) + offset
+    eye = torch.arange(B, device=q.device)
+    losses = []
+    for rq, rc in groups:
+        qg = q[:, :rq]                                                     # (B, r_q, D)
+        logits = maxsim_reference(qg, pos[:, :rc])                         # (B, B')
+        if neg is not None:
+            K = neg.shape[1]
+            s = maxsim_reference(qg, neg[:, :, :rc].flatten(0, 1))         # (B, B*K)
+            logits = torch.cat([logits, s.view(B, B, K)[eye, eye]], 1)     # own negatives only
+        losses.append(F.cross_entropy(logits / temperature, labels))
+    total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
+    return (total, torch.stack(losses)) if return_groups else total

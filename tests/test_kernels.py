@@ -1,0 +1,72 @@
+"""kernels.py: MaxSim reference, chunking and masks."""
+import pytest
+import torch
+
+from kernels import maxsim, maxsim_chunked, maxsim_reference
+
+
+def brute(q, c, qm, cm):
+    """Sum over real query vectors of the max over real candidate vectors, pair by pair."""
+    out = torch.zeros(len(q), len(c), dtype=torch.float64)
+    for a in range(len(q)):
+        for b in range(len(c)):
+            real_c = [j for j in range(c.shape[1]) if cm[b, j]]
+            for i in range(q.shape[1]):
+                if qm[a, i] and real_c:
+                    out[a, b] += max(float(q[a, i].double() @ c[b, j].double()) for j in real_c)
+    return out
+
+
+def ragged(N, R, D, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.normalize(torch.randn(N, R, D, generator=g), dim=-1)
+    lengths = torch.randint(1, R + 1, (N,), generator=g)
+    mask = torch.arange(R)[None] < lengths[:, None]
+    return x, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_maxsim_matches_brute_force_ragged(dtype):
+    q, qm = ragged(5, 4, 16, 0)
+    c, cm = ragged(7, 6, 16, 1)
+    want = brute(q.to(dtype), c.to(dtype), qm, cm)
+    got = maxsim(q.to(dtype), c.to(dtype), qm, cm)
+    assert got.dtype == torch.float32 and got.shape == (5, 7)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+
+
+def test_padding_never_changes_a_score():
+    q, qm = ragged(4, 5, 8, 2)
+    c, cm = ragged(6, 7, 8, 3)
+    base = maxsim(q, c, qm, cm)
+    q2, c2 = q.clone(), c.clone()
+    q2[~qm] = 100.0   # garbage in padded slots, large enough to win any max if it were read
+    c2[~cm] = 100.0
+    torch.testing.assert_close(maxsim(q2, c2, qm, cm), base)
+    # no masks == all-True masks
+    torch.testing.assert_close(maxsim(q, c), maxsim(q, c, torch.ones_like(qm), torch.ones_like(cm)))
+
+
+def test_chunking_is_exact_and_bounded():
+    q, _ = ragged(3, 4, 8, 4)
+    c, cm = ragged(50, 6, 8, 5)
+    full = maxsim_reference(q, c, c_mask=cm)
+    for chunk in (1, 7, 50, 1000):
+        torch.testing.assert_close(maxsim_chunked(q, c, c_mask=cm, chunk=chunk), full)
+
+
+def test_prefix_views_are_budgets():
+    q, _ = ragged(3, 16, 8, 6)
+    c, _ = ragged(9, 64, 8, 7)
+    for rq, rc in ((1, 1), (2, 4), (16, 64)):
+        torch.testing.assert_close(maxsim(q[:, :rq], c[:, :rc]),
+                                   maxsim_reference(q[:, :rq].contiguous(), c[:, :rc].contiguous()))
+
+
+def test_bad_shapes():
+    with pytest.raises(ValueError, match="D=8.*D=4"):
+        maxsim(torch.zeros(1, 2, 8), torch.zeros(1, 2, 4))
+    with pytest.raises(ValueError, match="c_mask has shape"):
+        maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), c_mask=torch.ones(3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="unknown maxsim backend"):
+        maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), backend="cuda-magic")
