@@ -69,3 +69,21 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
 
 def maxsim_triton(q, c, q_mask=None, c_mask=None):
     raise NotImplementedError("the fused Triton MaxSim kernel is not built yet; use backend='torch'")
+
+
+def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=65536, backend=None):
+    """Top-k candidates per query over a corpus too large for one score matrix.
+
+    -> (scores (N_q, k) float32, indices (N_q, k) int64), best first; a running top-k merged
+    chunk by chunk, so memory is O(N_q * (k + chunk))."""
+    _check(q, c, q_mask, c_mask)
+    k = min(k, c.shape[0])
+    best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
+    best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
+    for j in range(0, c.shape[0], chunk):
+        cm = c_mask[j:j + chunk] if c_mask is not None else None
+        s = maxsim(q, c[j:j + chunk], q_mask, cm, backend)                    # (N_q, chunk)
+        idx = torch.arange(j, j + s.shape[1], device=q.device).expand(q.shape[0], -1)
+        best_s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
+        best_i = torch.cat([best_i, idx], 1).gather(1, pos)
+    return best_s, best_i

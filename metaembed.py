@@ -265,6 +265,17 @@ class ImageTextProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
+def prepare(processor, texts, images=None, side="query"):
+    """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded."""
+    if images is None:
+        images = [None] * len(texts)
+    if len(images) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(images)} images")
+    prompts = [format_prompt(t, im is not None, side) for t, im in zip(texts, images)]
+    pil = [load_image(im, f" (item {i})") for i, im in enumerate(images) if im is not None]
+    return processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
+
+
 # -----------------------------------------------------------------------------
 # 4. the model
 
@@ -326,14 +337,7 @@ class MetaEmbed(nn.Module):
 
     # -- batching -------------------------------------------------------------
     def prepare(self, texts, images=None, side="query"):
-        """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded."""
-        if images is None:
-            images = [None] * len(texts)
-        if len(images) != len(texts):
-            raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-        prompts = [format_prompt(t, im is not None, side) for t, im in zip(texts, images)]
-        pil = [load_image(im, f" (item {i})") for i, im in enumerate(images) if im is not None]
-        return self.processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
+        return prepare(self.processor, texts, images, side)
 
     def meta_states(self, inputs, R):
         """Append meta_tokens[:R] to every row; -> last-layer states at those positions (B, R, H)."""
@@ -393,7 +397,7 @@ class MetaEmbed(nn.Module):
         starts = range(0, len(texts), batch_size)
         if progress:
             from tqdm import tqdm
-            starts = tqdm(starts, desc=f"encode {side}s", unit="batch", leave=False)
+            starts = tqdm(starts, desc="encode queries" if side == "query" else "encode candidates", unit="batch", leave=False)
         amp = self.device.type == "cuda"
         try:
             for i in starts:
@@ -480,12 +484,13 @@ def _replace_dir(tmp, path):
 # 5. the loss
 
 def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=0.03, weights=None, offset=0,
-                    return_groups=False):
+                    neg_mask=None, return_groups=False):
     """Matryoshka Multi-Vector Retrieval loss.
 
     q (B, R_q, D); pos (B', R_c, D), B' >= B, the positive of query u at row offset + u (other
     rows: in-batch negatives, e.g. other ranks' positives); neg None, (B, R_c, D) or
-    (B, K, R_c, D): each query's OWN hard negatives. For each group g = (r_q, r_c):
+    (B, K, R_c, D): each query's OWN hard negatives; neg_mask (B, K) bool, False = no negative
+    there (its logit is dropped). For each group g = (r_q, r_c):
         s_g(q, c) = sum_{i<=r_q} max_{j<=r_c} <E_q^i, E_c^j>       (prefix MaxSim)
         L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)
     L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code)."""
@@ -504,7 +509,10 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=0.03, weights=N
         if neg is not None:
             K = neg.shape[1]
             s = maxsim_reference(qg, neg[:, :, :rc].flatten(0, 1))         # (B, B*K)
-            logits = torch.cat([logits, s.view(B, B, K)[eye, eye]], 1)     # own negatives only
+            s = s.view(B, B, K)[eye, eye]                                  # (B, K) own negatives only
+            if neg_mask is not None:
+                s = s.masked_fill(~neg_mask.to(s.device, torch.bool).view(B, K), float("-inf"))
+            logits = torch.cat([logits, s], 1)
         losses.append(F.cross_entropy(logits / temperature, labels))
     total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
     return (total, torch.stack(losses)) if return_groups else total

@@ -1,0 +1,361 @@
+"""
+Data: the offline synthetic set (the default), MMEB and ViDoRe through Hugging Face `datasets`,
+and the collate function that turns examples into backbone inputs.
+
+A training example is a dict:
+    qry_text, qry_image, pos_text, pos_image, neg_text, neg_image, source
+texts are str ("" for none), images a PIL image, a path or None; neg_* are None where the data
+has no hard negative; `source` names the row in errors ("MMEB-train/CIRR row 12").
+
+A retrieval task (evaluation) is a dict:
+    queries {qid: (text, image)}, corpus {docid: (text, image)}, qrels {qid: {docid: rel}}
+An MMEB-eval subset is a list of rows, each ranked against its own candidates (positive first).
+"""
+import hashlib
+import os
+import random
+
+import torch
+from PIL import Image, ImageDraw
+
+from metaembed import load_image, prepare
+
+# -----------------------------------------------------------------------------
+# the synthetic set: scenes of several objects, captions that name all of them
+
+COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
+           "yellow": (240, 220, 40), "purple": (160, 60, 200), "cyan": (40, 210, 220)}
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SIZES = ("small", "large")
+CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
+         "bottom left", "bottom center", "bottom right")
+CELL = 28  # pixels; 3x3 cells make an 84x84 image: one visual token per cell (14 px patches, 2x2 merge)
+
+
+def make_scene(rng, min_objects=3, max_objects=6):
+    """A scene: a sorted tuple of objects (cell, colour, shape, size), one object per cell."""
+    n = rng.randint(min_objects, max_objects)
+    cells = rng.sample(range(len(CELLS)), n)
+    return tuple(sorted((c, rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIZES))
+                        for c in cells))
+
+
+def caption(scene):
+    return ", ".join(f"{size} {colour} {shape} {CELLS[cell]}" for cell, colour, shape, size in scene)
+
+
+def render(scene):
+    """84x84 RGB image of a scene, drawn with Pillow."""
+    im = Image.new("RGB", (3 * CELL, 3 * CELL), (20, 20, 20))
+    d = ImageDraw.Draw(im)
+    for cell, colour, shape, size in scene:
+        cx, cy = (cell % 3) * CELL + CELL // 2, (cell // 3) * CELL + CELL // 2
+        r = 12 if size == "large" else 6
+        fill = COLOURS[colour]
+        box = (cx - r, cy - r, cx + r, cy + r)
+        if shape == "circle":
+            d.ellipse(box, fill=fill)
+        elif shape == "square":
+            d.rectangle(box, fill=fill)
+        elif shape == "triangle":
+            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        elif shape == "diamond":
+            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+        else:  # cross
+            w = max(2, r // 3)
+            d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
+            d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+    return im
+
+
+def variant(scene, rng):
+    """A hard negative: the scene with ONE change (a colour, a shape, a size, a move, a swap)."""
+    objs = [list(o) for o in scene]
+    while True:
+        kind = rng.choice(("colour", "shape", "size", "move", "swap"))
+        i = rng.randrange(len(objs))
+        new = [o[:] for o in objs]
+        if kind == "colour":
+            new[i][1] = rng.choice([c for c in COLOURS if c != objs[i][1]])
+        elif kind == "shape":
+            new[i][2] = rng.choice([s for s in SHAPES if s != objs[i][2]])
+        elif kind == "size":
+            new[i][3] = "small" if objs[i][3] == "large" else "large"
+        elif kind == "move":
+            free = [c for c in range(len(CELLS)) if c not in {o[0] for o in objs}]
+            if not free:
+                continue
+            new[i][0] = rng.choice(free)
+        else:
+            j = rng.randrange(len(objs))
+            if objs[i][1] == objs[j][1]:
+                continue
+            new[i][1], new[j][1] = objs[j][1], objs[i][1]
+        out = tuple(sorted(tuple(o) for o in new))
+        if out != scene:
+            return out
+
+
+def _split_of(scene):
+    """Train / eval by a hash of the scene: disjoint by construction, stable across runs."""
+    return "eval" if int(hashlib.md5(caption(scene).encode()).hexdigest(), 16) % 10 == 0 else "train"
+
+
+def synthetic_scene(split, i, seed=0, min_objects=3, max_objects=6):
+    """The i-th scene of a split (deterministic by seed)."""
+    for attempt in range(1000):
+        rng = random.Random(f"{seed}-{split}-{i}-{attempt}")
+        scene = make_scene(rng, min_objects, max_objects)
+        if _split_of(scene) == split:
+            return scene
+    raise RuntimeError("no scene found for the split")  # unreachable in practice
+
+
+class SyntheticPairs(torch.utils.data.Dataset):
+    """Training pairs: text->image or image->text (half each), each with a one-change hard negative."""
+
+    def __init__(self, size=20000, seed=0, min_objects=3, max_objects=6):
+        self.size, self.seed, self.objects = size, seed, (min_objects, max_objects)
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        if not 0 <= i < self.size:
+            raise IndexError(i)
+        scene = synthetic_scene("train", i, self.seed, *self.objects)
+        rng = random.Random(f"{self.seed}-pair-{i}")
+        neg = variant(scene, rng)
+        if rng.random() < 0.5:  # text -> image
+            return dict(qry_text=caption(scene), qry_image=None, pos_text="", pos_image=render(scene),
+                        neg_text="", neg_image=render(neg), source=f"synthetic row {i}")
+        return dict(qry_text="", qry_image=render(scene), pos_text=caption(scene), pos_image=None,
+                    neg_text=caption(neg), neg_image=None, source=f"synthetic row {i}")
+
+
+def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=3, max_objects=6):
+    """Two retrieval tasks over one corpus of eval scenes and their one-change variants:
+    t2i (caption -> every image) and i2t (image -> every caption). One relevant item per query."""
+    scenes, seen = [], set()
+    for i in range(n_scenes):
+        s = synthetic_scene("eval", i, seed, min_objects, max_objects)
+        if s not in seen:
+            seen.add(s)
+            scenes.append(s)
+    corpus_scenes = {}
+    for k, s in enumerate(scenes):
+        corpus_scenes[f"s{k}"] = s
+        rng = random.Random(f"{seed}-eval-variants-{k}")
+        for v in range(n_variants):
+            corpus_scenes[f"s{k}v{v}"] = variant(s, rng)
+    ids = [f"s{k}" for k in range(len(scenes))]
+    return {
+        "t2i": dict(queries={f"q{q}": (caption(corpus_scenes[q]), None) for q in ids},
+                    corpus={d: ("", render(s)) for d, s in corpus_scenes.items()},
+                    qrels={f"q{q}": {q: 1} for q in ids}),
+        "i2t": dict(queries={f"q{q}": ("", render(corpus_scenes[q])) for q in ids},
+                    corpus={d: (caption(s), None) for d, s in corpus_scenes.items()},
+                    qrels={f"q{q}": {q: 1} for q in ids}),
+    }
+
+
+# -----------------------------------------------------------------------------
+# Hugging Face datasets: hub ids or local folders laid out like the hub repositories
+
+def _load(path, name, split, what):
+    """load_dataset with errors that name the data set, subset and split."""
+    import datasets
+    try:
+        configs = datasets.get_dataset_config_names(path)
+    except Exception as e:  # noqa: BLE001 - anything here means the data set cannot be reached
+        raise FileNotFoundError(f"{what}: cannot open {path!r} ({type(e).__name__}: {e}). Give a hub "
+                                f"id you can reach or a local folder laid out like the hub repo") from None
+    if name is not None and name not in configs:
+        raise ValueError(f"{what}: no subset {name!r} in {path!r}; it has: {', '.join(configs)}")
+    try:
+        return datasets.load_dataset(path, name, split=split)
+    except ValueError as e:
+        raise ValueError(f"{what}: cannot load split {split!r} of {path!r}"
+                         f"{f' subset {name!r}' if name else ''}: {e}") from None
+
+
+def _require(ds, columns, what):
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise ValueError(f"{what}: missing column(s) {missing}; it has {ds.column_names}")
+
+
+def _image_path(images_dir, path, what):
+    if not path:
+        return None
+    if images_dir is None:
+        raise ValueError(f"{what} refers to image {path!r}: give the folder the images are in "
+                         f"(--images / --mmeb-images)")
+    return os.path.join(images_dir, path)
+
+
+class HubPairs(torch.utils.data.Dataset):
+    """Training pairs from a `datasets.Dataset` with the standard columns below (see load_*)."""
+
+    def __init__(self, ds, images_dir=None):
+        self.ds, self.images_dir = ds, images_dir
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        r = self.ds[int(i)]
+        src = r["source"]
+        img = lambda x: x if not isinstance(x, str) else _image_path(self.images_dir, x, src)  # noqa: E731
+        has_neg = bool(r.get("neg_text") or r.get("neg_image"))
+        return dict(qry_text=r["qry_text"], qry_image=img(r["qry_image"]),
+                    pos_text=r["pos_text"], pos_image=img(r["pos_image"]),
+                    neg_text=r["neg_text"] if has_neg else None,
+                    neg_image=img(r["neg_image"]) if has_neg else None, source=src)
+
+
+def load_mmeb_train(path="TIGER-Lab/MMEB-train", subsets=None, images_dir=None, max_per_subset=None,
+                    seed=0):
+    """MMEB-train subsets (split 'original'), capped per subset, interleaved by a seeded shuffle.
+
+    Columns qry, qry_image_path, pos_text, pos_image_path [, neg_text, neg_image_path]."""
+    import datasets
+    if not subsets:
+        raise ValueError("MMEB-train: name the subsets to train on (e.g. --subsets ImageNet_1K CIRR)")
+    parts = []
+    for name in subsets:
+        what = f"MMEB-train/{name}"
+        ds = _load(path, name, "original", what)
+        _require(ds, ["qry", "qry_image_path", "pos_text", "pos_image_path"], what)
+        if max_per_subset:
+            ds = ds.select(range(min(max_per_subset, len(ds))))
+        has_neg = "neg_text" in ds.column_names and "neg_image_path" in ds.column_names
+
+        def standard(r, i, name=name, has_neg=has_neg):
+            return dict(qry_text=r["qry"], qry_image=r["qry_image_path"], pos_text=r["pos_text"],
+                        pos_image=r["pos_image_path"], neg_text=r["neg_text"] if has_neg else "",
+                        neg_image=r["neg_image_path"] if has_neg else "",
+                        source=f"MMEB-train/{name} row {i}")
+        parts.append(ds.map(standard, with_indices=True, remove_columns=ds.column_names))
+    return HubPairs(datasets.concatenate_datasets(parts).shuffle(seed=seed), images_dir)
+
+
+def load_colpali_train(path="vidore/colpali_train_set", max_rows=None):
+    """ViDoRe training set: columns query, image (the positive page)."""
+    ds = _load(path, None, "train", "colpali-train")
+    _require(ds, ["query", "image"], "colpali-train")
+    if max_rows:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    ds = ds.select_columns(["query", "image"])
+    ds = ds.map(lambda r, i: dict(qry_text=r["query"], qry_image=None, pos_text="", neg_text="",
+                                  neg_image=None, source=f"colpali-train row {i}"),
+                with_indices=True)
+    return HubPairs(ds.rename_column("image", "pos_image"))
+
+
+# -----------------------------------------------------------------------------
+# benchmarks
+
+# MMEB: the 36 evaluation subsets by meta-task; the first 20 listed in IND are the training ones.
+MMEB_TASKS = {
+    "Classification": ["ImageNet-1K", "N24News", "HatefulMemes", "VOC2007", "SUN397",
+                       "Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211"],
+    "VQA": ["OK-VQA", "A-OKVQA", "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W",
+            "ScienceQA", "VizWiz", "GQA", "TextVQA"],
+    "Retrieval": ["VisDial", "CIRR", "VisualNews_t2i", "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t",
+                  "NIGHTS", "WebQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS"],
+    "Grounding": ["MSCOCO", "RefCOCO", "RefCOCO-Matching", "Visual7W-Pointing"],
+}
+MMEB_OOD = {"Place365", "ImageNet-A", "ImageNet-R", "ObjectNet", "Country211", "ScienceQA", "VizWiz",
+            "GQA", "TextVQA", "FashionIQ", "Wiki-SS-NQ", "OVEN", "EDIS", "RefCOCO", "RefCOCO-Matching",
+            "Visual7W-Pointing"}
+MMEB_SUBSETS = [s for subsets in MMEB_TASKS.values() for s in subsets]
+
+
+def load_mmeb_eval(path, subset, images_dir, max_rows=None):
+    """One MMEB-eval subset (split 'test') -> rows dict(qry=(text, image), cands=[(text, image)...]),
+    candidate 0 the positive. Image paths are joined to images_dir and checked to exist."""
+    what = f"MMEB-eval/{subset}"
+    if images_dir is None or not os.path.isdir(images_dir):
+        raise FileNotFoundError(f"{what}: image folder {images_dir!r} does not exist (--mmeb-images: "
+                                f"the folder MMEB's images were unpacked into)")
+    ds = _load(path, subset, "test", what)
+    _require(ds, ["qry_text", "qry_img_path", "tgt_text", "tgt_img_path"], what)
+    if max_rows:
+        ds = ds.select(range(min(max_rows, len(ds))))
+    rows = []
+    for i, r in enumerate(ds):
+        where = f"{what} row {i}"
+        if len(r["tgt_text"]) != len(r["tgt_img_path"]):
+            raise ValueError(f"{where}: tgt_text has {len(r['tgt_text'])} entries, tgt_img_path "
+                             f"{len(r['tgt_img_path'])}")
+        paths = [_image_path(images_dir, p, where) for p in [r["qry_img_path"]] + r["tgt_img_path"]]
+        for p in paths:
+            if p is not None and not os.path.isfile(p):
+                raise FileNotFoundError(f"{where}: image {p!r} does not exist")
+        rows.append(dict(qry=(r["qry_text"], paths[0]), cands=list(zip(r["tgt_text"], paths[1:]))))
+    return rows
+
+
+def load_vidore(path, max_queries=None):
+    """A ViDoRe data set -> retrieval task. BEIR layout (configs corpus / queries / qrels) or the
+    v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped)."""
+    import datasets
+    try:
+        configs = datasets.get_dataset_config_names(path)
+    except Exception as e:  # noqa: BLE001
+        raise FileNotFoundError(f"ViDoRe: cannot open {path!r} ({type(e).__name__}: {e})") from None
+    name = os.path.basename(os.path.normpath(path))
+    if {"corpus", "queries", "qrels"} <= set(configs):
+        corpus_ds = _load(path, "corpus", "test", f"ViDoRe {name} corpus")
+        queries_ds = _load(path, "queries", "test", f"ViDoRe {name} queries")
+        qrels_ds = _load(path, "qrels", "test", f"ViDoRe {name} qrels")
+        _require(corpus_ds, ["corpus-id", "image"], f"ViDoRe {name} corpus")
+        _require(queries_ds, ["query-id", "query"], f"ViDoRe {name} queries")
+        _require(qrels_ds, ["query-id", "corpus-id", "score"], f"ViDoRe {name} qrels")
+        corpus = {str(r["corpus-id"]): ("", r["image"]) for r in corpus_ds}
+        queries = {str(r["query-id"]): (r["query"], None) for r in queries_ds}
+        qrels = {}
+        for r in qrels_ds:
+            if r["score"] > 0:
+                qrels.setdefault(str(r["query-id"]), {})[str(r["corpus-id"])] = int(r["score"])
+        queries = {q: v for q, v in queries.items() if q in qrels}
+    else:
+        ds = _load(path, None, "test", f"ViDoRe {name}")
+        _require(ds, ["query", "image", "image_filename"], f"ViDoRe {name}")
+        corpus, queries, qrels = {}, {}, {}
+        for r in ds:
+            corpus[r["image_filename"]] = ("", r["image"])
+            if r["query"] is None:
+                continue
+            queries.setdefault(r["query"], (r["query"], None))
+            qrels.setdefault(r["query"], {})[r["image_filename"]] = 1
+    if max_queries:
+        keep = list(queries)[:max_queries]
+        queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
+    return dict(queries=queries, corpus=corpus, qrels=qrels)
+
+
+# -----------------------------------------------------------------------------
+# collate: examples -> backbone inputs
+
+def collate(examples, processor):
+    """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then one hard
+    negative per query (B more rows) where any example has one; neg_mask (B, 1) marks the real
+    ones (a query without a negative gets its positive as a stand-in whose logit is dropped)."""
+    has_neg = [e.get("neg_text") is not None or e.get("neg_image") is not None for e in examples]
+    cands = [(e["pos_text"], e["pos_image"], e["source"]) for e in examples]
+    neg_mask = None
+    if any(has_neg):
+        cands += [(e["neg_text"], e["neg_image"], e["source"]) if h else pos
+                  for e, h, pos in zip(examples, has_neg, list(cands))]
+        neg_mask = torch.tensor(has_neg)[:, None]
+    q = prepare(processor, [e["qry_text"] for e in examples],
+                [_image(e["qry_image"], e["source"]) for e in examples], "query")
+    c = prepare(processor, [t or "" for t, _, _ in cands], [_image(i, s) for _, i, s in cands], "candidate")
+    return q, c, neg_mask
+
+
+def _image(image, source):
+    """Load an image up front so a missing or unreadable file is named with its row."""
+    return None if image is None else load_image(image, f" ({source})")

@@ -1,0 +1,320 @@
+"""
+Evaluate MetaEmbed at several retrieval budgets from ONE encoding pass.
+
+    python evaluate.py --budgets 1,4,16,64                      # the offline run's checkpoint, synthetic
+    python evaluate.py --checkpoint DIR --benchmark mmeb --mmeb TIGER-Lab/MMEB-eval --mmeb-images DIR
+    python evaluate.py --checkpoint DIR --benchmark vidore --vidore vidore/docvqa_test_subsampled ...
+    python evaluate.py --backbone tiny                          # untrained meta tokens, a baseline
+
+Every query and candidate is encoded once at the full (R_q, R_c); a budget (r_q, r_c) is scored
+on the prefixes E_q[:r_q], E_c[:r_c]. A number k in --budgets names the group with r_c = k;
+'AxB' names (r_q, r_c) directly. Metrics: MMEB Precision@1 (each row ranked against its own
+candidates, candidate 0 the positive); ViDoRe and synthetic NDCG@5 (also NDCG@10, Recall@1/5/10,
+P@1) over the full corpus.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import data
+from kernels import maxsim, maxsim_topk
+from metaembed import MetaEmbed, parse_budgets
+
+DEFAULT_CHECKPOINT = "out/tiny-synthetic"
+INDEX_BYTES = 2  # bytes per stored number: a bf16 index, as in the paper's efficiency table
+
+# -----------------------------------------------------------------------------
+# metrics (trec_eval conventions)
+
+
+def _ranked(docs):
+    """Sort as trec_eval does: score descending, ties by document id descending."""
+    return [d for d, _ in sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)]
+
+
+def ndcg(run, qrels, k):
+    """NDCG@k, linear gains (rel), log2 discount; mean over the queries of qrels (a query missing
+    from the run scores 0); a fraction in [0, 1]."""
+    total, n = 0.0, 0
+    for qid, rels in qrels.items():
+        ideal = sorted((r for r in rels.values() if r > 0), reverse=True)[:k]
+        if not ideal:
+            continue
+        n += 1
+        ranked = _ranked(run.get(qid, {}))[:k]
+        dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked))
+        total += dcg / sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
+    return total / n if n else 0.0
+
+
+def recall(run, qrels, k):
+    """Fraction of a query's relevant documents in its top k, mean over queries."""
+    total, n = 0.0, 0
+    for qid, rels in qrels.items():
+        relevant = {d for d, r in rels.items() if r > 0}
+        if relevant:
+            n += 1
+            total += len(relevant & set(_ranked(run.get(qid, {}))[:k])) / len(relevant)
+    return total / n if n else 0.0
+
+
+def precision_at_1(scores):
+    """MMEB: per row, candidate 0 is the positive; a hit only if it beats every other (ties lose)."""
+    hits = [float(s[0] > s[1:].max()) if len(s) > 1 else 1.0 for s in scores]
+    return sum(hits) / len(hits)
+
+
+# -----------------------------------------------------------------------------
+# encoding once
+
+
+def encode_unique(model, items, side, batch_size):
+    """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items once."""
+    keys, index = {}, []
+    for text, image in items:
+        key = (text, image if isinstance(image, str) or image is None else id(image))
+        index.append(keys.setdefault(key, len(keys)))
+    unique = [None] * len(keys)
+    for (text, _), i in zip(items, index):
+        unique[i] = unique[i] or (text, _)
+    texts, images = [t for t, _ in unique], [im for _, im in unique]
+    images = None if all(im is None for im in images) else images
+    enc = model.encode_queries if side == "query" else model.encode_candidates
+    return enc(texts, images, batch_size=batch_size, progress=True), torch.tensor(index)
+
+
+def score_retrieval(model, task, budgets, batch_size, device, k=10):
+    """One retrieval task (queries, corpus, qrels) at every budget."""
+    t0 = time.time()
+    qids, dids = list(task["queries"]), list(task["corpus"])
+    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size)
+    C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size)
+    Q, C = Q[qi].to(device), C[ci].to(device)  # (N_q, R_q, D), (N_c, R_c, D)
+    if device.type == "cuda":
+        C = C.bfloat16()  # the index is stored in bf16; scores accumulate in fp32
+        Q = Q.bfloat16()
+    encode_s = time.time() - t0
+    out = {}
+    for rq, rc in budgets:
+        t1 = time.time()
+        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k)   # prefix views: no copy, no re-encoding
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        score_s = time.time() - t1
+        run = {qids[a]: {dids[int(j)]: float(s) for s, j in zip(scores[a], idx[a])} for a in range(len(qids))}
+        qrels = task["qrels"]
+        out[f"{rq}x{rc}"] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
+                             "Recall@1": recall(run, qrels, 1), "Recall@5": recall(run, qrels, 5),
+                             "Recall@10": recall(run, qrels, 10), "P@1": _p_at_1(run, qrels),
+                             "score_seconds": score_s, "num_candidates": len(dids)}
+    return out, encode_s
+
+
+def _p_at_1(run, qrels):
+    hits = [float(bool(run.get(q)) and qrels[q].get(_ranked(run[q])[0], 0) > 0) for q in qrels]
+    return sum(hits) / len(hits) if hits else 0.0
+
+
+def score_mmeb(model, rows, budgets, batch_size):
+    """An MMEB subset: each row against its own candidates -> P@1 per budget."""
+    t0 = time.time()
+    Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size)
+    flat = [c for r in rows for c in r["cands"]]
+    C, ci = encode_unique(model, flat, "candidate", batch_size)
+    encode_s = time.time() - t0
+    out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
+    for rq, rc in budgets:
+        t1 = time.time()
+        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc])[0]
+                   for i in range(len(rows))]
+        out[f"{rq}x{rc}"] = {"P@1": precision_at_1(per_row), "score_seconds": time.time() - t1}
+    return out, encode_s
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--budgets", default="1,4,8,16,64",
+                   help="comma list: k = the group with r_c = k, or AxB = (r_q, r_c) (default 1,4,8,16,64)")
+    p.add_argument("--checkpoint", help=f"a checkpoint folder or a train.py --out folder (default: "
+                   f"{DEFAULT_CHECKPOINT}, the offline run's)")
+    p.add_argument("--backbone", help="evaluate an untrained model on this backbone instead (a baseline)")
+    p.add_argument("--benchmark", default="synthetic", choices=["synthetic", "mmeb", "vidore"])
+    p.add_argument("--mmeb", default="TIGER-Lab/MMEB-eval", help="MMEB-eval hub id or local folder")
+    p.add_argument("--mmeb-images", help="folder MMEB-eval's image paths are relative to")
+    p.add_argument("--subsets", nargs="+", help="MMEB subsets (default: all 36)")
+    p.add_argument("--vidore", nargs="+", default=["vidore/docvqa_test_subsampled"],
+                   help="ViDoRe data sets: hub ids or local folders (v1 QA or BEIR layout)")
+    p.add_argument("--max-rows", type=int, help="cap rows per MMEB subset / queries per ViDoRe set")
+    p.add_argument("--synthetic-scenes", type=int, default=300, help="synthetic eval scenes (each + 3 variants)")
+    p.add_argument("--objects", help="synthetic objects per scene min,max (default: as trained)")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval set and untrained models")
+    p.add_argument("--output", help="write every number as JSON here")
+    p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
+    return p.parse_args(argv)
+
+
+def resolve_checkpoint(path):
+    """A checkpoint folder, or a train.py --out folder (its `latest`)."""
+    if os.path.isfile(os.path.join(path, "metaembed.json")):
+        return path
+    latest = os.path.join(path, "latest")
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            return os.path.join(path, f.read().strip())
+    raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}" + (
+        ": run `python train.py` first (or pass --backbone tiny for an untrained baseline)"
+        if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""))
+
+
+def evaluate(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.backbone:
+        model, source, train_args = MetaEmbed.from_backbone(args.backbone, seed=args.seed), \
+            f"untrained {args.backbone}", {}
+    else:
+        path = resolve_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
+        model, source = MetaEmbed.from_pretrained(path), path
+        ta = os.path.join(path, "train_args.json")
+        train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
+    cfg = model.config
+    budgets = parse_budgets(args.budgets, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    model.to(device)
+    D = model.dim
+    results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,
+               "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
+    if args.benchmark == "synthetic":
+        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "3,6")).split(","))
+        tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
+        for name, task in tasks.items():
+            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)
+            results["tasks"][name]["encode_seconds"] = enc
+        headline = "P@1"
+    elif args.benchmark == "vidore":
+        for path in args.vidore:
+            name = os.path.basename(os.path.normpath(path))
+            task = data.load_vidore(path, args.max_rows)
+            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)
+            results["tasks"][name]["encode_seconds"] = enc
+        headline = "NDCG@5"
+    else:
+        subsets = args.subsets or data.MMEB_SUBSETS
+        unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
+        if unknown:
+            raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
+        for s in subsets:
+            rows = data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)
+            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size)
+            results["tasks"][s]["encode_seconds"] = enc
+        headline = "P@1"
+    results["headline"] = headline
+    results["summary"] = summarise(results, budgets, headline, D,
+                                   n_candidates=max((t[f"{budgets[0][0]}x{budgets[0][1]}"].get("num_candidates", 0)
+                                                     for t in results["tasks"].values()), default=0))
+    return results
+
+
+def summarise(results, budgets, headline, D, n_candidates):
+    """Per budget: the mean headline metric over tasks (MMEB: per meta-task, IND, OOD, overall),
+    bytes per candidate and index size at bf16, scoring time summed over tasks."""
+    out = {}
+    tasks = results["tasks"]
+    for rq, rc in budgets:
+        key = f"{rq}x{rc}"
+        vals = {t: r[key][headline] for t, r in tasks.items()}
+        row = {"overall": sum(vals.values()) / len(vals),
+               "bytes_per_candidate": rc * D * INDEX_BYTES,
+               "index_bytes": rc * D * INDEX_BYTES * n_candidates,
+               "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()),
+               "flops_per_pair": 2 * rq * rc * D}
+        if results["benchmark"] == "mmeb":
+            for meta, subsets in data.MMEB_TASKS.items():
+                got = [vals[s] for s in subsets if s in vals]
+                if got:
+                    row[meta] = sum(got) / len(got)
+            for name, keep in (("IND", lambda s: s not in data.MMEB_OOD), ("OOD", lambda s: s in data.MMEB_OOD)):
+                got = [v for s, v in vals.items() if keep(s)]
+                if got:
+                    row[name] = sum(got) / len(got)
+        out[key] = row
+    return out
+
+
+def print_table(results, file=sys.stdout):
+    h = results["headline"]
+    budgets = results["budgets"]
+    tasks = list(results["tasks"])
+    print(f"\n{results['benchmark']} | {results['model']} | {h} (%) by budget r_q x r_c, D={results['dim']}",
+          file=file)
+    cols = ["budget"] + tasks + ["overall", "bytes/cand", "score ms"]
+    extra = [k for k in ("Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD")
+             if k in results["summary"][budgets[0]]]
+    cols[len(tasks) + 1:len(tasks) + 1] = extra
+    width = [max(8, len(c)) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, width)), file=file)
+    for b in budgets:
+        s = results["summary"][b]
+        cells = [b] + [f"{100 * results['tasks'][t][b][h]:.1f}" for t in tasks] + \
+            [f"{100 * s[k]:.1f}" for k in extra] + [f"{100 * s['overall']:.1f}", str(s["bytes_per_candidate"]),
+                                                    f"{1000 * s['score_seconds']:.1f}"]
+        print("  ".join(c.rjust(w) for c, w in zip(cells, width)), file=file)
+    enc = sum(t["encode_seconds"] for t in results["tasks"].values())
+    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x 2 (bf16 index)", file=file)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    h, budgets = results["headline"], results["budgets"]
+    s = results["summary"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    x = list(range(len(budgets)))
+    for t in results["tasks"]:
+        axes[0].plot(x, [100 * results["tasks"][t][b][h] for b in budgets], marker="o", label=t, alpha=0.6)
+    axes[0].plot(x, [100 * s[b]["overall"] for b in budgets], marker="o", color="k", lw=2, label="overall")
+    axes[0].set_xticks(x, budgets)
+    axes[0].set_xlabel("budget r_q x r_c")
+    axes[0].set_ylabel(f"{h} (%)")
+    axes[0].legend(fontsize=8)
+    axes[1].plot([s[b]["bytes_per_candidate"] for b in budgets], [100 * s[b]["overall"] for b in budgets],
+                 marker="o", color="k")
+    for b in budgets:
+        axes[1].annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
+    axes[1].set_xscale("log", base=2)
+    axes[1].set_xlabel("index bytes per candidate (bf16)")
+    axes[1].set_ylabel(f"overall {h} (%)")
+    fig.suptitle(f"MetaEmbed, {results['benchmark']}: quality against budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    try:
+        results = evaluate(args)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"evaluate.py: error: {e}")
+    print_table(results)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(results, f, indent=2)
+        print(f"wrote {args.output}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

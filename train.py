@@ -1,0 +1,319 @@
+"""
+Train MetaEmbed with the Matryoshka Multi-Vector Retrieval loss.
+
+    python train.py                                   # offline: tiny backbone, synthetic data, CPU
+    python train.py --backbone qwen2-vl-2b --data mmeb-train --mmeb-train TIGER-Lab/MMEB-train \\
+        --images DIR --subsets ImageNet_1K CIRR        # the real thing, on a GPU
+    torchrun --nproc_per_node 8 train.py ...          # many GPUs (DDP; --fsdp to shard the backbone)
+
+Checkpoints: OUT/checkpoint-STEP (the save_pretrained format plus the optimizer state), written to
+a temporary folder and renamed; OUT/latest names the newest. --resume continues from it with the
+same data order.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+
+import data
+from metaembed import MetaEmbed, matryoshka_loss
+
+# defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
+TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=16, out="out/tiny-synthetic")
+PAPER_DEFAULTS = dict(steps=4000, batch_size=48, lr=1e-4, warmup=500, proj_dim=None, out=None)
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--backbone", default="tiny", help="tiny (offline), qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b/"
+                   "7b/32b, a hub id or a local folder (default: tiny)")
+    g.add_argument("--proj-dim", type=int, default=-1, help="per-vector projection size, 0 = none "
+                   "(default: 16 for tiny, none otherwise)")
+    g.add_argument("--query-tokens", type=int, default=16, help="R_q (default 16)")
+    g.add_argument("--candidate-tokens", type=int, default=64, help="R_c (default 64)")
+    g.add_argument("--temperature", type=float, default=0.03)
+    g.add_argument("--no-matryoshka", action="store_true",
+                   help="ablation: train only the full group (R_q, R_c), no nested prefixes")
+    g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="LoRA r=32 on the backbone (default: on for real backbones, off for tiny)")
+    g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="synthetic", choices=["synthetic", "mmeb-train", "colpali-train"])
+    g.add_argument("--mmeb-train", default="TIGER-Lab/MMEB-train", help="hub id or local folder")
+    g.add_argument("--colpali-train", default="vidore/colpali_train_set", help="hub id or local folder")
+    g.add_argument("--images", help="folder the MMEB-train image paths are relative to")
+    g.add_argument("--subsets", nargs="+", help="MMEB-train subsets, e.g. ImageNet_1K CIRR")
+    g.add_argument("--max-per-subset", type=int, help="cap on rows per MMEB-train subset")
+    g.add_argument("--synthetic-size", type=int, default=20000, help="synthetic training pairs")
+    g.add_argument("--objects", default="3,6", help="synthetic objects per scene, min,max (default 3,6)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, help="optimizer steps (default: 1200 tiny, 4000 real)")
+    g.add_argument("--batch-size", type=int, help="queries per device per step (default: 32 tiny, 48 real)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 2e-3 tiny, 1e-4 real)")
+    g.add_argument("--warmup", type=int, help="linear warmup steps, then linear decay to 0")
+    g.add_argument("--weight-decay", type=float, default=0.0)
+    g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--fsdp", action="store_true", help="shard the backbone across ranks (FSDP2)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", help="checkpoint folder (default: out/tiny-synthetic for tiny)")
+    g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
+    g.add_argument("--keep", type=int, default=2, help="checkpoints kept (older ones removed)")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    g.add_argument("--log-file", help="append one JSON object per step (step, loss, lr, loss per group)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    d = TINY_DEFAULTS if args.backbone == "tiny" else PAPER_DEFAULTS
+    for k in ("steps", "batch_size", "lr", "warmup", "out"):
+        if getattr(args, k) is None:
+            setattr(args, k, d[k])
+    if args.proj_dim < 0:
+        args.proj_dim = d["proj_dim"]
+    if args.out is None:
+        p.error(f"--out is required for backbone {args.backbone!r}")
+    if args.data == "mmeb-train" and not args.subsets:
+        p.error("--data mmeb-train needs --subsets (e.g. --subsets ImageNet_1K CIRR)")
+    for k in ("steps", "batch_size"):
+        if getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# data order: a function of (seed, step) only, so a resumed run sees the same batches
+
+def batch_indices(step, n, global_batch, seed):
+    """Indices of the global batch at `step`: epoch-wise seeded permutations, last partial dropped."""
+    per_epoch = n // global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the data has {n} examples, fewer than one global batch of {global_batch}")
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+    return perm[k * global_batch:(k + 1) * global_batch].tolist()
+
+
+class StepBatches(torch.utils.data.Sampler):
+    def __init__(self, n, batch, world, rank, seed, start, steps):
+        self.args = n, batch, world, rank, seed, start, steps
+
+    def __iter__(self):
+        n, batch, world, rank, seed, start, steps = self.args
+        for step in range(start, steps):
+            yield batch_indices(step, n, batch * world, seed)[rank * batch:(rank + 1) * batch]
+
+    def __len__(self):
+        return self.args[-1] - self.args[-2]
+
+
+def build_dataset(args):
+    if args.data == "synthetic":
+        lo, hi = (int(x) for x in args.objects.split(","))
+        return data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
+    if args.data == "mmeb-train":
+        return data.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset, args.seed)
+    return data.load_colpali_train(args.colpali_train)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: model (safetensors + json) + optimizer state (safetensors + json), never pickle
+
+def save_checkpoint(out, step, model, opt, args):
+    from safetensors.torch import save_file
+    final = os.path.join(out, f"checkpoint-{step:07d}")
+    model.save_pretrained(final)  # atomic: a temporary folder, then rename
+    with open(os.path.join(final, "train_args.json"), "w") as f:
+        json.dump(vars(args), f, indent=2)
+    sd = opt.state_dict()
+    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    tmp = os.path.join(final, "optimizer.safetensors.tmp")
+    save_file(tensors, tmp)
+    with open(os.path.join(final, "trainer_state.json.tmp"), "w") as f:
+        json.dump({"step": step, "param_groups": sd["param_groups"]}, f)
+    os.replace(tmp, os.path.join(final, "optimizer.safetensors"))
+    os.replace(os.path.join(final, "trainer_state.json.tmp"), os.path.join(final, "trainer_state.json"))
+    with open(os.path.join(out, "latest.tmp"), "w") as f:
+        f.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    return final
+
+
+def latest_checkpoint(out):
+    """OUT/latest -> the newest complete checkpoint folder, or None."""
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            path = os.path.join(out, f.read().strip())
+    except FileNotFoundError:
+        return None
+    return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
+
+
+def load_optimizer(path, opt):
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = {}
+    for key, v in tensors.items():
+        if key.startswith("rng."):
+            continue
+        i, k = key.split(".", 1)
+        state.setdefault(int(i), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    torch.set_rng_state(tensors["rng.cpu"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    return meta["step"]
+
+
+def prune_checkpoints(out, keep):
+    ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith((".tmp", ".old")))
+    for d in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+
+def lr_lambda(warmup, steps):
+    """Linear warmup to the peak, then linear decay to 0 at `steps`."""
+    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+
+
+def gather_with_grad(x):
+    """All ranks' x concatenated in rank order; the gradient flows back to each rank's own rows."""
+    return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
+
+
+def train(args):
+    ddp = "RANK" in os.environ
+    if ddp:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    else:
+        rank, world, local = 0, 1, 0
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    master = rank == 0
+    torch.manual_seed(args.seed)
+
+    resume_from = latest_checkpoint(args.out) if args.resume else None
+    if args.resume and resume_from is None and master:
+        print(f"--resume: no checkpoint in {args.out}, starting fresh")
+    if resume_from:
+        model = MetaEmbed.from_pretrained(resume_from)
+    else:
+        R_q, R_c = args.query_tokens, args.candidate_tokens
+        groups = ((R_q, R_c),) if args.no_matryoshka else tuple(
+            g for g in ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64)) if g[0] <= R_q and g[1] <= R_c)
+        if not args.no_matryoshka and groups[-1] != (R_q, R_c):
+            groups += ((R_q, R_c),)
+        model = MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
+                                        num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
+                                        temperature=args.temperature, lora=args.lora)
+    cfg = model.config
+    model.to(device)
+    if args.grad_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = load_optimizer(resume_from, opt) if resume_from else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1) \
+        if start else torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
+    if start:
+        for g in opt.param_groups:  # LambdaLR(last_epoch=k) keeps the lr it was given: set step k's
+            g["lr"] = g["initial_lr"] * sched.lr_lambdas[0](start)
+
+    net = model
+    if args.fsdp and ddp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model._base().language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    elif ddp:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    dataset = build_dataset(args)
+    B = args.batch_size
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(len(dataset), B, world, rank, args.seed, start, args.steps),
+        collate_fn=lambda ex: data.collate(ex, model.processor), num_workers=args.workers)
+
+    if master:
+        os.makedirs(args.out, exist_ok=True)
+        n_train = sum(p.numel() for p in params)
+        n_all = sum(p.numel() for p in model.parameters())
+        print(f"MetaEmbed on {args.backbone} ({n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained), "
+              f"D={model.dim}, R_q={cfg.num_query_tokens}, R_c={cfg.num_candidate_tokens}, groups {cfg.groups}; "
+              f"{args.data}: {len(dataset)} examples; {world} process(es) x batch {B}, steps {start}->{args.steps}")
+    log = open(args.log_file, "a") if (args.log_file and master) else None
+    bar = None
+    if master and not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    path, t_start = None, time.time()
+    net.train()
+    for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
+        t0 = time.time()
+        with amp:
+            q, c = net(q_in, c_in)                                      # (B, R_q, D), (B or 2B, R_c, D)
+        pos, neg = c[:B], (c[B:] if neg_mask is not None else None)      # negatives stay local
+        pos_all = gather_with_grad(pos)                                  # (B * world, R_c, D)
+        loss, per_group = matryoshka_loss(q, pos_all, neg, cfg.groups, cfg.temperature, cfg.group_weights,
+                                          offset=rank * B, neg_mask=neg_mask.to(device) if neg_mask is not None
+                                          else None, return_groups=True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        opt.step()
+        sched.step()
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or check the data")
+        dt = time.time() - t0
+        if master:
+            rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+                   **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, per_group)},
+                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
+            if log:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            if bar:
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            if ddp:
+                dist.barrier()
+            if master:
+                path = save_checkpoint(args.out, step + 1, model, opt, args)
+                prune_checkpoints(args.out, args.keep)
+    if bar:
+        bar.close()
+    if log:
+        log.close()
+    if master:
+        total = time.time() - t_start
+        if path:
+            print(f"done in {total:.0f}s; checkpoint: {path} (evaluate: python evaluate.py --checkpoint {args.out})")
+        else:
+            print(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
+    if ddp:
+        dist.destroy_process_group()
+    return path
+
+
+if __name__ == "__main__":
+    train(get_args())
