@@ -249,7 +249,8 @@ def summarise(results, budgets, headline, D, n_candidates):
     return out
 
 
-def print_table(results, file=sys.stdout):
+def print_table(results, file=None):
+    file = file or sys.stdout
     h = results["headline"]
     budgets = results["budgets"]
     tasks = list(results["tasks"])

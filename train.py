@@ -194,6 +194,18 @@ def gather_with_grad(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
 
 
+def step_loss(net, cfg, q_in, c_in, neg_mask, B, rank):
+    """Encode one local batch and return the MMR loss (and the loss per group). Candidates are
+    B positives then, if any, B hard negatives; positives are gathered from every rank with
+    gradient (this rank's at row rank * B), negatives stay local."""
+    q, c = net(q_in, c_in)                                             # (B, R_q, D), (B or 2B, R_c, D)
+    pos, neg = c[:B], (c[B:] if neg_mask is not None else None)
+    pos_all = gather_with_grad(pos)                                     # (B * world, R_c, D)
+    return matryoshka_loss(q, pos_all, neg, cfg.groups, cfg.temperature, cfg.group_weights, offset=rank * B,
+                           neg_mask=neg_mask.to(q.device) if neg_mask is not None else None,
+                           return_groups=True)
+
+
 def train(args):
     ddp = "RANK" in os.environ
     if ddp:
@@ -266,26 +278,27 @@ def train(args):
         bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     path, t_start = None, time.time()
+    w = torch.tensor(cfg.group_weights or [1.0] * len(cfg.groups))
     net.train()
     for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
         t0 = time.time()
         with amp:
-            q, c = net(q_in, c_in)                                      # (B, R_q, D), (B or 2B, R_c, D)
-        pos, neg = c[:B], (c[B:] if neg_mask is not None else None)      # negatives stay local
-        pos_all = gather_with_grad(pos)                                  # (B * world, R_c, D)
-        loss, per_group = matryoshka_loss(q, pos_all, neg, cfg.groups, cfg.temperature, cfg.group_weights,
-                                          offset=rank * B, neg_mask=neg_mask.to(device) if neg_mask is not None
-                                          else None, return_groups=True)
+            loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank)
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+        lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step}: lower --lr or check the data")
         dt = time.time() - t0
+        if ddp:  # log the global batch's loss: the mean over ranks
+            per_group = per_group.detach().clone()
+            dist.all_reduce(per_group)
+            per_group /= world
         if master:
-            rec = {"step": step + 1, "loss": loss.item(), "lr": opt.param_groups[0]["lr"],
+            rec = {"step": step + 1, "loss": (per_group * w).sum().item() / len(w), "lr": lr,
                    **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, per_group)},
                    "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
             if log:
@@ -311,6 +324,10 @@ def train(args):
         else:
             print(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
     if ddp:
+        # Drop DDP's reducer before the process group: destroy_process_group then shuts gloo down
+        # with the GIL released (freeing the reducer last deadlocks gloo's teardown on CPU).
+        del net, loader
+        dist.barrier()
         dist.destroy_process_group()
     return path
 

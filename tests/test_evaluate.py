@@ -1,0 +1,213 @@
+"""evaluate.py: metrics on hand-worked cases, one encoding for all budgets, benchmark layouts."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+from conftest import write_hub_repo
+from kernels import maxsim
+
+
+def test_ndcg_hand_worked():
+    qrels = {"q": {"a": 1}}
+    assert evaluate.ndcg({"q": {"a": 3.0, "b": 2.0}}, qrels, 5) == 1.0
+    assert evaluate.ndcg({"q": {"a": 2.0, "b": 3.0}}, qrels, 5) == pytest.approx(1 / math.log2(3))
+    assert evaluate.ndcg({"q": {"a": 1.0, "b": 3.0}}, qrels, 1) == 0.0
+    # graded relevance: gains 2 and 1, ranked 1 then 2 -> ideal; swapped -> (1 + 2/log2 3) / (2 + 1/log2 3)
+    graded = {"q": {"a": 2, "b": 1}}
+    assert evaluate.ndcg({"q": {"a": 2.0, "b": 1.0}}, graded, 5) == pytest.approx(1.0)
+    assert evaluate.ndcg({"q": {"a": 1.0, "b": 2.0}}, graded, 5) == \
+        pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    # ties: trec_eval orders equal scores by document id, descending: "b" before "a"
+    assert evaluate.ndcg({"q": {"a": 1.0, "b": 1.0}}, qrels, 1) == 0.0
+    assert evaluate.ndcg({"q": {"a": 1.0, "b": 1.0}}, {"q": {"b": 1}}, 1) == 1.0
+    # mean over the queries of qrels; a query with no run scores 0; unjudged docs gain 0
+    two = {"q1": {"a": 1}, "q2": {"x": 1}}
+    assert evaluate.ndcg({"q1": {"a": 1.0, "zz": 0.5}}, two, 5) == pytest.approx(0.5)
+
+
+def test_recall_and_precision_at_1():
+    qrels = {"q": {"a": 1, "b": 1}}
+    run = {"q": {"a": 3.0, "c": 2.0, "b": 1.0}}
+    assert evaluate.recall(run, qrels, 1) == 0.5 and evaluate.recall(run, qrels, 3) == 1.0
+    rows = [torch.tensor([0.9, 0.1, 0.3]), torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.4])]
+    assert evaluate.precision_at_1(rows) == pytest.approx(1 / 3)  # a tie with the positive is a miss
+
+
+class KnownEmbeddings:
+    """Stands in for the model: fixed embeddings by text, counting encode calls."""
+    def __init__(self, table, dim=4):
+        self.table, self.calls, self.dim = table, [], dim
+
+    def _enc(self, texts, images, batch_size=32, progress=False):
+        self.calls.append(len(texts))
+        return torch.stack([self.table[t] for t in texts])
+
+    encode_queries = encode_candidates = _enc
+
+
+def e(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+def test_budgets_are_prefix_slices_of_one_encoding():
+    # q0's first vector points at doc "x"'s first vector, but its second vector at "y"'s second:
+    # at (1, 1) x wins; at (2, 2) y wins (1 + 1 > 1 + 0).
+    table = {"q0": e([1, 0, 0, 0], [0, 1, 0, 0]),
+             "x": e([1, 0, 0, 0], [0, 0, 1, 0]),
+             "y": e([0.6, 0, 0, 0.8], [0, 1, 0, 0])}
+    task = dict(queries={"q0": ("q0", None)}, corpus={"x": ("x", None), "y": ("y", None)},
+                qrels={"q0": {"y": 1}})
+    model = KnownEmbeddings(table)
+    out, _ = evaluate.score_retrieval(model, task, [(1, 1), (2, 2)], 8, torch.device("cpu"))
+    assert model.calls == [1, 2]          # one query pass, one corpus pass, for both budgets
+    assert out["1x1"]["P@1"] == 0.0 and out["2x2"]["P@1"] == 1.0
+    assert out["1x1"]["NDCG@5"] == pytest.approx(1 / math.log2(3)) and out["2x2"]["NDCG@5"] == 1.0
+
+
+def test_identical_items_encoded_once():
+    table = {"a": e([1, 0]), "b": e([0, 1])}
+    model = KnownEmbeddings(table)
+    emb, index = evaluate.encode_unique(model, [("a", None), ("b", None), ("a", None)], "candidate", 8)
+    assert model.calls == [2] and index.tolist() == [0, 1, 0]
+
+
+# -- MMEB-eval on a local copy ------------------------------------------------
+
+def mmeb_eval_copy(tmp_path):
+    images = tmp_path / "mmeb-images"
+    images.mkdir()
+    for name in ("cat", "dog"):
+        Image.new("RGB", (28, 28), "red" if name == "cat" else "blue").save(images / f"{name}.png")
+    rows = [dict(qry_text="<|image_1|>\nRepresent the given image for classification", qry_img_path="cat.png",
+                 tgt_text=["cat", "dog"], tgt_img_path=["", ""]),
+            dict(qry_text="<|image_1|>\nRepresent the given image for classification", qry_img_path="dog.png",
+                 tgt_text=["dog", "cat"], tgt_img_path=["", ""])]
+    ret = [dict(qry_text="a red picture", qry_img_path="", tgt_text=["", ""], tgt_img_path=["cat.png", "dog.png"])]
+    repo = write_hub_repo(tmp_path / "MMEB-eval", {"VOC2007": {"test": rows}, "CIRR": {"test": ret}})
+    return repo, str(images)
+
+
+def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
+    repo, images = mmeb_eval_copy(tmp_path)
+    rows = data.load_mmeb_eval(repo, "VOC2007", images)
+    assert rows[0]["qry"][1].endswith("cat.png") and rows[0]["cands"] == [("cat", None), ("dog", None)]
+
+    class ByImage(KnownEmbeddings):  # the query embedding depends on its image
+        def _enc(self, texts, images, batch_size=32, progress=False):
+            self.calls.append(len(texts))
+            keys = [t if im is None else im.rsplit("/", 1)[-1] for t, im in zip(texts, images or [None] * len(texts))]
+            return torch.stack([self.table[k] for k in keys])
+        encode_queries = encode_candidates = _enc
+    # the cat image looks like "cat"; the dog image ALSO looks like "cat": P@1 = 1/2
+    model = ByImage({"cat.png": e([1, 0]), "dog.png": e([1, 0.1]), "cat": e([1, 0]), "dog": e([0, 1])})
+    out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], 8)
+    assert out["1x1"]["P@1"] == 0.5
+    assert model.calls == [2, 2]  # 2 unique queries, 2 unique candidates (4 listed)
+
+
+def test_mmeb_errors(tmp_path):
+    repo, images = mmeb_eval_copy(tmp_path)
+    with pytest.raises(FileNotFoundError, match="image folder .*nowhere"):
+        data.load_mmeb_eval(repo, "VOC2007", str(tmp_path / "nowhere"))
+    with pytest.raises(ValueError, match="no subset 'GQA'"):
+        data.load_mmeb_eval(repo, "GQA", images)
+    (tmp_path / "mmeb-images" / "dog.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"MMEB-eval/VOC2007 row 1: image .*dog.png"):
+        data.load_mmeb_eval(repo, "VOC2007", images)
+
+
+def test_mmeb_end_to_end_and_aggregation(tmp_path, capsys):
+    repo, images = mmeb_eval_copy(tmp_path)
+    ck = tmp_path / "ck"
+    from metaembed import MetaEmbed
+    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+    res = evaluate.main(["--checkpoint", str(ck), "--benchmark", "mmeb", "--mmeb", repo, "--mmeb-images", images,
+                         "--subsets", "VOC2007", "CIRR", "--budgets", "1,64", "--output", str(tmp_path / "r.json")])
+    s = res["summary"]["16x64"]
+    assert set(res["tasks"]) == {"VOC2007", "CIRR"}
+    assert s["Classification"] == res["tasks"]["VOC2007"]["16x64"]["P@1"]
+    assert s["IND"] == pytest.approx((s["Classification"] + s["Retrieval"]) / 2)  # both are IND subsets
+    assert "OOD" not in s
+    assert json.loads((tmp_path / "r.json").read_text())["budgets"] == ["1x1", "16x64"]
+    assert "Classification" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown MMEB subset.*Nope"):
+        evaluate.main(["--checkpoint", str(ck), "--benchmark", "mmeb", "--mmeb", repo, "--mmeb-images", images,
+                       "--subsets", "Nope"])
+
+
+# -- ViDoRe layouts ----------------------------------------------------------------
+
+def test_vidore_v1_layout(tmp_path):
+    import datasets
+    feats = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(),
+                               "image_filename": datasets.Value("string")})
+    rows = [dict(query="q1", image=Image.new("RGB", (20, 20)), image_filename="p1.png"),
+            dict(query=None, image=Image.new("RGB", (20, 20)), image_filename="p2.png"),
+            dict(query="q1", image=Image.new("RGB", (20, 20)), image_filename="p3.png"),
+            dict(query="q2", image=Image.new("RGB", (20, 20)), image_filename="p2.png")]
+    repo = write_hub_repo(tmp_path / "docvqa_test_subsampled", {"default": {"test": rows}}, features=feats)
+    task = data.load_vidore(repo)
+    assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png"}
+    assert list(task["queries"]) == ["q1", "q2"]                         # de-duplicated, None dropped
+    assert task["qrels"] == {"q1": {"p1.png": 1, "p3.png": 1}, "q2": {"p2.png": 1}}
+
+
+def test_vidore_beir_layout_and_cli(tmp_path):
+    import datasets
+    corpus = [dict(**{"corpus-id": i, "image": Image.new("RGB", (28, 28), (50 * i, 0, 0))}) for i in range(3)]
+    queries = [{"query-id": 7, "query": "red page"}, {"query-id": 8, "query": "no judgement"}]
+    qrels = [{"query-id": 7, "corpus-id": 2, "score": 2}, {"query-id": 7, "corpus-id": 1, "score": 0}]
+    root = tmp_path / "esg_reports_v2_beir"
+    write_hub_repo(root, {"corpus": {"test": corpus}},
+                   features=datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()}))
+    # add the two other configs to the same repo README
+    write_hub_repo(tmp_path / "tmp2", {"queries": {"test": queries}, "qrels": {"test": qrels}})
+    import shutil
+    for cfg in ("queries", "qrels"):
+        shutil.copytree(tmp_path / "tmp2" / cfg, root / cfg)
+    readme = (root / "README.md").read_text().split("---")
+    extra = (tmp_path / "tmp2" / "README.md").read_text().split("---")[1].replace("configs:\n", "")
+    (root / "README.md").write_text("---" + readme[1] + extra.lstrip("\n") + "---\n")
+    task = data.load_vidore(str(root))
+    assert task["qrels"] == {"7": {"2": 2}} and list(task["queries"]) == ["7"] and len(task["corpus"]) == 3
+    ck = tmp_path / "ck"
+    from metaembed import MetaEmbed
+    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+    res = evaluate.main(["--checkpoint", str(ck), "--benchmark", "vidore", "--vidore", str(root),
+                         "--budgets", "1,16", "--plot", str(tmp_path / "p.png")])
+    r = res["tasks"]["esg_reports_v2_beir"]["8x16"]
+    assert 0 <= r["NDCG@5"] <= 1 and r["num_candidates"] == 3
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_cli_errors(tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "DEFAULT_CHECKPOINT", str(tmp_path / "out" / "tiny-synthetic"))
+    with pytest.raises(SystemExit, match="no MetaEmbed checkpoint.*run `python train.py` first"):
+        evaluate.main(["--budgets", "1"])
+    ck = tmp_path / "ck"
+    from metaembed import MetaEmbed
+    MetaEmbed.from_backbone("tiny", num_query_tokens=4, num_candidate_tokens=8, groups=((1, 1), (4, 8))) \
+        .save_pretrained(ck)
+    with pytest.raises(SystemExit, match="budget '64'"):
+        evaluate.main(["--checkpoint", str(ck), "--budgets", "1,64"])
+    with pytest.raises(SystemExit, match="budget '16x64' exceeds"):
+        evaluate.main(["--checkpoint", str(ck), "--budgets", "16x64"])
+
+
+def test_synthetic_end_to_end(tmp_path):
+    ck = tmp_path / "ck"
+    from metaembed import MetaEmbed
+    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+    res = evaluate.main(["--checkpoint", str(ck), "--synthetic-scenes", "8", "--budgets", "1,4,64",
+                         "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert res["budgets"] == ["1x1", "2x4", "16x64"]
+    s = res["summary"]
+    assert s["1x1"]["bytes_per_candidate"] == 1 * 64 * 2 and s["16x64"]["bytes_per_candidate"] == 64 * 64 * 2
+    assert s["16x64"]["index_bytes"] == 64 * 64 * 2 * 32
+    for t in ("t2i", "i2t"):
+        assert 0 <= res["tasks"][t]["2x4"]["P@1"] <= 1
