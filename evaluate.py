@@ -23,7 +23,7 @@ import torch
 
 import data
 from kernels import maxsim, maxsim_topk
-from metaembed import MetaEmbed, parse_budgets
+from metaembed import GROUPS, MetaEmbed, parse_budgets
 
 DEFAULT_CHECKPOINT = "out/tiny-synthetic"
 INDEX_BYTES = 2  # bytes per stored number: a bf16 index, as in the paper's efficiency table
@@ -187,7 +187,10 @@ def evaluate(args):
         ta = os.path.join(path, "train_args.json")
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
     cfg = model.config
-    budgets = parse_budgets(args.budgets, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    # a number names one of the model's groups, else one of the paper's (an ablation trained on
+    # (16, 64) alone is still evaluated at budget 1 = (1, 1))
+    groups = tuple(cfg.groups) + tuple(g for g in GROUPS if g not in cfg.groups)
+    budgets = parse_budgets(args.budgets, groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
     model.to(device)
     D = model.dim
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,

@@ -40,17 +40,37 @@ def _check(q, c, q_mask, c_mask):
 
 
 def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
-    """The reference, over candidate chunks: never more than (N_q, R_q, chunk, R_c) at once."""
+    """The reference over candidate chunks, never more than (N_q, R_q, chunk, R_c) at once.
+
+    One matmul per chunk into a reused buffer sized to stay in cache (fresh large allocations
+    cost page faults), max over r_c on a view of it, then sum over r_q. Float32 math."""
     _check(q, c, q_mask, c_mask)
     Nq, Rq, D = q.shape
     Nc, Rc, _ = c.shape
-    if chunk is None:  # ~32 MiB of float32 scores per chunk
-        chunk = max(1, (8 << 20) // max(1, Nq * Rq * Rc))
+    M = Nq * Rq
+    if chunk is None:  # a (M, chunk * R_c) float32 score block of about 1 MiB (the L2 here)
+        chunk = max(1, min(Nc, (1 << 18) // max(1, M * Rc)))
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
+    qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
+    qm = q_mask.to(q.device, torch.float32)[:, :, None] if q_mask is not None else None
+    buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
+    mx = torch.empty(M * chunk, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for j in range(0, Nc, chunk):
-            cm = c_mask[j:j + chunk] if c_mask is not None else None
-            out[:, j:j + chunk] = maxsim_reference(q, c[j:j + chunk], q_mask, cm)
+            n = min(chunk, Nc - j)
+            cf = c[j:j + n].reshape(n * Rc, D).float()                    # (n R_c, D); copies a prefix view
+            s = buf[:M * n * Rc].view(M, n * Rc)
+            torch.mm(qf, cf.T, out=s)                                     # <E_q^i, E_c^j> for the chunk
+            s = s.view(Nq, Rq, n, Rc)
+            if c_mask is not None:  # a padded candidate vector never wins a max
+                s.masked_fill_(~c_mask[j:j + n].to(s.device, torch.bool)[None, None], float("-inf"))
+            m = mx[:M * n].view(Nq, Rq, n)
+            torch.amax(s, dim=-1, out=m)                                  # max_j  (N_q, R_q, n)
+            if c_mask is not None:  # a candidate with no real vector contributes 0
+                m.masked_fill_(m == float("-inf"), 0.0)
+            if qm is not None:      # a padded query vector adds nothing
+                m.mul_(qm)
+            out[:, j:j + n] = m.sum(1)                                    # sum_i  (N_q, n)
     return out
 
 
@@ -67,8 +87,87 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch' or 'triton'")
 
 
-def maxsim_triton(q, c, q_mask=None, c_mask=None):
-    raise NotImplementedError("the fused Triton MaxSim kernel is not built yet; use backend='torch'")
+# -----------------------------------------------------------------------------
+# the fused Triton kernel: one program scores QB queries x CB candidates. It streams D in
+# BLOCK_D slices through one tl.dot, S = Q (QB*RQ, D) @ C^T (D, CB*RC), then max over each
+# candidate's RC vectors and sum over each query's RQ vectors, all in registers: the
+# (N_q, N_c, R_q, R_c) tensor never exists. Budgets are prefixes (r_q, r_c) read through the
+# full tensors' strides, so no copy is made.
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs without triton still have the reference
+    triton = None
+
+if triton is not None:
+    @triton.jit
+    def _maxsim_kernel(q_ptr, c_ptr, qm_ptr, cm_ptr, out_ptr, Nq, Nc, r_q, r_c, D,
+                       sqn, sqr, sqd, scn, scr, scd, sqmn, sqmr, scmn, scmr, son, soc,
+                       HAS_QM: tl.constexpr, HAS_CM: tl.constexpr, IEEE: tl.constexpr,
+                       QB: tl.constexpr, RQ: tl.constexpr, CB: tl.constexpr, RC: tl.constexpr,
+                       BLOCK_D: tl.constexpr):
+        pid_q, pid_c = tl.program_id(0), tl.program_id(1)
+        rows = tl.arange(0, QB * RQ)                          # (QB*RQ,) query vector slots
+        qn, qr = pid_q * QB + rows // RQ, rows % RQ
+        cols = tl.arange(0, CB * RC)                          # (CB*RC,) candidate vector slots
+        cn, cr = pid_c * CB + cols // RC, cols % RC
+        q_ok = (qn < Nq) & (qr < r_q)
+        c_ok = (cn < Nc) & (cr < r_c)
+        if HAS_QM:
+            q_ok &= tl.load(qm_ptr + qn * sqmn + qr * sqmr, mask=q_ok, other=0) != 0
+        if HAS_CM:
+            c_ok &= tl.load(cm_ptr + cn * scmn + cr * scmr, mask=c_ok, other=0) != 0
+        s = tl.zeros((QB * RQ, CB * RC), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            qt = tl.load(q_ptr + qn[:, None] * sqn + qr[:, None] * sqr + d[None, :] * sqd,
+                         mask=q_ok[:, None] & (d[None, :] < D), other=0.0)     # (QB*RQ, BLOCK_D)
+            ct = tl.load(c_ptr + cn[None, :] * scn + cr[None, :] * scr + d[:, None] * scd,
+                         mask=c_ok[None, :] & (d[:, None] < D), other=0.0)     # (BLOCK_D, CB*RC)
+            if IEEE:
+                s = tl.dot(qt, ct, s, input_precision="ieee")
+            else:
+                s = tl.dot(qt, ct, s)
+        s = tl.where(c_ok[None, :], s, float("-inf"))
+        m = tl.max(tl.reshape(s, (QB * RQ, CB, RC)), axis=2)                   # max_j over r_c
+        m = tl.where(m == float("-inf"), 0.0, m)             # a candidate with no real vector
+        m = tl.where(q_ok[:, None], m, 0.0)                  # padded query vectors add nothing
+        score = tl.sum(tl.reshape(m, (QB, RQ, CB)), axis=1)                    # sum_i over r_q
+        on = pid_q * QB + tl.arange(0, QB)
+        oc = pid_c * CB + tl.arange(0, CB)
+        tl.store(out_ptr + on[:, None] * son + oc[None, :] * soc, score,
+                 mask=(on[:, None] < Nq) & (oc[None, :] < Nc))
+
+
+def _pow2(x):
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def maxsim_triton(q, c, q_mask=None, c_mask=None, out=None, block_d=None):
+    """The fused kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Same contract as maxsim."""
+    if triton is None:
+        raise RuntimeError("triton is not installed: pip install triton, or use backend='torch'")
+    _check(q, c, q_mask, c_mask)
+    Nq, r_q, D = q.shape
+    Nc, r_c, _ = c.shape
+    if c.dtype != q.dtype:
+        c = c.to(q.dtype)
+    RQ, RC = _pow2(r_q), _pow2(r_c)
+    QB = max(1, 16 // RQ)              # tl.dot needs >= 16 rows: pack queries when r_q < 16
+    if Nq >= 4 * QB and RQ <= 16:
+        QB *= 4                        # many queries: a taller tile reuses each candidate load
+    CB = max(1, 128 // RC)             # about 128 candidate vectors a tile
+    block_d = block_d or min(64, max(16, _pow2(D)))
+    out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
+    qm = q_mask.to(torch.int8) if q_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
+    cm = c_mask.to(torch.int8) if c_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
+    grid = (triton.cdiv(Nq, QB), triton.cdiv(Nc, CB))
+    _maxsim_kernel[grid](q, c, qm, cm, out, Nq, Nc, r_q, r_c, D,
+                         *q.stride(), *c.stride(), *qm.stride(), *cm.stride(), *out.stride(),
+                         HAS_QM=q_mask is not None, HAS_CM=c_mask is not None,
+                         IEEE=q.dtype == torch.float32, QB=QB, RQ=RQ, CB=CB, RC=RC, BLOCK_D=block_d)
+    return out
 
 
 def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=65536, backend=None):

@@ -94,22 +94,21 @@ def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_toke
         if not part:
             continue
         if re.fullmatch(r"\d+", part):
-            k = int(part)
-            match = [g for g in groups if g[1] == k]
+            match = [g for g in groups if g[1] == int(part)]
             if not match:
-                raise ValueError(f"budget '{part}': no Matryoshka group has {k} candidate vectors; "
+                raise ValueError(f"budget '{part}': no Matryoshka group has {part} candidate vectors; "
                                  f"the groups are {', '.join(f'{a}x{b}' for a, b in groups)} "
                                  f"(a number names r_c, 'AxB' names r_q x r_c)")
             budget = match[0]
         elif m := re.fullmatch(r"(\d+)x(\d+)", part):
             budget = (int(m.group(1)), int(m.group(2)))
-            if budget[0] < 1 or budget[1] < 1:
-                raise ValueError(f"budget '{part}': r_q and r_c must be at least 1")
-            if budget[0] > max_q or budget[1] > max_c:
-                raise ValueError(f"budget '{part}' exceeds the trained meta tokens "
-                                 f"(R_q={max_q}, R_c={max_c})")
         else:
             raise ValueError(f"budget '{part}' is not a number or 'AxB' (e.g. '1,4,16,64' or '2x4')")
+        if budget[0] < 1 or budget[1] < 1:
+            raise ValueError(f"budget '{part}': r_q and r_c must be at least 1")
+        if budget[0] > max_q or budget[1] > max_c:
+            raise ValueError(f"budget '{part}' = {budget[0]}x{budget[1]} exceeds the trained meta tokens "
+                             f"(R_q={max_q}, R_c={max_c})")
         if budget not in budgets:
             budgets.append(budget)
     if not budgets:

@@ -1,0 +1,196 @@
+"""
+Speed of MaxSim late interaction: kernels.maxsim against the naive einsum (colpali-engine's
+score_multi_vector: one einsum over (N_q, N_c, R_q, R_c), then max and sum), measured in the
+same run, with the machine's own measured peaks.
+
+    python bench.py                 # CPU shapes S1-S4 and a budget sweep; a GPU suite on CUDA
+    python bench.py --quick         # fewer repeats
+    python bench.py --json out.json
+
+Per shape: milliseconds (median), GB/s of candidate data read, GFLOP/s, % of the limit
+max(FLOPs / peak FLOP/s, bytes / peak bandwidth), peak extra memory, and speed-up over naive.
+Every method's output is checked against the reference before it is timed.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+
+import torch
+
+from kernels import maxsim, maxsim_reference
+
+GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
+
+
+def naive_einsum(q, c):
+    """colpali-engine's score_multi_vector, on the whole corpus at once."""
+    return torch.einsum("bnd,csd->bcns", q, c).max(dim=3)[0].sum(dim=2).float()
+
+
+def naive_chunked(q, c, max_bytes=4 << 30):
+    """The same einsum in candidate chunks (for corpora where the 4-D tensor cannot exist)."""
+    per = q.shape[0] * q.shape[1] * c.shape[1] * q.element_size()
+    step = max(1, max_bytes // per)
+    return torch.cat([naive_einsum(q, c[j:j + step]) for j in range(0, c.shape[0], step)], 1)
+
+
+# -----------------------------------------------------------------------------
+# measuring: time, peak extra memory, the machine's peaks
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def rss_peak_reset():
+    """Reset the process's peak RSS (Linux: clear_refs 5) and return the current RSS in bytes."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status("VmRSS")
+    except OSError:
+        return None
+
+
+def _status(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def timed(fn, dev, repeats):
+    """-> (median seconds, peak extra bytes, output)."""
+    out = fn()  # warm-up (and compile)
+    sync(dev)
+    del out
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = rss_peak_reset()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        sync(dev)
+        times.append(time.perf_counter() - t)
+        if _ < repeats - 1:
+            del out
+    if dev.type == "cuda":
+        extra = torch.cuda.max_memory_allocated() - base
+    else:
+        extra = (_status("VmHWM") - base) if base is not None else float("nan")
+    return sorted(times)[len(times) // 2], extra, out
+
+
+def measure_peaks(dev, dtype):
+    """Measured, not nominal: a large matmul's FLOP/s and a large reduction's read bandwidth."""
+    n = 4096 if dev.type == "cuda" else 1024
+    a = torch.randn(n, n, device=dev, dtype=dtype)
+    b = torch.randn(n, n, device=dev, dtype=dtype)
+    t, _, _ = timed(lambda: a @ b, dev, 10)
+    flops = 2 * n ** 3 / t
+    x = torch.empty((1 << 28) // 4 if dev.type == "cuda" else (1 << 26) // 4, device=dev).uniform_()
+    t, _, _ = timed(lambda: x.sum(), dev, 10)
+    bw = x.numel() * 4 / t
+    return flops, bw
+
+
+# -----------------------------------------------------------------------------
+
+def run_shape(name, Nq, Nc, rq, rc, D, dev, dtype, peaks, repeats, methods, R=(16, 64)):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    # full (R_q, R_c) embeddings, budgets read as prefix views, as at serving time
+    q = torch.nn.functional.normalize(torch.randn(Nq, max(rq, R[0]), D, generator=g), dim=-1).to(dev, dtype)
+    c = torch.nn.functional.normalize(torch.randn(Nc, max(rc, R[1]), D, generator=g), dim=-1).to(dev, dtype)
+    qv, cv = q[:, :rq], c[:, :rc]
+    flops = 2 * Nq * Nc * rq * rc * D
+    cbytes = Nc * rc * D * c.element_size()
+    limit = max(flops / peaks[0], cbytes / peaks[1])
+    ref = maxsim_reference(qv[:, :, :].contiguous()[:64], cv[:2000].contiguous())  # a checked corner
+    rows = []
+    for mname, fn in methods.items():
+        try:
+            out_corner = fn(qv[:64], cv[:2000])
+            torch.testing.assert_close(out_corner.float(), ref, atol=2e-2 if dtype != torch.float32 else 1e-3, rtol=0)
+        except Exception as e:  # noqa: BLE001 - report and skip a method that fails or is wrong
+            rows.append(dict(shape=name, method=mname, error=f"{type(e).__name__}: {str(e)[:80]}"))
+            continue
+        try:
+            t, extra, _ = timed(lambda: fn(qv, cv), dev, repeats)
+        except torch.OutOfMemoryError:
+            rows.append(dict(shape=name, method=mname, error="out of memory"))
+            continue
+        rows.append(dict(shape=name, method=mname, Nq=Nq, Nc=Nc, budget=f"{rq}x{rc}", D=D, ms=1e3 * t,
+                         GBps=cbytes / t / 1e9, GFLOPs=flops / t / 1e9, pct_of_limit=100 * limit / t,
+                         limit_ms=1e3 * limit, extra_MiB=extra / 2 ** 20))
+    base = next((r for r in rows if r["method"].startswith("naive") and "ms" in r), None)
+    for r in rows:
+        if base and "ms" in r:
+            r["speedup_vs_naive"] = base["ms"] / r["ms"]
+    return rows
+
+
+def print_rows(rows):
+    hdr = f"{'shape':<6} {'method':<16} {'Nq':>5} {'Nc':>7} {'budget':>6} {'D':>5} {'ms':>9} {'limit':>8} " \
+          f"{'%limit':>6} {'GB/s':>7} {'GFLOP/s':>8} {'xnaive':>7} {'extra MiB':>9}"
+    print(hdr)
+    for r in rows:
+        if "error" in r:
+            print(f"{r['shape']:<6} {r['method']:<16} skipped: {r['error']}")
+            continue
+        print(f"{r['shape']:<6} {r['method']:<16} {r['Nq']:>5} {r['Nc']:>7} {r['budget']:>6} {r['D']:>5} "
+              f"{r['ms']:>9.1f} {r['limit_ms']:>8.1f} {r['pct_of_limit']:>6.0f} {r['GBps']:>7.1f} "
+              f"{r['GFLOPs']:>8.1f} {r.get('speedup_vs_naive', float('nan')):>7.2f} {r['extra_MiB']:>9.0f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--json", help="write all rows here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    repeats = 3 if args.quick else 7
+    if dev.type == "cpu":
+        dtype = torch.float32
+        name = platform.processor() or platform.machine()
+        print(f"CPU: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32")
+    else:
+        dtype = torch.bfloat16
+        name = torch.cuda.get_device_name(dev)
+        print(f"GPU: {name}, torch {torch.__version__}, bf16 embeddings, fp32 accumulation")
+    peaks = measure_peaks(dev, dtype)
+    print(f"measured peaks: {peaks[0] / 1e9:.0f} GFLOP/s matmul, {peaks[1] / 1e9:.1f} GB/s read\n")
+
+    methods = {"naive einsum": naive_einsum, "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch")}
+    if dev.type == "cuda":
+        methods = {"naive (chunked)": naive_chunked, "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch"),
+                   "maxsim (triton)": lambda q, c: maxsim(q, c, backend="triton")}
+        shapes = [(f"G{i}", nq, 100_000, rq, rc, D) for i, (nq, D) in enumerate(((1, 128), (1000, 128), (1, 3584)))
+                  for rq, rc in GROUPS]
+    else:
+        shapes = [("S1", 1, 10_000, 16, 64, 128), ("S2", 32, 10_000, 16, 64, 128),
+                  ("S3", 32, 2_000, 16, 64, 1536), ("S4", 32, 10_000, 1, 1, 1536)]
+        shapes += [(f"B{rq}x{rc}", 1, 10_000, rq, rc, 128) for rq, rc in GROUPS[:-1]]
+    rows = []
+    for shape in shapes:
+        name_, Nq, Nc, rq, rc, D = shape
+        rows += run_shape(name_, Nq, Nc, rq, rc, D, dev, dtype, peaks, repeats, methods)
+    print_rows(rows)
+    print("\nlimit = max(FLOPs / peak FLOP/s, candidate bytes / peak GB/s); %limit = limit / time; "
+          "xnaive = naive time / time")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": name, "peaks": {"flops": peaks[0], "bytes_per_s": peaks[1]}, "rows": rows}, f,
+                      indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
