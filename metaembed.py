@@ -419,16 +419,19 @@ class MetaEmbed(nn.Module):
         return self._encode(texts, images, "candidate", batch_size, progress)
 
     # -- save / load ----------------------------------------------------------
-    def save_pretrained(self, path):
+    def save_pretrained(self, path, state_dict=None):
         """Folder: metaembed.json, model.safetensors (what was trained), the backbone config
-        (so `tiny` can be rebuilt) and the processor. Written to a temporary folder, then renamed."""
+        (so `tiny` can be rebuilt) and the processor. Written to a temporary folder, then renamed.
+        state_dict: a full state dict to save instead of self's (FSDP gathers one)."""
         from safetensors.torch import save_file
         path = os.fspath(path)
         tmp = path.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
+        state = self.state_dict() if state_dict is None else state_dict
         # the random `tiny` base exists nowhere else: keep all of it; a hub base is reloaded by name
-        state = self.state_dict() if self.config.backbone == "tiny" else self.trainable_state()
+        if self.config.backbone != "tiny":
+            state = {k: state[k] for k in self.trainable_state()}
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "metaembed.json"), "w") as f:

@@ -125,22 +125,32 @@ def build_dataset(args):
 # -----------------------------------------------------------------------------
 # checkpoints: model (safetensors + json) + optimizer state (safetensors + json), never pickle
 
-def save_checkpoint(out, step, model, opt, args):
+def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
+    """Every rank calls this (FSDP gathers the full state from all); the master writes."""
     from safetensors.torch import save_file
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_sd, sd = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
+    else:
+        model_sd, sd = None, opt.state_dict()
+    if not master:
+        return None
     final = os.path.join(out, f"checkpoint-{step:07d}")
-    model.save_pretrained(final)  # atomic: a temporary folder, then rename
+    model.save_pretrained(final, state_dict=model_sd)  # atomic: a temporary folder, then rename
     with open(os.path.join(final, "train_args.json"), "w") as f:
         json.dump(vars(args), f, indent=2)
-    sd = opt.state_dict()
-    tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
+    tensors = {f"{i}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng::cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
-        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        tensors["rng::cuda"] = torch.cuda.get_rng_state()
     tmp = os.path.join(final, "optimizer.safetensors.tmp")
     save_file(tensors, tmp)
     with open(os.path.join(final, "trainer_state.json.tmp"), "w") as f:
         json.dump({"step": step, "param_groups": sd["param_groups"]}, f)
     os.replace(tmp, os.path.join(final, "optimizer.safetensors"))
+    # trainer_state.json last: its presence marks a complete checkpoint
     os.replace(os.path.join(final, "trainer_state.json.tmp"), os.path.join(final, "trainer_state.json"))
     with open(os.path.join(out, "latest.tmp"), "w") as f:
         f.write(os.path.basename(final))
@@ -158,21 +168,26 @@ def latest_checkpoint(out):
     return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
 
 
-def load_optimizer(path, opt):
+def load_optimizer(path, model, opt, fsdp=False):
+    """Restore the optimizer and RNG state of a checkpoint; -> its step."""
     from safetensors.torch import load_file
     with open(os.path.join(path, "trainer_state.json")) as f:
         meta = json.load(f)
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state = {}
     for key, v in tensors.items():
-        if key.startswith("rng."):
-            continue
-        i, k = key.split(".", 1)
-        state.setdefault(int(i), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    torch.set_rng_state(tensors["rng.cpu"])
-    if "rng.cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["rng.cuda"])
+        if not key.startswith("rng::"):
+            i, k = key.split("::", 1)
+            state.setdefault(int(i) if i.isdigit() else i, {})[k] = v
+    sd = {"state": state, "param_groups": meta["param_groups"]}
+    if fsdp:  # keyed by parameter name: each rank takes its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng::cpu"])
+    if "rng::cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng::cuda"])
     return meta["step"]
 
 
@@ -239,22 +254,22 @@ def train(args):
     model.to(device)
     if args.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
+    fsdp = args.fsdp and ddp
+    if fsdp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors
+        from torch.distributed.fsdp import fully_shard
+        for layer in model._base().language_model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+    params = [p for p in model.parameters() if p.requires_grad]  # after sharding (FSDP replaces them)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = load_optimizer(resume_from, opt) if resume_from else 0
+    start = load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1) \
         if start else torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
     if start:
         for g in opt.param_groups:  # LambdaLR(last_epoch=k) keeps the lr it was given: set step k's
             g["lr"] = g["initial_lr"] * sched.lr_lambdas[0](start)
-
     net = model
-    if args.fsdp and ddp:
-        from torch.distributed.fsdp import fully_shard
-        for layer in model._base().language_model.layers:
-            fully_shard(layer)
-        fully_shard(model)
-    elif ddp:
+    if ddp and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.type == "cuda" else None, find_unused_parameters=True)
 
@@ -310,8 +325,9 @@ def train(args):
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             if ddp:
                 dist.barrier()
+            saved = save_checkpoint(args.out, step + 1, model, opt, args, fsdp, master)
             if master:
-                path = save_checkpoint(args.out, step + 1, model, opt, args)
+                path = saved
                 prune_checkpoints(args.out, args.keep)
     if bar:
         bar.close()

@@ -76,8 +76,10 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-def test_two_processes_match_one(tmp_path):
-    """torchrun, 2 processes (gloo), batch 4 each == 1 process, batch 8: same losses, same weights."""
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path, mode):
+    """torchrun, 2 processes (gloo), batch 4 each == 1 process, batch 8: same losses, same weights.
+    DDP replicates the model; FSDP2 (--fsdp) shards it and gathers the full state to save."""
     common = SMALL + ["--steps", "3", "--save-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     one = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"),
@@ -85,6 +87,7 @@ def test_two_processes_match_one(tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "train.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two"),
+                          *(["--fsdp"] if mode == "fsdp" else []),
                           "--log-file", str(tmp_path / "two.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     l1 = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
