@@ -13,7 +13,6 @@ Every method's output is checked against the reference before it is timed.
 """
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -89,15 +88,24 @@ def timed(fn, dev, repeats):
 
 
 def measure_peaks(dev, dtype):
-    """Measured, not nominal: a large matmul's FLOP/s and a large reduction's read bandwidth."""
-    n = 4096 if dev.type == "cuda" else 1024
+    """Measured, not nominal (best of several runs): a large matmul's FLOP/s and a large
+    reduction's read bandwidth."""
+    def best(fn, repeats=10):
+        fn()
+        sync(dev)
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            sync(dev)
+            ts.append(time.perf_counter() - t)
+        return min(ts)
+    n = 8192 if dev.type == "cuda" else 2048
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
-    t, _, _ = timed(lambda: a @ b, dev, 10)
-    flops = 2 * n ** 3 / t
-    x = torch.empty((1 << 28) // 4 if dev.type == "cuda" else (1 << 26) // 4, device=dev).uniform_()
-    t, _, _ = timed(lambda: x.sum(), dev, 10)
-    bw = x.numel() * 4 / t
+    flops = 2 * n ** 3 / best(lambda: a @ b)
+    x = torch.empty((4 << 30 if dev.type == "cuda" else 512 << 20) // 4, device=dev).uniform_()
+    bw = x.numel() * 4 / best(lambda: x.sum())
     return flops, bw
 
 

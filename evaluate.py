@@ -120,19 +120,20 @@ def _p_at_1(run, qrels):
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def score_mmeb(model, rows, budgets, batch_size):
+def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu")):
     """An MMEB subset: each row against its own candidates -> P@1 per budget."""
     t0 = time.time()
     Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size)
     flat = [c for r in rows for c in r["cands"]]
     C, ci = encode_unique(model, flat, "candidate", batch_size)
+    Q, C = Q.to(device), C.to(device)
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
     for rq, rc in budgets:
         t1 = time.time()
         per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc])[0]
                    for i in range(len(rows))]
-        out[f"{rq}x{rc}"] = {"P@1": precision_at_1(per_row), "score_seconds": time.time() - t1}
+        out[f"{rq}x{rc}"] = {"P@1": precision_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
 
 
@@ -216,7 +217,7 @@ def evaluate(args):
             raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
         for s in subsets:
             rows = data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)
-            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size)
+            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size, device)
             results["tasks"][s]["encode_seconds"] = enc
         headline = "P@1"
     results["headline"] = headline

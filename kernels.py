@@ -42,35 +42,42 @@ def _check(q, c, q_mask, c_mask):
 def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     """The reference over candidate chunks, never more than (N_q, R_q, chunk, R_c) at once.
 
-    One matmul per chunk into a reused buffer sized to stay in cache (fresh large allocations
-    cost page faults), max over r_c on a view of it, then sum over r_q. Float32 math."""
+    One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
+    over r_c on a view of it, then sum over r_q; float32 math. With few query vectors
+    (N_q R_q < 64) the candidate chunk is the matmul's tall operand, (n R_c, D) @ (D, N_q R_q),
+    which streams the corpus best; otherwise (N_q R_q, D) @ (D, n R_c) in L2-sized blocks."""
     _check(q, c, q_mask, c_mask)
     Nq, Rq, D = q.shape
     Nc, Rc, _ = c.shape
     M = Nq * Rq
-    if chunk is None:  # a (M, chunk * R_c) float32 score block of about 1 MiB (the L2 here)
-        chunk = max(1, min(Nc, (1 << 18) // max(1, M * Rc)))
+    tall = M < 64
+    if chunk is None:  # score block: 16 MiB when streaming the corpus, else about 1 MiB (the L2 here)
+        chunk = max(1, min(Nc, (1 << (22 if tall else 18)) // max(1, M * Rc)))
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
     qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
-    qm = q_mask.to(q.device, torch.float32)[:, :, None] if q_mask is not None else None
+    qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
+    qm = q_mask.to(q.device, torch.float32) if q_mask is not None else None
     buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
-    mx = torch.empty(M * chunk, dtype=torch.float32, device=q.device)
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
             cf = c[j:j + n].reshape(n * Rc, D).float()                    # (n R_c, D); copies a prefix view
-            s = buf[:M * n * Rc].view(M, n * Rc)
-            torch.mm(qf, cf.T, out=s)                                     # <E_q^i, E_c^j> for the chunk
-            s = s.view(Nq, Rq, n, Rc)
-            if c_mask is not None:  # a padded candidate vector never wins a max
-                s.masked_fill_(~c_mask[j:j + n].to(s.device, torch.bool)[None, None], float("-inf"))
-            m = mx[:M * n].view(Nq, Rq, n)
-            torch.amax(s, dim=-1, out=m)                                  # max_j  (N_q, R_q, n)
-            if c_mask is not None:  # a candidate with no real vector contributes 0
-                m.masked_fill_(m == float("-inf"), 0.0)
+            cm = c_mask[j:j + n].to(q.device, torch.bool) if c_mask is not None else None
+            if tall:
+                s = torch.mm(cf, qT, out=buf[:M * n * Rc].view(n * Rc, M)).view(n, Rc, Nq, Rq)
+                if cm is not None:  # a padded candidate vector never wins a max
+                    s.masked_fill_(~cm[:, :, None, None], float("-inf"))
+                m = s.amax(1).permute(1, 2, 0)                            # max_j -> (N_q, R_q, n)
+            else:
+                s = torch.mm(qf, cf.T, out=buf[:M * n * Rc].view(M, n * Rc)).view(Nq, Rq, n, Rc)
+                if cm is not None:
+                    s.masked_fill_(~cm[None, None], float("-inf"))
+                m = s.amax(-1)                                            # max_j -> (N_q, R_q, n)
+            if cm is not None:      # a candidate with no real vector contributes 0
+                m = m.masked_fill(m == float("-inf"), 0.0)
             if qm is not None:      # a padded query vector adds nothing
-                m.mul_(qm)
-            out[:, j:j + n] = m.sum(1)                                    # sum_i  (N_q, n)
+                m = m * qm[:, :, None]
+            out[:, j:j + n] = m.sum(1)                                    # sum_i -> (N_q, n)
     return out
 
 

@@ -12,7 +12,6 @@ Interaction", arXiv 2509.18095. Read top to bottom:
   6. save / load               (safetensors + json, never pickle)
 """
 import json
-import math
 import os
 import re
 import shutil

@@ -11,6 +11,7 @@ a temporary folder and renamed; OUT/latest names the newest. --resume continues 
 same data order.
 """
 import argparse
+import functools
 import json
 import math
 import os
@@ -277,7 +278,7 @@ def train(args):
     B = args.batch_size
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(len(dataset), B, world, rank, args.seed, start, args.steps),
-        collate_fn=lambda ex: data.collate(ex, model.processor), num_workers=args.workers)
+        collate_fn=functools.partial(data.collate, processor=model.processor), num_workers=args.workers)
 
     if master:
         os.makedirs(args.out, exist_ok=True)

@@ -1,7 +1,6 @@
 """data.py: the synthetic set, hub-layout loaders on local copies, collate."""
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import data

@@ -9,7 +9,6 @@ from PIL import Image
 import data
 import evaluate
 from conftest import write_hub_repo
-from kernels import maxsim
 
 
 def test_ndcg_hand_worked():

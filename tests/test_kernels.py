@@ -47,12 +47,13 @@ def test_padding_never_changes_a_score():
     torch.testing.assert_close(maxsim(q, c), maxsim(q, c, torch.ones_like(qm), torch.ones_like(cm)))
 
 
-def test_chunking_is_exact_and_bounded():
-    q, _ = ragged(3, 4, 8, 4)
+@pytest.mark.parametrize("Nq", [3, 6])  # N_q R_q = 48 (candidates as the tall operand) and 96 (queries)
+def test_chunking_is_exact_and_bounded(Nq):
+    q, qm = ragged(Nq, 16, 8, 4)
     c, cm = ragged(50, 6, 8, 5)
-    full = maxsim_reference(q, c, c_mask=cm)
-    for chunk in (1, 7, 50, 1000):
-        torch.testing.assert_close(maxsim_chunked(q, c, c_mask=cm, chunk=chunk), full)
+    full = maxsim_reference(q, c, qm, cm)
+    for chunk in (None, 1, 7, 50, 1000):
+        torch.testing.assert_close(maxsim_chunked(q, c, qm, cm, chunk=chunk), full)
 
 
 def test_prefix_views_are_budgets():
