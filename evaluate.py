@@ -9,8 +9,8 @@ Evaluate MetaEmbed at several retrieval budgets from ONE encoding pass.
 Every query and candidate is encoded once at the full (R_q, R_c); a budget (r_q, r_c) is scored
 on the prefixes E_q[:r_q], E_c[:r_c]. A number k in --budgets names the group with r_c = k;
 'AxB' names (r_q, r_c) directly. Metrics: MMEB Precision@1 (each row ranked against its own
-candidates, candidate 0 the positive); ViDoRe and synthetic NDCG@5 (also NDCG@10, Recall@1/5/10,
-P@1) over the full corpus.
+candidates, candidate 0 the positive); ViDoRe NDCG@5 over the full corpus (also NDCG@10,
+Recall@1/5/10, P@1); synthetic P@1 over the full eval corpus (one relevant item per query).
 """
 import argparse
 import json

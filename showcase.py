@@ -27,7 +27,7 @@ def run_one(variant, seed, args, extra):
     flags = ["--no-matryoshka"] if variant == "no-matryoshka" else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     t = time.time()
-    cmd = [sys.executable, "train.py", "--seed", str(seed), "--out", out, "--no-progress",
+    cmd = [sys.executable, "train.py", "--seed", str(seed), "--out", out, "--no-progress", "--overwrite",
            "--log-file", out + ".jsonl", *flags, *extra] + (["--steps", str(args.steps)] if args.steps else [])
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
     train_s = time.time() - t

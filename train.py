@@ -69,6 +69,8 @@ def get_args(argv=None):
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept (older ones removed)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
+    g.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds checkpoints "
+                   "(its checkpoints are removed)")
     g.add_argument("--log-file", help="append one JSON object per step (step, loss, lr, loss per group)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -238,6 +240,18 @@ def train(args):
     torch.manual_seed(args.seed)
 
     resume_from = latest_checkpoint(args.out) if args.resume else None
+    if not args.resume and os.path.isdir(args.out) and any(d.startswith("checkpoint-") for d in os.listdir(args.out)):
+        if not args.overwrite:
+            raise SystemExit(f"train.py: error: {args.out} already holds checkpoints: pass --resume to continue "
+                             f"from them, --overwrite to start afresh, or another --out")
+        if master:
+            for d in os.listdir(args.out):
+                if d.startswith("checkpoint-"):
+                    shutil.rmtree(os.path.join(args.out, d))
+                elif d == "latest":
+                    os.remove(os.path.join(args.out, d))
+        if ddp:
+            dist.barrier()
     if args.resume and resume_from is None and master:
         print(f"--resume: no checkpoint in {args.out}, starting fresh")
     if resume_from:

@@ -48,6 +48,9 @@ def test_short_run_lowers_loss(tmp_path):
     assert os.path.basename(path) == "checkpoint-0000040"
     assert (tmp_path / "run" / "latest").read_text() == "checkpoint-0000040"
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-0000020", "checkpoint-0000040", "latest"]
+    # a fresh run into a folder with checkpoints must say so, not mix with them
+    with pytest.raises(SystemExit, match="already holds checkpoints.*--resume.*--overwrite"):
+        run(tmp_path, "run", "--steps", "40", "--batch-size", "8")
 
 
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
