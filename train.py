@@ -212,11 +212,12 @@ def gather_with_grad(x):
     return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
 
 
-def step_loss(net, cfg, q_in, c_in, neg_mask, B, rank):
-    """Encode one local batch and return the MMR loss (and the loss per group). Candidates are
-    B positives then, if any, B hard negatives; positives are gathered from every rank with
-    gradient (this rank's at row rank * B), negatives stay local."""
-    q, c = net(q_in, c_in)                                             # (B, R_q, D), (B or 2B, R_c, D)
+def step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp=nullcontext()):
+    """Encode one local batch (under amp) and return the MMR loss in fp32 (and the loss per group).
+    Candidates are B positives then, if any, B hard negatives; positives are gathered from every
+    rank with gradient (this rank's at row rank * B), negatives stay local."""
+    with amp:
+        q, c = net(q_in, c_in)                                         # (B, R_q, D), (B or 2B, R_c, D)
     pos, neg = c[:B], (c[B:] if neg_mask is not None else None)
     pos_all = gather_with_grad(pos)                                     # (B * world, R_c, D)
     return matryoshka_loss(q, pos_all, neg, cfg.groups, cfg.temperature, cfg.group_weights, offset=rank * B,
@@ -312,8 +313,7 @@ def train(args):
     net.train()
     for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
         t0 = time.time()
-        with amp:
-            loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank)
+        loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the data")
         opt.zero_grad(set_to_none=True)
