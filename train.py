@@ -208,8 +208,12 @@ def lr_lambda(warmup, steps):
 
 
 def gather_with_grad(x):
-    """All ranks' x concatenated in rank order; the gradient flows back to each rank's own rows."""
-    return torch.cat(torch.distributed.nn.functional.all_gather(x)) if dist.is_initialized() else x
+    """All ranks' x concatenated in rank order; the gradient flows back to each rank's own rows
+    (summed over ranks by a reduce-scatter)."""
+    if not dist.is_initialized():
+        return x
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp=nullcontext()):
