@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from metaembed import MetaEmbed, matryoshka_loss
+from metaembed import GROUPS, MetaEmbed, matryoshka_loss
 
 # defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
 TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=16, out="out/tiny-synthetic")
@@ -245,7 +245,10 @@ def train(args):
     torch.manual_seed(args.seed)
 
     resume_from = latest_checkpoint(args.out) if args.resume else None
-    if not args.resume and os.path.isdir(args.out) and any(d.startswith("checkpoint-") for d in os.listdir(args.out)):
+    stale = not args.resume and os.path.isdir(args.out) and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
+    if ddp:
+        dist.barrier()  # every rank has looked before anything is removed
+    if stale:
         if not args.overwrite:
             raise SystemExit(f"train.py: error: {args.out} already holds checkpoints: pass --resume to continue "
                              f"from them, --overwrite to start afresh, or another --out")
@@ -263,8 +266,7 @@ def train(args):
         model = MetaEmbed.from_pretrained(resume_from)
     else:
         R_q, R_c = args.query_tokens, args.candidate_tokens
-        groups = ((R_q, R_c),) if args.no_matryoshka else tuple(
-            g for g in ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64)) if g[0] <= R_q and g[1] <= R_c)
+        groups = ((R_q, R_c),) if args.no_matryoshka else tuple(g for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
         if not args.no_matryoshka and groups[-1] != (R_q, R_c):
             groups += ((R_q, R_c),)
         model = MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
@@ -283,11 +285,8 @@ def train(args):
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding (FSDP replaces them)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1) \
-        if start else torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps))
-    if start:
-        for g in opt.param_groups:  # LambdaLR(last_epoch=k) keeps the lr it was given: set step k's
-            g["lr"] = g["initial_lr"] * sched.lr_lambdas[0](start)
+    # on resume the loaded param groups hold initial_lr and step `start`'s lr already
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1)
     net = model
     if ddp and not fsdp:
         net = torch.nn.parallel.DistributedDataParallel(
