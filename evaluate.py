@@ -75,13 +75,13 @@ def precision_at_1(scores):
 
 def encode_unique(model, items, side, batch_size):
     """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items once."""
-    keys, index = {}, []
+    keys, index, unique = {}, [], []
     for text, image in items:
         key = (text, image if isinstance(image, str) or image is None else id(image))
-        index.append(keys.setdefault(key, len(keys)))
-    unique = [None] * len(keys)
-    for (text, _), i in zip(items, index):
-        unique[i] = unique[i] or (text, _)
+        if key not in keys:
+            keys[key] = len(unique)
+            unique.append((text, image))
+        index.append(keys[key])
     texts, images = [t for t, _ in unique], [im for _, im in unique]
     images = None if all(im is None for im in images) else images
     enc = model.encode_queries if side == "query" else model.encode_candidates

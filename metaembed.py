@@ -453,12 +453,10 @@ class MetaEmbed(nn.Module):
         if config.backbone == "tiny":  # rebuilt from its saved config; weights come below
             backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
             backbone.config._attn_implementation = "sdpa"
-            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-            processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
         else:
             backbone, _ = load_backbone(config.backbone, config.dtype)
-            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
-            processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")  # the saved processor
+        processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
         model = cls._assemble(config, backbone, processor)
         state = load_file(os.path.join(path, "model.safetensors"))
         own = model.state_dict()
