@@ -50,10 +50,11 @@ def test_padding_never_changes_a_score():
 @pytest.mark.parametrize("Nq", [3, 6])  # N_q R_q = 48 (candidates as the tall operand) and 96 (queries)
 def test_chunking_is_exact_and_bounded(Nq):
     q, qm = ragged(Nq, 16, 8, 4)
-    c, cm = ragged(50, 6, 8, 5)
-    full = maxsim_reference(q, c, qm, cm)
-    for chunk in (None, 1, 7, 50, 1000):
-        torch.testing.assert_close(maxsim_chunked(q, c, qm, cm, chunk=chunk), full)
+    for Rc in (1, 6, 7):  # odd and even r_c: the max by halving keeps an odd middle
+        c, cm = ragged(50, Rc, 8, 5)
+        full = maxsim_reference(q, c, qm, cm)
+        for chunk in (None, 1, 7, 50, 1000):
+            torch.testing.assert_close(maxsim_chunked(q, c, qm, cm, chunk=chunk), full)
 
 
 def test_prefix_views_are_budgets():
