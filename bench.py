@@ -9,7 +9,8 @@ same run, with the machine's own measured peaks.
 
 Per shape: milliseconds (median), GB/s of candidate data read, GFLOP/s, % of the limit
 max(FLOPs / peak FLOP/s, bytes / peak bandwidth), peak extra memory, and speed-up over naive.
-Every method's output is checked against the reference before it is timed.
+Every method's output is checked against the reference before it is timed. Peers that are
+installed are timed too (maxsim-cpu, `pip install maxsim-cpu`), where their output is right.
 """
 import argparse
 import json
@@ -26,6 +27,23 @@ GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 def naive_einsum(q, c):
     """colpali-engine's score_multi_vector, on the whole corpus at once."""
     return torch.einsum("bnd,csd->bcns", q, c).max(dim=3)[0].sum(dim=2).float()
+
+
+def maxsim_cpu_peer():
+    """maxsim-cpu (Rust, one query at a time) if installed: a peer, timed only where it is correct."""
+    try:
+        import maxsim_cpu
+    except ImportError:
+        return None
+    import numpy as np
+
+    def fn(q, c):
+        if q.shape[1] * c.shape[1] * q.shape[2] > 16 * 64 * 128:  # seen here: a segfault at 16x64, D=1536
+            raise RuntimeError("maxsim-cpu 0.1.0 crashes past R_q R_c D = 131072")
+        cn = np.ascontiguousarray(c.numpy())
+        return torch.stack([torch.from_numpy(maxsim_cpu.maxsim_scores(np.ascontiguousarray(qi.numpy()), cn))
+                            for qi in q])
+    return fn
 
 
 def naive_chunked(q, c, max_bytes=4 << 30):
@@ -183,6 +201,8 @@ def main():
         shapes = [(f"G{i}", nq, 100_000, rq, rc, D) for i, (nq, D) in enumerate(((1, 128), (1000, 128), (1, 3584)))
                   for rq, rc in GROUPS]
     else:
+        if (peer := maxsim_cpu_peer()) is not None:
+            methods["peer maxsim-cpu"] = peer
         shapes = [("S1", 1, 10_000, 16, 64, 128), ("S2", 32, 10_000, 16, 64, 128),
                   ("S3", 32, 2_000, 16, 64, 1536), ("S4", 32, 10_000, 1, 1, 1536)]
         shapes += [(f"B{rq}x{rc}", 1, 10_000, rq, rc, 128) for rq, rc in GROUPS[:-1]]
