@@ -121,7 +121,9 @@ def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_toke
 # The offline backbone: a small random-initialised Qwen2-VL (same code path as the real ones).
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vision_depth=2, vision_embed_dim=64, vision_heads=4,
-            vocab_size=1024, min_pixels=28 * 28, max_pixels=112 * 112)
+            vocab_size=1024, min_pixels=28 * 28, max_pixels=112 * 112, rope_theta=3.0)
+# rope_theta 3, not 1e4: M-RoPE gives height and width the lowest rotary frequencies, and on a 3x3
+# grid they must still turn visibly from cell to cell, or the model cannot tell where a colour is.
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 # A small built-in corpus for the tiny tokenizer's byte-level BPE (any text still encodes, by bytes).
@@ -158,7 +160,7 @@ def build_tiny_backbone(seed=0, **overrides):
                          num_hidden_layers=t["num_hidden_layers"],
                          num_attention_heads=t["num_attention_heads"],
                          num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=10000.0,
+                         rope_parameters=dict(rope_type="default", rope_theta=t["rope_theta"],
                                               mrope_section=section),
                          bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
                          pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
