@@ -21,66 +21,51 @@ from PIL import Image, ImageDraw
 from metaembed import load_image, prepare
 
 # -----------------------------------------------------------------------------
-# the synthetic set: scenes of several objects, captions that name all of them
+# the synthetic set: grids of coloured squares, captions that name every one
+#
+# A scene holds 6-9 squares of 8 colours on a 3x3 grid; its hard negatives differ in one colour
+# or one place. The detail is in colour AND place, both easy to see, so one small vector cannot
+# hold a whole scene while several can.
 
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240),
-           "yellow": (240, 220, 40), "purple": (160, 60, 200), "cyan": (40, 210, 220)}
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
-SIZES = ("small", "large")
+           "yellow": (240, 220, 40), "purple": (160, 60, 200), "cyan": (40, 210, 220),
+           "orange": (250, 140, 20), "white": (235, 235, 235)}
 CELLS = ("top left", "top center", "top right", "middle left", "center", "middle right",
          "bottom left", "bottom center", "bottom right")
 CELL = 28  # pixels; 3x3 cells make an 84x84 image: one visual token per cell (14 px patches, 2x2 merge)
+OBJECTS = (6, 9)  # squares per scene, min and max
 
 
-def make_scene(rng, min_objects=3, max_objects=6):
-    """A scene: a sorted tuple of objects (cell, colour, shape, size), one object per cell."""
+def make_scene(rng, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+    """A scene: a sorted tuple of squares (cell, colour), at most one per cell."""
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(len(CELLS)), n)
-    return tuple(sorted((c, rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(SIZES))
-                        for c in cells))
+    return tuple(sorted((c, rng.choice(list(COLOURS))) for c in cells))
 
 
 def caption(scene):
-    return ", ".join(f"{size} {colour} {shape} {CELLS[cell]}" for cell, colour, shape, size in scene)
+    return ", ".join(f"{colour} {CELLS[cell]}" for cell, colour in scene)
 
 
 def render(scene):
     """84x84 RGB image of a scene, drawn with Pillow."""
     im = Image.new("RGB", (3 * CELL, 3 * CELL), (20, 20, 20))
     d = ImageDraw.Draw(im)
-    for cell, colour, shape, size in scene:
+    for cell, colour in scene:
         cx, cy = (cell % 3) * CELL + CELL // 2, (cell // 3) * CELL + CELL // 2
-        r = 12 if size == "large" else 6
-        fill = COLOURS[colour]
-        box = (cx - r, cy - r, cx + r, cy + r)
-        if shape == "circle":
-            d.ellipse(box, fill=fill)
-        elif shape == "square":
-            d.rectangle(box, fill=fill)
-        elif shape == "triangle":
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        elif shape == "diamond":
-            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
-        else:  # cross
-            w = max(2, r // 3)
-            d.rectangle((cx - r, cy - w, cx + r, cy + w), fill=fill)
-            d.rectangle((cx - w, cy - r, cx + w, cy + r), fill=fill)
+        d.rectangle((cx - 12, cy - 12, cx + 12, cy + 12), fill=COLOURS[colour])
     return im
 
 
 def variant(scene, rng):
-    """A hard negative: the scene with ONE change (a colour, a shape, a size, a move, a swap)."""
+    """A hard negative: the scene with ONE change (a colour, a move, a colour swap)."""
     objs = [list(o) for o in scene]
     while True:
-        kind = rng.choice(("colour", "shape", "size", "move", "swap"))
+        kind = rng.choice(("colour", "move", "swap"))
         i = rng.randrange(len(objs))
         new = [o[:] for o in objs]
         if kind == "colour":
             new[i][1] = rng.choice([c for c in COLOURS if c != objs[i][1]])
-        elif kind == "shape":
-            new[i][2] = rng.choice([s for s in SHAPES if s != objs[i][2]])
-        elif kind == "size":
-            new[i][3] = "small" if objs[i][3] == "large" else "large"
         elif kind == "move":
             free = [c for c in range(len(CELLS)) if c not in {o[0] for o in objs}]
             if not free:
@@ -101,7 +86,7 @@ def _split_of(scene):
     return "eval" if int(hashlib.md5(caption(scene).encode()).hexdigest(), 16) % 10 == 0 else "train"
 
 
-def synthetic_scene(split, i, seed=0, min_objects=3, max_objects=6):
+def synthetic_scene(split, i, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
     """The i-th scene of a split (deterministic by seed)."""
     for attempt in range(1000):
         rng = random.Random(f"{seed}-{split}-{i}-{attempt}")
@@ -114,7 +99,7 @@ def synthetic_scene(split, i, seed=0, min_objects=3, max_objects=6):
 class SyntheticPairs(torch.utils.data.Dataset):
     """Training pairs: text->image or image->text (half each), each with a one-change hard negative."""
 
-    def __init__(self, size=20000, seed=0, min_objects=3, max_objects=6):
+    def __init__(self, size=20000, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
         self.size, self.seed, self.objects = size, seed, (min_objects, max_objects)
 
     def __len__(self):
@@ -133,7 +118,7 @@ class SyntheticPairs(torch.utils.data.Dataset):
                     neg_text=caption(neg), neg_image=None, source=f"synthetic row {i}")
 
 
-def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=3, max_objects=6):
+def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
     """Two retrieval tasks over one corpus of eval scenes and their one-change variants:
     t2i (caption -> every image) and i2t (image -> every caption). One relevant item per query."""
     scenes, seen = [], set()

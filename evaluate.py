@@ -156,7 +156,7 @@ def get_args(argv=None):
                    help="ViDoRe data sets: hub ids or local folders (v1 QA or BEIR layout)")
     p.add_argument("--max-rows", type=int, help="cap rows per MMEB subset / queries per ViDoRe set")
     p.add_argument("--synthetic-scenes", type=int, default=300, help="synthetic eval scenes (each + 3 variants)")
-    p.add_argument("--objects", help="synthetic objects per scene min,max (default: as trained)")
+    p.add_argument("--objects", help="synthetic squares per scene min,max (default: as trained)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval set and untrained models")
     p.add_argument("--output", help="write every number as JSON here")
@@ -197,7 +197,7 @@ def evaluate(args):
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,
                "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
     if args.benchmark == "synthetic":
-        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "3,6")).split(","))
+        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "6,9")).split(","))
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         for name, task in tasks.items():
             results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)

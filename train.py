@@ -26,7 +26,7 @@ import data
 from metaembed import GROUPS, MetaEmbed, matryoshka_loss
 
 # defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
-TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=16, out="out/tiny-synthetic")
+TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=4, out="out/tiny-synthetic")
 PAPER_DEFAULTS = dict(steps=4000, batch_size=48, lr=1e-4, warmup=500, proj_dim=None, out=None)
 
 
@@ -36,7 +36,7 @@ def get_args(argv=None):
     g.add_argument("--backbone", default="tiny", help="tiny (offline), qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b/"
                    "7b/32b, a hub id or a local folder (default: tiny)")
     g.add_argument("--proj-dim", type=int, default=-1, help="per-vector projection size, 0 = none "
-                   "(default: 16 for tiny, none otherwise)")
+                   "(default: 4 for tiny, none otherwise)")
     g.add_argument("--query-tokens", type=int, default=16, help="R_q (default 16)")
     g.add_argument("--candidate-tokens", type=int, default=64, help="R_c (default 64)")
     g.add_argument("--temperature", type=float, default=0.03)
@@ -53,7 +53,7 @@ def get_args(argv=None):
     g.add_argument("--subsets", nargs="+", help="MMEB-train subsets, e.g. ImageNet_1K CIRR")
     g.add_argument("--max-per-subset", type=int, help="cap on rows per MMEB-train subset")
     g.add_argument("--synthetic-size", type=int, default=20000, help="synthetic training pairs")
-    g.add_argument("--objects", default="3,6", help="synthetic objects per scene, min,max (default 3,6)")
+    g.add_argument("--objects", default="6,9", help="synthetic squares per scene, min,max (default 6,9)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default: 1200 tiny, 4000 real)")

@@ -63,9 +63,9 @@ def test_synthetic_eval_tasks():
 
 
 def test_render_draws_each_object_in_its_cell():
-    scene = ((0, "red", "square", "large"), (8, "blue", "circle", "large"))
+    scene = ((0, "red"), (8, "blue"))
     im = np.asarray(data.render(scene))
-    assert tuple(im[14, 14]) == data.COLOURS["red"]
+    assert tuple(im[14, 14]) == data.COLOURS["red"] and tuple(im[3, 3]) == data.COLOURS["red"]
     assert tuple(im[70, 70]) == data.COLOURS["blue"]
     assert tuple(im[42, 42]) == (20, 20, 20)  # the empty centre
 
