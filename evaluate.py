@@ -197,7 +197,7 @@ def evaluate(args):
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,
                "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
     if args.benchmark == "synthetic":
-        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "6,9")).split(","))
+        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS)).split(","))
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         for name, task in tasks.items():
             results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)

@@ -53,7 +53,8 @@ def get_args(argv=None):
     g.add_argument("--subsets", nargs="+", help="MMEB-train subsets, e.g. ImageNet_1K CIRR")
     g.add_argument("--max-per-subset", type=int, help="cap on rows per MMEB-train subset")
     g.add_argument("--synthetic-size", type=int, default=20000, help="synthetic training pairs")
-    g.add_argument("--objects", default="6,9", help="synthetic squares per scene, min,max (default 6,9)")
+    g.add_argument("--objects", default="%d,%d" % data.OBJECTS,
+                   help="synthetic squares per scene, min,max (default %(default)s)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default: 1200 tiny, 4000 real)")
