@@ -1,4 +1,4 @@
-"""kernels.py: MaxSim reference, chunking and masks."""
+"""kernels.py: MaxSim reference, chunking and masks, the fused C and Triton kernels."""
 import pytest
 import torch
 
@@ -72,6 +72,67 @@ def test_bad_shapes():
         maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), c_mask=torch.ones(3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="unknown maxsim backend"):
         maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), backend="cuda-magic")
+
+
+# -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by kernels.py on first use) --------
+
+def c_kernel():
+    import platform
+
+    import kernels
+    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in open("/proc/cpuinfo").read():
+        pytest.skip("maxsim.c is AVX2 code: this CPU cannot run it")
+    assert kernels._cpu_lib() is not None, "maxsim.c did not build: see the warning"
+    return kernels.maxsim_cpu
+
+
+# (N_q, R_q, N_c, R_c, D): full row blocks and a ragged one, r_c = 1 (4 candidates a step, a
+# ragged tail), r_c not a multiple of 4, D not a multiple of 8, one query vector
+@pytest.mark.parametrize("shape", [(1, 16, 9, 64, 32), (5, 3, 7, 5, 24), (20, 1, 130, 1, 8),
+                                   (3, 7, 23, 1, 13), (2, 16, 33, 6, 128), (1, 1, 5, 3, 4)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_c_kernel_matches_reference(shape, threads):
+    maxsim_cpu = c_kernel()
+    Nq, Rq, Nc, Rc, D = shape
+    q, qm = ragged(Nq, Rq, D, 20)
+    c, cm = ragged(Nc, Rc, D, 21)
+    qm[0] = False          # a query with no real vector: every score 0
+    cm[-1] = False         # a candidate with no real vector: scores 0
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.testing.assert_close(maxsim_cpu(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(maxsim_cpu(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
+        for rq, rc in ((1, 1), (min(2, Rq), min(4, Rc))):   # budgets: prefix views, read in place
+            torch.testing.assert_close(maxsim_cpu(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc]),
+                                       maxsim_reference(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc]),
+                                       atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_c_kernel_is_the_cpu_default_and_refuses_what_it_cannot_do():
+    maxsim_cpu = c_kernel()
+    import kernels
+    q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
+    assert kernels._cpu_wins(q, c) and not kernels._cpu_wins(q[:1, :1], c)   # one vector: BLAS gemv
+    assert not kernels._cpu_wins(q, c.half())
+    with pytest.raises(ValueError, match="float32.*torch.float16"):
+        maxsim_cpu(q, c.half())
+    torch.testing.assert_close(maxsim(q, c.half()), maxsim_reference(q, c.half()))  # -> the torch path
+
+
+def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path):
+    import kernels
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("METAEMBED_CACHE", str(tmp_path))
+    q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
+    with pytest.warns(UserWarning, match="fused CPU MaxSim kernel is unavailable"):
+        got = maxsim(q, c)
+    torch.testing.assert_close(got, maxsim_reference(q, c))
+    with pytest.raises(RuntimeError, match="did not build"):
+        kernels.maxsim_cpu(q, c)
 
 
 # -- the fused Triton kernel (on CPU: TRITON_INTERPRET=1, set in conftest) ------------------
