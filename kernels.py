@@ -165,7 +165,8 @@ def _cpu_lib():
             if not so.exists():
                 cache.mkdir(parents=True, exist_ok=True)
                 with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
-                    r = subprocess.run([cc, *_CFLAGS, "-o", f"{tmp}/m.so", str(src)], capture_output=True, text=True)
+                    r = subprocess.run([cc, *_CFLAGS, "-o", f"{tmp}/m.so", str(src)],
+                                       capture_output=True, text=True, check=False)
                     if r.returncode != 0:
                         raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
                     os.replace(f"{tmp}/m.so", so)
@@ -220,8 +221,8 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     if threads == 1 or Nc <= step:
         lib.maxsim_f32(*args, 0, Nc, *strides)
         return out
-    if _pool is None or _pool[0] != threads:
-        _pool = (threads, ThreadPoolExecutor(threads))
+    if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
+        _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
     list(_pool[1].map(lambda n0: lib.maxsim_f32(*args, n0, min(Nc, n0 + step), *strides), range(0, Nc, step)))
     return out
 

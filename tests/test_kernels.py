@@ -78,18 +78,21 @@ def test_bad_shapes():
 
 def c_kernel():
     import platform
+    from pathlib import Path
 
     import kernels
-    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in open("/proc/cpuinfo").read():
+    if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("maxsim.c is AVX2 code: this CPU cannot run it")
     assert kernels._cpu_lib() is not None, "maxsim.c did not build: see the warning"
     return kernels.maxsim_cpu
 
 
-# (N_q, R_q, N_c, R_c, D): full row blocks and a ragged one, r_c = 1 (4 candidates a step, a
-# ragged tail), r_c not a multiple of 4, D not a multiple of 8, one query vector
+# (N_q, R_q, N_c, R_c, D): one row block (candidate vectors 4 at a time) and several (6, then 4:
+# ragged masks give every split), r_c = 1 (6 or 4 candidates a step, a ragged tail), r_c not a
+# multiple of 4, D not a multiple of 8, one query vector
 @pytest.mark.parametrize("shape", [(1, 16, 9, 64, 32), (5, 3, 7, 5, 24), (20, 1, 130, 1, 8),
-                                   (3, 7, 23, 1, 13), (2, 16, 33, 6, 128), (1, 1, 5, 3, 4)])
+                                   (3, 7, 23, 1, 13), (2, 16, 33, 6, 128), (1, 1, 5, 3, 4),
+                                   (3, 7, 11, 10, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_c_kernel_matches_reference(shape, threads):
     maxsim_cpu = c_kernel()
