@@ -145,7 +145,7 @@ def _cpu_wins(q, c):
     """Where the C kernel beats BLAS on the CPU (bench.py, 2 cores): float32 candidates and more than
     one query vector (a single one is a matrix-vector product, which BLAS does as fast or faster:
     2.1-2.3 ms both for 10k x 128, and its 16-row blocks would be 15/16 padding)."""
-    return c.dtype == torch.float32 and q.shape[0] * q.shape[1] > 1
+    return c.dtype == torch.float32 and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= 4096
 
 
 def _cpu_lib():

@@ -119,7 +119,9 @@ def test_c_kernel_is_the_cpu_default_and_refuses_what_it_cannot_do():
     import kernels
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
     assert kernels._cpu_wins(q, c) and not kernels._cpu_wins(q[:1, :1], c)   # one vector: BLAS gemv
-    assert not kernels._cpu_wins(q, c.half())
+    assert not kernels._cpu_wins(q, c.half()) and not kernels._cpu_wins(q, torch.randn(1, 5000, 16))
+    with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
+        maxsim_cpu(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="float32.*torch.float16"):
         maxsim_cpu(q, c.half())
     torch.testing.assert_close(maxsim(q, c.half()), maxsim_reference(q, c.half()))  # -> the torch path
