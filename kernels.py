@@ -173,7 +173,7 @@ def _cpu_lib():
             lib = ctypes.CDLL(str(so))
             P, I = ctypes.c_void_p, ctypes.c_int64
             lib.maxsim_f32.argtypes = [P, P, I, I, P, P, P] + [I] * 9
-            lib.maxsim_f32.restype = None
+            lib.maxsim_f32.restype = ctypes.c_int
             _lib = lib
         except OSError as e:
             warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
@@ -219,11 +219,14 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     threads = torch.get_num_threads()
     step = max(4, -(-Nc // (4 * threads)))                             # 4 pieces a thread: balance
     if threads == 1 or Nc <= step:
-        lib.maxsim_f32(*args, 0, Nc, *strides)
-        return out
-    if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
-        _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-    list(_pool[1].map(lambda n0: lib.maxsim_f32(*args, n0, min(Nc, n0 + step), *strides), range(0, Nc, step)))
+        status = [lib.maxsim_f32(*args, 0, Nc, *strides)]
+    else:
+        if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
+            _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
+        status = list(_pool[1].map(lambda n0: lib.maxsim_f32(*args, n0, min(Nc, n0 + step), *strides),
+                                   range(0, Nc, step)))
+    if any(status):
+        raise MemoryError(f"maxsim_cpu: no memory for the partial sums of {R} query vectors")
     return out
 
 

@@ -59,8 +59,9 @@ static inline void prefetch(const float *x, int64_t D) {
 
 /* qp (R/16, D, 16) packed query rows, owner (R,) their queries (-1 = padding), R a multiple of
    16; c (N_c, r_c, D) with stride 1 over D, cm (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c)
-   row stride son; strides in elements. Scores candidates n0 <= n < n1. */
-void maxsim_f32(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
+   row stride son; strides in elements. Scores candidates n0 <= n < n1; returns 0, or -1 when
+   out of memory. */
+int maxsim_f32(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                 const float *c, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
                 int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
                 int64_t son) {
@@ -72,7 +73,7 @@ void maxsim_f32(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
            in part (R/16 x 8 groups x 12 registers). */
         enum { GT = 8, DS = 128 };
         __m256 *part = aligned_alloc(32, sizeof(__m256) * 12 * GT * (R / 16));
-        if (!part) return;
+        if (!part) return -1;
         for (int64_t n = n0; n < n1; n += 6 * GT) {
             int64_t G = 0, Ws[GT], ks[GT];
             const float *b[GT][6];
@@ -113,7 +114,7 @@ void maxsim_f32(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
             }
         }
         free(part);
-        return;
+        return 0;
     }
     const float *col[4096 + 4];  /* r_c <= 4096, checked by kernels.py */
     for (int64_t n = n0; n < n1; n++) {
@@ -149,4 +150,5 @@ void maxsim_f32(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                 if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + n] += s[r];
         }
     }
+    return 0;
 }
