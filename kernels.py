@@ -116,7 +116,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
 
     backend: None (auto: 'triton' on CUDA; on the CPU 'cpu' where the C kernel builds and is the
-    faster, else 'torch'), 'torch', 'cpu' or 'triton'; the environment variable METAEMBED_MAXSIM
+    faster (any float32/bf16/fp16 candidates, more than one query vector), else 'torch'), 'torch', 'cpu' or 'triton'; the environment variable METAEMBED_MAXSIM
     overrides auto."""
     backend = backend or os.environ.get("METAEMBED_MAXSIM")
     if backend is None:
@@ -141,11 +141,14 @@ _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 _lib = None
 
 
+_CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
+
+
 def _cpu_wins(q, c):
-    """Where the C kernel beats BLAS on the CPU (bench.py, 2 cores): float32 candidates and more than
-    one query vector (a single one is a matrix-vector product, which BLAS does as fast or faster:
-    2.1-2.3 ms both for 10k x 128, and its 16-row blocks would be 15/16 padding)."""
-    return c.dtype == torch.float32 and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= 4096
+    """Where the C kernel beats BLAS on the CPU (bench.py, 2 cores): more than one query vector (a
+    single one is a matrix-vector product, which BLAS does as fast or faster: 1.9-2.3 ms both for
+    10k x 128, and its 16-row blocks would be 15/16 padding)."""
+    return c.dtype in _CTYPES and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= 4096
 
 
 def _cpu_lib():
@@ -172,8 +175,8 @@ def _cpu_lib():
                     os.replace(f"{tmp}/m.so", so)
             lib = ctypes.CDLL(str(so))
             P, I = ctypes.c_void_p, ctypes.c_int64
-            lib.maxsim_f32.argtypes = [P, P, I, I, P, P, P] + [I] * 9
-            lib.maxsim_f32.restype = ctypes.c_int
+            lib.maxsim_cpu.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
+            lib.maxsim_cpu.restype = ctypes.c_int
             _lib = lib
         except OSError as e:
             warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
@@ -184,7 +187,8 @@ _pool = None
 
 
 def maxsim_cpu(q, c, q_mask=None, c_mask=None):
-    """The fused C kernel: float32 on the CPU, no score tensor, same contract as maxsim.
+    """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
+    index halves the bytes read), no score tensor; same contract as maxsim.
 
     The real query vectors of all queries are packed into blocks of 16 rows, (R/16, D, 16);
     candidates are read in place through their strides (budget prefixes c[:, :r_c] are views)."""
@@ -193,8 +197,9 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     lib = _cpu_lib()
     if lib is None:
         raise RuntimeError("the fused CPU kernel did not build (see the warning); use backend='torch'")
-    if q.is_cuda or c.is_cuda or c.dtype != torch.float32:
-        raise ValueError(f"maxsim_cpu wants float32 CPU tensors, got c {c.dtype} on {c.device}")
+    if q.is_cuda or c.is_cuda or c.dtype not in _CTYPES:
+        raise ValueError(f"maxsim_cpu wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
+                         f"on {c.device}")
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
     if r_c > 4096:
@@ -213,20 +218,20 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     owner = torch.cat([owner, owner.new_full((R - owner.shape[0],), -1)])
     cm = c_mask.to(torch.uint8) if c_mask is not None else None
     out = torch.empty(Nq, Nc, dtype=torch.float32)
-    args = (qp.data_ptr(), owner.data_ptr(), R, Nq, c.data_ptr(), cm.data_ptr() if cm is not None else None,
-            out.data_ptr(), r_c, D)
+    args = (qp.data_ptr(), owner.data_ptr(), R, Nq, c.data_ptr(), _CTYPES[c.dtype],
+            cm.data_ptr() if cm is not None else None, out.data_ptr(), r_c, D)
     strides = (c.stride(0), c.stride(1), *(cm.stride() if cm is not None else (0, 0)), out.stride(0))
     threads = torch.get_num_threads()
     step = max(4, -(-Nc // (4 * threads)))                             # 4 pieces a thread: balance
     if threads == 1 or Nc <= step:
-        status = [lib.maxsim_f32(*args, 0, Nc, *strides)]
+        status = [lib.maxsim_cpu(*args, 0, Nc, *strides)]
     else:
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-        status = list(_pool[1].map(lambda n0: lib.maxsim_f32(*args, n0, min(Nc, n0 + step), *strides),
+        status = list(_pool[1].map(lambda n0: lib.maxsim_cpu(*args, n0, min(Nc, n0 + step), *strides),
                                    range(0, Nc, step)))
     if any(status):
-        raise MemoryError(f"maxsim_cpu: no memory for the partial sums of {R} query vectors")
+        raise MemoryError(f"maxsim_cpu: no memory for the kernel's buffers ({R} query vectors, D={D})")
     return out
 
 

@@ -94,11 +94,13 @@ def c_kernel():
                                    (3, 7, 23, 1, 13), (2, 16, 33, 6, 128), (1, 1, 5, 3, 4),
                                    (3, 7, 11, 10, 16)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_c_kernel_matches_reference(shape, threads):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # of the candidates
+def test_c_kernel_matches_reference(shape, threads, dtype):
     maxsim_cpu = c_kernel()
     Nq, Rq, Nc, Rc, D = shape
     q, qm = ragged(Nq, Rq, D, 20)
     c, cm = ragged(Nc, Rc, D, 21)
+    c = c.to(dtype)        # widened exactly to float32 in the kernel, as in the reference
     qm[0] = False          # a query with no real vector: every score 0
     cm[-1] = False         # a candidate with no real vector: scores 0
     old = torch.get_num_threads()
@@ -119,12 +121,13 @@ def test_c_kernel_is_the_cpu_default_and_refuses_what_it_cannot_do():
     import kernels
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
     assert kernels._cpu_wins(q, c) and not kernels._cpu_wins(q[:1, :1], c)   # one vector: BLAS gemv
-    assert not kernels._cpu_wins(q, c.half()) and not kernels._cpu_wins(q, torch.randn(1, 5000, 16))
+    assert kernels._cpu_wins(q, c.bfloat16()) and not kernels._cpu_wins(q, c.double())
+    assert not kernels._cpu_wins(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
         maxsim_cpu(q, torch.randn(1, 5000, 16))
-    with pytest.raises(ValueError, match="float32.*torch.float16"):
-        maxsim_cpu(q, c.half())
-    torch.testing.assert_close(maxsim(q, c.half()), maxsim_reference(q, c.half()))  # -> the torch path
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
+        maxsim_cpu(q, c.double())
+    torch.testing.assert_close(maxsim(q, c.double()), maxsim_reference(q, c.double()))  # -> the torch path
 
 
 def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path):
