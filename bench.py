@@ -159,7 +159,8 @@ def run_shape(name, Nq, Nc, rq, rc, D, dev, dtype, peaks, repeats, methods, R=(1
         except torch.OutOfMemoryError:
             rows.append(dict(shape=name, method=mname, error="out of memory"))
             continue
-        rows.append(dict(shape=name, method=mname, Nq=Nq, Nc=Nc, budget=f"{rq}x{rc}", D=D, ms=1e3 * t,
+        rows.append(dict(shape=name, method=mname, Nq=Nq, Nc=Nc, budget=f"{rq}x{rc}", D=D,
+                         dtype=str(dtype).removeprefix("torch."), ms=1e3 * t,
                          GBps=cbytes / t / 1e9, GFLOPs=flops / t / 1e9, pct_of_limit=100 * limit / t,
                          limit_ms=1e3 * limit, extra_MiB=extra / 2 ** 20))
     base = next((r for r in rows if r["method"].startswith("naive") and "ms" in r), None)
@@ -218,6 +219,8 @@ def main():
     for shape in shapes:
         name_, Nq, Nc, rq, rc, D = shape
         rows += run_shape(name_, Nq, Nc, rq, rc, D, dev, dtype, peaks, repeats, methods)
+    if dev.type == "cpu":  # a bf16 index: half the bytes of S1 (the C kernel widens it to fp32)
+        rows += run_shape("S1bf16", 1, 10_000, 16, 64, 128, dev, torch.bfloat16, peaks, repeats, methods)
     print_rows(rows)
     print("\nlimit = max(FLOPs / peak FLOP/s, candidate bytes / peak GB/s); %limit = limit / time; "
           "xnaive = naive time / time")
