@@ -186,6 +186,7 @@ def _cpu_lib():
 _pool = None
 
 
+@torch.no_grad()
 def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
     index halves the bytes read), no score tensor; same contract as maxsim.
