@@ -116,8 +116,8 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
 
     backend: None (auto: 'triton' on CUDA; on the CPU 'cpu' where the C kernel builds and is the
-    faster (any float32/bf16/fp16 candidates, more than one query vector), else 'torch'), 'torch', 'cpu' or 'triton'; the environment variable METAEMBED_MAXSIM
-    overrides auto."""
+    faster (float32/bf16/fp16 candidates, more than one query vector), else 'torch'), 'torch',
+    'cpu' or 'triton'; the environment variable METAEMBED_MAXSIM overrides auto."""
     backend = backend or os.environ.get("METAEMBED_MAXSIM")
     if backend is None:
         backend = "triton" if q.is_cuda else "cpu" if _cpu_wins(q, c) and _cpu_lib() is not None else "torch"
@@ -139,16 +139,15 @@ _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
 # query registers 4 times per step (measured here: 25 vs 60-80 GFLOP/s a core)
 _lib = None
-
-
 _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
+_MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
 
 
 def _cpu_wins(q, c):
     """Where the C kernel beats BLAS on the CPU (bench.py, 2 cores): more than one query vector (a
     single one is a matrix-vector product, which BLAS does as fast or faster: 1.9-2.3 ms both for
     10k x 128, and its 16-row blocks would be 15/16 padding)."""
-    return c.dtype in _CTYPES and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= 4096
+    return c.dtype in _CTYPES and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= _MAX_RC
 
 
 def _cpu_lib():
@@ -203,8 +202,8 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
                          f"on {c.device}")
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
-    if r_c > 4096:
-        raise ValueError(f"maxsim_cpu takes at most 4096 vectors a candidate, got r_c={r_c}")
+    if r_c > _MAX_RC:
+        raise ValueError(f"maxsim_cpu takes at most {_MAX_RC} vectors a candidate, got r_c={r_c}")
     if c.stride(2) != 1:
         c = c.contiguous()
     rows = q.reshape(Nq * r_q, D).float()                              # (N_q r_q, D)

@@ -49,9 +49,10 @@ static inline __attribute__((always_inline)) void dot16(const float *qb, const f
     for (int t = 0; t < W; t++) { acc[t] = s0[t]; acc[W + t] = s1[t]; }
 }
 
-static inline void dot16w(const float *qb, const float *const *b, int W, int64_t D, __m256 acc[12]) {
-    if (W == 6) dot16(qb, b, 6, D, acc, 0);   /* two copies, each with W a constant */
-    else dot16(qb, b, 4, D, acc, 0);
+static inline void dot16w(const float *qb, const float *const *b, int W, int64_t D, __m256 acc[12],
+                          int add) {
+    if (W == 6) dot16(qb, b, 6, D, acc, add);   /* two copies, each with W a constant */
+    else dot16(qb, b, 4, D, acc, add);
 }
 
 static inline void prefetch(const void *x, int64_t bytes) {
@@ -119,8 +120,7 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                             else if (g + 1 == G && m < n1 && d0 == 0) prefetch((const char *)c + es * m * scn, es * len);
                         }
                         __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
-                        if (Ws[g] == 6) dot16(qp + r0 * D + d0 * 16, bs, 6, len, acc, d0 > 0);
-                        else dot16(qp + r0 * D + d0 * 16, bs, 4, len, acc, d0 > 0);
+                        dot16w(qp + r0 * D + d0 * 16, bs, Ws[g], len, acc, d0 > 0);
                     }
             }
             for (int64_t g = 0, m = n; g < G; m += Ws[g++]) {
@@ -145,7 +145,7 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
     int lazy = ctype && R == 16;
-    const float *col[4096 + 4];  /* r_c <= 4096, checked by kernels.py */
+    const float *col[4096 + 4];  /* r_c <= 4096: kernels._MAX_RC, checked there */
     int64_t off[4096 + 4];
     for (int64_t n = n0; n < n1; n++) {
         int64_t J = 0;
@@ -173,7 +173,7 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                     else if (n + 1 < n1 && t < r_c) prefetch((const char *)c + es * ((n + 1) * scn + t * scr), es * D);
                 }
                 for (int64_t t = 0; lazy && t < W; t++) col[j + t] = cvec(c, ctype, off[j + t], D, wide + t * D);
-                dot16w(qp + r0 * D, col + j, W, D, acc);
+                dot16w(qp + r0 * D, col + j, W, D, acc, 0);
                 for (int64_t t = 0; t < W; t++) {
                     m0 = _mm256_max_ps(m0, acc[t]);
                     m1 = _mm256_max_ps(m1, acc[W + t]);
