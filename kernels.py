@@ -39,7 +39,7 @@ def maxsim_reference(q, c, q_mask=None, c_mask=None):
 
 
 def _check(q, c, q_mask, c_mask):
-    if q.dim() != 3 or c.dim() != 3:
+    if len(q.shape) != 3 or len(c.shape) != 3:
         raise ValueError(f"maxsim wants q (N_q, R_q, D) and c (N_c, R_c, D), got {tuple(q.shape)} "
                          f"and {tuple(c.shape)}")
     if q.shape[-1] != c.shape[-1]:
@@ -255,23 +255,29 @@ if triton is not None:
                        HAS_QM: tl.constexpr, HAS_CM: tl.constexpr, IEEE: tl.constexpr,
                        QB: tl.constexpr, RQ: tl.constexpr, CB: tl.constexpr, RC: tl.constexpr,
                        BLOCK_D: tl.constexpr):
-        pid_q, pid_c = tl.program_id(0), tl.program_id(1)
+        # candidate blocks on grid axis 0 (up to 2^31 - 1 blocks; axis 1 stops at 65,535)
+        pid_c, pid_q = tl.program_id(0), tl.program_id(1)
         rows = tl.arange(0, QB * RQ)                          # (QB*RQ,) query vector slots
         qn, qr = pid_q * QB + rows // RQ, rows % RQ
         cols = tl.arange(0, CB * RC)                          # (CB*RC,) candidate vector slots
         cn, cr = pid_c * CB + cols // RC, cols % RC
         q_ok = (qn < Nq) & (qr < r_q)
         c_ok = (cn < Nc) & (cr < r_c)
+        # element offsets in 64 bits: a corpus of 100k x 64 x 3584 passes 2^31 elements, and
+        # program_id / arange are 32-bit, so products of them would wrap
+        qn, qr, cn, cr = qn.to(tl.int64), qr.to(tl.int64), cn.to(tl.int64), cr.to(tl.int64)
         if HAS_QM:
             q_ok &= tl.load(qm_ptr + qn * sqmn + qr * sqmr, mask=q_ok, other=0) != 0
         if HAS_CM:
             c_ok &= tl.load(cm_ptr + cn * scmn + cr * scmr, mask=c_ok, other=0) != 0
+        q_base = q_ptr + qn * sqn + qr * sqr                  # (QB*RQ,) row starts
+        c_base = c_ptr + cn * scn + cr * scr                  # (CB*RC,) column starts
         s = tl.zeros((QB * RQ, CB * RC), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            qt = tl.load(q_ptr + qn[:, None] * sqn + qr[:, None] * sqr + d[None, :] * sqd,
+            d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
+            qt = tl.load(q_base[:, None] + d[None, :] * sqd,
                          mask=q_ok[:, None] & (d[None, :] < D), other=0.0)     # (QB*RQ, BLOCK_D)
-            ct = tl.load(c_ptr + cn[None, :] * scn + cr[None, :] * scr + d[:, None] * scd,
+            ct = tl.load(c_base[None, :] + d[:, None] * scd,
                          mask=c_ok[None, :] & (d[:, None] < D), other=0.0)     # (BLOCK_D, CB*RC)
             if IEEE:
                 s = tl.dot(qt, ct, s, input_precision="ieee")
@@ -282,8 +288,8 @@ if triton is not None:
         m = tl.where(m == float("-inf"), 0.0, m)             # a candidate with no real vector
         m = tl.where(q_ok[:, None], m, 0.0)                  # padded query vectors add nothing
         score = tl.sum(tl.reshape(m, (QB, RQ, CB)), axis=1)                    # sum_i over r_q
-        on = pid_q * QB + tl.arange(0, QB)
-        oc = pid_c * CB + tl.arange(0, CB)
+        on = (pid_q * QB + tl.arange(0, QB)).to(tl.int64)
+        oc = (pid_c * CB + tl.arange(0, CB)).to(tl.int64)
         tl.store(out_ptr + on[:, None] * son + oc[None, :] * soc, score,
                  mask=(on[:, None] < Nq) & (oc[None, :] < Nc))
 
@@ -292,45 +298,63 @@ def _pow2(x):
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def maxsim_triton(q, c, q_mask=None, c_mask=None, out=None, block_d=None):
-    """The fused kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Same contract as maxsim."""
+_GRID_Y = 65535  # CUDA's limit on grid axis 1 (the query blocks)
+
+
+def maxsim_triton(q, c, q_mask=None, c_mask=None):
+    """The fused kernel (CUDA, or the CPU under TRITON_INTERPRET=1). Same contract as maxsim.
+
+    The query is cast to the index's dtype, never the index to the query's (a bf16 index stays
+    bf16: no copy of the corpus); products accumulate in float32."""
     if triton is None:
         raise RuntimeError("triton is not installed: pip install triton, or use backend='torch'")
     _check(q, c, q_mask, c_mask)
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
-    if c.dtype != q.dtype:
-        c = c.to(q.dtype)
+    if Nq == 0 or Nc == 0:
+        return torch.zeros(Nq, Nc, dtype=torch.float32, device=q.device)
+    if q.dtype != c.dtype:
+        q = q.to(c.dtype)                                  # (N_q, r_q, D): small
     RQ, RC = _pow2(r_q), _pow2(r_c)
     QB = max(1, 16 // RQ)              # tl.dot needs >= 16 rows: pack queries when r_q < 16
     if Nq >= 4 * QB and RQ <= 16:
         QB *= 4                        # many queries: a taller tile reuses each candidate load
     CB = max(1, 128 // RC)             # about 128 candidate vectors a tile
-    block_d = block_d or min(64, max(16, _pow2(D)))
-    out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
+    block_d = min(64, max(16, _pow2(D)))
+    out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
     qm = q_mask.to(torch.int8) if q_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
     cm = c_mask.to(torch.int8) if c_mask is not None else q.new_zeros(1, 1, dtype=torch.int8)
-    grid = (triton.cdiv(Nq, QB), triton.cdiv(Nc, CB))
-    _maxsim_kernel[grid](q, c, qm, cm, out, Nq, Nc, r_q, r_c, D,
-                         *q.stride(), *c.stride(), *qm.stride(), *cm.stride(), *out.stride(),
-                         HAS_QM=q_mask is not None, HAS_CM=c_mask is not None,
-                         IEEE=q.dtype == torch.float32, QB=QB, RQ=RQ, CB=CB, RC=RC, BLOCK_D=block_d)
+    step = _GRID_Y * QB                # queries per launch, so grid axis 1 stays within its limit
+    for a in range(0, Nq, step):
+        n = min(step, Nq - a)
+        qa, qma = q[a:a + n], (qm[a:a + n] if q_mask is not None else qm)
+        grid = (triton.cdiv(Nc, CB), triton.cdiv(n, QB))
+        _maxsim_kernel[grid](qa, c, qma, cm, out[a:a + n], n, Nc, r_q, r_c, D,
+                             *qa.stride(), *c.stride(), *qma.stride(), *cm.stride(), *out.stride(),
+                             HAS_QM=q_mask is not None, HAS_CM=c_mask is not None,
+                             IEEE=c.dtype == torch.float32, QB=QB, RQ=RQ, CB=CB, RC=RC, BLOCK_D=block_d)
     return out
 
 
 def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=65536, backend=None):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
+    c: a tensor (N_c, R_c, D) on any device, or an on-disk index that slices like one
+    (evaluate.EmbeddingFile). Each chunk is moved to q's device only while it is scored, so a
+    host or on-disk corpus is scored on the GPU in bounded memory, in its own dtype.
     -> (scores (N_q, k) float32, indices (N_q, k) int64), best first; a running top-k merged
-    chunk by chunk, so memory is O(N_q * (k + chunk))."""
+    chunk by chunk, so memory is O(N_q * (k + chunk)) plus one chunk of the corpus."""
     _check(q, c, q_mask, c_mask)
-    k = min(k, c.shape[0])
-    best_s = torch.full((q.shape[0], 0), float("-inf"), device=q.device)
-    best_i = torch.zeros((q.shape[0], 0), dtype=torch.long, device=q.device)
-    for j in range(0, c.shape[0], chunk):
-        cm = c_mask[j:j + chunk] if c_mask is not None else None
-        s = maxsim(q, c[j:j + chunk], q_mask, cm, backend)                    # (N_q, chunk)
-        idx = torch.arange(j, j + s.shape[1], device=q.device).expand(q.shape[0], -1)
-        best_s, pos = torch.cat([best_s, s], 1).topk(k, dim=1)
-        best_i = torch.cat([best_i, idx], 1).gather(1, pos)
+    Nq, Nc = q.shape[0], c.shape[0]
+    k = min(k, Nc)
+    best_s = torch.full((Nq, 0), float("-inf"), device=q.device)
+    best_i = torch.zeros((Nq, 0), dtype=torch.long, device=q.device)
+    for j in range(0, Nc, chunk):
+        cj = c[j:j + chunk].to(q.device, non_blocking=True)
+        cm = c_mask[j:j + chunk].to(q.device) if c_mask is not None else None
+        s = maxsim(q, cj, q_mask, cm, backend)                                # (N_q, chunk)
+        idx = torch.arange(j, j + s.shape[1], device=q.device).expand(Nq, -1)
+        s, idx = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
+        best_s, pos = s.topk(min(k, s.shape[1]), dim=1)                       # k may exceed a chunk
+        best_i = idx.gather(1, pos)
     return best_s, best_i

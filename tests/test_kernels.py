@@ -76,6 +76,11 @@ def test_bad_shapes():
 
 # -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by kernels.py on first use) --------
 
+def c_kernel_builds():
+    import kernels
+    return kernels._cpu_lib() is not None
+
+
 def c_kernel():
     import os
     import platform
@@ -182,3 +187,73 @@ def test_dispatch_and_topk(monkeypatch):
         ws, wi = want.topk(5, dim=1)
         torch.testing.assert_close(s, ws, atol=1e-5, rtol=0)
         assert i.tolist() == wi.tolist()
+
+
+def test_offsets_past_2_31_elements(monkeypatch):
+    """A corpus of 100k x 64 x 3584 has more than 2^31 elements: candidates past that offset must
+    still be read right (32-bit offsets would wrap and read another candidate's memory). A strided
+    view over a large virtual buffer: torch.empty commits only the pages that are touched."""
+    from kernels import maxsim_triton
+    D, R = 16, 8
+    S = 2 ** 30 + 64                                   # candidate stride: candidates 2, 3 lie past 2^31
+    base = torch.empty(3 * S + R * D, dtype=torch.float16)
+    c = base.as_strided((4, R, D), (S, D, 1))
+    c.copy_(torch.nn.functional.normalize(torch.randn(4, R, D, generator=torch.Generator().manual_seed(0)), dim=-1))
+    q, qm = ragged(3, 4, D, 30)
+    cm = torch.ones(4, R, dtype=torch.bool)
+    cm[3, 5:] = False
+    budgets = ((1, 1), (2, 4), (4, 8))                 # prefix views of the strided corpus
+    for rq, rc in budgets:
+        want = maxsim_reference(q[:, :rq], c.contiguous()[:, :rc], qm[:, :rq], cm[:, :rc])
+        args = (c[:, :rc], qm[:, :rq], cm[:, :rc])
+        torch.testing.assert_close(maxsim_triton(q[:, :rq].half(), *args), want, atol=2e-3, rtol=0)
+        for backend in ("cpu", "torch"):               # the C kernel (fp16 candidates) and the torch path
+            if backend == "cpu" and not c_kernel_builds():
+                continue
+            torch.testing.assert_close(maxsim(q[:, :rq], *args, backend=backend), want, atol=1e-5, rtol=0)
+    cb = c.view(torch.bfloat16)                        # the same pages holding a bf16 index
+    cb.copy_(c.float().bfloat16())
+    for rq, rc in budgets:
+        want = maxsim_reference(q[:, :rq], cb.contiguous()[:, :rc], qm[:, :rq], cm[:, :rc])
+        torch.testing.assert_close(maxsim(q[:, :rq], cb[:, :rc], qm[:, :rq], cm[:, :rc]), want, atol=1e-5, rtol=0)
+
+
+def test_triton_splits_queries_past_the_grid_limit(monkeypatch):
+    """Grid axis 1 (query blocks) stops at 65,535 on CUDA: more queries go in several launches."""
+    import kernels
+    monkeypatch.setattr(kernels, "_GRID_Y", 1)
+    q, qm = ragged(37, 2, 8, 31)
+    c, cm = ragged(11, 4, 8, 32)
+    torch.testing.assert_close(kernels.maxsim_triton(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
+    assert kernels.maxsim_triton(q[:0], c).shape == (0, 11) and kernels.maxsim_triton(q, c[:0]).shape == (37, 0)
+
+
+def test_triton_casts_the_query_never_the_index(monkeypatch):
+    """A bf16/fp16 index must not be copied to the query's fp32 (a 100k x 64 x 3584 corpus: 92 GB)."""
+    import kernels
+    q, _ = ragged(2, 4, 16, 33)
+    c, _ = ragged(9, 8, 16, 34)
+    c = c.half()
+    seen = []
+    real = kernels._maxsim_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((args[0].dtype, args[1].data_ptr()))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(kernels, "_maxsim_kernel", Spy())
+    got = kernels.maxsim_triton(q, c)
+    assert seen == [(torch.float16, c.data_ptr())]
+    torch.testing.assert_close(got, maxsim_reference(q.half(), c), atol=2e-3, rtol=0)
+
+
+def test_topk_with_k_larger_than_a_chunk():
+    from kernels import maxsim_topk
+    q, _ = ragged(3, 4, 8, 35)
+    c, _ = ragged(40, 8, 8, 36)
+    want = maxsim_reference(q, c).topk(25, dim=1)
+    s, i = maxsim_topk(q, c, 25, chunk=7)
+    torch.testing.assert_close(s, want.values, atol=1e-5, rtol=0)
+    assert i.tolist() == want.indices.tolist()
