@@ -26,7 +26,6 @@ from kernels import maxsim, maxsim_topk
 from metaembed import GROUPS, MetaEmbed, parse_budgets
 
 DEFAULT_CHECKPOINT = "out/tiny-synthetic"
-INDEX_BYTES = 2  # bytes per stored number: a bf16 index, as in the paper's efficiency table
 
 # -----------------------------------------------------------------------------
 # metrics (trec_eval conventions)
@@ -70,11 +69,58 @@ def precision_at_1(scores):
 
 
 # -----------------------------------------------------------------------------
-# encoding once
+# the index: embeddings in the index dtype, in memory or in a file on disk
+
+INDEX_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-def encode_unique(model, items, side, batch_size):
-    """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items once."""
+class EmbeddingFile:
+    """(N, R, D) embeddings in a raw file: written batch by batch, read back chunk by chunk with
+    plain file reads (no memory map), so resident memory is one chunk whatever N is; the page
+    cache holds the rest. `f[:, :r]` is a budget: a view that reads only the first r vectors."""
+
+    def __init__(self, path, shape, dtype, r=None):
+        self.path, self.dtype = os.fspath(path), dtype
+        self.N, self.R, self.D = shape
+        self.r = self.R if r is None else r
+        self.shape = (self.N, self.r, self.D)
+        self.row_bytes = self.R * self.D * torch.empty(0, dtype=dtype).element_size()
+        if r is None:  # a new file, full size (sparse until written)
+            with open(self.path, "wb") as f:
+                f.truncate(self.N * self.row_bytes)
+
+    def __len__(self):
+        return self.N
+
+    def __setitem__(self, rows, x):                                 # rows: a slice, x (n, R, D)
+        data = x.detach().to("cpu", self.dtype).contiguous()
+        with open(self.path, "r+b") as f:
+            os.pwrite(f.fileno(), data.view(torch.uint8).numpy(), rows.start * self.row_bytes)
+
+    def __getitem__(self, key):
+        rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, slice) and rows == slice(None):  # a budget view: nothing read yet
+            r = len(range(self.r)[vecs])
+            if vecs.start not in (None, 0) or vecs.step not in (None, 1):
+                raise ValueError("only prefix budgets f[:, :r] can be taken from an on-disk index")
+            return EmbeddingFile(self.path, (self.N, self.R, self.D), self.dtype, r)
+        ids = range(self.N)[rows] if isinstance(rows, slice) else [int(i) for i in rows]
+        out = torch.empty(len(ids), self.R, self.D, dtype=self.dtype)
+        buf = out.view(torch.uint8).view(-1).numpy()
+        with open(self.path, "rb") as f:
+            if isinstance(rows, slice) and rows.step in (None, 1):  # one read for a range
+                f.seek(ids.start * self.row_bytes if ids else 0)
+                f.readinto(buf)
+            else:
+                for n, i in enumerate(ids):
+                    buf[n * self.row_bytes:(n + 1) * self.row_bytes] = \
+                        memoryview(os.pread(f.fileno(), self.row_bytes, i * self.row_bytes))
+        return out[:, :self.r][:, vecs]
+
+
+def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None):
+    """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items are
+    encoded once, straight into a buffer in `dtype` (or an EmbeddingFile at `path`)."""
     keys, index, unique = {}, [], []
     for text, image in items:
         key = (text, image if isinstance(image, str) or image is None else id(image))
@@ -84,29 +130,39 @@ def encode_unique(model, items, side, batch_size):
         index.append(keys[key])
     texts, images = [t for t, _ in unique], [im for _, im in unique]
     images = None if all(im is None for im in images) else images
+    R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
+    shape = (len(unique), R, model.dim)
+    out = EmbeddingFile(path, shape, dtype) if path else torch.empty(shape, dtype=dtype)
     enc = model.encode_queries if side == "query" else model.encode_candidates
-    return enc(texts, images, batch_size=batch_size, progress=True), torch.tensor(index)
+    enc(texts, images, batch_size=batch_size, progress=True, out=out, workers=workers)
+    return out, torch.tensor(index, dtype=torch.long)
 
 
-def score_retrieval(model, task, budgets, batch_size, device, k=10):
-    """One retrieval task (queries, corpus, qrels) at every budget."""
+def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
+                    index_path=None):
+    """One retrieval task (queries, corpus, qrels) at every budget. The corpus is encoded once
+    into the index dtype (in memory, or on disk at index_path) and never copied whole: each
+    budget streams prefix chunks of it to the scoring device."""
     t0 = time.time()
     qids, dids = list(task["queries"]), list(task["corpus"])
-    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size)
-    C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size)
-    Q, C = Q[qi].to(device), C[ci].to(device)  # (N_q, R_q, D), (N_c, R_c, D)
-    if device.type == "cuda":
-        C = C.bfloat16()  # the index is stored in bf16; scores accumulate in fp32
-        Q = Q.bfloat16()
+    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size, torch.float32, workers)
+    C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size, dtype, workers,
+                          index_path)                                   # (U, R_c, D), U unique candidates
+    Q = Q[qi].to(device)                                                # (N_q, R_q, D)
+    docs_of = {}                                                        # unique row -> its doc ids
+    for d, u in zip(dids, ci.tolist()):
+        docs_of.setdefault(u, []).append(d)
     encode_s = time.time() - t0
     out = {}
     for rq, rc in budgets:
         t1 = time.time()
-        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k)   # prefix views: no copy, no re-encoding
+        # top k unique candidates; identical documents share a score, so they expand to >= k docs
+        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k)     # prefix views: no copy, no re-encoding
         if device.type == "cuda":
             torch.cuda.synchronize()
         score_s = time.time() - t1
-        run = {qids[a]: {dids[int(j)]: float(s) for s, j in zip(scores[a], idx[a])} for a in range(len(qids))}
+        scores, idx = scores.tolist(), idx.tolist()
+        run = {qids[a]: {d: s for s, u in zip(scores[a], idx[a]) for d in docs_of[u]} for a in range(len(qids))}
         qrels = task["qrels"]
         out[f"{rq}x{rc}"] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
                              "Recall@1": recall(run, qrels, 1), "Recall@5": recall(run, qrels, 5),
@@ -120,18 +176,20 @@ def _p_at_1(run, qrels):
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu")):
-    """An MMEB subset: each row against its own candidates -> P@1 per budget."""
+def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
+               index_path=None):
+    """An MMEB subset: each row against its own candidates -> P@1 per budget. Candidates are held
+    once each, in the index dtype; each row's are moved to the scoring device as it is scored."""
     t0 = time.time()
-    Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size)
+    Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size, torch.float32, workers)
     flat = [c for r in rows for c in r["cands"]]
-    C, ci = encode_unique(model, flat, "candidate", batch_size)
-    Q, C = Q.to(device), C.to(device)
+    C, ci = encode_unique(model, flat, "candidate", batch_size, dtype, workers, index_path)
+    Q = Q.to(device)
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
     for rq, rc in budgets:
         t1 = time.time()
-        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc])[0]
+        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device))[0]
                    for i in range(len(rows))]
         out[f"{rq}x{rc}"] = {"P@1": precision_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
@@ -158,6 +216,16 @@ def get_args(argv=None):
     p.add_argument("--synthetic-scenes", type=int, default=300, help="synthetic eval scenes (each + 3 variants)")
     p.add_argument("--objects", help="synthetic squares per scene min,max (default: as trained)")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
+    p.add_argument("--workers", type=int, help="processes preparing batches (images, tokens) while the model "
+                   "encodes; 0 = in the main process (default: 4 on a GPU, 0 on the CPU)")
+    p.add_argument("--index-dtype", default="bfloat16", choices=list(INDEX_DTYPES),
+                   help="dtype the candidate embeddings are held and scored in (default bfloat16, as the "
+                   "paper's index; float32 for exactness checks)")
+    p.add_argument("--index-dir", help="encode each corpus into a file in this folder and score it from there "
+                   "chunk by chunk: host memory stays one chunk plus the model, for corpora larger than RAM")
+    p.add_argument("--max-pixels", type=int, help="cap on an image's pixels (default: the checkpoint's; "
+                   "real backbones 1024 visual tokens = 802816)")
+    p.add_argument("--min-pixels", type=int, help="floor on an image's pixels (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval set and untrained models")
     p.add_argument("--output", help="write every number as JSON here")
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
@@ -187,6 +255,14 @@ def evaluate(args):
         model, source = MetaEmbed.from_pretrained(path), path
         ta = os.path.join(path, "train_args.json")
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
+    if args.max_pixels or args.min_pixels:
+        model.set_image_bounds(args.min_pixels, args.max_pixels)
+    dtype = INDEX_DTYPES[args.index_dtype]
+    if args.index_dir:
+        os.makedirs(args.index_dir, exist_ok=True)
+    index_path = (lambda name: os.path.join(args.index_dir, f"{name}.bin")) if args.index_dir else (lambda name: None)
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    common = dict(dtype=dtype, workers=workers)
     cfg = model.config
     # a number names one of the model's groups, else one of the paper's (an ablation trained on
     # (16, 64) alone is still evaluated at budget 1 = (1, 1))
@@ -195,19 +271,22 @@ def evaluate(args):
     model.to(device)
     D = model.dim
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,
+               "index_dtype": args.index_dtype,
                "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
     if args.benchmark == "synthetic":
         lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS)).split(","))
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         for name, task in tasks.items():
-            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)
+            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device,
+                                                          index_path=index_path(name), **common)
             results["tasks"][name]["encode_seconds"] = enc
         headline = "P@1"
     elif args.benchmark == "vidore":
         for path in args.vidore:
             name = os.path.basename(os.path.normpath(path))
             task = data.load_vidore(path, args.max_rows)
-            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device)
+            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device,
+                                                          index_path=index_path(name), **common)
             results["tasks"][name]["encode_seconds"] = enc
         headline = "NDCG@5"
     else:
@@ -217,27 +296,28 @@ def evaluate(args):
             raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
         for s in subsets:
             rows = data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)
-            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size, device)
+            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size, device,
+                                                  index_path=index_path(s), **common)
             results["tasks"][s]["encode_seconds"] = enc
         headline = "P@1"
     results["headline"] = headline
-    results["summary"] = summarise(results, budgets, headline, D,
+    results["summary"] = summarise(results, budgets, headline, D, dtype.itemsize,
                                    n_candidates=max((t[f"{budgets[0][0]}x{budgets[0][1]}"].get("num_candidates", 0)
                                                      for t in results["tasks"].values()), default=0))
     return results
 
 
-def summarise(results, budgets, headline, D, n_candidates):
+def summarise(results, budgets, headline, D, itemsize, n_candidates):
     """Per budget: the mean headline metric over tasks (MMEB: per meta-task, IND, OOD, overall),
-    bytes per candidate and index size at bf16, scoring time summed over tasks."""
+    bytes per candidate and index size in the index dtype, scoring time summed over tasks."""
     out = {}
     tasks = results["tasks"]
     for rq, rc in budgets:
         key = f"{rq}x{rc}"
         vals = {t: r[key][headline] for t, r in tasks.items()}
         row = {"overall": sum(vals.values()) / len(vals),
-               "bytes_per_candidate": rc * D * INDEX_BYTES,
-               "index_bytes": rc * D * INDEX_BYTES * n_candidates,
+               "bytes_per_candidate": rc * D * itemsize,
+               "index_bytes": rc * D * itemsize * n_candidates,
                "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()),
                "flops_per_pair": 2 * rq * rc * D}
         if results["benchmark"] == "mmeb":
@@ -273,7 +353,8 @@ def print_table(results, file=None):
                                                     f"{1000 * s['score_seconds']:.1f}"]
         print("  ".join(c.rjust(w) for c, w in zip(cells, width)), file=file)
     enc = sum(t["encode_seconds"] for t in results["tasks"].values())
-    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x 2 (bf16 index)", file=file)
+    dt = results.get("index_dtype", "bfloat16")
+    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {INDEX_DTYPES[dt].itemsize} ({dt} index)", file=file)
 
 
 def plot(results, path):
@@ -296,7 +377,7 @@ def plot(results, path):
     for b in budgets:
         axes[1].annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
     axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel("index bytes per candidate (bf16)")
+    axes[1].set_xlabel(f"index bytes per candidate ({results.get('index_dtype', 'bfloat16')})")
     axes[1].set_ylabel(f"overall {h} (%)")
     fig.suptitle(f"MetaEmbed, {results['benchmark']}: quality against budget")
     fig.tight_layout()

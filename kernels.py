@@ -75,14 +75,15 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     over r_c on a view of it, then sum over r_q; float32 math. With few query vectors
     (N_q R_q < 64) the candidate chunk is the matmul's tall operand, (n R_c, D) @ (D, N_q R_q),
     which streams the corpus best, and the max is taken by halving; otherwise
-    (N_q R_q, D) @ (D, n R_c). Score blocks of about 1 MiB (the L2 here)."""
+    (N_q R_q, D) @ (D, n R_c)."""
     _check(q, c, q_mask, c_mask)
     Nq, Rq, D = q.shape
     Nc, Rc, _ = c.shape
     M = Nq * Rq
     tall = M < 64
-    if chunk is None:  # score block of about 1 MiB
-        chunk = max(1, min(Nc, (1 << 18) // max(1, M * Rc)))
+    if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
+        block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
+        chunk = max(1, min(Nc, block // max(1, M * Rc)))
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
     qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
@@ -336,16 +337,21 @@ def maxsim_triton(q, c, q_mask=None, c_mask=None):
     return out
 
 
-def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=65536, backend=None):
+def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
     c: a tensor (N_c, R_c, D) on any device, or an on-disk index that slices like one
-    (evaluate.EmbeddingFile). Each chunk is moved to q's device only while it is scored, so a
-    host or on-disk corpus is scored on the GPU in bounded memory, in its own dtype.
+    (evaluate.EmbeddingFile). A corpus already on q's device is scored in place, 65,536
+    candidates at a time; any other is copied (or read) to q's device a chunk of about 256 MiB at
+    a time, in its own dtype, so a host or on-disk corpus is scored in bounded memory.
     -> (scores (N_q, k) float32, indices (N_q, k) int64), best first; a running top-k merged
     chunk by chunk, so memory is O(N_q * (k + chunk)) plus one chunk of the corpus."""
     _check(q, c, q_mask, c_mask)
     Nq, Nc = q.shape[0], c.shape[0]
+    if chunk is None:
+        in_place = isinstance(c, torch.Tensor) and c.device == q.device
+        row_bytes = getattr(c, "row_bytes", c.shape[1] * c.shape[2] * c.dtype.itemsize)
+        chunk = 65536 if in_place else max(1, min(65536, (256 << 20) // row_bytes))
     k = min(k, Nc)
     best_s = torch.full((Nq, 0), float("-inf"), device=q.device)
     best_i = torch.zeros((Nq, 0), dtype=torch.long, device=q.device)
@@ -357,4 +363,5 @@ def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=65536, backend=None):
         s, idx = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)                       # k may exceed a chunk
         best_i = idx.gather(1, pos)
+        del cj                                         # freed before the next chunk is read
     return best_s, best_i

@@ -53,8 +53,9 @@ class MetaEmbedConfig:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     dtype: str | None = None         # backbone weights; None: float32 for `tiny`, bfloat16 otherwise
-    min_pixels: int | None = None    # image processor bounds; None: the backbone's own
-    max_pixels: int | None = None
+    min_pixels: int | None = None    # image bounds in pixels; None: the backbone's own minimum,
+    max_pixels: int | None = None    # and at most MAX_VISUAL_TOKENS visual tokens (tiny: its own)
+    attn_implementation: str = "sdpa"  # or "flash_attention_2" where installed
     tiny: dict = field(default_factory=dict)  # overrides of TINY (hidden_size, layers, ...)
 
     def __post_init__(self):
@@ -117,6 +118,11 @@ def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_toke
 
 # -----------------------------------------------------------------------------
 # 2. backbones
+
+# The official config caps an image at 1,024 visual tokens (max_num_visual_tokens): a visual
+# token is a 2x2 merge of 14 px patches, 28x28 pixels, so max_pixels = 1024 * 28 * 28. Without it
+# a 2000x3000 page would be 7,597 tokens under the hub processor's own 12.8 MP bound.
+MAX_VISUAL_TOKENS = 1024
 
 # The offline backbone: a small random-initialised Qwen2-VL (same code path as the real ones).
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -189,14 +195,14 @@ def _image_processor_class():
         return Qwen2VLImageProcessor
 
 
-def load_backbone(name, dtype=None):
+def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
     from transformers import AutoModel, AutoTokenizer
     name = BACKBONES.get(name, name)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         backbone = AutoModel.from_pretrained(name, dtype=dtype or torch.bfloat16,
-                                             attn_implementation="sdpa")
+                                             attn_implementation=attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         image_processor = _image_processor_class().from_pretrained(name)
     except OSError as e:
@@ -242,18 +248,55 @@ def format_prompt(text, has_image, side):
     return f"<|im_start|>user\n{image}{prefix}{text}<|im_end|><|endoftext|>"
 
 
+def visual_token_pixels(processor):
+    """Pixels of one visual token: (patch size x merge size)^2, 28 x 28 for Qwen2-VL / 2.5-VL."""
+    ip = processor.image_processor
+    return (ip.patch_size * ip.merge_size) ** 2
+
+
+def set_image_bounds(processor, min_pixels=None, max_pixels=None):
+    """Bound the pixels (so the visual tokens) of every image; None keeps the processor's bound.
+    The size dict alone is what the processor reads (setting ip.max_pixels is deprecated)."""
+    ip = processor.image_processor
+    lo = min_pixels or ip.size["shortest_edge"]
+    hi = max_pixels or ip.size["longest_edge"]
+    if hi < visual_token_pixels(processor):
+        raise ValueError(f"max_pixels {hi} is less than one visual token ({visual_token_pixels(processor)} pixels)")
+    if not 0 < lo <= hi:
+        raise ValueError(f"image bounds: min_pixels {lo} must be positive and at most max_pixels {hi}")
+    ip.size["shortest_edge"], ip.size["longest_edge"] = lo, hi
+
+
+MIN_EDGE = 28        # an image must cover one visual token (2x2 merged 14 px patches) on each edge
+MAX_ASPECT = 200     # the Qwen2-VL processor refuses longer strips
+
+
 def load_image(image, where=""):
-    """PIL image or path -> RGB PIL image; a missing or unreadable file is named in the error."""
+    """PIL image, path, or a zero-argument callable returning one (a lazily decoded data set row)
+    -> RGB PIL image. A missing, unreadable or unusable file is named in the error; an image under
+    28 px on an edge is upsized to 28 (the processor cannot take less than one visual token)."""
     from PIL import Image
+    if callable(image) and not isinstance(image, Image.Image):
+        image = image()
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:
-                return im.convert("RGB")
-        except (OSError, ValueError) as e:
+                im = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise FileNotFoundError(f"cannot read image {str(image)!r}{where}: {e}") from None
-    if not isinstance(image, Image.Image):
+        name = f" {str(image)!r}"
+    elif isinstance(image, Image.Image):
+        im, name = image.convert("RGB"), ""
+    else:
         raise TypeError(f"image{where} must be a PIL image or a path, got {type(image).__name__}")
-    return image.convert("RGB")
+    w, h = im.size
+    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(f"image{name}{where} is {w}x{h}: an aspect ratio over {MAX_ASPECT} (or an "
+                         f"empty edge) cannot be processed")
+    if min(w, h) < MIN_EDGE:
+        s = MIN_EDGE / min(w, h)
+        im = im.resize((max(MIN_EDGE, round(w * s)), max(MIN_EDGE, round(h * s))), Image.BICUBIC)
+    return im
 
 
 class ImageTextProcessor(Qwen2VLProcessor):
@@ -265,15 +308,30 @@ class ImageTextProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
-def prepare(processor, texts, images=None, side="query"):
-    """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded."""
+def prepare(processor, texts, images=None, side="query", first=0):
+    """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded.
+    first: the index of texts[0] in the caller's list (errors name items by it)."""
     if images is None:
         images = [None] * len(texts)
     if len(images) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(images)} images")
     prompts = [format_prompt(t, im is not None, side) for t, im in zip(texts, images)]
-    pil = [load_image(im, f" (item {i})") for i, im in enumerate(images) if im is not None]
+    pil = [load_image(im, f" (item {first + i})") for i, im in enumerate(images) if im is not None]
     return processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
+
+
+class _PreparedBatches(torch.utils.data.Dataset):
+    """Batch b of (texts, images) -> processor tensors; a DataLoader runs it in worker processes."""
+
+    def __init__(self, processor, texts, images, side, batch_size):
+        self.args = processor, texts, images, side, batch_size
+
+    def __len__(self):
+        return -(-len(self.args[1]) // self.args[4])
+
+    def __getitem__(self, b):
+        processor, texts, images, side, bs = self.args
+        return prepare(processor, texts[b * bs:(b + 1) * bs], images[b * bs:(b + 1) * bs], side, b * bs)
 
 
 # -----------------------------------------------------------------------------
@@ -306,16 +364,16 @@ class MetaEmbed(nn.Module):
         if name == "tiny":
             backbone, processor = build_tiny_backbone(seed=seed, **config.tiny)
         else:
-            backbone, processor = load_backbone(name, config.dtype)
+            backbone, processor = load_backbone(name, config.dtype, config.attn_implementation)
         return cls._assemble(config, backbone, processor, seed)
 
     @classmethod
     def _assemble(cls, config, backbone, processor, seed=0):
-        ip = processor.image_processor
-        if config.min_pixels:
-            ip.min_pixels = ip.size["shortest_edge"] = config.min_pixels
-        if config.max_pixels:
-            ip.max_pixels = ip.size["longest_edge"] = config.max_pixels
+        if config.max_pixels is None and config.backbone != "tiny":  # resolved once, then saved
+            config.max_pixels = MAX_VISUAL_TOKENS * visual_token_pixels(processor)
+        set_image_bounds(processor, config.min_pixels, config.max_pixels)
+        if config.backbone == "tiny" and config.attn_implementation != "sdpa":  # built with sdpa
+            backbone.set_attn_implementation(config.attn_implementation)
         if config.dtype and config.backbone == "tiny":
             backbone = backbone.to(getattr(torch, config.dtype))
         if config.lora is None:  # resolved once, so a saved config says what was done
@@ -326,6 +384,12 @@ class MetaEmbed(nn.Module):
             torch.manual_seed(seed)
             model = cls(config, backbone, processor)
         return model
+
+    def set_image_bounds(self, min_pixels=None, max_pixels=None):
+        """Change the image bounds (pixels) of this model's processor; kept in its config."""
+        set_image_bounds(self.processor, min_pixels, max_pixels)
+        self.config.min_pixels = min_pixels or self.config.min_pixels
+        self.config.max_pixels = max_pixels or self.config.max_pixels
 
     @property
     def device(self):
@@ -388,36 +452,51 @@ class MetaEmbed(nn.Module):
         return self.embed(query_inputs, "query"), self.embed(candidate_inputs, "candidate")
 
     @torch.no_grad()
-    def _encode(self, texts, images, side, batch_size, progress):
+    def _encode(self, texts, images, side, batch_size, progress, out, workers):
+        """Encode in batches straight into `out` (N, R, D): a preallocated tensor of any dtype (a
+        bf16 index: half the memory, no float32 copy) or anything that takes `out[i:j] = x` (an
+        on-disk index). Batches are prepared (images decoded, tokenized) in a DataLoader, in
+        `workers` processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+        if isinstance(texts, str):
+            raise TypeError(f"texts must be a list of strings, got one string ({texts[:40]!r}): wrap it in a list")
         texts = list(texts)
-        images = list(images) if images is not None else [None] * len(texts)
-        was_training = self.training
-        self.eval()
-        out = []
-        starts = range(0, len(texts), batch_size)
+        images = [None] * len(texts) if images is None else list(images)
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(texts)} texts but {len(images)} images: give one image (or None) per text")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        R = self.config.num_query_tokens if side == "query" else self.config.num_candidate_tokens
+        N = len(texts)
+        if out is None:
+            out = torch.empty(N, R, self.dim)
+        elif tuple(out.shape) != (N, R, self.dim):
+            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, self.dim)}")
+        batches = _PreparedBatches(self.processor, texts, images, side, batch_size)
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                             pin_memory=self.device.type == "cuda")
         if progress:
             from tqdm import tqdm
-            starts = tqdm(starts, desc="encode queries" if side == "query" else "encode candidates", unit="batch", leave=False)
+            loader = tqdm(loader, desc="encode queries" if side == "query" else "encode candidates",
+                          unit="batch", leave=False)
+        was_training = self.training
+        self.eval()
         amp = self.device.type == "cuda"
         try:
-            for i in starts:
-                inputs = self.prepare(texts[i:i + batch_size], images[i:i + batch_size], side)
+            for i, inputs in zip(range(0, N, batch_size), loader):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    out.append(self.embed(inputs, side).cpu())
+                    e = self.embed(inputs, side)                           # (B, R, D) float32
+                out[i:i + e.shape[0]] = e.to(out.dtype).cpu() if isinstance(out, torch.Tensor) else e
         finally:
             self.train(was_training)
-        if not out:
-            return torch.zeros(0, self.config.num_query_tokens if side == "query"
-                               else self.config.num_candidate_tokens, self.dim)
-        return torch.cat(out)
+        return out
 
-    def encode_queries(self, texts, images=None, batch_size=32, progress=False):
-        """-> (N, R_q, D) float32, unit rows."""
-        return self._encode(texts, images, "query", batch_size, progress)
+    def encode_queries(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
+        """-> (N, R_q, D) unit rows, float32 (or written into `out`, any dtype)."""
+        return self._encode(texts, images, "query", batch_size, progress, out, workers)
 
-    def encode_candidates(self, texts, images=None, batch_size=32, progress=False):
-        """-> (N, R_c, D) float32, unit rows."""
-        return self._encode(texts, images, "candidate", batch_size, progress)
+    def encode_candidates(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
+        """-> (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
+        return self._encode(texts, images, "candidate", batch_size, progress, out, workers)
 
     # -- save / load ----------------------------------------------------------
     def save_pretrained(self, path, state_dict=None):
@@ -456,7 +535,7 @@ class MetaEmbed(nn.Module):
             backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
             backbone.config._attn_implementation = "sdpa"
         else:
-            backbone, _ = load_backbone(config.backbone, config.dtype)
+            backbone, _ = load_backbone(config.backbone, config.dtype, config.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")  # the saved processor
         processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
         model = cls._assemble(config, backbone, processor)

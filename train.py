@@ -45,6 +45,11 @@ def get_args(argv=None):
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA r=32 on the backbone (default: on for real backbones, off for tiny)")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    g.add_argument("--max-pixels", type=int, help="cap on an image's pixels, so its visual tokens (default: "
+                   "1024 tokens = 802816 for real backbones, as the official config; tiny: its own bound)")
+    g.add_argument("--min-pixels", type=int, help="floor on an image's pixels (default: the backbone's)")
+    g.add_argument("--attn-implementation", default="sdpa",
+                   help="attention kernel of the backbone: sdpa (default), flash_attention_2 (where installed), eager")
     g = p.add_argument_group("data")
     g.add_argument("--data", default="synthetic", choices=["synthetic", "mmeb-train", "colpali-train"])
     g.add_argument("--mmeb-train", default="TIGER-Lab/MMEB-train", help="hub id or local folder")
@@ -135,7 +140,8 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
     if fsdp:
         from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                              get_optimizer_state_dict)
-        full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # the full state of what is trained (a frozen base is reloaded by name, never gathered)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         model_sd, sd = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
     else:
         model_sd, sd = None, opt.state_dict()
@@ -272,17 +278,20 @@ def train(args):
             groups += ((R_q, R_c),)
         model = MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
                                         num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
-                                        temperature=args.temperature, lora=args.lora)
+                                        temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
+                                        min_pixels=args.min_pixels, attn_implementation=args.attn_implementation)
     cfg = model.config
-    model.to(device)
     if args.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     fsdp = args.fsdp and ddp
-    if fsdp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors
+    if fsdp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors. Sharding
+        # moves each piece to this rank's device as it goes: no GPU ever holds the whole model.
         from torch.distributed.fsdp import fully_shard
         for layer in model._base().language_model.layers:
             fully_shard(layer)
         fully_shard(model)
+    else:
+        model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]  # after sharding (FSDP replaces them)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0

@@ -33,3 +33,26 @@ def write_hub_repo(root, configs, features=None):
             header += [f"  - split: {split}", f"    path: {name}/{split}-*"]
     (root / "README.md").write_text("\n".join(header + ["---", "", "A local copy for tests."]) + "\n")
     return str(root)
+
+
+def save_hub_layout_backbone(path):
+    """A tiny random Qwen2-VL saved the way a hub repo like Qwen/Qwen2-VL-2B-Instruct is laid out:
+    a Qwen2VLForConditionalGeneration (config.json, model.safetensors), the tokenizer files, and
+    the image processor with the hub's own pixel bounds (3,136 to 12,845,056). Loaded by folder
+    name, it takes the real-backbone path (AutoModel, LoRA, bf16), with no hub access."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from metaembed import _image_processor_class, build_tiny_backbone
+    base, processor = build_tiny_backbone(seed=0)
+    full = Qwen2VLForConditionalGeneration(base.config)
+    full.model.load_state_dict(base.state_dict())
+    full.save_pretrained(path)
+    processor.tokenizer.save_pretrained(path)
+    _image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def hub_backbone(tmp_path_factory):
+    return save_hub_layout_backbone(tmp_path_factory.mktemp("hub") / "Qwen2-VL-tiny")

@@ -227,3 +227,39 @@ def test_lora_trains_only_adapters_and_meta(tmp_path):
     m.save_pretrained(tmp_path / "lora")
     m2 = MetaEmbed.from_pretrained(tmp_path / "lora")
     torch.testing.assert_close(m2.encode_queries(["x y"]), m.encode_queries(["x y"]), atol=0, rtol=0)
+
+
+def test_real_backbone_caps_pages_at_1024_visual_tokens(hub_backbone, tmp_path):
+    """A 2000x3000 page through a real-layout backbone: at most 1,024 visual tokens by default (the
+    official cap); the hub processor's own bound would give 7,597. The bound is saved and reloaded,
+    and can be set explicitly."""
+    m = MetaEmbed.from_backbone(hub_backbone, lora_r=2, lora_alpha=2)
+    assert m.config.lora and m.config.max_pixels == 1024 * 28 * 28
+    page = Image.new("RGB", (2000, 3000), "white")
+    inputs = m.prepare([""], [page], "candidate")
+    tokens = int(inputs["image_grid_thw"].prod()) // 4                   # 2x2 patches merge to a token
+    assert 900 < tokens <= 1024, tokens
+    assert int((inputs["input_ids"] == m.backbone.config.image_token_id).sum()) == tokens
+    assert m.encode_candidates([""], [page]).shape == (1, 64, m.dim)
+    m.save_pretrained(tmp_path / "ck")
+    m2 = MetaEmbed.from_pretrained(tmp_path / "ck")
+    assert m2.config.max_pixels == 1024 * 28 * 28
+    assert torch.equal(m2.prepare([""], [page], "candidate")["image_grid_thw"], inputs["image_grid_thw"])
+    small = MetaEmbed.from_backbone(hub_backbone, max_pixels=64 * 28 * 28, lora=False)
+    assert int(small.prepare([""], [page], "candidate")["image_grid_thw"].prod()) // 4 <= 64
+    with pytest.raises(ValueError, match="less than one visual token"):
+        MetaEmbed.from_backbone(hub_backbone, max_pixels=100, lora=False)
+
+
+def test_odd_images_are_upsized_or_named(tiny, tmp_path):
+    """Images under 28 px on an edge are upsized (one visual token); strips past the processor's
+    aspect limit and unreadable files are named in the error."""
+    for size in ((1, 1), (5, 30), (27, 27)):
+        assert tiny.encode_candidates([""], [Image.new("RGB", size, "red")]).shape == (1, 64, tiny.dim)
+    with pytest.raises(ValueError, match=r"\(item 0\) is 1x300: an aspect ratio over 200"):
+        tiny.encode_candidates([""], [Image.new("RGB", (1, 300))])
+    bad = tmp_path / "truncated.png"
+    Image.new("RGB", (64, 64), "blue").save(bad)
+    bad.write_bytes(bad.read_bytes()[:40])
+    with pytest.raises(FileNotFoundError, match="truncated.png"):
+        tiny.encode_candidates([""], [str(bad)])

@@ -1,6 +1,7 @@
 """evaluate.py: metrics on hand-worked cases, one encoding for all budgets, benchmark layouts."""
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -39,12 +40,18 @@ def test_recall_and_precision_at_1():
 
 class KnownEmbeddings:
     """Stands in for the model: fixed embeddings by text, counting encode calls."""
-    def __init__(self, table, dim=4):
-        self.table, self.calls, self.dim = table, [], dim
+    def __init__(self, table):
+        self.table, self.calls = table, []
+        R, self.dim = next(iter(table.values())).shape
+        self.config = types.SimpleNamespace(num_query_tokens=R, num_candidate_tokens=R)
 
-    def _enc(self, texts, images, batch_size=32, progress=False):
+    def _enc(self, texts, images, batch_size=32, progress=False, out=None, workers=0):
         self.calls.append(len(texts))
-        return torch.stack([self.table[t] for t in texts])
+        out[:] = torch.stack([self.table[self.key(t, im)] for t, im in zip(texts, images or [None] * len(texts))])
+        return out
+
+    def key(self, text, image):
+        return text
 
     encode_queries = encode_candidates = _enc
 
@@ -97,11 +104,8 @@ def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
     assert rows[0]["qry"][1].endswith("cat.png") and rows[0]["cands"] == [("cat", None), ("dog", None)]
 
     class ByImage(KnownEmbeddings):  # the query embedding depends on its image
-        def _enc(self, texts, images, batch_size=32, progress=False):
-            self.calls.append(len(texts))
-            keys = [t if im is None else im.rsplit("/", 1)[-1] for t, im in zip(texts, images or [None] * len(texts))]
-            return torch.stack([self.table[k] for k in keys])
-        encode_queries = encode_candidates = _enc
+        def key(self, text, image):
+            return text if image is None else image.rsplit("/", 1)[-1]
     # the cat image looks like "cat"; the dog image ALSO looks like "cat": P@1 = 1/2
     model = ByImage({"cat.png": e([1, 0]), "dog.png": e([1, 0.1]), "cat": e([1, 0]), "dog": e([0, 1])})
     out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], 8)
@@ -210,3 +214,32 @@ def test_synthetic_end_to_end(tmp_path):
     assert s["16x64"]["index_bytes"] == 64 * 64 * 2 * 32
     for t in ("t2i", "i2t"):
         assert 0 <= res["tasks"][t]["2x4"]["P@1"] <= 1
+
+
+def test_embedding_file_round_trip(tmp_path):
+    """The on-disk index: written batch by batch, read back by ranges, lists and budget views."""
+    x = torch.randn(10, 6, 4).bfloat16()
+    f = evaluate.EmbeddingFile(tmp_path / "c.bin", (10, 6, 4), torch.bfloat16)
+    f[0:4], f[4:10] = x[:4].float(), x[4:]                 # cast to the file's dtype on write
+    assert (tmp_path / "c.bin").stat().st_size == 10 * 6 * 4 * 2
+    assert torch.equal(f[2:7], x[2:7]) and torch.equal(f[torch.tensor([9, 0, 9])], x[[9, 0, 9]])
+    b = f[:, :3]                                             # a budget: nothing read yet
+    assert b.shape == (10, 3, 4) and torch.equal(b[5:8], x[5:8, :3]) and torch.equal(b[[1]], x[[1], :3])
+    with pytest.raises(ValueError, match="prefix budgets"):
+        f[:, 1:3]
+
+
+def test_on_disk_index_and_dtypes_agree(tmp_path):
+    """--index-dir scores the same as the in-memory index; bf16 and float32 indexes agree to rounding."""
+    common = ["--backbone", "tiny", "--synthetic-scenes", "12", "--budgets", "1,16,64", "--batch-size", "16"]
+    mem = evaluate.main(common)
+    disk = evaluate.main(common + ["--index-dir", str(tmp_path / "idx")])
+    f32 = evaluate.main(common + ["--index-dtype", "float32"])
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["i2t.bin", "t2i.bin"]
+    for t in ("t2i", "i2t"):
+        for b in ("1x1", "8x16", "16x64"):
+            for m in ("NDCG@10", "P@1", "Recall@5"):
+                assert mem["tasks"][t][b][m] == disk["tasks"][t][b][m]
+                assert abs(mem["tasks"][t][b][m] - f32["tasks"][t][b][m]) <= 0.1
+    assert mem["summary"]["16x64"]["bytes_per_candidate"] == 64 * mem["dim"] * 2
+    assert f32["summary"]["16x64"]["bytes_per_candidate"] == 64 * mem["dim"] * 4
