@@ -282,9 +282,21 @@ def load_mmeb_eval(path, subset, images_dir, max_rows=None):
     return rows
 
 
+class LazyImage:
+    """Row i's image of a datasets.Dataset, decoded only when called: a corpus of 100k pages is
+    never held decoded, each page is decoded in the batch (or DataLoader worker) that encodes it."""
+
+    def __init__(self, ds, i, column="image"):
+        self.ds, self.i, self.column = ds, i, column
+
+    def __call__(self):
+        return self.ds.select_columns([self.column])[self.i][self.column]
+
+
 def load_vidore(path, max_queries=None):
     """A ViDoRe data set -> retrieval task. BEIR layout (configs corpus / queries / qrels) or the
-    v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped)."""
+    v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped).
+    Page images are LazyImage: decoded when encoded, not here."""
     import datasets
     try:
         configs = datasets.get_dataset_config_names(path)
@@ -298,7 +310,8 @@ def load_vidore(path, max_queries=None):
         _require(corpus_ds, ["corpus-id", "image"], f"ViDoRe {name} corpus")
         _require(queries_ds, ["query-id", "query"], f"ViDoRe {name} queries")
         _require(qrels_ds, ["query-id", "corpus-id", "score"], f"ViDoRe {name} qrels")
-        corpus = {str(r["corpus-id"]): ("", r["image"]) for r in corpus_ds}
+        corpus = {str(r["corpus-id"]): ("", LazyImage(corpus_ds, i))
+                  for i, r in enumerate(corpus_ds.select_columns(["corpus-id"]))}
         queries = {str(r["query-id"]): (r["query"], None) for r in queries_ds}
         qrels = {}
         for r in qrels_ds:
@@ -309,8 +322,8 @@ def load_vidore(path, max_queries=None):
         ds = _load(path, None, "test", f"ViDoRe {name}")
         _require(ds, ["query", "image", "image_filename"], f"ViDoRe {name}")
         corpus, queries, qrels = {}, {}, {}
-        for r in ds:
-            corpus[r["image_filename"]] = ("", r["image"])
+        for i, r in enumerate(ds.select_columns(["query", "image_filename"])):
+            corpus[r["image_filename"]] = ("", LazyImage(ds, i))
             if r["query"] is None:
                 continue
             queries.setdefault(r["query"], (r["query"], None))

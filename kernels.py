@@ -28,13 +28,14 @@ def maxsim_reference(q, c, q_mask=None, c_mask=None):
     Nq, Rq, D = q.shape
     Nc, Rc, _ = c.shape
     s = (q.reshape(Nq * Rq, D).float() @ c.reshape(Nc * Rc, D).float().T).view(Nq, Rq, Nc, Rc)
-    if c_mask is not None:  # a padded candidate vector never wins a max
-        s = s.masked_fill(~c_mask[None, None].to(s.device, torch.bool), float("-inf"))
-    m = s.amax(-1)                                                    # (N_q, R_q, N_c)
+    if c_mask is not None:  # a padded candidate vector never wins a max (whatever it holds)
+        c_mask = c_mask.to(s.device, torch.bool)
+        s = s.masked_fill(~c_mask[None, None], float("-inf"))
+    m = s.amax(-1)                                                    # (N_q, R_q, N_c); NaN propagates
     if c_mask is not None:  # a candidate with no real vector contributes 0
-        m = m.masked_fill(m == float("-inf"), 0.0)
-    if q_mask is not None:  # a padded query vector adds nothing
-        m = m * q_mask[:, :, None].to(m.device, m.dtype)
+        m = m.masked_fill(~c_mask.any(1)[None, None], 0.0)
+    if q_mask is not None:  # a padded query vector adds nothing (masked_fill: even if it holds NaN)
+        m = m.masked_fill(~q_mask[:, :, None].to(m.device, torch.bool), 0.0)
     return m.sum(1)                                                   # (N_q, N_c)
 
 
@@ -87,7 +88,7 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
     qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
-    qm = q_mask.to(q.device, torch.float32) if q_mask is not None else None
+    qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
     buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
     half = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
     with torch.no_grad():
@@ -106,9 +107,9 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
                     s.masked_fill_(~cm[None, None], float("-inf"))
                 m = s.amax(-1)                                            # max_j -> (N_q, R_q, n)
             if cm is not None:      # a candidate with no real vector contributes 0
-                m = m.masked_fill(m == float("-inf"), 0.0)
-            if qm is not None:      # a padded query vector adds nothing
-                m = m * qm[:, :, None]
+                m = m.masked_fill(~cm.any(1), 0.0)
+            if qm is not None:      # a padded query vector adds nothing, whatever it holds
+                m = m.masked_fill(qm, 0.0)
             out[:, j:j + n] = m.sum(1)                                    # sum_i -> (N_q, n)
     return out
 
@@ -127,6 +128,9 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     if backend == "cpu":
         return maxsim_cpu(q, c, q_mask, c_mask)
     if backend == "triton":
+        if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise ValueError("maxsim backend 'triton' needs CUDA tensors and these are on the CPU: use 'torch' or "
+                             "'cpu' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
         return maxsim_triton(q, c, q_mask, c_mask)
     raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'cpu' or 'triton'")
 
@@ -285,8 +289,12 @@ if triton is not None:
             else:
                 s = tl.dot(qt, ct, s)
         s = tl.where(c_ok[None, :], s, float("-inf"))
-        m = tl.max(tl.reshape(s, (QB * RQ, CB, RC)), axis=2)                   # max_j over r_c
-        m = tl.where(m == float("-inf"), 0.0, m)             # a candidate with no real vector
+        s3 = tl.reshape(s, (QB * RQ, CB, RC))
+        m = tl.max(s3, axis=2)                                                 # max_j over r_c
+        # a NaN product makes the maximum NaN, as torch's amax (tl.max may drop it)
+        m = tl.where(tl.max((s3 != s3).to(tl.int32), axis=2) > 0, float("nan"), m)
+        c_any = tl.max(tl.reshape(c_ok.to(tl.int32), (CB, RC)), axis=1) > 0
+        m = tl.where(c_any[None, :], m, 0.0)                 # a candidate with no real vector
         m = tl.where(q_ok[:, None], m, 0.0)                  # padded query vectors add nothing
         score = tl.sum(tl.reshape(m, (QB, RQ, CB)), axis=1)                    # sum_i over r_q
         on = (pid_q * QB + tl.arange(0, QB)).to(tl.int64)

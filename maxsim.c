@@ -166,6 +166,7 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
         while ((J - J6) % 4) { col[J] = col[J - 1]; off[J] = off[J - 1]; J++; }
         for (int64_t r0 = 0; r0 < R; r0 += 16) {
             __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+            __m256 nan0 = _mm256_setzero_ps(), nan1 = nan0;   /* all ones where a product was NaN */
             for (int64_t j = 0, W; j < J; j += W) {                     /* max_j, W at a time */
                 W = j < J6 ? 6 : 4;
                 for (int64_t t = 0; r0 == 0 && t < W; t++) {             /* the next W vectors */
@@ -177,10 +178,14 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                 for (int64_t t = 0; t < W; t++) {
                     m0 = _mm256_max_ps(m0, acc[t]);
                     m1 = _mm256_max_ps(m1, acc[W + t]);
+                    nan0 = _mm256_or_ps(nan0, _mm256_cmp_ps(acc[t], acc[t], _CMP_UNORD_Q));
+                    nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(acc[W + t], acc[W + t], _CMP_UNORD_Q));
                 }
             }
-            _mm256_storeu_ps(s, m0);
-            _mm256_storeu_ps(s + 8, m1);
+            /* maxps drops a NaN operand; like torch's amax, a NaN product makes the maximum NaN
+               (all-ones bits are a NaN) */
+            _mm256_storeu_ps(s, _mm256_or_ps(m0, nan0));
+            _mm256_storeu_ps(s + 8, _mm256_or_ps(m1, nan1));
             for (int64_t r = 0; r < 16; r++)                              /* sum_i of the maxima */
                 if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + n] += s[r];
         }

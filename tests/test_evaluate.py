@@ -158,6 +158,8 @@ def test_vidore_v1_layout(tmp_path):
     assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png"}
     assert list(task["queries"]) == ["q1", "q2"]                         # de-duplicated, None dropped
     assert task["qrels"] == {"q1": {"p1.png": 1, "p3.png": 1}, "q2": {"p2.png": 1}}
+    page = task["corpus"]["p3.png"][1]                                   # decoded only when called
+    assert isinstance(page, data.LazyImage) and page().size == (20, 20)
 
 
 def test_vidore_beir_layout_and_cli(tmp_path):

@@ -74,6 +74,12 @@ def test_bad_shapes():
         maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), backend="cuda-magic")
 
 
+def test_triton_on_the_cpu_says_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="'triton' needs CUDA tensors"):
+        maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), backend="triton")
+
+
 # -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by kernels.py on first use) --------
 
 def c_kernel_builds():
@@ -257,3 +263,38 @@ def test_topk_with_k_larger_than_a_chunk():
     s, i = maxsim_topk(q, c, 25, chunk=7)
     torch.testing.assert_close(s, want.values, atol=1e-5, rtol=0)
     assert i.tolist() == want.indices.tolist()
+
+
+@pytest.mark.parametrize("Nq", [2, 5])       # the C kernel's one-row-block path and its multi-block path
+def test_non_finite_input_same_answer_on_every_path(Nq):
+    """A masked slot never affects a score, whatever it holds (NaN, inf); a NaN in a real vector
+    makes exactly the scores that read it NaN, on every path (reference, torch, C, Triton)."""
+    from kernels import maxsim_triton
+    q, qm = ragged(Nq, 4, 16, 40)
+    c, cm = ragged(7, 6, 16, 41)
+    qm[0, 3], cm[1, 5] = False, False
+    q[0, 3], c[1, 5] = float("nan"), float("inf")         # masked slots holding garbage
+    c[2, 0, 3] = float("nan")                               # a real candidate vector with a NaN
+    cm[2, 0] = True
+    q[-1, 0, 0] = float("nan")                              # a real query vector with a NaN
+    qm[-1, 0] = True
+    want = brute_nan(q, c, qm, cm)
+    paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch"),
+             "triton": maxsim_triton(q, c, qm, cm)}
+    if c_kernel_builds():
+        paths["C"] = maxsim(q, c, qm, cm, backend="cpu")
+    for name, got in paths.items():
+        assert torch.equal(got.isnan(), want.isnan()), (name, got)
+        torch.testing.assert_close(got.double().nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=0, msg=name)
+    assert want.isnan().any() and not want.isnan().all()
+
+
+def brute_nan(q, c, qm, cm):
+    """brute() with NaN propagated through max, as torch's amax does."""
+    out = torch.zeros(len(q), len(c), dtype=torch.float64)
+    for a in range(len(q)):
+        for b in range(len(c)):
+            dots = [[float(q[a, i].double() @ c[b, j].double()) for j in range(c.shape[1]) if cm[b, j]]
+                    for i in range(q.shape[1]) if qm[a, i]]
+            out[a, b] = sum((float("nan") if any(d != d for d in ds) else max(ds)) for ds in dots if ds)
+    return out
