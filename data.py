@@ -36,6 +36,17 @@ CELL = 28  # pixels; 3x3 cells make an 84x84 image: one visual token per cell (1
 OBJECTS = (6, 9)  # squares per scene, min and max
 
 
+def parse_objects(spec):
+    """'6,9' -> (6, 9): squares per scene, 1 <= min <= max <= 9 (one per cell of the 3x3 grid)."""
+    try:
+        lo, hi = (int(x) for x in str(spec).split(","))
+    except ValueError:
+        raise ValueError(f"objects must be two integers min,max (e.g. 6,9), got {spec!r}") from None
+    if not 1 <= lo <= hi <= len(CELLS):
+        raise ValueError(f"objects {spec}: need 1 <= min <= max <= {len(CELLS)} (squares on a 3x3 grid)")
+    return lo, hi
+
+
 def make_scene(rng, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
     """A scene: a sorted tuple of squares (cell, colour), at most one per cell."""
     n = rng.randint(min_objects, max_objects)
@@ -147,18 +158,29 @@ def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=OBJECTS[0], m
 # -----------------------------------------------------------------------------
 # Hugging Face datasets: hub ids or local folders laid out like the hub repositories
 
-def _load(path, name, split, what):
-    """load_dataset with errors that name the data set, subset and split."""
+def _configs(path, what):
+    """The configs of a data set: a local folder laid out like the hub repo, or a hub id. A path
+    that can only be a folder (absolute, ./, ~, or more than one '/') and does not exist is said to
+    be missing at once, not looked up on the hub."""
     import datasets
+    if not os.path.exists(os.path.expanduser(path)) and (
+            os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1):
+        raise FileNotFoundError(f"{what}: the folder {path!r} does not exist (a hub id looks like 'owner/name')")
     try:
-        configs = datasets.get_dataset_config_names(path)
+        return datasets.get_dataset_config_names(os.path.expanduser(path))
     except Exception as e:  # noqa: BLE001 - anything here means the data set cannot be reached
         raise FileNotFoundError(f"{what}: cannot open {path!r} ({type(e).__name__}: {e}). Give a hub "
                                 f"id you can reach or a local folder laid out like the hub repo") from None
+
+
+def _load(path, name, split, what):
+    """load_dataset with errors that name the data set, subset and split."""
+    import datasets
+    configs = _configs(path, what)
     if name is not None and name not in configs:
         raise ValueError(f"{what}: no subset {name!r} in {path!r}; it has: {', '.join(configs)}")
     try:
-        return datasets.load_dataset(path, name, split=split)
+        return datasets.load_dataset(os.path.expanduser(path), name, split=split)
     except ValueError as e:
         raise ValueError(f"{what}: cannot load split {split!r} of {path!r}"
                          f"{f' subset {name!r}' if name else ''}: {e}") from None
@@ -221,8 +243,28 @@ def load_mmeb_train(path="TIGER-Lab/MMEB-train", subsets=None, images_dir=None, 
                         pos_image=r["pos_image_path"], neg_text=r["neg_text"] if has_neg else "",
                         neg_image=r["neg_image_path"] if has_neg else "",
                         source=f"MMEB-train/{name} row {i}")
-        parts.append(ds.map(standard, with_indices=True, remove_columns=ds.column_names))
+        ds = ds.map(standard, with_indices=True, remove_columns=ds.column_names)
+        check_image_paths(ds, images_dir, what)
+        parts.append(ds)
     return HubPairs(datasets.concatenate_datasets(parts).shuffle(seed=seed), images_dir)
+
+
+def check_image_paths(ds, images_dir, what):
+    """Every image path of a training set exists, checked before training (not hours in, at the
+    batch that reaches it); the missing ones are counted and the first named with their rows."""
+    missing, total = [], 0
+    for col in ("qry_image", "pos_image", "neg_image"):
+        for i, p in enumerate(ds[col]):
+            if not p:
+                continue
+            total += 1
+            if images_dir is None:
+                raise ValueError(f"{what} row {i} refers to image {p!r}: give the folder the images are in (--images)")
+            if not os.path.isfile(os.path.join(images_dir, p)):
+                missing.append(f"row {i} {col} {os.path.join(images_dir, p)!r}")
+    if missing:
+        raise FileNotFoundError(f"{what}: {len(missing)} of {total} images are missing, e.g. "
+                                + "; ".join(missing[:3]) + " (is --images the folder MMEB-train's images were unpacked into?)")
 
 
 def load_colpali_train(path="vidore/colpali_train_set", max_rows=None):
@@ -271,6 +313,8 @@ def load_mmeb_eval(path, subset, images_dir, max_rows=None):
     rows = []
     for i, r in enumerate(ds):
         where = f"{what} row {i}"
+        if not r["tgt_text"]:
+            raise ValueError(f"{where}: no candidates (tgt_text is empty): the row cannot be scored")
         if len(r["tgt_text"]) != len(r["tgt_img_path"]):
             raise ValueError(f"{where}: tgt_text has {len(r['tgt_text'])} entries, tgt_img_path "
                              f"{len(r['tgt_img_path'])}")
@@ -297,11 +341,7 @@ def load_vidore(path, max_queries=None):
     """A ViDoRe data set -> retrieval task. BEIR layout (configs corpus / queries / qrels) or the
     v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped).
     Page images are LazyImage: decoded when encoded, not here."""
-    import datasets
-    try:
-        configs = datasets.get_dataset_config_names(path)
-    except Exception as e:  # noqa: BLE001
-        raise FileNotFoundError(f"ViDoRe: cannot open {path!r} ({type(e).__name__}: {e})") from None
+    configs = _configs(path, "ViDoRe")
     name = os.path.basename(os.path.normpath(path))
     if {"corpus", "queries", "qrels"} <= set(configs):
         corpus_ds = _load(path, "corpus", "test", f"ViDoRe {name} corpus")

@@ -23,7 +23,7 @@ import torch
 
 import data
 from kernels import maxsim, maxsim_topk
-from metaembed import GROUPS, MetaEmbed, parse_budgets
+from metaembed import GROUPS, MetaEmbed, latest_checkpoint, parse_budgets
 
 DEFAULT_CHECKPOINT = "out/tiny-synthetic"
 
@@ -229,17 +229,28 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval set and untrained models")
     p.add_argument("--output", help="write every number as JSON here")
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for k, lo in dict(batch_size=1, synthetic_scenes=1, max_rows=1, workers=0, max_pixels=1, min_pixels=1).items():
+        if getattr(args, k) is not None and getattr(args, k) < lo:
+            p.error(f"--{k.replace('_', '-')} must be at least {lo}, got {getattr(args, k)}")
+    if args.objects:
+        try:
+            data.parse_objects(args.objects)
+        except ValueError as err:
+            p.error(f"--{err}")
+    for what, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
+        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
+            p.error(f"{what} {path}: cannot write there (no such folder, not writable, or a folder)")
+    return args
 
 
 def resolve_checkpoint(path):
-    """A checkpoint folder, or a train.py --out folder (its `latest`)."""
+    """A checkpoint folder, or a train.py --out folder (the newest complete checkpoint in it)."""
     if os.path.isfile(os.path.join(path, "metaembed.json")):
         return path
-    latest = os.path.join(path, "latest")
-    if os.path.isfile(latest):
-        with open(latest) as f:
-            return os.path.join(path, f.read().strip())
+    found = latest_checkpoint(path, log=lambda m: print(f"evaluate.py: {m}", file=sys.stderr))
+    if found:
+        return found
     raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}" + (
         ": run `python train.py` first (or pass --backbone tiny for an untrained baseline)"
         if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""))
@@ -274,7 +285,7 @@ def evaluate(args):
                "index_dtype": args.index_dtype,
                "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
     if args.benchmark == "synthetic":
-        lo, hi = (int(x) for x in (args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS)).split(","))
+        lo, hi = data.parse_objects(args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS))
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         for name, task in tasks.items():
             results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device,
@@ -389,7 +400,7 @@ def main(argv=None):
     args = get_args(argv)
     try:
         results = evaluate(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         sys.exit(f"evaluate.py: error: {e}")
     print_table(results)
     if args.output:

@@ -198,7 +198,11 @@ def _image_processor_class():
 def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
     from transformers import AutoModel, AutoTokenizer
+    aliases = ", ".join(["tiny", *BACKBONES])
     name = BACKBONES.get(name, name)
+    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1):
+        raise ValueError(f"unknown backbone {name!r}: not an alias ({aliases}), not a local folder, "
+                         f"and not a hub id (owner/name)")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         backbone = AutoModel.from_pretrained(name, dtype=dtype or torch.bfloat16,
@@ -206,8 +210,8 @@ def load_backbone(name, dtype=None, attn_implementation="sdpa"):
         tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
         image_processor = _image_processor_class().from_pretrained(name)
     except OSError as e:
-        raise OSError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
-                      f"folder holding its files, or 'tiny' for the offline backbone") from None
+        raise FileNotFoundError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
+                                f"folder holding its files, or an alias ({aliases}; 'tiny' is offline)") from None
     if getattr(backbone.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
         raise ValueError(f"backbone '{name}' is a {backbone.config.model_type}; MetaEmbed here supports "
                          f"Qwen2-VL and Qwen2.5-VL backbones")
@@ -277,7 +281,10 @@ def load_image(image, where=""):
     28 px on an edge is upsized to 28 (the processor cannot take less than one visual token)."""
     from PIL import Image
     if callable(image) and not isinstance(image, Image.Image):
-        image = image()
+        try:                                          # a lazily decoded data set row
+            image = image()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image{where}: {e}") from None
     if isinstance(image, (str, os.PathLike)):
         try:
             with Image.open(image) as im:
@@ -526,10 +533,12 @@ class MetaEmbed(nn.Module):
         from safetensors.torch import load_file
         from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
         path = os.fspath(path)
-        cfg_file = os.path.join(path, "metaembed.json")
-        if not os.path.isfile(cfg_file):
+        if not os.path.isfile(os.path.join(path, "metaembed.json")):
             raise FileNotFoundError(f"{path!r} is not a MetaEmbed checkpoint: no metaembed.json in it")
-        with open(cfg_file) as f:
+        problem = checkpoint_problem(path)  # before anything is built: a missing config.json would
+        if problem:                         # otherwise build transformers' default (80-layer) Qwen2-VL
+            raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {problem}")
+        with open(os.path.join(path, "metaembed.json")) as f:
             config = MetaEmbedConfig(**json.load(f))
         if config.backbone == "tiny":  # rebuilt from its saved config; weights come below
             backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
@@ -548,6 +557,60 @@ class MetaEmbed(nn.Module):
                              f"unknown {unknown[:3]}, missing {missing[:3]}")
         model.load_state_dict(state, strict=False)
         return model
+
+
+CHECKPOINT_FILES = ("metaembed.json", "model.safetensors", "config.json", "tokenizer.json",
+                    "tokenizer_config.json", "preprocessor_config.json")
+
+
+def checkpoint_problem(path, files=CHECKPOINT_FILES):
+    """None if the folder holds every file a checkpoint needs, whole; else what is wrong, in words
+    (a missing file, unreadable JSON, a safetensors file shorter than its header says)."""
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    for name in files:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                with open(f) as fh:
+                    json.load(fh)
+            elif name.endswith(".safetensors"):
+                with open(f, "rb") as fh:  # 8-byte header length, JSON header, then the data
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if os.path.getsize(f) != 8 + n + end:
+                    return f"{name} is truncated ({os.path.getsize(f)} bytes; its header says {8 + n + end})"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+            return f"{name} is corrupt ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def latest_checkpoint(out, files=CHECKPOINT_FILES, log=None):
+    """The checkpoint to continue from in a train.py --out folder: the one OUT/latest names, or,
+    if that one is missing or incomplete, the newest complete other (said through `log`). None if
+    OUT holds no checkpoint; raises if it holds some but none is complete."""
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            named = os.path.join(out, f.read().strip())
+    except (FileNotFoundError, NotADirectoryError):
+        named = None
+    if named and not checkpoint_problem(named, files):
+        return named
+    found = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"checkpoint-\d+", d))
+    if not found and not named:
+        return None
+    why = f"{out}/latest names {os.path.basename(named)}: {checkpoint_problem(named, files)}" if named else \
+        f"{out}/latest is missing"
+    complete = [d for d in reversed(found) if not checkpoint_problem(os.path.join(out, d), files)]
+    if not complete:
+        raise FileNotFoundError(f"no complete checkpoint in {out} ({why}; " + "; ".join(
+            f"{d}: {checkpoint_problem(os.path.join(out, d), files)}" for d in found) + ")")
+    if log:
+        log(f"{why}; continuing from {complete[0]}, the newest complete checkpoint")
+    return os.path.join(out, complete[0])
 
 
 def _replace_dir(tmp, path):

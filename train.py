@@ -15,7 +15,10 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
+import signal
+import sys
 import time
 from contextlib import nullcontext
 
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from metaembed import GROUPS, MetaEmbed, matryoshka_loss
+from metaembed import CHECKPOINT_FILES, GROUPS, MetaEmbed, latest_checkpoint, matryoshka_loss
 
 # defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
 TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=4, out="out/tiny-synthetic")
@@ -90,9 +93,22 @@ def get_args(argv=None):
         p.error(f"--out is required for backbone {args.backbone!r}")
     if args.data == "mmeb-train" and not args.subsets:
         p.error("--data mmeb-train needs --subsets (e.g. --subsets ImageNet_1K CIRR)")
-    for k in ("steps", "batch_size"):
-        if getattr(args, k) < 1:
-            p.error(f"--{k.replace('_', '-')} must be at least 1")
+    # every check that can be made before training starts is made here, not at the first checkpoint
+    at_least = dict(steps=1, batch_size=1, save_every=1, keep=1, query_tokens=1, candidate_tokens=1,
+                    synthetic_size=1, workers=0, warmup=0, proj_dim=0)
+    for k, lo in at_least.items():
+        if getattr(args, k) is not None and getattr(args, k) < lo:
+            p.error(f"--{k.replace('_', '-')} must be at least {lo}, got {getattr(args, k)}")
+    for k in ("lr", "temperature", "clip", "max_pixels", "min_pixels", "max_per_subset"):
+        v = getattr(args, k)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            p.error(f"--{k.replace('_', '-')} must be a positive number, got {v}")
+    if args.weight_decay < 0:
+        p.error(f"--weight-decay must be at least 0, got {args.weight_decay}")
+    try:
+        data.parse_objects(args.objects)
+    except ValueError as e:
+        p.error(f"--{e}")
     return args
 
 
@@ -124,7 +140,7 @@ class StepBatches(torch.utils.data.Sampler):
 
 def build_dataset(args):
     if args.data == "synthetic":
-        lo, hi = (int(x) for x in args.objects.split(","))
+        lo, hi = data.parse_objects(args.objects)
         return data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
     if args.data == "mmeb-train":
         return data.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset, args.seed)
@@ -135,6 +151,7 @@ def build_dataset(args):
 # checkpoints: model (safetensors + json) + optimizer state (safetensors + json), never pickle
 
 def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
+    """args: a dict of the settings in force (recorded as train_args.json)."""
     """Every rank calls this (FSDP gathers the full state from all); the master writes."""
     from safetensors.torch import save_file
     if fsdp:
@@ -150,7 +167,7 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
     final = os.path.join(out, f"checkpoint-{step:07d}")
     model.save_pretrained(final, state_dict=model_sd)  # atomic: a temporary folder, then rename
     with open(os.path.join(final, "train_args.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
+        json.dump(args, f, indent=2)
     tensors = {f"{i}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
     tensors["rng::cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
@@ -166,16 +183,6 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
         f.write(os.path.basename(final))
     os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
     return final
-
-
-def latest_checkpoint(out):
-    """OUT/latest -> the newest complete checkpoint folder, or None."""
-    try:
-        with open(os.path.join(out, "latest")) as f:
-            path = os.path.join(out, f.read().strip())
-    except FileNotFoundError:
-        return None
-    return path if os.path.isfile(os.path.join(path, "trainer_state.json")) else None
 
 
 def load_optimizer(path, model, opt, fsdp=False):
@@ -201,10 +208,40 @@ def load_optimizer(path, model, opt, fsdp=False):
     return meta["step"]
 
 
+TRAIN_FILES = CHECKPOINT_FILES + ("optimizer.safetensors", "trainer_state.json")  # a resumable checkpoint
+
+
 def prune_checkpoints(out, keep):
-    ckpts = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-") and not d.endswith((".tmp", ".old")))
-    for d in ckpts[:-keep] if keep > 0 else []:
+    """Keep the newest `keep` checkpoints up to the one OUT/latest names; never remove that one or
+    anything newer (a newer folder is the user's to judge)."""
+    with open(os.path.join(out, "latest")) as f:
+        latest = f.read().strip()
+    older = sorted(d for d in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", d) and d <= latest)
+    for d in older[:-keep]:
         shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+# Settings a resumed run may change (they decide where and how things run, not what is computed);
+# any other must match the checkpoint's train_args.json.
+SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images"}
+
+
+def check_resume(args, path, world):
+    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
+    order; -> the settings actually in force (the checkpoint's, plus what may change)."""
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("world_size", world)        # checkpoints from before it was recorded
+    now = {**vars(args), "world_size": world}
+    diff = {k: (saved[k], now[k]) for k in saved if k in now and k not in SAFE_TO_CHANGE and saved[k] != now[k]}
+    if diff:
+        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
+                         for k, (a, b) in diff.items())
+        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
+                         f"resume with the same ones (only {', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"may change), or train afresh into another --out")
+    return {**saved, **{k: now[k] for k in SAFE_TO_CHANGE if k in now}}
 
 
 # -----------------------------------------------------------------------------
@@ -251,14 +288,17 @@ def train(args):
     master = rank == 0
     torch.manual_seed(args.seed)
 
-    resume_from = latest_checkpoint(args.out) if args.resume else None
+    say = print if master else (lambda *a, **k: None)
+    check_writable(args)
+    resume_from = latest_checkpoint(args.out, TRAIN_FILES, log=say) if args.resume else None
+    used = check_resume(args, resume_from, world) if resume_from else {**vars(args), "world_size": world}
     stale = not args.resume and os.path.isdir(args.out) and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
     if ddp:
         dist.barrier()  # every rank has looked before anything is removed
     if stale:
         if not args.overwrite:
-            raise SystemExit(f"train.py: error: {args.out} already holds checkpoints: pass --resume to continue "
-                             f"from them, --overwrite to start afresh, or another --out")
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
+                             f"--overwrite to start afresh, or another --out")
         if master:
             for d in os.listdir(args.out):
                 if d.startswith("checkpoint-"):
@@ -267,8 +307,8 @@ def train(args):
                     os.remove(os.path.join(args.out, d))
         if ddp:
             dist.barrier()
-    if args.resume and resume_from is None and master:
-        print(f"--resume: no checkpoint in {args.out}, starting fresh")
+    if args.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
     if resume_from:
         model = MetaEmbed.from_pretrained(resume_from)
     else:
@@ -304,12 +344,14 @@ def train(args):
 
     dataset = build_dataset(args)
     B = args.batch_size
+    # the loader's own generator: creating its iterator must not draw from the global RNG, which
+    # drives dropout and was just restored on --resume
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(len(dataset), B, world, rank, args.seed, start, args.steps),
-        collate_fn=functools.partial(data.collate, processor=model.processor), num_workers=args.workers)
+        collate_fn=functools.partial(data.collate, processor=model.processor), num_workers=args.workers,
+        generator=torch.Generator().manual_seed(args.seed))
 
     if master:
-        os.makedirs(args.out, exist_ok=True)
         n_train = sum(p.numel() for p in params)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"MetaEmbed on {args.backbone} ({n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained), "
@@ -324,39 +366,50 @@ def train(args):
     path, t_start = None, time.time()
     w = torch.tensor(cfg.group_weights or [1.0] * len(cfg.groups))
     net.train()
-    for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
-        t0 = time.time()
-        loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp)
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the data")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
-        lr = opt.param_groups[0]["lr"]
-        opt.step()
-        sched.step()
-        dt = time.time() - t0
-        if ddp:  # log the global batch's loss: the mean over ranks
-            per_group = per_group.detach().clone()
-            dist.all_reduce(per_group)
-            per_group /= world
-        if master:
-            rec = {"step": step + 1, "loss": (per_group * w).sum().item() / len(w), "lr": lr,
-                   **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, per_group)},
-                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
-            if log:
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-            if bar:
-                bar.update(1)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            if ddp:
-                dist.barrier()
-            saved = save_checkpoint(args.out, step + 1, model, opt, args, fsdp, master)
+    step = start
+    try:
+        for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
+            t0 = time.time()
+            loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp)
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the data")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
+            lr = opt.param_groups[0]["lr"]
+            opt.step()
+            sched.step()
+            dt = time.time() - t0
+            if ddp:  # log the global batch's loss: the mean over ranks
+                per_group = per_group.detach().clone()
+                dist.all_reduce(per_group)
+                per_group /= world
             if master:
-                path = saved
-                prune_checkpoints(args.out, args.keep)
+                rec = {"step": step + 1, "loss": (per_group * w).sum().item() / len(w), "lr": lr,
+                       **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, per_group)},
+                       "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+            if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                if ddp:
+                    dist.barrier()
+                saved = save_checkpoint(args.out, step + 1, model, opt, used, fsdp, master)
+                if master:
+                    path = saved
+                    prune_checkpoints(args.out, args.keep)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into this): say where to resume
+        if master:
+            if bar:
+                bar.close()
+            last = latest_checkpoint(args.out, TRAIN_FILES)
+            print(f"train.py: stopped during step {step + 1} of {args.steps}; " +
+                  (f"{last} is complete: run the same command with --resume to continue from it" if last
+                   else "no checkpoint was written yet"), file=sys.stderr)
+        raise
     if bar:
         bar.close()
     if log:
@@ -376,5 +429,39 @@ def train(args):
     return path
 
 
+def check_writable(args):
+    """--out (and --log-file) can be written: found now, not at the first checkpoint hours later."""
+    for what, path in (("--out", args.out), ("--log-file", args.log_file)):
+        if path is None:
+            continue
+        try:
+            if what == "--out":
+                os.makedirs(path, exist_ok=True)
+                probe = os.path.join(path, f".write-test-{os.getpid()}")
+                with open(probe, "w"):
+                    pass
+                os.remove(probe)
+            else:
+                with open(path, "a"):
+                    pass
+        except OSError as e:
+            raise PermissionError(f"cannot write {what} {path}: {e.strerror or e}") from None
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM (a scheduler's stop) ends like Ctrl-C
+    try:
+        return train(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except (ValueError, FileNotFoundError, PermissionError, FloatingPointError) as e:
+        sys.exit(f"train.py: error: {e}")
+
+
 if __name__ == "__main__":
-    train(get_args())
+    main()

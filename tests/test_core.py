@@ -263,3 +263,42 @@ def test_odd_images_are_upsized_or_named(tiny, tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(FileNotFoundError, match="truncated.png"):
         tiny.encode_candidates([""], [str(bad)])
+
+
+def test_encode_checks_its_inputs_up_front(tiny):
+    with pytest.raises(TypeError, match="got one string .*wrap it in a list"):
+        tiny.encode_queries("a red circle")
+    with pytest.raises(ValueError, match="got 2 texts but 3 images"):
+        tiny.encode_candidates(["a", "b"], [None, None, Image.new("RGB", (28, 28))], batch_size=1)
+    for bs in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+            tiny.encode_queries(["a"], batch_size=bs)
+    out = torch.empty(3, 16, tiny.dim, dtype=torch.bfloat16)            # written in place, in its dtype
+    got = tiny.encode_queries(["a", "b", "c"], batch_size=2, out=out)
+    assert got is out
+    torch.testing.assert_close(out.float(), tiny.encode_queries(["a", "b", "c"]), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match=r"out has shape \(2, 16, \d+\), expected \(3, 16"):
+        tiny.encode_queries(["a", "b", "c"], out=out[:2])
+
+
+def test_incomplete_checkpoint_is_named_before_anything_is_built(tmp_path):
+    from metaembed import checkpoint_problem
+    m = MetaEmbed.from_backbone("tiny")
+    for name, damage, said in (("config.json", "delete", "config.json is missing"),
+                               ("model.safetensors", "truncate", "model.safetensors is truncated"),
+                               ("metaembed.json", "truncate", "metaembed.json is corrupt"),
+                               ("tokenizer.json", "delete", "tokenizer.json is missing")):
+        ck = tmp_path / name
+        m.save_pretrained(ck)
+        assert checkpoint_problem(str(ck)) is None
+        f = ck / name
+        f.unlink() if damage == "delete" else f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
+        with pytest.raises(FileNotFoundError, match=f"is incomplete: {said}"):
+            MetaEmbed.from_pretrained(ck)
+
+
+def test_unknown_backbone_lists_the_aliases(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown backbone 'qwen-vl-9000': not an alias \(tiny, qwen2-vl-2b"):
+        MetaEmbed.from_backbone("qwen-vl-9000")
+    with pytest.raises(ValueError, match="not a local folder"):
+        MetaEmbed.from_backbone(str(tmp_path / "no-such-folder"))

@@ -1,4 +1,6 @@
 """data.py: the synthetic set, hub-layout loaders on local copies, collate."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -113,11 +115,26 @@ def test_mmeb_train_errors(tmp_path, tiny):
     bad = write_hub_repo(tmp_path / "bad", {"X": {"original": [dict(qry="a", pos_text="b")]}})
     with pytest.raises(ValueError, match=r"MMEB-train/X: missing column\(s\) \['qry_image_path'"):
         data.load_mmeb_train(bad, ["X"], images)
-    with pytest.raises(FileNotFoundError, match="cannot open"):
+    with pytest.raises(FileNotFoundError, match="the folder .*absent' does not exist"):   # not tried on the hub
         data.load_mmeb_train(str(tmp_path / "absent"), ["X"], images)
-    ds = data.load_mmeb_train(repo, ["CIRR"], str(tmp_path / "elsewhere"))
-    with pytest.raises(FileNotFoundError, match=r"elsewhere/cls/\d.png.*MMEB-train/CIRR row \d"):
-        data.collate([ds[0]], tiny.processor)
+    with pytest.raises(FileNotFoundError, match="cannot open 'nobody/absent'"):        # a hub id: tried, offline
+        data.load_mmeb_train("nobody/absent", ["X"], images)
+    # a wrong image folder is found before training starts, with the count and the first rows
+    with pytest.raises(FileNotFoundError, match=r"MMEB-train/CIRR: \d+ of \d+ images are missing, e.g. row 0 "
+                                                r"(qry|pos)_image '.*elsewhere/.*png'"):
+        data.load_mmeb_train(repo, ["CIRR"], str(tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match="row 0 refers to image .*give the folder"):
+        data.load_mmeb_train(repo, ["CIRR"], None)
+    # one image deleted among many: named by its row
+    (Path(images) / ds_image(repo)).unlink()
+    with pytest.raises(FileNotFoundError, match=r"1 of \d+ images are missing, e.g. row \d+ \w+_image"):
+        data.load_mmeb_train(repo, ["CIRR"], images)
+
+
+def ds_image(repo):
+    """The first image path named in the CIRR subset of a local MMEB-train copy."""
+    import datasets
+    return datasets.load_dataset(repo, "CIRR", split="original")["pos_image_path"][0]
 
 
 def test_colpali_train_local_copy(tmp_path, tiny):

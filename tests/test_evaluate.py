@@ -1,6 +1,7 @@
 """evaluate.py: metrics on hand-worked cases, one encoding for all budgets, benchmark layouts."""
 import json
 import math
+import re
 import types
 
 import pytest
@@ -245,3 +246,39 @@ def test_on_disk_index_and_dtypes_agree(tmp_path):
                 assert abs(mem["tasks"][t][b][m] - f32["tasks"][t][b][m]) <= 0.1
     assert mem["summary"]["16x64"]["bytes_per_candidate"] == 64 * mem["dim"] * 2
     assert f32["summary"]["16x64"]["bytes_per_candidate"] == 64 * mem["dim"] * 4
+
+
+def test_bad_inputs_stop_before_work(tmp_path, capsys):
+    for argv, said in ((["--max-rows", "0"], "--max-rows must be at least 1"),
+                       (["--batch-size", "0"], "--batch-size must be at least 1"),
+                       (["--output", str(tmp_path / "nowhere" / "r.json")], "--output .*cannot write there"),
+                       (["--plot", str(tmp_path)], "--plot .*cannot write there"),
+                       (["--objects", "5"], "--objects must be two integers")):
+        with pytest.raises(SystemExit):
+            evaluate.get_args(argv)
+        assert re.search(said, capsys.readouterr().err), argv
+    with pytest.raises(SystemExit, match=r"^evaluate.py: error: unknown backbone 'nope-9b'"):
+        evaluate.main(["--backbone", "nope-9b"])
+
+
+def test_mmeb_row_without_candidates_is_refused(tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    rows = [dict(qry_text="q", qry_img_path="", tgt_text=["a"], tgt_img_path=[""]),
+            dict(qry_text="q2", qry_img_path="", tgt_text=[], tgt_img_path=[])]
+    import datasets
+    feats = datasets.Features({"qry_text": datasets.Value("string"), "qry_img_path": datasets.Value("string"),
+                               "tgt_text": datasets.Sequence(datasets.Value("string")),
+                               "tgt_img_path": datasets.Sequence(datasets.Value("string"))})
+    repo = write_hub_repo(tmp_path / "MMEB-eval", {"OK-VQA": {"test": rows}}, features=feats)
+    with pytest.raises(ValueError, match="MMEB-eval/OK-VQA row 1: no candidates"):
+        data.load_mmeb_eval(repo, "OK-VQA", str(images))
+
+
+def test_corrupt_page_in_a_dataset_is_named(tmp_path, tiny):
+    class Broken:
+        def __call__(self):
+            from PIL import Image, UnidentifiedImageError
+            raise UnidentifiedImageError("cannot identify image file")
+    with pytest.raises(ValueError, match=r"cannot decode image \(item 1\): cannot identify"):
+        tiny.encode_candidates(["", ""], [Image.new("RGB", (28, 28)), Broken()])

@@ -49,12 +49,13 @@ def test_short_run_lowers_loss(tmp_path):
     assert (tmp_path / "run" / "latest").read_text() == "checkpoint-0000040"
     assert sorted(os.listdir(tmp_path / "run")) == ["checkpoint-0000020", "checkpoint-0000040", "latest"]
     # a fresh run into a folder with checkpoints must say so, not mix with them
-    with pytest.raises(SystemExit, match="already holds checkpoints.*--resume.*--overwrite"):
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume.*--overwrite"):
         run(tmp_path, "run", "--steps", "40", "--batch-size", "8")
 
 
-def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    common = ["--steps", "6", "--batch-size", "4", "--save-every", "3"]
+@pytest.mark.parametrize("extra", [[], ["--lora"]])   # LoRA has dropout: the RNG must resume exactly too
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
+    common = ["--steps", "6", "--batch-size", "4", "--save-every", "3"] + extra
     full, log_full = run(tmp_path, "full", *common)
     # an interrupted run: crash while building batch 5 (after the step-3 checkpoint), then --resume
     calls, collate = [], train.data.collate
@@ -104,3 +105,88 @@ def test_two_processes_match_one(tmp_path, mode):
         # on near-zero gradients for a rare element; the mean difference stays at rounding level)
         torch.testing.assert_close(w1[k], w2[k], atol=1e-3, rtol=0)
         assert (w1[k] - w2[k]).abs().mean() < 1e-6, k
+
+
+def test_resume_falls_back_past_a_broken_checkpoint(tmp_path, capsys):
+    """`latest` naming a missing or truncated checkpoint: resume from the newest complete one (and
+    say so); pruning never removes what `latest` names or anything newer."""
+    common = ["--steps", "6", "--batch-size", "4", "--save-every", "2", "--keep", "3"]
+    run(tmp_path, "r", *common)
+    out = tmp_path / "r"
+    assert sorted(os.listdir(out)) == ["checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006", "latest"]
+    opt = out / "checkpoint-0000006" / "optimizer.safetensors"
+    opt.write_bytes(opt.read_bytes()[:100])                          # truncated by a full disk, say
+    _, log = run(tmp_path, "r", *common, "--resume")
+    assert "names checkpoint-0000006: optimizer.safetensors is" in capsys.readouterr().out
+    assert [r["step"] for r in log][-2:] == [5, 6]                   # continued from step 4
+    assert (out / "latest").read_text() == "checkpoint-0000006"
+    import shutil
+    shutil.rmtree(out / "checkpoint-0000006")                        # deleted by the user
+    _, log = run(tmp_path, "r", *common, "--resume")
+    assert "latest names checkpoint-0000006: " in capsys.readouterr().out
+    assert [r["step"] for r in log][-2:] == [5, 6]
+    assert sorted(os.listdir(out)) == ["checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006", "latest"]
+    # no complete checkpoint at all: a clear stop, not a silent fresh start
+    for d in ("checkpoint-0000002", "checkpoint-0000004", "checkpoint-0000006"):
+        (out / d / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint in .*config.json is missing"):
+        run(tmp_path, "r", *common, "--resume")
+
+
+def test_prune_keeps_latest_and_newer(tmp_path):
+    for s in range(1, 6):
+        (tmp_path / f"checkpoint-{s:07d}").mkdir()
+    (tmp_path / "latest").write_text("checkpoint-0000003")
+    train.prune_checkpoints(str(tmp_path), 2)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-0000002", "checkpoint-0000003", "checkpoint-0000004",
+                                            "checkpoint-0000005", "latest"]
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    common = ["--steps", "4", "--batch-size", "4", "--save-every", "2"]
+    run(tmp_path, "r", *common)
+    for extra, said in ((["--lr", "1e-3"], "--lr 0.003 -> 0.001"), (["--batch-size", "8"], "--batch-size 4 -> 8"),
+                        (["--query-tokens", "2"], "--query-tokens 4 -> 2"), (["--seed", "1"], "--seed 0 -> 1")):
+        with pytest.raises(ValueError, match=f"other settings than it was trained with .*{said}"):
+            run(tmp_path, "r", *common, *extra, "--resume")
+    # what may change does, and is what the next checkpoint records
+    import shutil
+    shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")         # back to step 2, then steps 3-4 again
+    run(tmp_path, "r", *common, "--save-every", "1", "--keep", "5", "--resume")
+    assert (tmp_path / "r" / "checkpoint-0000003").is_dir()
+    used = json.loads((tmp_path / "r" / "checkpoint-0000004" / "train_args.json").read_text())
+    assert used["save_every"] == 1 and used["keep"] == 5 and used["world_size"] == 1 and used["lr"] == 3e-3
+
+
+def test_bad_flags_stop_before_training(tmp_path, capsys):
+    for argv, said in ((["--save-every", "0"], "--save-every must be at least 1"),
+                       (["--query-tokens", "0"], "--query-tokens must be at least 1"),
+                       (["--objects", "3"], "--objects must be two integers"),
+                       (["--objects", "0,12"], "--objects 0,12: need 1 <= min <= max <= 9"),
+                       (["--temperature", "0"], "--temperature must be a positive number"),
+                       (["--lr", "nan"], "--lr must be a positive number")):
+        with pytest.raises(SystemExit):
+            train.get_args(argv)
+        assert said in capsys.readouterr().err, argv
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match=r"^train.py: error: cannot write --out .*file/out"):
+        train.main(SMALL + ["--out", str(tmp_path / "file" / "out"), "--steps", "1"])
+    with pytest.raises(SystemExit, match=r"^train.py: error: unknown backbone 'qwen-vl-9000': not an alias \(tiny, qwen2-vl-2b"):
+        train.main(SMALL + ["--backbone", "qwen-vl-9000", "--out", str(tmp_path / "o"), "--steps", "1"])
+
+
+def test_sigterm_says_where_to_resume(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "r"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    p = subprocess.Popen([sys.executable, "train.py", *SMALL, "--steps", "500", "--batch-size", "2", "--save-every", "2",
+                          "--out", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "latest").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err[-2000:]
+    assert "train.py: stopped during step" in err and "is complete: run the same command with --resume" in err
+    assert "Traceback" not in err
