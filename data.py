@@ -377,7 +377,7 @@ def load_vidore(path, max_queries=None):
 # -----------------------------------------------------------------------------
 # collate: examples -> backbone inputs
 
-def collate(examples, processor):
+def collate(examples, processor, query_suffix=False):
     """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then one hard
     negative per query (B more rows) where any example has one; neg_mask (B, 1) marks the real
     ones (a query without a negative gets its positive as a stand-in whose logit is dropped)."""
@@ -389,7 +389,7 @@ def collate(examples, processor):
                   for e, h, pos in zip(examples, has_neg, list(cands))]
         neg_mask = torch.tensor(has_neg)[:, None]
     q = prepare(processor, [e["qry_text"] for e in examples],
-                [_image(e["qry_image"], e["source"]) for e in examples], "query")
+                [_image(e["qry_image"], e["source"]) for e in examples], "query", query_suffix=query_suffix)
     c = prepare(processor, [t or "" for t, _, _ in cands], [_image(i, s) for _, i, s in cands], "candidate")
     return q, c, neg_mask
 

@@ -63,8 +63,9 @@ def recall(run, qrels, k):
 
 
 def precision_at_1(scores):
-    """MMEB: per row, candidate 0 is the positive; a hit only if it beats every other (ties lose)."""
-    hits = [float(s[0] > s[1:].max()) if len(s) > 1 else 1.0 for s in scores]
+    """MMEB: per row, candidate 0 is the positive; a hit when it is the argmax, so a tie with it
+    counts as a hit (VLM2Vec: argmax, then pred == 0; identical candidates score the same)."""
+    hits = [float(s[0] >= s[1:].max()) if len(s) > 1 else 1.0 for s in scores]
     return sum(hits) / len(hits)
 
 

@@ -56,6 +56,7 @@ class MetaEmbedConfig:
     min_pixels: int | None = None    # image bounds in pixels; None: the backbone's own minimum,
     max_pixels: int | None = None    # and at most MAX_VISUAL_TOKENS visual tokens (tiny: its own)
     attn_implementation: str = "sdpa"  # or "flash_attention_2" where installed
+    query_suffix: bool | None = None  # the official <|endoftext|> x 10 query suffix; None: on for real backbones
     tiny: dict = field(default_factory=dict)  # overrides of TINY (hidden_size, layers, ...)
 
     def __post_init__(self):
@@ -237,19 +238,24 @@ def add_lora(backbone, config):
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
-def format_prompt(text, has_image, side):
-    """The paper's "simple prompt" in Qwen chat format; side is 'query' or 'candidate'."""
+QUERY_SUFFIX = "<|endoftext|>" * 10 + "\n"   # the official query augmentation, before the meta tokens
+
+
+def format_prompt(text, has_image, side, query_suffix=False):
+    """The paper's "simple prompt" in Qwen chat format, as the official processor builds it; side is
+    'query' or 'candidate'. The image always comes first (MMEB's inline <|image_1|> is removed);
+    an image with no text at all is described; a query may get the augmentation suffix."""
     text = text or ""
     if "<|image_1|>" in text:  # MMEB carries Phi-3.5-V's image token inline
         if not has_image:
             raise ValueError(f"text has an <|image_1|> placeholder but no image: {text[:80]!r}")
-        text, image = text.replace("<|image_1|>", IMAGE_PLACEHOLDER), ""
-    else:
-        image = IMAGE_PLACEHOLDER if has_image else ""
+        text = text.replace("<|image_1|>\n", "").replace("<|image_1|>", "")
     if not text.strip() and has_image:
         text = "Describe the image."
+    image = IMAGE_PLACEHOLDER if has_image else ""
     prefix = "Query: " if side == "query" else ""
-    return f"<|im_start|>user\n{image}{prefix}{text}<|im_end|><|endoftext|>"
+    suffix = QUERY_SUFFIX if side == "query" and query_suffix else ""
+    return f"<|im_start|>user\n{image}{prefix}{text}<|im_end|><|endoftext|>{suffix}"
 
 
 def visual_token_pixels(processor):
@@ -315,14 +321,14 @@ class ImageTextProcessor(Qwen2VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
-def prepare(processor, texts, images=None, side="query", first=0):
+def prepare(processor, texts, images=None, side="query", first=0, query_suffix=False):
     """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, left-padded.
     first: the index of texts[0] in the caller's list (errors name items by it)."""
     if images is None:
         images = [None] * len(texts)
     if len(images) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(images)} images")
-    prompts = [format_prompt(t, im is not None, side) for t, im in zip(texts, images)]
+    prompts = [format_prompt(t, im is not None, side, query_suffix) for t, im in zip(texts, images)]
     pil = [load_image(im, f" (item {first + i})") for i, im in enumerate(images) if im is not None]
     return processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
 
@@ -330,15 +336,15 @@ def prepare(processor, texts, images=None, side="query", first=0):
 class _PreparedBatches(torch.utils.data.Dataset):
     """Batch b of (texts, images) -> processor tensors; a DataLoader runs it in worker processes."""
 
-    def __init__(self, processor, texts, images, side, batch_size):
-        self.args = processor, texts, images, side, batch_size
+    def __init__(self, processor, texts, images, side, batch_size, query_suffix):
+        self.args = processor, texts, images, side, batch_size, query_suffix
 
     def __len__(self):
         return -(-len(self.args[1]) // self.args[4])
 
     def __getitem__(self, b):
-        processor, texts, images, side, bs = self.args
-        return prepare(processor, texts[b * bs:(b + 1) * bs], images[b * bs:(b + 1) * bs], side, b * bs)
+        processor, texts, images, side, bs, suffix = self.args
+        return prepare(processor, texts[b * bs:(b + 1) * bs], images[b * bs:(b + 1) * bs], side, b * bs, suffix)
 
 
 # -----------------------------------------------------------------------------
@@ -385,6 +391,8 @@ class MetaEmbed(nn.Module):
             backbone = backbone.to(getattr(torch, config.dtype))
         if config.lora is None:  # resolved once, so a saved config says what was done
             config.lora = config.backbone != "tiny"
+        if config.query_suffix is None:
+            config.query_suffix = config.backbone != "tiny"
         if config.lora:
             backbone = add_lora(backbone, config)
         with torch.random.fork_rng():
@@ -408,7 +416,7 @@ class MetaEmbed(nn.Module):
 
     # -- batching -------------------------------------------------------------
     def prepare(self, texts, images=None, side="query"):
-        return prepare(self.processor, texts, images, side)
+        return prepare(self.processor, texts, images, side, query_suffix=self.config.query_suffix)
 
     def meta_states(self, inputs, R):
         """Append meta_tokens[:R] to every row; -> last-layer states at those positions (B, R, H)."""
@@ -478,7 +486,7 @@ class MetaEmbed(nn.Module):
             out = torch.empty(N, R, self.dim)
         elif tuple(out.shape) != (N, R, self.dim):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, self.dim)}")
-        batches = _PreparedBatches(self.processor, texts, images, side, batch_size)
+        batches = _PreparedBatches(self.processor, texts, images, side, batch_size, self.config.query_suffix)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                              pin_memory=self.device.type == "cuda")
         if progress:

@@ -51,6 +51,9 @@ def get_args(argv=None):
     g.add_argument("--max-pixels", type=int, help="cap on an image's pixels, so its visual tokens (default: "
                    "1024 tokens = 802816 for real backbones, as the official config; tiny: its own bound)")
     g.add_argument("--min-pixels", type=int, help="floor on an image's pixels (default: the backbone's)")
+    g.add_argument("--query-suffix", action=argparse.BooleanOptionalAction, default=None,
+                   help="the official query augmentation: <|endoftext|> x 10 after every query's prompt "
+                   "(default: on for real backbones, off for tiny)")
     g.add_argument("--attn-implementation", default="sdpa",
                    help="attention kernel of the backbone: sdpa (default), flash_attention_2 (where installed), eager")
     g = p.add_argument_group("data")
@@ -319,7 +322,8 @@ def train(args):
         model = MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
                                         num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
                                         temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
-                                        min_pixels=args.min_pixels, attn_implementation=args.attn_implementation)
+                                        min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
+                                        query_suffix=args.query_suffix)
     cfg = model.config
     if args.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -348,7 +352,7 @@ def train(args):
     # drives dropout and was just restored on --resume
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=StepBatches(len(dataset), B, world, rank, args.seed, start, args.steps),
-        collate_fn=functools.partial(data.collate, processor=model.processor), num_workers=args.workers,
+        collate_fn=functools.partial(data.collate, processor=model.processor, query_suffix=cfg.query_suffix), num_workers=args.workers,
         generator=torch.Generator().manual_seed(args.seed))
 
     if master:

@@ -85,12 +85,20 @@ def test_image_paths_and_missing_image(tiny, tmp_path):
 
 
 def test_prompts():
+    """The official processor's strings, exactly (simple prompts, image first, query suffix)."""
+    pad = "<|vision_start|><|image_pad|><|vision_end|>"
     assert format_prompt("cat", False, "query") == "<|im_start|>user\nQuery: cat<|im_end|><|endoftext|>"
-    assert format_prompt("cat", True, "candidate") == \
-        "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>cat<|im_end|><|endoftext|>"
-    assert "Describe the image." in format_prompt("", True, "candidate")
+    assert format_prompt("cat", True, "candidate") == f"<|im_start|>user\n{pad}cat<|im_end|><|endoftext|>"
+    assert format_prompt("", True, "candidate") == f"<|im_start|>user\n{pad}Describe the image.<|im_end|><|endoftext|>"
     assert format_prompt("<|image_1|>\nWhat is it?", True, "query") == \
-        "<|im_start|>user\nQuery: <|vision_start|><|image_pad|><|vision_end|>\nWhat is it?<|im_end|><|endoftext|>"
+        f"<|im_start|>user\n{pad}Query: What is it?<|im_end|><|endoftext|>"
+    assert format_prompt("<|image_1|>\nWhat is it?", True, "query", query_suffix=True) == \
+        f"<|im_start|>user\n{pad}Query: What is it?<|im_end|><|endoftext|>" + "<|endoftext|>" * 10 + "\n"
+    assert format_prompt("a dog", False, "candidate", query_suffix=True) == \
+        "<|im_start|>user\na dog<|im_end|><|endoftext|>"            # candidates never get the suffix
+    with pytest.raises(ValueError, match="placeholder but no image"):
+        format_prompt("<|image_1|>\nx", False, "query")
+    assert not MetaEmbed.from_backbone("tiny").config.query_suffix       # tiny: off; real backbones: on
 
 
 # -- the loss -----------------------------------------------------------------

@@ -36,7 +36,7 @@ def test_recall_and_precision_at_1():
     run = {"q": {"a": 3.0, "c": 2.0, "b": 1.0}}
     assert evaluate.recall(run, qrels, 1) == 0.5 and evaluate.recall(run, qrels, 3) == 1.0
     rows = [torch.tensor([0.9, 0.1, 0.3]), torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.4])]
-    assert evaluate.precision_at_1(rows) == pytest.approx(1 / 3)  # a tie with the positive is a miss
+    assert evaluate.precision_at_1(rows) == pytest.approx(2 / 3)  # a tie with the positive is a hit (VLM2Vec)
 
 
 class KnownEmbeddings:
@@ -112,6 +112,10 @@ def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
     out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], 8)
     assert out["1x1"]["P@1"] == 0.5
     assert model.calls == [2, 2]  # 2 unique queries, 2 unique candidates (4 listed)
+    # a duplicate of the positive among the candidates (encoded once, so an exact tie): a hit
+    dup = [dict(qry=rows[0]["qry"], cands=[("cat", None), ("dog", None), ("cat", None)])]
+    out, _ = evaluate.score_mmeb(model, dup, [(1, 1)], 8)
+    assert out["1x1"]["P@1"] == 1.0
 
 
 def test_mmeb_errors(tmp_path):
