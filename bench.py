@@ -237,6 +237,41 @@ def eval_memory(n, index_dir=None, D=3584, queries=2):
                 ratio=peak / index_bytes, seconds=time.perf_counter() - t)
 
 
+# -----------------------------------------------------------------------------
+# GradCache memory: one training step's peak host memory, with and without chunks
+
+def grad_cache_step_memory(batch, chunk, image_px=448):
+    """Peak host memory beyond the model of one training step (forward + backward, tiny backbone,
+    text queries against image candidates of image_px^2 pixels, one hard negative each), plain
+    (chunk 0) or with GradCache in chunks of `chunk` rows."""
+    from contextlib import nullcontext
+
+    from PIL import Image
+
+    import data
+    import train
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_backbone("tiny", max_pixels=image_px * image_px)
+    g = torch.Generator().manual_seed(0)
+    pics = [Image.fromarray(torch.randint(0, 255, (image_px, image_px, 3), generator=g, dtype=torch.uint8).numpy())
+            for _ in range(2 * batch)]
+    rows = [dict(qry_text=f"query {i}", qry_image=None, pos_text="", pos_image=pics[i], negs=[("", pics[batch + i])],
+                 source=f"row {i}") for i in range(batch)]
+    q_in, c_in, neg_mask = data.collate(rows, model.processor)
+    tokens = int(c_in["image_grid_thw"][0].prod()) // 4
+    base = rss_peak_reset()
+    t = time.perf_counter()
+    if chunk:
+        loss, _ = train.grad_cache_step(model, model, model.config, q_in, c_in, neg_mask, batch, 0, chunk,
+                                        nullcontext(), nullcontext)
+    else:
+        q, c = model(q_in, c_in)
+        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, batch, 0)
+        loss.backward()
+    return dict(batch=batch, chunk=chunk, visual_tokens_per_image=tokens, loss=loss.item(),
+                peak_extra_bytes=_status("VmHWM") - base, seconds=time.perf_counter() - t)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -246,7 +281,33 @@ def main():
                    help="instead: peak host memory of evaluating N candidates at (16, 64), D = 3584 (stub "
                    "encoder), against the bf16 index's size")
     p.add_argument("--index-dir", help="with --eval-memory: put the index on disk in this folder")
+    p.add_argument("--grad-cache", type=int, metavar="B", help="instead: peak host memory of one training step at "
+                   "batch B, plain and with GradCache chunks (--chunks), each in a fresh process")
+    p.add_argument("--chunks", default="4,16", help="with --grad-cache: the chunk sizes to measure (default 4,16)")
+    p.add_argument("--grad-cache-one", nargs=2, type=int, help=argparse.SUPPRESS)   # B chunk, in a child process
     args = p.parse_args()
+    if args.grad_cache_one:
+        print(json.dumps(grad_cache_step_memory(*args.grad_cache_one)))
+        return
+    if args.grad_cache:
+        import subprocess
+        import sys
+        rows = []
+        for chunk in [0] + [int(c) for c in args.chunks.split(",")]:
+            out = subprocess.run([sys.executable, __file__, "--grad-cache-one", str(args.grad_cache), str(chunk)],
+                                 capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(out.strip().splitlines()[-1]))
+        base = rows[0]
+        print(f"one training step, tiny backbone, batch {args.grad_cache} (+1 hard negative each), "
+              f"{base['visual_tokens_per_image']} visual tokens per image:")
+        for r in rows:
+            print(f"  {'plain' if not r['chunk'] else 'GradCache chunk ' + str(r['chunk']):<18} peak "
+                  f"{r['peak_extra_bytes'] / 2**20:8.0f} MiB ({r['peak_extra_bytes'] / base['peak_extra_bytes']:.2f}x), "
+                  f"{r['seconds']:.1f} s, loss {r['loss']:.6f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=2)
+        return
     if args.eval_memory:
         r = eval_memory(args.eval_memory, args.index_dir)
         where = f"on disk ({args.index_dir})" if args.index_dir else "in memory"

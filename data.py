@@ -3,9 +3,10 @@ Data: the offline synthetic set (the default), MMEB and ViDoRe through Hugging F
 and the collate function that turns examples into backbone inputs.
 
 A training example is a dict:
-    qry_text, qry_image, pos_text, pos_image, neg_text, neg_image, source
-texts are str ("" for none), images a PIL image, a path or None; neg_* are None where the data
-has no hard negative; `source` names the row in errors ("MMEB-train/CIRR row 12").
+    qry_text, qry_image, pos_text, pos_image, negs, source
+texts are str ("" for none), images a PIL image, a path or None; negs a list of (text, image)
+hard negatives (empty where the data has none); `source` names the row in errors
+("MMEB-train/CIRR row 12").
 
 A retrieval task (evaluation) is a dict:
     queries {qid: (text, image)}, corpus {docid: (text, image)}, qrels {qid: {docid: rel}}
@@ -124,9 +125,9 @@ class SyntheticPairs(torch.utils.data.Dataset):
         neg = variant(scene, rng)
         if rng.random() < 0.5:  # text -> image
             return dict(qry_text=caption(scene), qry_image=None, pos_text="", pos_image=render(scene),
-                        neg_text="", neg_image=render(neg), source=f"synthetic row {i}")
+                        negs=[("", render(neg))], source=f"synthetic row {i}")
         return dict(qry_text="", qry_image=render(scene), pos_text=caption(scene), pos_image=None,
-                    neg_text=caption(neg), neg_image=None, source=f"synthetic row {i}")
+                    negs=[(caption(neg), None)], source=f"synthetic row {i}")
 
 
 def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
@@ -173,6 +174,22 @@ def _configs(path, what):
                                 f"id you can reach or a local folder laid out like the hub repo") from None
 
 
+def _local_cache(path):
+    """A cache folder for a local copy, keyed by its absolute path and its files' sizes and times.
+    datasets keys a local folder's cache by the folder's name alone, so two copies both called
+    'MMEB-train' (or one edited in place) would silently read each other's cached tables."""
+    import datasets
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        return None                                   # a hub id: datasets' own cache is right
+    h = hashlib.sha1(path.encode())
+    for root, _, files in sorted(os.walk(path)):
+        for f in sorted(files):
+            st = os.stat(os.path.join(root, f))
+            h.update(f"{os.path.relpath(os.path.join(root, f), path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return os.path.join(datasets.config.HF_DATASETS_CACHE, "metaembed-local", h.hexdigest()[:16])
+
+
 def _load(path, name, split, what):
     """load_dataset with errors that name the data set, subset and split."""
     import datasets
@@ -180,7 +197,7 @@ def _load(path, name, split, what):
     if name is not None and name not in configs:
         raise ValueError(f"{what}: no subset {name!r} in {path!r}; it has: {', '.join(configs)}")
     try:
-        return datasets.load_dataset(os.path.expanduser(path), name, split=split)
+        return datasets.load_dataset(os.path.expanduser(path), name, split=split, cache_dir=_local_cache(path))
     except ValueError as e:
         raise ValueError(f"{what}: cannot load split {split!r} of {path!r}"
                          f"{f' subset {name!r}' if name else ''}: {e}") from None
@@ -201,59 +218,92 @@ def _image_path(images_dir, path, what):
     return os.path.join(images_dir, path)
 
 
-class HubPairs(torch.utils.data.Dataset):
-    """Training pairs from a `datasets.Dataset` with the standard columns below (see load_*)."""
+# Training layouts, by their columns (images are in the rows, or paths relative to an images folder):
+LAYOUTS = {
+    "mmeb": ("qry", "qry_image_path", "pos_text", "pos_image_path"),   # MMEB-train [+ neg_text, neg_image_path]
+    "moca": ("qry", "qry_image", "pos_text", "pos_image"),             # + neg_text (list), neg_image_0..K-1
+    "colpali": ("query", "image"),                                     # ViDoRe's training set: the page is the positive
+}
 
-    def __init__(self, ds, images_dir=None):
-        self.ds, self.images_dir = ds, images_dir
+
+def detect_layout(columns, what):
+    for name, needed in LAYOUTS.items():
+        if all(c in columns for c in needed):
+            return name
+    raise ValueError(f"{what}: columns {sorted(columns)} match no training layout; one of: "
+                     + "; ".join(f"{k}: {', '.join(v)}" for k, v in LAYOUTS.items()))
+
+
+def _image_columns(ds, layout):
+    if layout == "mmeb":
+        return [c for c in ("qry_image_path", "pos_image_path", "neg_image_path") if c in ds.column_names]
+    if layout == "moca":
+        return [c for c in ds.column_names if c in ("qry_image", "pos_image") or c.startswith("neg_image_")]
+    return ["image"]
+
+
+class Source(torch.utils.data.Dataset):
+    """One training source: rows of a `datasets.Dataset` in one of LAYOUTS, read (and decoded)
+    lazily, one example at a time. rows: which rows of ds are used (a cap, a held-out split)."""
+
+    def __init__(self, ds, layout, name, images_dir=None, rows=None):
+        self.ds, self.layout, self.name, self.images_dir = ds, layout, name, images_dir
+        self.rows = range(len(ds)) if rows is None else rows
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.rows)
 
     def __getitem__(self, i):
-        r = self.ds[int(i)]
-        src = r["source"]
-        img = lambda x: x if not isinstance(x, str) else _image_path(self.images_dir, x, src)  # noqa: E731
-        has_neg = bool(r.get("neg_text") or r.get("neg_image"))
-        return dict(qry_text=r["qry_text"], qry_image=img(r["qry_image"]),
-                    pos_text=r["pos_text"], pos_image=img(r["pos_image"]),
-                    neg_text=r["neg_text"] if has_neg else None,
-                    neg_image=img(r["neg_image"]) if has_neg else None, source=src)
+        n = self.rows[int(i)]
+        r, src = self.ds[n], f"{self.name} row {n}"
+        img = lambda x: _image_path(self.images_dir, x, src) if isinstance(x, str) else x  # noqa: E731
+        if self.layout == "colpali":
+            return dict(qry_text=r["query"], qry_image=None, pos_text="", pos_image=r["image"], negs=[], source=src)
+        if self.layout == "mmeb":
+            negs = [(r.get("neg_text") or "", img(r.get("neg_image_path")))]
+        else:  # moca: neg_text a list, images in neg_image_0, neg_image_1, ...
+            texts = list(r.get("neg_text") or [])
+            K = max([len(texts)] + [int(c.rsplit("_", 1)[1]) + 1 for c in r if c.startswith("neg_image_")
+                                    and r[c] not in (None, "")])
+            negs = [(texts[k] if k < len(texts) else "", img(r.get(f"neg_image_{k}"))) for k in range(K)]
+        negs = [(t, im) for t, im in negs if t or im is not None]
+        return dict(qry_text=r["qry"], qry_image=img(r[LAYOUTS[self.layout][1]]), pos_text=r["pos_text"],
+                    pos_image=img(r[LAYOUTS[self.layout][3]]), negs=negs, source=src)
 
 
-def load_mmeb_train(path="TIGER-Lab/MMEB-train", subsets=None, images_dir=None, max_per_subset=None,
-                    seed=0):
-    """MMEB-train subsets (split 'original'), capped per subset, interleaved by a seeded shuffle.
+def load_source(path, subset, split, name, images_dir=None):
+    """A hub id or local folder (one subset, one split) -> Source; images checked up front."""
+    ds = _load(path, subset, split, name)
+    layout = detect_layout(ds.column_names, name)
+    check_image_paths(ds, _image_columns(ds, layout), images_dir, name)
+    return Source(ds, layout, name, images_dir)
+
+
+def load_mmeb_train(path="TIGER-Lab/MMEB-train", subsets=None, images_dir=None, max_per_subset=None):
+    """MMEB-train subsets (split 'original'), each capped at its first max_per_subset rows.
 
     Columns qry, qry_image_path, pos_text, pos_image_path [, neg_text, neg_image_path]."""
-    import datasets
     if not subsets:
         raise ValueError("MMEB-train: name the subsets to train on (e.g. --subsets ImageNet_1K CIRR)")
     parts = []
     for name in subsets:
         what = f"MMEB-train/{name}"
         ds = _load(path, name, "original", what)
-        _require(ds, ["qry", "qry_image_path", "pos_text", "pos_image_path"], what)
-        if max_per_subset:
-            ds = ds.select(range(min(max_per_subset, len(ds))))
-        has_neg = "neg_text" in ds.column_names and "neg_image_path" in ds.column_names
-
-        def standard(r, i, name=name, has_neg=has_neg):
-            return dict(qry_text=r["qry"], qry_image=r["qry_image_path"], pos_text=r["pos_text"],
-                        pos_image=r["pos_image_path"], neg_text=r["neg_text"] if has_neg else "",
-                        neg_image=r["neg_image_path"] if has_neg else "",
-                        source=f"MMEB-train/{name} row {i}")
-        ds = ds.map(standard, with_indices=True, remove_columns=ds.column_names)
-        check_image_paths(ds, images_dir, what)
-        parts.append(ds)
-    return HubPairs(datasets.concatenate_datasets(parts).shuffle(seed=seed), images_dir)
+        _require(ds, LAYOUTS["mmeb"], what)
+        check_image_paths(ds, _image_columns(ds, "mmeb"), images_dir, what)
+        rows = range(min(max_per_subset or len(ds), len(ds)))
+        parts.append(Source(ds, "mmeb", what, images_dir, rows))
+    return torch.utils.data.ConcatDataset(parts)
 
 
-def check_image_paths(ds, images_dir, what):
+def check_image_paths(ds, columns, images_dir, what):
     """Every image path of a training set exists, checked before training (not hours in, at the
-    batch that reaches it); the missing ones are counted and the first named with their rows."""
+    batch that reaches it); the missing ones are counted and the first named with their rows.
+    Columns holding images themselves (not paths) need no check."""
     missing, total = [], 0
-    for col in ("qry_image", "pos_image", "neg_image"):
+    for col in columns:
+        if getattr(ds.features.get(col), "dtype", None) != "string":
+            continue
         for i, p in enumerate(ds[col]):
             if not p:
                 continue
@@ -264,20 +314,113 @@ def check_image_paths(ds, images_dir, what):
                 missing.append(f"row {i} {col} {os.path.join(images_dir, p)!r}")
     if missing:
         raise FileNotFoundError(f"{what}: {len(missing)} of {total} images are missing, e.g. "
-                                + "; ".join(missing[:3]) + " (is --images the folder MMEB-train's images were unpacked into?)")
+                                + "; ".join(missing[:3]) + " (is --images the folder the images were unpacked into?)")
 
 
 def load_colpali_train(path="vidore/colpali_train_set", max_rows=None):
     """ViDoRe training set: columns query, image (the positive page)."""
     ds = _load(path, None, "train", "colpali-train")
-    _require(ds, ["query", "image"], "colpali-train")
-    if max_rows:
-        ds = ds.select(range(min(max_rows, len(ds))))
-    ds = ds.select_columns(["query", "image"])
-    ds = ds.map(lambda r, i: dict(qry_text=r["query"], qry_image=None, pos_text="", neg_text="",
-                                  neg_image=None, source=f"colpali-train row {i}"),
-                with_indices=True)
-    return HubPairs(ds.rename_column("image", "pos_image"))
+    _require(ds, LAYOUTS["colpali"], "colpali-train")
+    return Source(ds, "colpali", "colpali-train", rows=range(min(max_rows or len(ds), len(ds))))
+
+
+# -----------------------------------------------------------------------------
+# the official mixture: sources with weights and caps, sampled in runs of one source
+
+MMEB_TRAIN = "TIGER-Lab/MMEB-train"
+MMEB_TRAIN_SUBSETS = ["ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN397", "OK-VQA", "A-OKVQA",
+                      "DocVQA", "InfographicsVQA", "ChartQA", "Visual7W", "VisDial", "CIRR", "VisualNews_t2i",
+                      "VisualNews_i2t", "MSCOCO_t2i", "MSCOCO_i2t", "NIGHTS", "WebQA", "MSCOCO"]
+
+
+class Mixture(torch.utils.data.Dataset):
+    """Training sources, each with a weight and a row cap; an example is addressed (source, row).
+
+    The order (official "interleaved" sampling): pick a source with probability proportional to its
+    weight among those not yet exhausted, take its next `run` examples (its rows in a seeded
+    order), repeat until every source is exhausted; then the next epoch. Each rank has its own
+    order (seed, rank, epoch), a pure function of them, so a resumed run sees the same batches."""
+
+    def __init__(self, names, sources, weights, heldout):
+        self.names, self.sources, self.weights, self.heldout = names, sources, weights, heldout
+
+    def __len__(self):
+        return sum(len(s) for s in self.sources)
+
+    def __getitem__(self, key):
+        s, i = key
+        return self.sources[s][i]
+
+    def epoch(self, seed, rank, epoch, run):
+        """-> (source of each example, row within the source), numpy arrays of len(self)."""
+        import numpy as np
+        rng = np.random.default_rng([seed, rank, epoch])
+        left = [list(rng.permutation(len(s))) for s in self.sources]
+        pos = [0] * len(left)
+        w = np.array(self.weights, dtype=float)
+        src, rows = [], []
+        while True:
+            alive = [k for k in range(len(left)) if pos[k] < len(left[k])]
+            if not alive:
+                break
+            p = w[alive] / w[alive].sum()
+            k = alive[rng.choice(len(alive), p=p)]
+            take = left[k][pos[k]:pos[k] + run]
+            pos[k] += len(take)
+            src += [k] * len(take)
+            rows += take
+        return np.array(src, dtype=np.int64), np.array(rows, dtype=np.int64)
+
+
+def load_mixture(file, images_dir=None, holdout=100, seed=0):
+    """A mixture file (YAML, the official form), one entry per source:
+
+        ImageNet_1K: {weight: 1.0, num_samples: 100000}       # an MMEB-train subset
+        ArxivQA: {weight: 1.0, num_samples: 50000, path: DIR_OR_HUB_ID, split: train}
+        tevatron_colpali: {weight: 5.0, path: ...}           # num_samples absent: every row
+
+    path defaults to TIGER-Lab/MMEB-train for its 20 subsets (subset = the name, split
+    'original'); elsewhere path is needed, subset optional, split 'train' by default; images
+    (a folder for path columns) defaults to --images. The last `holdout` rows of each source are
+    held out (for --eval-every); num_samples caps the rest by a seeded choice. -> Mixture."""
+    import numpy as np
+    import yaml
+    try:
+        with open(file) as f:
+            spec = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"mixture {file}: cannot read it ({e})") from None
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"mixture {file}: expected 'Source: {{weight: W, num_samples: N}}' entries")
+    names, sources, weights, heldout = [], [], [], []
+    no_path = [n for n, s in spec.items() if not (s or {}).get("path") and n not in MMEB_TRAIN_SUBSETS]
+    if no_path:
+        raise ValueError(f"mixture {file}: no path for {', '.join(no_path)} (only the MMEB-train subsets have a "
+                         f"default): set `path:` to a hub id or a local folder in one of the layouts "
+                         f"({', '.join(LAYOUTS)}), or remove the source")
+    for name, s in spec.items():
+        s = dict(s or {})
+        unknown = set(s) - {"weight", "num_samples", "path", "subset", "split", "images"}
+        if unknown:
+            raise ValueError(f"mixture {file}: source {name}: unknown key(s) {sorted(unknown)}")
+        weight, cap = float(s.get("weight", 1.0)), s.get("num_samples")
+        if not weight > 0 or (cap is not None and int(cap) < 1):
+            raise ValueError(f"mixture {file}: source {name}: weight must be > 0 and num_samples >= 1")
+        path = s.get("path") or MMEB_TRAIN
+        mmeb = "path" not in s or not s["path"]
+        src = load_source(path, s.get("subset", name if mmeb else None), s.get("split", "original" if mmeb else "train"),
+                          name, s.get("images", images_dir))
+        n = len(src)
+        if n <= holdout:
+            raise ValueError(f"mixture {file}: source {name} has {n} rows, not more than the {holdout} held out")
+        train_rows = np.arange(n - holdout)
+        if cap is not None and int(cap) < len(train_rows):
+            train_rows = np.sort(np.random.default_rng([seed, len(names)]).choice(train_rows, int(cap), replace=False))
+        names.append(name)
+        weights.append(weight)
+        sources.append(Source(src.ds, src.layout, name, src.images_dir, train_rows.tolist()))
+        heldout.append(Source(src.ds, src.layout, name, src.images_dir, list(range(n - holdout, n))))
+    return Mixture(names, sources, weights, heldout)
 
 
 # -----------------------------------------------------------------------------
@@ -377,17 +520,19 @@ def load_vidore(path, max_queries=None):
 # -----------------------------------------------------------------------------
 # collate: examples -> backbone inputs
 
-def collate(examples, processor, query_suffix=False):
-    """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then one hard
-    negative per query (B more rows) where any example has one; neg_mask (B, 1) marks the real
-    ones (a query without a negative gets its positive as a stand-in whose logit is dropped)."""
-    has_neg = [e.get("neg_text") is not None or e.get("neg_image") is not None for e in examples]
+def collate(examples, processor, query_suffix=False, num_negatives=1):
+    """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then K =
+    num_negatives hard negatives per query (B * K more rows, query-major) where any example has
+    one: an example with fewer than K repeats its last (as the official collator), one with none
+    gets its positive as a stand-in, masked out by neg_mask (B, K) (False = no negative there)."""
+    B, K = len(examples), num_negatives
     cands = [(e["pos_text"], e["pos_image"], e["source"]) for e in examples]
     neg_mask = None
-    if any(has_neg):
-        cands += [(e["neg_text"], e["neg_image"], e["source"]) if h else pos
-                  for e, h, pos in zip(examples, has_neg, list(cands))]
-        neg_mask = torch.tensor(has_neg)[:, None]
+    if K > 0 and any(e["negs"] for e in examples):
+        for e, pos in zip(examples, list(cands)):
+            negs = [(t, im, e["source"]) for t, im in e["negs"][:K]]
+            cands += negs + negs[-1:] * (K - len(negs)) if negs else [pos] * K
+        neg_mask = torch.tensor([bool(e["negs"]) for e in examples])[:, None].expand(B, K).clone()
     q = prepare(processor, [e["qry_text"] for e in examples],
                 [_image(e["qry_image"], e["source"]) for e in examples], "query", query_suffix=query_suffix)
     c = prepare(processor, [t or "" for t, _, _ in cands], [_image(i, s) for _, i, s in cands], "candidate")

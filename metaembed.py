@@ -52,6 +52,7 @@ class MetaEmbedConfig:
     lora_r: int = 32
     lora_alpha: int = 32
     lora_dropout: float = 0.1
+    lora_vision: bool = False        # LoRA on the vision tower too (the official run: language model only)
     dtype: str | None = None         # backbone weights; None: float32 for `tiny`, bfloat16 otherwise
     min_pixels: int | None = None    # image bounds in pixels; None: the backbone's own minimum,
     max_pixels: int | None = None    # and at most MAX_VISUAL_TOKENS visual tokens (tiny: its own)
@@ -219,16 +220,18 @@ def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     return backbone, ImageTextProcessor(image_processor, tokenizer)
 
 
-# LoRA on the language and vision attention / MLP projections (the paper's q,k,v,o,gate,up,down;
-# the Qwen2-VL vision tower names them qkv, proj, fc1, fc2).
-LORA_TARGETS = (r".*(layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-                r"|blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj)))")
+# LoRA as the official config: gaussian init (B = 0, so training starts from the base model) on the
+# language model's attention and MLP projections; lora_vision adds the vision tower's (Qwen2-VL
+# names them qkv, proj, fc1, fc2; Qwen2.5-VL gate/up/down_proj).
+LORA_LANGUAGE = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_VISION = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))"
 
 
 def add_lora(backbone, config):
     from peft import LoraConfig, get_peft_model
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha,
-                      lora_dropout=config.lora_dropout, target_modules=LORA_TARGETS)
+    targets = f".*({LORA_LANGUAGE}|{LORA_VISION})" if config.lora_vision else f".*language_model.*{LORA_LANGUAGE}"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, init_lora_weights="gaussian")
     return get_peft_model(backbone, lora)
 
 
@@ -462,9 +465,11 @@ class MetaEmbed(nn.Module):
         b = self.backbone
         return b.get_base_model() if hasattr(b, "get_base_model") else b
 
-    def forward(self, query_inputs, candidate_inputs):
-        """One training forward (one call, so DDP sees one forward): (B, R_q, D), (B_c, R_c, D)."""
-        return self.embed(query_inputs, "query"), self.embed(candidate_inputs, "candidate")
+    def forward(self, query_inputs=None, candidate_inputs=None):
+        """One forward through the wrapper (so DDP / FSDP see it): -> (E_q (B, R_q, D) or None,
+        E_c (B_c, R_c, D) or None), for whichever inputs are given."""
+        return (self.embed(query_inputs, "query") if query_inputs is not None else None,
+                self.embed(candidate_inputs, "candidate") if candidate_inputs is not None else None)
 
     @torch.no_grad()
     def _encode(self, texts, images, side, batch_size, progress, out, workers):
@@ -499,7 +504,8 @@ class MetaEmbed(nn.Module):
         try:
             for i, inputs in zip(range(0, N, batch_size), loader):
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    e = self.embed(inputs, side)                           # (B, R, D) float32
+                    q, c = self(inputs, None) if side == "query" else self(None, inputs)
+                e = q if side == "query" else c                            # (B, R, D) float32
                 out[i:i + e.shape[0]] = e.to(out.dtype).cpu() if isinstance(out, torch.Tensor) else e
         finally:
             self.train(was_training)

@@ -31,10 +31,19 @@ from metaembed import CHECKPOINT_FILES, GROUPS, MetaEmbed, latest_checkpoint, ma
 # defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
 TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=4, out="out/tiny-synthetic")
 PAPER_DEFAULTS = dict(steps=4000, batch_size=48, lr=1e-4, warmup=500, proj_dim=None, out=None)
+# --recipe paper: what the official 7b_mrl.yaml sets (batch is per device: 48 x GPUs in all)
+PAPER_RECIPE = dict(backbone="qwen2.5-vl-7b", mixture=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                    "mixtures", "paper.yaml"), lora=True, lr=1e-4, warmup=500, steps=4000, batch_size=48,
+                    num_negatives=1, source_run=32, holdout=100, max_pixels=1024 * 28 * 28, query_suffix=True,
+                    grad_checkpointing=True, temperature=0.03, query_tokens=16, candidate_tokens=64, proj_dim=0,
+                    out="out/metaembed-paper")
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipe", choices=["paper"], help="paper: every setting of the official 7b_mrl.yaml (the "
+                   "mixture, LoRA, lr, warmup, steps, per-device batch, negatives, image cap, prompts); printed; "
+                   "flags given explicitly still win")
     g = p.add_argument_group("model")
     g.add_argument("--backbone", default="tiny", help="tiny (offline), qwen2-vl-2b, qwen2-vl-7b, qwen2.5-vl-3b/"
                    "7b/32b, a hub id or a local folder (default: tiny)")
@@ -47,6 +56,8 @@ def get_args(argv=None):
                    help="ablation: train only the full group (R_q, R_c), no nested prefixes")
     g.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="LoRA r=32 on the backbone (default: on for real backbones, off for tiny)")
+    g.add_argument("--lora-vision", action="store_true", help="LoRA on the vision tower too (the official run: "
+                   "the language model only)")
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--max-pixels", type=int, help="cap on an image's pixels, so its visual tokens (default: "
                    "1024 tokens = 802816 for real backbones, as the official config; tiny: its own bound)")
@@ -66,6 +77,14 @@ def get_args(argv=None):
     g.add_argument("--synthetic-size", type=int, default=20000, help="synthetic training pairs")
     g.add_argument("--objects", default="%d,%d" % data.OBJECTS,
                    help="synthetic squares per scene, min,max (default %(default)s)")
+    g.add_argument("--mixture", help="a mixture file (YAML, the official form: Source: {weight, num_samples, path}); "
+                   "overrides --data. mixtures/paper.yaml is the paper's")
+    g.add_argument("--source-run", type=int, default=32, help="with --mixture: consecutive examples from one "
+                   "source (same-task in-batch negatives; official interleaved_batch_size 32)")
+    g.add_argument("--holdout", type=int, default=100, help="rows held out per source for --eval-every (the last "
+                   "ones of each mixture source; synthetic: this many eval scenes)")
+    g.add_argument("--num-negatives", type=int, default=1, help="hard negatives per query, K (rows with fewer "
+                   "repeat their last; 0 = in-batch negatives only)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default: 1200 tiny, 4000 real)")
@@ -74,6 +93,9 @@ def get_args(argv=None):
     g.add_argument("--warmup", type=int, help="linear warmup steps, then linear decay to 0")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--clip", type=float, default=1.0, help="gradient norm clip")
+    g.add_argument("--grad-cache-chunk", type=int, default=0, metavar="N",
+                   help="GradCache: hold activations for only N rows at a time, with the whole batch's loss and "
+                   "gradients (a large --batch-size on few GPUs; 0 = off)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fsdp", action="store_true", help="shard the backbone across ranks (FSDP2)")
     g = p.add_argument_group("output")
@@ -84,8 +106,19 @@ def get_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="start afresh in an OUT that holds checkpoints "
                    "(its checkpoints are removed)")
     g.add_argument("--log-file", help="append one JSON object per step (step, loss, lr, loss per group)")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="every N steps (and at the end): P@1 on held-out rows at each Matryoshka group, logged")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
+    if args.recipe == "paper":
+        given = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
+                                                   for o in a.option_strings)}
+        for k, v in PAPER_RECIPE.items():
+            if k not in given:
+                setattr(args, k, v)
+        print("--recipe paper: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER_RECIPE.items()
+                                              if k not in given) + (f" (given: {', '.join(sorted(given & set(PAPER_RECIPE)))})"
+                                                                    if given & set(PAPER_RECIPE) else ""))
     d = TINY_DEFAULTS if args.backbone == "tiny" else PAPER_DEFAULTS
     for k in ("steps", "batch_size", "lr", "warmup", "out"):
         if getattr(args, k) is None:
@@ -99,6 +132,7 @@ def get_args(argv=None):
     # every check that can be made before training starts is made here, not at the first checkpoint
     at_least = dict(steps=1, batch_size=1, save_every=1, keep=1, query_tokens=1, candidate_tokens=1,
                     synthetic_size=1, workers=0, warmup=0, proj_dim=0)
+    at_least.update(source_run=1, holdout=1, num_negatives=0, grad_cache_chunk=0, eval_every=0)
     for k, lo in at_least.items():
         if getattr(args, k) is not None and getattr(args, k) < lo:
             p.error(f"--{k.replace('_', '-')} must be at least {lo}, got {getattr(args, k)}")
@@ -141,13 +175,67 @@ class StepBatches(torch.utils.data.Sampler):
         return self.args[-1] - self.args[-2]
 
 
-def build_dataset(args):
+class MixtureBatches(torch.utils.data.Sampler):
+    """This rank's batches of a data.Mixture: B consecutive examples of its own stream per step
+    (runs of `run` examples from one source), epoch after epoch; a pure function of the step."""
+
+    def __init__(self, mixture, batch, rank, seed, start, steps, run):
+        self.mixture, self.args, self.cached = mixture, (batch, rank, seed, start, steps, run), (None, None)
+
+    def _epoch(self, e):
+        if self.cached[0] != e:
+            batch, rank, seed, start, steps, run = self.args
+            self.cached = (e, self.mixture.epoch(seed, rank, e, run))
+        return self.cached[1]
+
+    def batch(self, step):
+        B, L = self.args[0], len(self.mixture)
+        out = []
+        for p in range(step * B, (step + 1) * B):
+            src, rows = self._epoch(p // L)
+            out.append((int(src[p % L]), int(rows[p % L])))
+        return out
+
+    def seen(self, step):
+        """Examples of each source this rank has trained on after `step` steps (for the log)."""
+        import numpy as np
+        end, L = step * self.args[0], len(self.mixture)
+        full, off = divmod(end, L)
+        sizes = np.array([len(s) for s in self.mixture.sources])
+        part = np.bincount(self._epoch(full)[0][:off], minlength=len(sizes)) if off else 0
+        return dict(zip(self.mixture.names, (full * sizes + part).tolist()))
+
+    def __iter__(self):
+        for step in range(self.args[3], self.args[4]):
+            yield self.batch(step)
+
+    def __len__(self):
+        return self.args[4] - self.args[3]
+
+
+def build_data(args, world, rank, start):
+    """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
+    if args.mixture:
+        mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed)
+        sampler = MixtureBatches(mix, args.batch_size, rank, args.seed, start, args.steps, args.source_run)
+        return mix, sampler, {n: heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
     if args.data == "synthetic":
         lo, hi = data.parse_objects(args.objects)
-        return data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
-    if args.data == "mmeb-train":
-        return data.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset, args.seed)
-    return data.load_colpali_train(args.colpali_train)
+        ds = data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
+        heldout = data.synthetic_eval(args.holdout, n_variants=1, seed=args.seed + 1, min_objects=lo, max_objects=hi)
+    elif args.data == "mmeb-train":
+        ds, heldout = data.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset), {}
+    else:
+        ds, heldout = data.load_colpali_train(args.colpali_train), {}
+    return ds, StepBatches(len(ds), args.batch_size, world, rank, args.seed, start, args.steps), heldout
+
+
+def heldout_task(source):
+    """Held-out rows -> a retrieval task: each query against all the held-out positives."""
+    rows = [source[i] for i in range(len(source))]
+    return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)},
+                corpus={i: (r["pos_text"], r["pos_image"]) for i, r in enumerate(rows)},
+                qrels={i: {i: 1} for i in range(len(rows))})
 
 
 # -----------------------------------------------------------------------------
@@ -263,17 +351,94 @@ def gather_with_grad(x):
     return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
-def step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp=nullcontext()):
-    """Encode one local batch (under amp) and return the MMR loss in fp32 (and the loss per group).
-    Candidates are B positives then, if any, B hard negatives; positives are gathered from every
-    rank with gradient (this rank's at row rank * B), negatives stay local."""
-    with amp:
-        q, c = net(q_in, c_in)                                         # (B, R_q, D), (B or 2B, R_c, D)
-    pos, neg = c[:B], (c[B:] if neg_mask is not None else None)
+def mmr_loss(cfg, q, c, neg_mask, B, rank):
+    """The MMR loss of one local batch's embeddings, in fp32 (and the loss per group). q (B, R_q, D);
+    c: B positives, then B * K hard negatives (query-major) if neg_mask (B, K) is given. Positives
+    are gathered from every rank with gradient (this rank's at row rank * B); negatives stay local."""
+    pos, neg = c[:B], None
+    if neg_mask is not None:
+        neg = c[B:].view(B, neg_mask.shape[1], *c.shape[1:])              # (B, K, R_c, D)
+        neg_mask = neg_mask.to(q.device)
     pos_all = gather_with_grad(pos)                                     # (B * world, R_c, D)
-    return matryoshka_loss(q, pos_all, neg, cfg.groups, cfg.temperature, cfg.group_weights, offset=rank * B,
-                           neg_mask=neg_mask.to(q.device) if neg_mask is not None else None,
+    return matryoshka_loss(q.float(), pos_all.float(), None if neg is None else neg.float(), cfg.groups,
+                           cfg.temperature, cfg.group_weights, offset=rank * B, neg_mask=neg_mask,
                            return_groups=True)
+
+
+def rows_of(inputs, lo, hi, image_token_id):
+    """Rows lo:hi of a processor batch, with their images' patches (each row holds at most one
+    image, its patches in row order in pixel_values, its grid in image_grid_thw)."""
+    out = {k: inputs[k][lo:hi] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    if inputs.get("pixel_values") is not None:
+        has = (inputs["input_ids"] == image_token_id).any(1).long().cumsum(0)   # images up to each row
+        first, last = (int(has[lo - 1]) if lo else 0), int(has[hi - 1])
+        patches = torch.cat([torch.zeros(1, dtype=torch.long), inputs["image_grid_thw"].prod(1).cumsum(0)])
+        if last > first:
+            out["pixel_values"] = inputs["pixel_values"][patches[first]:patches[last]]
+            out["image_grid_thw"] = inputs["image_grid_thw"][first:last]
+    return out
+
+
+def grad_cache_step(net, model, cfg, q_in, c_in, neg_mask, B, rank, chunk, amp, no_sync):
+    """GradCache (Gao et al., 2021): the loss of the whole batch, with activations for only `chunk`
+    rows at a time. 1) every chunk's embeddings without a graph; 2) the loss on all of them (all
+    ranks' positives gathered) and its gradient w.r.t. the embeddings; 3) each chunk again with a
+    graph, back-propagated against its slice of that gradient, with the RNG state of its first
+    pass (same dropout). Parameter gradients equal the full batch's. -> (loss, per group)."""
+    img = model.backbone.config.image_token_id
+    parts = [(side, inputs, lo, min(lo + chunk, n)) for side, inputs in (("query", q_in), ("candidate", c_in))
+             for n in [inputs["input_ids"].shape[0]] for lo in range(0, n, chunk)]
+    states, embs = [], {"query": [], "candidate": []}
+    with torch.no_grad():
+        for side, inputs, lo, hi in parts:
+            states.append(_rng_state())
+            with amp:
+                e = net(rows_of(inputs, lo, hi, img), None)[0] if side == "query" else \
+                    net(None, rows_of(inputs, lo, hi, img))[1]
+            embs[side].append(e)
+    q = torch.cat(embs["query"]).requires_grad_()                         # (B, R_q, D), a leaf
+    c = torch.cat(embs["candidate"]).requires_grad_()                     # (B + B K, R_c, D)
+    loss, per_group = mmr_loss(cfg, q, c, neg_mask, B, rank)
+    check_finite(loss)
+    loss.backward()                                                       # -> q.grad, c.grad
+    for k, (side, inputs, lo, hi) in enumerate(parts):
+        with torch.random.fork_rng(devices=[q.device] if q.is_cuda else []), \
+                (no_sync() if k < len(parts) - 1 else nullcontext()):     # DDP: all-reduce once, at the end
+            _set_rng_state(states[k])
+            with amp:
+                e = net(rows_of(inputs, lo, hi, img), None)[0] if side == "query" else \
+                    net(None, rows_of(inputs, lo, hi, img))[1]
+            e.backward((q.grad if side == "query" else c.grad)[lo:hi])
+    return loss.detach(), per_group.detach()
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+def check_finite(loss):
+    if not math.isfinite(loss.item()):
+        raise FloatingPointError(f"the loss is {loss.item()}: lower --lr or check the data")
+
+
+@torch.no_grad()
+def evaluate_heldout(model, tasks, groups, batch_size, device):
+    """P@1 on the held-out rows at each Matryoshka group, averaged over tasks (sources)."""
+    from evaluate import score_retrieval
+    if not tasks:
+        return {}
+    out = {f"heldout_p1_{rq}x{rc}": 0.0 for rq, rc in groups}
+    for task in tasks.values():
+        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32)
+        for rq, rc in groups:
+            out[f"heldout_p1_{rq}x{rc}"] += res[f"{rq}x{rc}"]["P@1"] / len(tasks)
+    return out
 
 
 def train(args):
@@ -323,7 +488,7 @@ def train(args):
                                         num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
                                         temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
                                         min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
-                                        query_suffix=args.query_suffix)
+                                        query_suffix=args.query_suffix, lora_vision=args.lora_vision)
     cfg = model.config
     if args.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -346,21 +511,21 @@ def train(args):
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local] if device.type == "cuda" else None, find_unused_parameters=True)
 
-    dataset = build_dataset(args)
+    dataset, sampler, heldout = build_data(args, world, rank, start)
     B = args.batch_size
     # the loader's own generator: creating its iterator must not draw from the global RNG, which
     # drives dropout and was just restored on --resume
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=StepBatches(len(dataset), B, world, rank, args.seed, start, args.steps),
-        collate_fn=functools.partial(data.collate, processor=model.processor, query_suffix=cfg.query_suffix), num_workers=args.workers,
-        generator=torch.Generator().manual_seed(args.seed))
+    collate = functools.partial(data.collate, processor=model.processor, query_suffix=cfg.query_suffix,
+                                num_negatives=args.num_negatives)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
 
     if master:
         n_train = sum(p.numel() for p in params)
         n_all = sum(p.numel() for p in model.parameters())
         print(f"MetaEmbed on {args.backbone} ({n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained), "
               f"D={model.dim}, R_q={cfg.num_query_tokens}, R_c={cfg.num_candidate_tokens}, groups {cfg.groups}; "
-              f"{args.data}: {len(dataset)} examples; {world} process(es) x batch {B}, steps {start}->{args.steps}")
+              f"{args.mixture or args.data}: {len(dataset)} examples; {world} process(es) x batch {B}, steps {start}->{args.steps}")
     log = open(args.log_file, "a") if (args.log_file and master) else None
     bar = None
     if master and not args.no_progress:
@@ -368,30 +533,42 @@ def train(args):
         bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     path, t_start = None, time.time()
-    w = torch.tensor(cfg.group_weights or [1.0] * len(cfg.groups))
     net.train()
     step = start
     try:
         for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
             t0 = time.time()
-            loss, per_group = step_loss(net, cfg, q_in, c_in, neg_mask, B, rank, amp)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step + 1}: lower --lr or check the data")
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            if args.grad_cache_chunk:
+                no_sync = net.no_sync if isinstance(net, torch.nn.parallel.DistributedDataParallel) else nullcontext
+                loss, per_group = grad_cache_step(net, model, cfg, q_in, c_in, neg_mask, B, rank,
+                                                  args.grad_cache_chunk, amp, no_sync)
+            else:
+                with amp:
+                    q, c = net(q_in, c_in)                             # (B, R_q, D), (B + B K, R_c, D)
+                loss, per_group = mmr_loss(cfg, q, c, neg_mask, B, rank)
+                check_finite(loss)
+                loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
             lr = opt.param_groups[0]["lr"]
             opt.step()
             sched.step()
             dt = time.time() - t0
+            losses = torch.cat([loss.detach().reshape(1), per_group.detach()])
             if ddp:  # log the global batch's loss: the mean over ranks
-                per_group = per_group.detach().clone()
-                dist.all_reduce(per_group)
-                per_group /= world
+                dist.all_reduce(losses)
+                losses /= world
+            rec = {"step": step + 1, "loss": losses[0].item(), "lr": lr,
+                   **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, losses[1:])},
+                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
+            if isinstance(sampler, MixtureBatches):
+                rec["seen"] = sampler.seen(step + 1)                   # examples per source, this rank
+            if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+                rec.update(evaluate_heldout(model, heldout, cfg.groups, B, device))
+                net.train()
+                say(f"step {step + 1}: held-out P@1 " + ", ".join(
+                    f"{k.rsplit('_', 1)[1]} {100 * v:.1f}" for k, v in rec.items() if k.startswith("heldout_p1_")))
             if master:
-                rec = {"step": step + 1, "loss": (per_group * w).sum().item() / len(w), "lr": lr,
-                       **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, per_group)},
-                       "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()

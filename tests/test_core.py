@@ -226,8 +226,14 @@ def test_lora_trains_only_adapters_and_meta(tmp_path):
     names = list(m.trainable_state())
     assert "meta_tokens" in names and "proj.weight" in names
     assert all("lora_" in n for n in names if n.startswith("backbone."))
-    assert any("self_attn.q_proj.lora_A" in n for n in names)
-    assert any("blocks.0.attn.qkv.lora_A" in n for n in names)
+    for p in ("q", "k", "v", "o"):                                     # the official targets: language model
+        assert any(f"language_model.layers.1.self_attn.{p}_proj.lora_A" in n for n in names)
+    for p in ("gate", "up", "down"):
+        assert any(f"language_model.layers.1.mlp.{p}_proj.lora_B" in n for n in names)
+    assert not any("visual" in n for n in names)
+    assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "lora_B" in n)   # starts at the base
+    with_vision = MetaEmbed.from_backbone("tiny", lora=True, lora_r=4, lora_alpha=4, lora_vision=True)
+    assert any("blocks.0.attn.qkv.lora_A" in n for n in with_vision.trainable_state())
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:

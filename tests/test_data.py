@@ -14,10 +14,12 @@ def test_synthetic_is_deterministic_and_seeded():
     for i in (0, 7, 49):
         x, y = a[i], b[i]
         assert x["qry_text"] == y["qry_text"] and x["pos_text"] == y["pos_text"]
-        for k in ("qry_image", "pos_image", "neg_image"):
-            assert (x[k] is None) == (y[k] is None)
-            if x[k] is not None:
-                assert np.array_equal(np.asarray(x[k]), np.asarray(y[k]))
+        for u, v in [(x["qry_image"], y["qry_image"]), (x["pos_image"], y["pos_image"]),
+                     (x["negs"][0][1], y["negs"][0][1])]:
+            assert (u is None) == (v is None)
+            if u is not None:
+                assert np.array_equal(np.asarray(u), np.asarray(v))
+        assert x["negs"][0][0] == y["negs"][0][0]
     other = data.SyntheticPairs(50, seed=2)
     assert [a[i]["qry_text"] + a[i]["pos_text"] for i in range(20)] != \
         [other[i]["qry_text"] + other[i]["pos_text"] for i in range(20)]
@@ -31,10 +33,11 @@ def test_synthetic_both_directions_and_hard_negatives():
     assert 60 < len(t2i) < 140  # about half each way
     for i in range(30):
         e = ds[i]
+        [(neg_text, neg_image)] = e["negs"]
         if e["qry_image"] is None:   # text -> image: negative is an image
-            assert e["neg_image"] is not None and e["pos_image"] is not None
+            assert neg_image is not None and e["pos_image"] is not None
         else:                        # image -> text: negative is a caption differing from the positive
-            assert e["neg_text"] and e["neg_text"] != e["pos_text"]
+            assert neg_text and neg_text != e["pos_text"]
 
 
 def test_variant_changes_exactly_one_thing():
@@ -90,16 +93,15 @@ def mmeb_train_copy(tmp_path):
 
 def test_mmeb_train_local_copy(tmp_path, tiny):
     repo, images = mmeb_train_copy(tmp_path)
-    ds = data.load_mmeb_train(repo, ["ImageNet_1K", "CIRR"], images, max_per_subset=3, seed=0)
+    ds = data.load_mmeb_train(repo, ["ImageNet_1K", "CIRR"], images, max_per_subset=3)
     assert len(ds) == 6
-    rows = [ds[i] for i in range(6)]
-    again = data.load_mmeb_train(repo, ["ImageNet_1K", "CIRR"], images, max_per_subset=3, seed=0)
-    assert [r["source"] for r in rows] == [again[i]["source"] for i in range(6)]   # seeded interleave
-    assert {r["source"].split(" row")[0] for r in rows} == {"MMEB-train/ImageNet_1K", "MMEB-train/CIRR"}
+    rows = [ds[i] for i in range(6)]                   # train.py's sampler shuffles (by seed and step)
+    assert [r["source"] for r in rows] == [f"MMEB-train/ImageNet_1K row {i}" for i in range(3)] + \
+        [f"MMEB-train/CIRR row {i}" for i in range(3)]
     cirr = [r for r in rows if "CIRR" in r["source"]]
-    assert all(r["neg_image"].endswith(".png") and r["neg_text"] == "" for r in cirr)
+    assert all(len(r["negs"]) == 1 and r["negs"][0][1].endswith(".png") and r["negs"][0][0] == "" for r in cirr)
     imnet = [r for r in rows if "ImageNet" in r["source"]]
-    assert all(r["neg_text"] is None and r["neg_image"] is None for r in imnet)
+    assert all(r["negs"] == [] for r in imnet)
     assert imnet[0]["qry_image"].startswith(images)
     q, c, neg_mask = data.collate(rows, tiny.processor)
     assert q["input_ids"].shape[0] == 6 and c["input_ids"].shape[0] == 12
@@ -121,13 +123,13 @@ def test_mmeb_train_errors(tmp_path, tiny):
         data.load_mmeb_train("nobody/absent", ["X"], images)
     # a wrong image folder is found before training starts, with the count and the first rows
     with pytest.raises(FileNotFoundError, match=r"MMEB-train/CIRR: \d+ of \d+ images are missing, e.g. row 0 "
-                                                r"(qry|pos)_image '.*elsewhere/.*png'"):
+                                                r"(qry|pos)_image_path '.*elsewhere/.*png'"):
         data.load_mmeb_train(repo, ["CIRR"], str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match="row 0 refers to image .*give the folder"):
         data.load_mmeb_train(repo, ["CIRR"], None)
     # one image deleted among many: named by its row
     (Path(images) / ds_image(repo)).unlink()
-    with pytest.raises(FileNotFoundError, match=r"1 of \d+ images are missing, e.g. row \d+ \w+_image"):
+    with pytest.raises(FileNotFoundError, match=r"1 of \d+ images are missing, e.g. row \d+ \w+_image_path"):
         data.load_mmeb_train(repo, ["CIRR"], images)
 
 
@@ -145,7 +147,101 @@ def test_colpali_train_local_copy(tmp_path, tiny):
     repo = write_hub_repo(tmp_path / "colpali", {"default": {"train": rows}}, features=feats)
     ds = data.load_colpali_train(repo)
     e = ds[1]
-    assert e["qry_text"] == "what is on page 1?" and e["neg_text"] is None
+    assert e["qry_text"] == "what is on page 1?" and e["negs"] == []
     assert isinstance(e["pos_image"], Image.Image) and e["pos_image"].size == (40, 60)
     q, c, neg_mask = data.collate([ds[i] for i in range(3)], tiny.processor)
     assert neg_mask is None and c["input_ids"].shape[0] == 3 and c["image_grid_thw"].shape == (3, 3)
+
+
+# -- the mixture ----------------------------------------------------------------
+
+def moca_copy(root, name, n, K=2, in_row_images=True):
+    """A local source in the MoCa layout: qry, qry_image, pos_text, pos_image, neg_text (list),
+    neg_image_0..K-1; images in the rows. Row i has i % (K + 1) negatives."""
+    import datasets
+    img = datasets.Image() if in_row_images else datasets.Value("string")
+    feats = datasets.Features({"qry": datasets.Value("string"), "qry_image": img, "pos_text": datasets.Value("string"),
+                               "pos_image": img, "neg_text": datasets.Sequence(datasets.Value("string")),
+                               **{f"neg_image_{k}": img for k in range(K)}})
+    rows = [dict(qry=f"{name} query {i}", qry_image=None, pos_text=f"{name} doc {i}", pos_image=None,
+                 neg_text=[f"{name} neg {i}.{k}" for k in range(i % (K + 1))],
+                 **{f"neg_image_{k}": None for k in range(K)}) for i in range(n)]
+    return write_hub_repo(root / name, {"default": {"train": rows}}, features=feats)
+
+
+def write_mixture(tmp_path, sources):
+    import yaml
+    f = tmp_path / "mix.yaml"
+    f.write_text(yaml.safe_dump(sources))
+    return str(f)
+
+
+def test_mixture_weights_runs_caps_and_holdout(tmp_path):
+    a, b, c = (moca_copy(tmp_path, n, rows) for n, rows in (("A", 3000), ("B", 3000), ("C", 400)))
+    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": a}, "B": {"weight": 3.0, "path": b},
+                                                     "C": {"weight": 1.0, "num_samples": 150, "path": c}}),
+                            holdout=100, seed=0)
+    assert [len(s) for s in mix.sources] == [2900, 2900, 150] and [len(h) for h in mix.heldout] == [100] * 3
+    assert list(mix.heldout[0].rows) == list(range(2900, 3000))      # the last 100 rows of each source
+    assert list(mix.heldout[2].rows) == list(range(300, 400)) and all(r < 300 for r in mix.sources[2].rows)
+    src, rows = mix.epoch(seed=0, rank=0, epoch=0, run=32)
+    assert len(src) == len(mix) and sorted(zip(src.tolist(), rows.tolist())) == \
+        sorted((s, r) for s in range(3) for r in range(len(mix.sources[s])))       # every example once
+    starts = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1]]
+    runs = [j - i for i, j in zip(starts, starts[1:] + [len(src)])]
+    # runs of exactly 32 from one source, but where a source ran out (its last, shorter run)
+    sizes = [len(s) for s in mix.sources]
+    short = [(src[i], r) for i, r in zip(starts, runs) if r % 32]
+    assert len(short) <= 3 and all(r % 32 == sizes[s] % 32 for s, r in short)
+    # while all three are live, sources are drawn in proportion to weight (1 : 3 : 1), within 3 points
+    first = src[:2000].tolist()
+    for s, w in ((0, 0.2), (1, 0.6), (2, 0.2)):
+        if s == 2:
+            continue                                    # C (150 rows) is exhausted early by design
+        assert abs(first.count(s) / 2000 - w / 0.8 * (1 - first.count(2) / 2000)) < 0.03, (s, first.count(s))
+    other = mix.epoch(seed=0, rank=1, epoch=0, run=32)[0]
+    assert other.tolist() != src.tolist()               # each rank its own order
+    assert mix.epoch(0, 0, 0, 32)[0].tolist() == src.tolist()        # a pure function of (seed, rank, epoch)
+
+
+def test_mixture_proportions_over_2000_examples(tmp_path):
+    """Sources with room to spare: drawn in proportion to weight, within 3 points over 2,000."""
+    paths = {n: moca_copy(tmp_path, n, 2200) for n in ("A", "B", "C")}
+    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": paths["A"]},
+                                                     "B": {"weight": 2.0, "path": paths["B"]},
+                                                     "C": {"weight": 5.0, "path": paths["C"]}}), holdout=100)
+    src = mix.epoch(seed=3, rank=0, epoch=0, run=8)[0][:2000].tolist()
+    for s, w in enumerate((1 / 8, 2 / 8, 5 / 8)):
+        assert abs(src.count(s) / 2000 - w) < 0.03, (s, src.count(s))
+
+
+def test_mixture_errors(tmp_path):
+    a = moca_copy(tmp_path, "A", 150)
+    with pytest.raises(ValueError, match="no path for ArxivQA"):
+        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}, "ArxivQA": {"weight": 1.0}}))
+    with pytest.raises(ValueError, match="source A: unknown key.*weigth"):
+        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "weigth": 2}}))
+    with pytest.raises(ValueError, match="source A has 150 rows, not more than the 200 held out"):
+        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}}), holdout=200)
+    with pytest.raises(ValueError, match="mixture .*nope.yaml: cannot read it"):
+        data.load_mixture(str(tmp_path / "nope.yaml"))
+
+
+def test_collate_k_negatives_repeat_the_last(tmp_path, tiny):
+    """K = 2: a row with 2 negatives uses both, one with 1 repeats it, one with none is masked."""
+    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"path": moca_copy(tmp_path, "A", 110)}}), holdout=100)
+    rows = [mix[(0, i)] for i in range(3)]                  # rows 0, 1, 2 have 0, 1, 2 negatives
+    assert [len(r["negs"]) for r in rows] == [0, 1, 2]
+    q, c, neg_mask = data.collate(rows, tiny.processor, num_negatives=2)
+    assert neg_mask.tolist() == [[False, False], [True, True], [True, True]]
+    texts = tiny.processor.tokenizer.batch_decode(c["input_ids"], skip_special_tokens=True)
+    cands = [t.split("user\n")[-1] for t in texts]
+    assert cands == ["A doc 0", "A doc 1", "A doc 2", "A doc 0", "A doc 0", "A neg 1.0", "A neg 1.0",
+                     "A neg 2.0", "A neg 2.1"]
+
+
+def test_two_local_copies_with_one_name_are_not_confused(tmp_path):
+    """datasets caches a local folder by its name alone; the loaders key the cache by path and files."""
+    x = data.load_source(moca_copy(tmp_path / "x", "A", 120), None, "train", "x")
+    y = data.load_source(moca_copy(tmp_path / "y", "A", 130), None, "train", "y")
+    assert (len(x), len(y)) == (120, 130)

@@ -217,8 +217,8 @@ def test_synthetic_end_to_end(tmp_path):
                          "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     assert res["budgets"] == ["1x1", "2x4", "16x64"]
     s = res["summary"]
-    assert s["1x1"]["bytes_per_candidate"] == 1 * 64 * 2 and s["16x64"]["bytes_per_candidate"] == 64 * 64 * 2
-    assert s["16x64"]["index_bytes"] == 64 * 64 * 2 * 32
+    assert s["1x1"]["bytes_per_candidate"] == 1 * 64 * 4 and s["16x64"]["bytes_per_candidate"] == 64 * 64 * 4  # fp32: D < 128
+    assert s["16x64"]["index_bytes"] == 64 * 64 * 4 * 32
     for t in ("t2i", "i2t"):
         assert 0 <= res["tasks"][t]["2x4"]["P@1"] <= 1
 
@@ -238,10 +238,12 @@ def test_embedding_file_round_trip(tmp_path):
 
 def test_on_disk_index_and_dtypes_agree(tmp_path):
     """--index-dir scores the same as the in-memory index; bf16 and float32 indexes agree to rounding."""
-    common = ["--backbone", "tiny", "--synthetic-scenes", "12", "--budgets", "1,16,64", "--batch-size", "16"]
+    common = ["--backbone", "tiny", "--synthetic-scenes", "12", "--budgets", "1,16,64", "--batch-size", "16",
+              "--index-dtype", "bfloat16"]
     mem = evaluate.main(common)
     disk = evaluate.main(common + ["--index-dir", str(tmp_path / "idx")])
     f32 = evaluate.main(common + ["--index-dtype", "float32"])
+    assert evaluate.main(common[:-2])["index_dtype"] == "float32"     # the default under 128 dimensions
     assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["i2t.bin", "t2i.bin"]
     for t in ("t2i", "i2t"):
         for b in ("1x1", "8x16", "16x64"):

@@ -80,10 +80,11 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "gradcache"])
 def test_two_processes_match_one(tmp_path, mode):
     """torchrun, 2 processes (gloo), batch 4 each == 1 process, batch 8: same losses, same weights.
-    DDP replicates the model; FSDP2 (--fsdp) shards it and gathers the full state to save."""
+    DDP replicates the model; FSDP2 (--fsdp) shards it and gathers the full state to save;
+    gradcache: DDP with GradCache in chunks of 3 rows against the plain one-process batch."""
     common = SMALL + ["--steps", "3", "--save-every", "3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     one = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"),
@@ -92,6 +93,7 @@ def test_two_processes_match_one(tmp_path, mode):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "train.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two"),
                           *(["--fsdp"] if mode == "fsdp" else []),
+                          *(["--grad-cache-chunk", "3"] if mode == "gradcache" else []),
                           "--log-file", str(tmp_path / "two.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     l1 = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
@@ -190,3 +192,81 @@ def test_sigterm_says_where_to_resume(tmp_path):
     assert p.returncode == 130, err[-2000:]
     assert "train.py: stopped during step" in err and "is complete: run the same command with --resume" in err
     assert "Traceback" not in err
+
+
+def test_grad_cache_gradients_equal_the_full_batch():
+    """GradCache in chunks of 3 rows: the same loss and parameter gradients as one big batch
+    (fp32), with hard negatives and images on both sides."""
+    from functools import partial
+
+    import data
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_backbone("tiny", num_query_tokens=4, num_candidate_tokens=8, groups=((1, 1), (4, 8)))
+    ds = data.SyntheticPairs(8)
+    q_in, c_in, neg_mask = data.collate([ds[i] for i in range(8)], model.processor)
+    assert c_in["pixel_values"] is not None and q_in.get("pixel_values") is not None
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        loss = fn()
+        return loss, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    def full():
+        q, c = model(q_in, c_in)
+        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, 8, 0)
+        loss.backward()
+        return loss.detach()
+    cached = partial(train.grad_cache_step, model, model, model.config, q_in, c_in, neg_mask, 8, 0, 3,
+                     train.nullcontext(), train.nullcontext)
+    l1, g1 = grads(full)
+    (l2, _), g2 = grads(cached)
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=0)
+    assert g1.keys() == g2.keys() and len(g1) > 10
+    for k in g1:   # relative to the gradient's norm: chunks sum in another order (float rounding)
+        assert (g2[k] - g1[k]).norm() <= 1e-5 * g1[k].norm() + 1e-9, (k, (g2[k] - g1[k]).norm(), g1[k].norm())
+
+
+def test_rows_of_splits_images_with_their_rows():
+    import data
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_backbone("tiny")
+    ds = data.SyntheticPairs(6)
+    _, c_in, _ = data.collate([ds[i] for i in range(6)], model.processor)     # 6 positives + 6 negatives
+    img = model.backbone.config.image_token_id
+    parts = [train.rows_of(c_in, lo, min(lo + 5, 12), img) for lo in range(0, 12, 5)]
+    assert sum(p["input_ids"].shape[0] for p in parts) == 12
+    assert torch.equal(torch.cat([p["pixel_values"] for p in parts if "pixel_values" in p]), c_in["pixel_values"])
+    assert torch.equal(torch.cat([p["image_grid_thw"] for p in parts if "image_grid_thw" in p]), c_in["image_grid_thw"])
+
+
+def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path, monkeypatch):
+    """--mixture with K = 2 negatives and --eval-every: the log has the examples seen per source and
+    held-out P@1 per group; a crashed run resumed from its checkpoint repeats the same batches."""
+    import yaml
+    from test_data import moca_copy
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"A": {"weight": 1.0, "path": moca_copy(tmp_path, "A", 60)},
+                                   "B": {"weight": 3.0, "path": moca_copy(tmp_path, "B", 60)}}))
+    common = ["--mixture", str(mix), "--holdout", "8", "--source-run", "3", "--num-negatives", "2",
+              "--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "2"]
+    _, log = run(tmp_path, "full", *common)
+    assert log[-1]["seen"] == {"A": log[-1]["seen"]["A"], "B": 16 - log[-1]["seen"]["A"]}
+    assert [sum(r["seen"].values()) for r in log] == [4, 8, 12, 16]
+    for r in (log[1], log[3]):
+        assert {"heldout_p1_1x1", "heldout_p1_4x8"} <= set(r) and all(0 <= r[k] <= 1 for k in r if "heldout" in k)
+    assert "heldout_p1_1x1" not in log[0]
+    calls, collate = [], train.data.collate
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("simulated crash")
+        return collate(*a, **k)
+    monkeypatch.setattr(train.data, "collate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path, "part", *common)
+    monkeypatch.setattr(train.data, "collate", collate)
+    _, log_res = run(tmp_path, "part", *common, "--resume")
+    assert [r["step"] for r in log_res][-2:] == [3, 4]
+    assert [r["loss"] for r in log_res[-2:]] == pytest.approx([r["loss"] for r in log[2:]], abs=1e-5)
+    assert log_res[-1]["seen"] == log[-1]["seen"]
