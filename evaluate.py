@@ -240,6 +240,13 @@ def get_args(argv=None):
             data.parse_objects(args.objects)
         except ValueError as err:
             p.error(f"--{err}")
+    if args.index_dir:
+        try:
+            os.makedirs(args.index_dir, exist_ok=True)
+            if not os.access(args.index_dir, os.W_OK):
+                raise PermissionError("not writable")
+        except OSError as err:
+            p.error(f"--index-dir {args.index_dir}: cannot write there ({err.strerror or err})")
     for what, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
         if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
             p.error(f"{what} {path}: cannot write there (no such folder, not writable, or a folder)")

@@ -277,6 +277,16 @@ def test_odd_images_are_upsized_or_named(tiny, tmp_path):
     bad.write_bytes(bad.read_bytes()[:40])
     with pytest.raises(FileNotFoundError, match="truncated.png"):
         tiny.encode_candidates([""], [str(bad)])
+    big = tmp_path / "bomb.png"                                 # past PIL's decompression-bomb limit
+    Image.new("RGB", (300, 300)).save(big)
+    from PIL import Image as PILImage
+    old_limit = PILImage.MAX_IMAGE_PIXELS
+    PILImage.MAX_IMAGE_PIXELS = 1000
+    try:
+        with pytest.raises(FileNotFoundError, match=r"bomb.png.*\(item 1\).*decompression bomb"):
+            tiny.encode_candidates(["", ""], [Image.new("RGB", (28, 28)), str(big)])
+    finally:
+        PILImage.MAX_IMAGE_PIXELS = old_limit
 
 
 def test_encode_checks_its_inputs_up_front(tiny):

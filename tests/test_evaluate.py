@@ -255,11 +255,13 @@ def test_on_disk_index_and_dtypes_agree(tmp_path):
 
 
 def test_bad_inputs_stop_before_work(tmp_path, capsys):
+    (tmp_path / "r.json").write_text("{}")
     for argv, said in ((["--max-rows", "0"], "--max-rows must be at least 1"),
                        (["--batch-size", "0"], "--batch-size must be at least 1"),
                        (["--output", str(tmp_path / "nowhere" / "r.json")], "--output .*cannot write there"),
                        (["--plot", str(tmp_path)], "--plot .*cannot write there"),
-                       (["--objects", "5"], "--objects must be two integers")):
+                       (["--objects", "5"], "--objects must be two integers"),
+                       (["--index-dir", str(tmp_path / "r.json" / "idx")], "--index-dir .*cannot write there")):
         with pytest.raises(SystemExit):
             evaluate.get_args(argv)
         assert re.search(said, capsys.readouterr().err), argv
