@@ -1,0 +1,163 @@
+"""search.py: the grouped on-disk index, budgets, the cascade, resumable indexing, Qdrant local mode, bad input."""
+import json
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+import search
+from kernels import maxsim_topk
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from metaembed import MetaEmbed
+    path = tmp_path_factory.mktemp("ck") / "tiny"
+    MetaEmbed.from_backbone("tiny", seed=1, proj_dim=8).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def scenes(ckpt, tmp_path_factory):
+    """An index of the synthetic scenes (12 scenes + 3 variants each), and the same embeddings in memory."""
+    out = str(tmp_path_factory.mktemp("idx") / "scenes")
+    search.main(["index", "--checkpoint", ckpt, "--out", out, "--synthetic-scenes", "12"])
+    model = search.load_model(ckpt)
+    items = search.list_items(search.get_args(["index", "--out", out, "--synthetic-scenes", "12"]))
+    full = model.encode_candidates(["" for _ in items], [im for _, _, im, _ in items]).bfloat16()
+    return out, model, full
+
+
+def test_grouped_layout_reads_only_its_budget(scenes):
+    out, model, full = scenes
+    index = search.Index(out)
+    assert index.bounds == [(0, 1), (1, 4), (4, 8), (8, 16), (16, 64)] and index.N == len(full) == 48
+    total = sum(os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) for a, b in index.bounds)
+    assert total == 48 * 64 * 8 * 2                                             # bf16, no other copy
+    for a, b in index.bounds:                                                   # bytes per budget = r_c / R_c
+        assert os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) == 48 * (b - a) * 8 * 2
+        view = index.budget(b)
+        assert len(view.parts) == len([x for x in index.bounds if x[1] <= b])
+        assert torch.equal(view[0:48], full[:, :b]) and torch.equal(view[[5, 2]], full[[5, 2], :b])
+    with pytest.raises(ValueError, match="r_c=5 is not stored"):
+        index.budget(5)
+
+
+def test_search_equals_exhaustive_and_cascade(scenes):
+    out, model, full = scenes
+    index = search.Index(out)
+    q = model.encode_queries(["red top left, blue center", "green bottom right"])
+    for budget in ((1, 1), (2, 4), (16, 64)):
+        s, i = index.search(q, budget, k=5)
+        ws, wi = maxsim_topk(q[:, :budget[0]], full[:, :budget[1]], 5)
+        assert i.tolist() == wi.tolist()
+        torch.testing.assert_close(s, ws, atol=1e-5, rtol=0)
+    s, i = index.search(q, (16, 64), k=5, first=(1, 1), depth=48)           # depth = everything: exact
+    assert i.tolist() == maxsim_topk(q, full, 5)[1].tolist()
+    s3, i3 = index.search(q, (16, 64), k=3, first=(1, 1), depth=6)           # the best 6 at 1x1, re-scored
+    first6 = maxsim_topk(q[:, :1], full[:, :1], 6)[1]
+    for a in range(2):
+        assert set(i3[a].tolist()) <= set(first6[a].tolist())
+
+
+def test_cli_query_json_and_errors(scenes, ckpt, tmp_path, capsys):
+    out, _, _ = scenes
+    res = search.main(["query", "--index", out, "red top left", "--budget", "2x4", "-k", "3", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert [r["id"] for r in printed["results"]] == [r["id"] for r in res] and len(res) == 3
+    assert printed["budget"] == "2x4" and all("source" in r for r in res)
+    for argv, said in ((["query", "--index", str(tmp_path / "none"), "x"], "not a finished index"),
+                       (["query", "--index", out, "x", "--budget", "3x5"], "r_c=5 is not stored .* holds r_c in 1, 4, 8, 16, 64"),
+                       (["query", "--index", out, "x", "--budget", "32x64"], "exceeds the trained meta tokens"),
+                       (["query", "--index", out], "needs a text or an --image"),
+                       (["index", "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--images", str(tmp_path / "none")],
+                        "no such folder")):
+        with pytest.raises(SystemExit, match=said):
+            search.main(argv)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no image files"):
+        search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--images", str(tmp_path / "empty")])
+    # an index built by another model
+    from metaembed import MetaEmbed
+    other = tmp_path / "other"
+    MetaEmbed.from_backbone("tiny", seed=1, proj_dim=4).save_pretrained(other)
+    meta = json.load(open(os.path.join(out, "index.json")))
+    moved = tmp_path / "moved"
+    import shutil
+    shutil.copytree(out, moved)
+    json.dump({**meta, "checkpoint": str(other)}, open(moved / "index.json", "w"))
+    with pytest.raises(SystemExit, match="built by another model"):
+        search.main(["query", "--index", str(moved), "x"])
+
+
+def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypatch, capsys):
+    """A corrupt image among many is skipped and listed; an interrupted run leaves no finished
+    index, and a rerun continues from its done shards to the same index."""
+    pics = tmp_path / "pics"
+    (pics / "sub").mkdir(parents=True)
+    for i in range(10):
+        Image.new("RGB", (40, 40), (25 * i, 0, 200 - 20 * i)).save(pics / ("sub" if i % 2 else ".") / f"p{i}.png")
+    (pics / "broken.png").write_bytes(b"\x89PNG not really")
+    monkeypatch.setattr(search, "SHARD", 4)
+    real = search.MetaEmbed.encode_candidates
+    calls = []
+
+    def crash_on_third_shard(self, *a, **k):     # shard 0: 1 failing batch + 4 one by one; shard 1: 1
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, *a, **k)
+    monkeypatch.setattr(search.MetaEmbed, "encode_candidates", crash_on_third_shard)
+    out = tmp_path / "idx"
+    with pytest.raises(KeyboardInterrupt):
+        search.main(["index", "--checkpoint", ckpt, "--out", str(out), "--images", str(pics)])
+    assert not (out / "index.json").exists() and json.load(open(out / "progress.json"))["done"] == [0, 4]
+    with pytest.raises(SystemExit, match="not a finished index"):
+        search.main(["query", "--index", str(out), "x"])
+    monkeypatch.setattr(search.MetaEmbed, "encode_candidates", real)
+    search.main(["index", "--checkpoint", ckpt, "--out", str(out), "--images", str(pics)])
+    assert "skipped item 0 (" in capsys.readouterr().out and "broken.png" in (out / "skipped.jsonl").read_text()
+    fresh = tmp_path / "fresh"
+    search.main(["index", "--checkpoint", ckpt, "--out", str(fresh), "--images", str(pics)])
+    a, b = search.Index(out), search.Index(fresh)
+    assert torch.equal(a.budget(64)[0:11], b.budget(64)[0:11]) and a.skipped == b.skipped == {0}
+    res = search.main(["query", "--index", str(out), "--image", str(pics / "p4.png"), "-k", "11", "--json"])
+    assert len(res) == 10 and "broken.png" not in [r["id"] for r in res]      # never returned
+    assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
+
+
+def test_texts_and_pdf(ckpt, tmp_path):
+    texts = tmp_path / "t.jsonl"
+    texts.write_text("\n".join(json.dumps({"id": f"t{i}", "text": f"note number {i}"}) for i in range(5)) + "\n")
+    search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "ti"), "--texts", str(texts)])
+    assert [it["id"] for it in search.Index(tmp_path / "ti").items] == [f"t{i}" for i in range(5)]
+    (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
+    with pytest.raises(SystemExit, match="line 1: expected a JSON object with 'text'"):
+        search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "tb"), "--texts", str(tmp_path / "bad.jsonl")])
+    import pypdfium2 as pdfium
+    pdf = pdfium.PdfDocument.new()
+    for w, h in ((612, 792), (842, 595)):
+        pdf.new_page(w, h)
+    pdf.save(str(tmp_path / "doc.pdf"))
+    items = search.pdf_pages(str(tmp_path / "doc.pdf"), max_pixels=112 * 112)
+    assert [i for i, _, _, _ in items] == ["doc.pdf#p1", "doc.pdf#p2"]
+    page = items[1][2]()
+    assert page.width > page.height and page.width * page.height <= 112 * 112 * 1.05   # fits the model's cap
+    search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "pi"), "--pdf", str(tmp_path)])
+    assert search.Index(tmp_path / "pi").N == 2
+
+
+def test_qdrant_local_mode_matches_exhaustive_search(scenes, tmp_path):
+    out, model, full = scenes
+    index = search.Index(out)
+    client = search.qdrant_client(str(tmp_path / "qdrant"))
+    search.to_qdrant(index, client)
+    q = model.encode_queries(["red top left, blue center"])
+    for budget in ((1, 1), (2, 4), (16, 64)):
+        hits = search.qdrant_search(client, q[0].numpy(), budget, 5)
+        s, i = index.search(q, budget, k=5)
+        assert [j for _, j in hits] == i[0].tolist()
+        assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
+    pre = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)   # HNSW prefetch on the first vector
+    assert len(pre) == 3
