@@ -273,6 +273,132 @@ def grad_cache_step_memory(batch, chunk, image_px=448):
                 peak_bytes=_status("VmHWM"), seconds=time.perf_counter() - t)
 
 
+# -----------------------------------------------------------------------------
+# search: the grouped on-disk layout, and the cascade
+
+def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
+    """32 queries x N candidates at (1, 1), D = 1536: from search.py's grouped layout (the first
+    vector of every candidate in one contiguous bf16 block) against prefix views of full (16, 64)
+    embeddings, in memory (float32 and bf16); and the bytes each budget reads."""
+    import tempfile
+
+    import search
+    peaks = measure_peaks(torch.device("cpu"), torch.float32)
+    q = unit_vectors(Nq, 16, D, torch.device("cpu"), torch.float32, 0)
+    full = unit_vectors(N, 64, D, torch.device("cpu"), torch.float32, 1)             # (N, 64, D)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        bounds = search.group_bounds(64)
+        for a, b in bounds:
+            search._open_group(tmp, a, b, N, D, "w+").flush()
+        w = search._GroupWriter(tmp, bounds, N, D, 0, N)
+        for j in range(0, N, 1000):
+            w[j:j + 1000] = full[j:j + 1000]
+        for _, _, g in w.groups:
+            g.flush()
+        search._write_json(os.path.join(tmp, "index.json"), {"count": N, "dim": D, "num_candidate_tokens": 64,
+                                                             "groups": bounds})
+        with open(os.path.join(tmp, "items.jsonl"), "w") as f:
+            f.writelines(json.dumps({"id": i}) + "\n" for i in range(N))
+        index = search.Index(tmp)
+        sizes = {b: os.path.getsize(os.path.join(tmp, f"group-{a}-{b}.bin")) for a, b in bounds}
+        total = sum(sizes.values())
+        read = {b: sum(v for k, v in sizes.items() if k <= b) / total for _, b in bounds}
+        flops = 2 * Nq * N * D
+        cases = {"grouped bf16 (search.py)": lambda: index.budget(1)[0:N],
+                 "prefix view, full fp32": lambda: full[:, :1],
+                 "prefix view, full bf16": (lambda fb: (lambda: fb[:, :1]))(full.bfloat16())}
+        for name, cands in cases.items():
+            c = cands()
+            for backend in ("cpu", "torch"):
+                ref = maxsim_chunked(q[:, :1], c)
+                out = maxsim(q[:, :1], c, backend=backend)
+                err = (out - ref).abs().max().item()
+                t, _, _ = timed(lambda: maxsim(q[:, :1], cands(), backend=backend), torch.device("cpu"), repeats)
+                cbytes = N * D * c.element_size()
+                limit = max(flops / peaks[0], cbytes / peaks[1])
+                rows.append(dict(layout=name, backend=backend, ms=1e3 * t, limit_ms=1e3 * limit,
+                                 x_limit=t / limit, max_err=err))
+    return dict(N=N, Nq=Nq, D=D, peaks=peaks, rows=rows, bytes_read_fraction=read)
+
+
+def random_index(path, N, D, R_c=64, seed=0):
+    """A search.py index of N random unit candidates (for speed only: random vectors carry no
+    Matryoshka order, so a cascade's recall on them means nothing)."""
+    import search
+    os.makedirs(path, exist_ok=True)
+    bounds = search.group_bounds(R_c)
+    for a, b in bounds:
+        search._open_group(path, a, b, N, D, "w+").flush()
+    w = search._GroupWriter(path, bounds, N, D, 0, N)
+    for j in range(0, N, 1000):
+        w[j:j + 1000] = unit_vectors(min(1000, N - j), R_c, D, torch.device("cpu"), torch.float32, seed + j)
+    for _, _, g in w.groups:
+        g.flush()
+    search._write_json(os.path.join(path, "index.json"), {"count": N, "dim": D, "num_candidate_tokens": R_c,
+                                                          "groups": bounds})
+    with open(os.path.join(path, "items.jsonl"), "w") as f:
+        f.writelines(json.dumps({"id": i}) + "\n" for i in range(N))
+    return search.Index(path)
+
+
+def cascade_bench(index_path=None, random_size=None, queries=300, depths=(100, 300, 1000), k=10):
+    """The cascade (1x1 over everything, 16x64 on the best `depth`) against exhaustive 16x64:
+    recall@k of the exhaustive top-k on an index of the synthetic scenes (caption queries, the
+    offline model), or the time per query (one at a time, as served) on random vectors."""
+    import tempfile
+
+    import search
+    tmp = None
+    if random_size:
+        N, D = random_size
+        tmp = tempfile.TemporaryDirectory()
+        index = random_index(tmp.name, N, D)
+        q = unit_vectors(queries, 16, D, torch.device("cpu"), torch.float32, 99)
+    else:
+        index = search.Index(index_path)
+        model = search.load_model(index.meta["checkpoint"])
+        q = model.encode_queries([it["source"] for it in index.items if "v" not in it["id"]][:queries])
+    t = time.perf_counter()
+    exact = torch.cat([index.search(q[a:a + 1], (16, 64), k)[1] for a in range(len(q))])
+    t_exact = (time.perf_counter() - t) / len(q)
+    rows = [dict(depth="exhaustive", recall=1.0, ms_per_query=1e3 * t_exact, speedup=1.0)]
+    for depth in depths:
+        t = time.perf_counter()
+        got = torch.cat([index.search(q[a:a + 1], (16, 64), k, first=(1, 1), depth=depth)[1] for a in range(len(q))])
+        dt = (time.perf_counter() - t) / len(q)
+        rec = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, exact)) / exact.numel()
+        rows.append(dict(depth=depth, recall=rec, ms_per_query=1e3 * dt, speedup=t_exact / dt))
+    if tmp:
+        tmp.cleanup()
+    return dict(candidates=index.N, dim=index.D, queries=len(q), k=k, random=bool(random_size), rows=rows)
+
+
+def cascade_plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for r in results:
+        pts = r["rows"][1:]
+        label = f"{r['candidates']} x D={r['dim']}" + (" (random)" if r["random"] else " (offline model)")
+        ax = axes[1] if r["random"] else axes[0]
+        if r["random"]:
+            ax.plot([p["depth"] for p in pts], [p["speedup"] for p in pts], marker="o", label=label)
+        else:
+            ax.plot([p["depth"] for p in pts], [100 * p["recall"] for p in pts], marker="o", label=label)
+    axes[0].set_ylabel(f"recall@{results[0]['k']} of exhaustive 16x64 (%)")
+    axes[1].set_ylabel("speed-up over exhaustive 16x64 (one query)")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("cascade depth (re-scored at 16x64 after 1x1)")
+        ax.legend(fontsize=8)
+    fig.suptitle("cascade 1x1 -> 16x64")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -286,7 +412,43 @@ def main():
                    "batch B, plain and with GradCache chunks (--chunks), each in a fresh process")
     p.add_argument("--chunks", default="4,16", help="with --grad-cache: the chunk sizes to measure (default 4,16)")
     p.add_argument("--grad-cache-one", nargs=2, type=int, help=argparse.SUPPRESS)   # B chunk, in a child process
+    p.add_argument("--layout", action="store_true", help="instead: 32 x 10k at (1, 1), D = 1536, from search.py's "
+                   "grouped layout against prefix views of full embeddings")
+    p.add_argument("--cascade", nargs="+", metavar="INDEX", help="instead: the cascade's recall on search.py "
+                   "indexes of the synthetic scenes, and its speed on random ones (--random)")
+    p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
+                   "(e.g. 20000x1536)")
+    p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
     args = p.parse_args()
+    if args.layout:
+        r = layout_bench()
+        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; peaks "
+              f"{r['peaks'][0] / 1e9:.0f} GFLOP/s, {r['peaks'][1] / 1e9:.1f} GB/s; {r['Nq']} x {r['N']} at 1x1, D={r['D']}")
+        for row in r["rows"]:
+            print(f"  {row['layout']:<26} {row['backend']:<6} {row['ms']:7.1f} ms  limit {row['limit_ms']:5.1f} ms  "
+                  f"{row['x_limit']:.2f}x the limit  (max err {row['max_err']:.1e})")
+        print("  bytes read per budget r_c (fraction of the index): " +
+              ", ".join(f"{b}: {f:.4f}" for b, f in r["bytes_read_fraction"].items()))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({**r, "device": platform.processor() or platform.machine()}, f, indent=2)
+        return
+    if args.cascade:
+        results = [cascade_bench(path) for path in args.cascade]
+        results += [cascade_bench(random_size=tuple(int(x) for x in s.split("x")), queries=20) for s in args.random]
+        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        for r in results:
+            print(f"cascade 1x1 -> 16x64, {r['candidates']} candidates x D={r['dim']}"
+                  f"{' (random: speed only)' if r['random'] else ''}, {r['queries']} queries one at a time, top-{r['k']}:")
+            for row in r["rows"]:
+                print(f"  depth {str(row['depth']):>10}: recall@{r['k']} {100 * row['recall']:5.1f}%  "
+                      f"{row['ms_per_query']:7.2f} ms a query  {row['speedup']:5.1f}x")
+        if args.plot:
+            cascade_plot(results, args.plot)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=2)
+        return
     if args.grad_cache_one:
         print(json.dumps(grad_cache_step_memory(*args.grad_cache_one)))
         return

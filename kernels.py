@@ -11,9 +11,11 @@ maxsim:           inference entry point, dispatching to the above.
 """
 import ctypes
 import hashlib
+import json
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -90,11 +92,18 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
     qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
     buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
+    cbuf = torch.empty(chunk * Rc * D, dtype=torch.float32, device=q.device) \
+        if not (c.dtype == torch.float32 and c.is_contiguous()) else None      # a chunk widened to fp32
     half = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
-            cf = c[j:j + n].reshape(n * Rc, D).float()                    # (n R_c, D); copies a prefix view
+            cj = c[j:j + n]
+            if cj.dtype == torch.float32 and cj.is_contiguous():
+                cf = cj.view(n * Rc, D)                                   # (n R_c, D), in place
+            else:  # one pass into a reused buffer: a prefix view gathered, bf16 widened, no new pages
+                cf = cbuf[:n * Rc * D].view(n * Rc, D)
+                cf.view(n, Rc, D).copy_(cj)
             cm = c_mask[j:j + n].to(q.device, torch.bool) if c_mask is not None else None
             if tall:
                 s = torch.mm(cf, qT, out=buf[:M * n * Rc].view(n * Rc, M)).view(n, Rc, Nq, Rq)
@@ -117,12 +126,17 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
 def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
 
-    backend: None (auto: 'triton' on CUDA; on the CPU 'cpu' where the C kernel builds and is the
-    faster (float32/bf16/fp16 candidates, more than one query vector), else 'torch'), 'torch',
-    'cpu' or 'triton'; the environment variable METAEMBED_MAXSIM overrides auto."""
+    backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
+    shape on this machine, the C kernel 'cpu' or 'torch', see measured_choice), 'torch', 'cpu' or
+    'triton'; the environment variable METAEMBED_MAXSIM overrides auto."""
     backend = backend or os.environ.get("METAEMBED_MAXSIM")
     if backend is None:
-        backend = "triton" if q.is_cuda else "cpu" if _cpu_wins(q, c) and _cpu_lib() is not None else "torch"
+        if q.is_cuda:
+            backend = "triton"
+        elif _cpu_can(q, c) and _cpu_lib() is not None:
+            backend = measured_choice(regime(q, c))[0]
+        else:
+            backend = "torch"
     if backend == "torch":
         return maxsim_chunked(q, c, q_mask, c_mask)
     if backend == "cpu":
@@ -144,20 +158,83 @@ _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
 # query registers 4 times per step (measured here: 25 vs 60-80 GFLOP/s a core)
 _lib = None
+_lib_path = None                   # the compiled kernel; the dispatch file lies beside it
 _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
 
 
-def _cpu_wins(q, c):
-    """Where the C kernel beats BLAS on the CPU (bench.py, 2 cores): more than one query vector (a
-    single one is a matrix-vector product, which BLAS does as fast or faster: 1.9-2.3 ms both for
-    10k x 128, and its 16-row blocks would be 15/16 padding)."""
-    return c.dtype in _CTYPES and q.shape[0] * q.shape[1] > 1 and c.shape[1] <= _MAX_RC
+def _cpu_can(q, c):
+    """What the C kernel takes: float32 / bf16 / fp16 candidates with at most _MAX_RC vectors."""
+    return c.dtype in _CTYPES and c.shape[1] <= _MAX_RC
+
+
+# -----------------------------------------------------------------------------
+# the CPU dispatch: measured, not guessed. The first time a process scores a class of shapes
+# (a regime) on a machine, both CPU paths are timed on a small shape of that class; the winner
+# is kept per regime in a JSON file beside the compiled kernel (keyed like it: source, flags,
+# CPU), so later processes on the same machine read it instead of measuring.
+
+def regime(q, c):
+    """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
+    query) or many; one candidate vector (a plain product) or several; D up to 256 or more; a
+    float32 or a 16-bit index."""
+    return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
+                     "rc1" if c.shape[1] == 1 else "multi", "D<=256" if c.shape[2] <= 256 else "D>256",
+                     "fp32" if c.dtype == torch.float32 else "16bit"))
+
+
+def _probe(name):
+    """Random inputs standing for a regime: ~0.2 GFLOP a call."""
+    one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
+    rq = 1 if one and rc1 else 16
+    Nq, rc, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
+    Nc = max(64, int(2e8 // (2 * Nq * rq * rc * D)))
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(Nq, rq, D, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(Nc, 64 if not rc1 else 16, D, generator=g), dim=-1)[:, :rc]
+    return q, (c if fp32 else c.bfloat16())            # budgets are prefix views, as at serving time
+
+
+def _time(fn, repeats=3):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return min(ts)
+
+
+_choices = {}   # regime -> {"C": seconds, "torch": seconds, "winner": ...}
+
+
+def measured_choice(name):
+    """The faster CPU path for a regime ('cpu' = the C kernel, or 'torch'), measured once per
+    machine and kept on disk; -> (backend, timings)."""
+    if not _choices and _dispatch_file() and _dispatch_file().exists():
+        try:
+            _choices.update(json.loads(_dispatch_file().read_text()))
+        except ValueError:
+            pass                                       # a damaged file is measured again
+    if name not in _choices:
+        q, c = _probe(name)
+        t_c, t_torch = _time(lambda: maxsim_cpu(q, c)), _time(lambda: maxsim_chunked(q, c))
+        _choices[name] = {"C_ms": 1e3 * t_c, "torch_ms": 1e3 * t_torch, "winner": "cpu" if t_c <= t_torch else "torch",
+                          "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, {c.dtype}"}
+        if _dispatch_file():
+            tmp = _dispatch_file().with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(_choices, indent=1))
+            os.replace(tmp, _dispatch_file())          # atomic: concurrent processes are safe
+    return _choices[name]["winner"], _choices[name]
+
+
+def _dispatch_file():
+    return _lib_path.with_name(_lib_path.stem.replace("maxsim-", "dispatch-") + ".json") if _lib_path else None
 
 
 def _cpu_lib():
     """The compiled maxsim.c as a ctypes library, or None (with one warning) where it cannot build."""
-    global _lib
+    global _lib, _lib_path
     if _lib is None:
         _lib = False
         src = Path(__file__).with_name("maxsim.c")
@@ -178,6 +255,7 @@ def _cpu_lib():
                         raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
                     os.replace(f"{tmp}/m.so", so)
             lib = ctypes.CDLL(str(so))
+            _lib_path = so
             P, I = ctypes.c_void_p, ctypes.c_int64
             lib.maxsim_cpu.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
             lib.maxsim_cpu.restype = ctypes.c_int

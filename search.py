@@ -78,10 +78,16 @@ class Index:
             s, i = maxsim_topk(q[:, :budget[0]], self.budget(budget[1]), min(k_all, self.N))
         else:
             _, cand = maxsim_topk(q[:, :first[0]], self.budget(first[1]), min(max(depth, k_all), self.N))
-            view = self.budget(budget[1])
-            s = torch.stack([maxsim(q[a:a + 1, :budget[0]], view[cand[a]])[0] for a in range(q.shape[0])])
-            s, pos = s.topk(min(k_all, s.shape[1]), dim=1)
-            i = cand.gather(1, pos)
+            view, out_s, out_i = self.budget(budget[1]), [], []
+            for a in range(0, q.shape[0], 16):      # 16 queries at a time: their candidates read once
+                block = cand[a:a + 16]                                        # (n, depth)
+                rows, where = torch.unique(block, return_inverse=True)       # sorted: sequential reads
+                s = maxsim(q[a:a + 16, :budget[0]], view[rows.numpy()])       # (n, U)
+                s = s.gather(1, where)                                        # (n, depth): each its own
+                s, pos = s.topk(min(k_all, s.shape[1]), dim=1)
+                out_s.append(s)
+                out_i.append(block.gather(1, pos))
+            s, i = torch.cat(out_s), torch.cat(out_i)
         keep = [[(float(x), int(j)) for x, j in zip(sr, ir) if int(j) not in self.skipped][:k] for sr, ir in zip(s, i)]
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))

@@ -1,4 +1,6 @@
 """kernels.py: MaxSim reference, chunking and masks, the fused C and Triton kernels."""
+import json
+
 import pytest
 import torch
 
@@ -131,18 +133,41 @@ def test_c_kernel_matches_reference(shape, threads, dtype):
         torch.set_num_threads(old)
 
 
-def test_c_kernel_is_the_cpu_default_and_refuses_what_it_cannot_do():
+def test_c_kernel_refuses_what_it_cannot_do():
     maxsim_cpu = c_kernel()
     import kernels
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
-    assert kernels._cpu_wins(q, c) and not kernels._cpu_wins(q[:1, :1], c)   # one vector: BLAS gemv
-    assert kernels._cpu_wins(q, c.bfloat16()) and not kernels._cpu_wins(q, c.double())
-    assert not kernels._cpu_wins(q, torch.randn(1, 5000, 16))
+    assert kernels._cpu_can(q, c) and kernels._cpu_can(q, c.bfloat16()) and not kernels._cpu_can(q, c.double())
+    assert not kernels._cpu_can(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
         maxsim_cpu(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
         maxsim_cpu(q, c.double())
     torch.testing.assert_close(maxsim(q, c.double()), maxsim_reference(q, c.double()))  # -> the torch path
+
+
+def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """The CPU path is the one measured fastest for the regime, and the decision is kept on disk
+    beside the kernel: another process (here: a cleared memory) reads it instead of measuring."""
+    c_kernel()
+    import kernels
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_lib_path", tmp_path / "maxsim-abc123.so")
+    fake = iter([2.0, 1.0])                      # the C kernel timed first (2 s), then torch (1 s)
+    monkeypatch.setattr(kernels, "_time", lambda fn, repeats=3: next(fake))
+    used, chunked = [], kernels.maxsim_chunked
+    monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
+    q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+    assert used == ["torch"] and kernels.regime(q, c) == "many-queries/multi/D<=256/fp32"
+    kept = json.loads((tmp_path / "dispatch-abc123.json").read_text())
+    assert kept["many-queries/multi/D<=256/fp32"]["winner"] == "torch"
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_time", lambda fn, repeats=3: pytest.fail("measured again"))
+    assert kernels.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
+    used.clear()
+    maxsim(q, c, backend="cpu")                  # backend= still forces a path
+    assert used == []
 
 
 def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path):
