@@ -419,7 +419,31 @@ def main():
     p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
                    "(e.g. 20000x1536)")
     p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
+    p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
+                   "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
+    if args.dispatch:
+        import kernels
+        if kernels._cpu_lib() is None:
+            print("the C kernel does not build here: maxsim always takes the torch path")
+            return
+        kernels._choices.clear()
+        if kernels._dispatch_file() and kernels._dispatch_file().exists():
+            kernels._dispatch_file().unlink()
+        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+              f"kept in {kernels._dispatch_file()}")
+        for one in ("one-query", "many-queries"):
+            for rc in ("rc1", "multi"):
+                for d in ("D<=256", "D>256"):
+                    for dt in ("fp32", "16bit"):
+                        name = f"{one}/{rc}/{d}/{dt}"
+                        win, t = kernels.measured_choice(name)
+                        print(f"  {name:<34} C {t['C_ms']:7.2f} ms  torch {t['torch_ms']:7.2f} ms  -> "
+                              f"{'C kernel' if win == 'cpu' else 'torch'}   ({t['probe']})")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(kernels._choices, f, indent=2)
+        return
     if args.layout:
         r = layout_bench()
         print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; peaks "
@@ -495,7 +519,7 @@ def main():
     print(f"measured peaks: {peaks[0] / 1e9:.0f} GFLOP/s matmul, {peaks[1] / 1e9:.1f} GB/s read\n")
 
     methods = {"naive einsum": naive_einsum, "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch"),
-               "maxsim (C)": lambda q, c: maxsim(q, c, backend="cpu")}
+               "maxsim (C)": lambda q, c: maxsim(q, c, backend="cpu"), "maxsim (auto)": maxsim}
     if dev.type == "cuda":
         methods = {"naive (chunked)": naive_chunked, "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch"),
                    "maxsim (triton)": lambda q, c: maxsim(q, c, backend="triton")}

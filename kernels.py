@@ -184,15 +184,16 @@ def regime(q, c):
 
 
 def _probe(name):
-    """Random inputs standing for a regime: ~0.2 GFLOP a call."""
+    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product) or 16 x
+    16 prefix views of (16, 64) embeddings, as at serving time; enough candidates to amortise
+    set-up (512 to 10,000, up to about 1 GFLOP)."""
     one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
-    rq = 1 if one and rc1 else 16
-    Nq, rc, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
-    Nc = max(64, int(2e8 // (2 * Nq * rq * rc * D)))
+    Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
+    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * r * D))))
     g = torch.Generator().manual_seed(0)
-    q = torch.nn.functional.normalize(torch.randn(Nq, rq, D, generator=g), dim=-1)
-    c = torch.nn.functional.normalize(torch.randn(Nc, 64 if not rc1 else 16, D, generator=g), dim=-1)[:, :rc]
-    return q, (c if fp32 else c.bfloat16())            # budgets are prefix views, as at serving time
+    q = torch.nn.functional.normalize(torch.randn(Nq, 16, D, generator=g), dim=-1)[:, :r]
+    c = torch.nn.functional.normalize(torch.randn(Nc, 64, D, generator=g), dim=-1)
+    return q, (c if fp32 else c.bfloat16())[:, :r]
 
 
 def _time(fn, repeats=3):
