@@ -93,15 +93,15 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
     buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
     cbuf = torch.empty(chunk * Rc * D, dtype=torch.float32, device=q.device) \
-        if not (c.dtype == torch.float32 and c.is_contiguous()) else None      # a chunk widened to fp32
+        if c.dtype != torch.float32 else None                              # a 16-bit chunk widened
     half = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
             cj = c[j:j + n]
-            if cj.dtype == torch.float32 and cj.is_contiguous():
-                cf = cj.view(n * Rc, D)                                   # (n R_c, D), in place
-            else:  # one pass into a reused buffer: a prefix view gathered, bf16 widened, no new pages
+            if cj.dtype == torch.float32:
+                cf = cj.reshape(n * Rc, D)                # (n R_c, D): a view, or one copy of a prefix view
+            else:  # a 16-bit index widened in one pass into a reused buffer (no new pages each chunk)
                 cf = cbuf[:n * Rc * D].view(n * Rc, D)
                 cf.view(n, Rc, D).copy_(cj)
             cm = c_mask[j:j + n].to(q.device, torch.bool) if c_mask is not None else None
