@@ -294,29 +294,14 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
     vector of every candidate in one contiguous bf16 block) against prefix views of full (16, 64)
     embeddings, in memory (float32 and bf16); and the bytes each budget reads."""
     import tempfile
-
-    import search
     peaks = measure_peaks(torch.device("cpu"), torch.float32)
     q = unit_vectors(Nq, 16, D, torch.device("cpu"), torch.float32, 0)
-    full = unit_vectors(N, 64, D, torch.device("cpu"), torch.float32, 1)             # (N, 64, D)
     rows = []
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        bounds = search.group_bounds(64)
-        for a, b in bounds:
-            search._open_group(tmp, a, b, N, D, "w+").flush()
-        w = search._GroupWriter(tmp, bounds, N, D, 0, N)
-        for j in range(0, N, 1000):
-            w[j:j + 1000] = full[j:j + 1000]
-        for _, _, g in w.groups:
-            g.flush()
-        search._write_json(os.path.join(tmp, "index.json"), {"count": N, "dim": D, "num_candidate_tokens": 64,
-                                                             "groups": bounds})
-        with open(os.path.join(tmp, "items.jsonl"), "w") as f:
-            f.writelines(json.dumps({"id": i}) + "\n" for i in range(N))
-        index = search.Index(tmp)
-        sizes = {b: os.path.getsize(os.path.join(tmp, f"group-{a}-{b}.bin")) for a, b in bounds}
-        total = sum(sizes.values())
-        read = {b: sum(v for k, v in sizes.items() if k <= b) / total for _, b in bounds}
+        index = random_index(tmp, N, D)
+        full = index.budget(64)[0:N].float()                                          # (N, 64, D)
+        sizes = {b: os.path.getsize(os.path.join(tmp, f"group-{a}-{b}.bin")) for a, b in index.bounds}
+        read = {b: sum(v for k, v in sizes.items() if k <= b) / sum(sizes.values()) for _, b in index.bounds}
         flops = 2 * Nq * N * D
         cases = {"grouped bf16 (search.py)": lambda: index.budget(1)[0:N],
                  "prefix view, full fp32": lambda: full[:, :1],
@@ -324,12 +309,9 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
         for name, cands in cases.items():
             c = cands()
             for backend in ("cpu", "torch"):
-                ref = maxsim_chunked(q[:, :1], c)
-                out = maxsim(q[:, :1], c, backend=backend)
-                err = (out - ref).abs().max().item()
+                err = (maxsim(q[:, :1], c, backend=backend) - maxsim_chunked(q[:, :1], c)).abs().max().item()
                 t, _, _ = timed(lambda: maxsim(q[:, :1], cands(), backend=backend), torch.device("cpu"), repeats)
-                cbytes = N * D * c.element_size()
-                limit = max(flops / peaks[0], cbytes / peaks[1])
+                limit = max(flops / peaks[0], N * D * c.element_size() / peaks[1])
                 rows.append(dict(layout=name, backend=backend, ms=1e3 * t, limit_ms=1e3 * limit,
                                  x_limit=t / limit, max_err=err))
     return dict(N=N, Nq=Nq, D=D, peaks=peaks, rows=rows, bytes_read_fraction=read)
@@ -412,6 +394,13 @@ def cascade_plot(results, path):
     plt.close(fig)
 
 
+def write_json(path, obj):
+    if path:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2)
+        print(f"wrote {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats")
@@ -453,9 +442,7 @@ def main():
                         win, t = kernels.measured_choice(name)
                         print(f"  {name:<34} C {t['C_ms']:7.2f} ms  torch {t['torch_ms']:7.2f} ms  -> "
                               f"{'C kernel' if win == 'cpu' else 'torch'}   ({t['probe']})")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(kernels._choices, f, indent=2)
+        write_json(args.json, kernels._choices)
         return
     if args.layout:
         r = layout_bench()
@@ -466,9 +453,7 @@ def main():
                   f"{row['x_limit']:.2f}x the limit  (max err {row['max_err']:.1e})")
         print("  bytes read per budget r_c (fraction of the index): " +
               ", ".join(f"{b}: {f:.4f}" for b, f in r["bytes_read_fraction"].items()))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({**r, "device": platform.processor() or platform.machine()}, f, indent=2)
+        write_json(args.json, {**r, "device": platform.processor() or platform.machine()})
         return
     if args.cascade:
         results = [cascade_bench(path) for path in args.cascade]
@@ -482,9 +467,7 @@ def main():
                       f"{row['ms_per_query']:7.2f} ms a query  {row['speedup']:5.1f}x")
         if args.plot:
             cascade_plot(results, args.plot)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(results, f, indent=2)
+        write_json(args.json, results)
         return
     if args.grad_cache_one:
         print(json.dumps(grad_cache_step_memory(*args.grad_cache_one)))
@@ -504,9 +487,7 @@ def main():
             print(f"  {'plain' if not r['chunk'] else 'GradCache chunk ' + str(r['chunk']):<18} process peak "
                   f"{r['peak_bytes'] / 2**20:6.0f} MiB ({r['peak_bytes'] / base['peak_bytes']:.2f}x; "
                   f"{r['rss_before_bytes'] / 2**20:.0f} MiB before the step), {r['seconds']:.1f} s, loss {r['loss']:.6f}")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
         return
     if args.eval_memory:
         r = eval_memory(args.eval_memory, args.index_dir)
@@ -514,9 +495,7 @@ def main():
         print(f"{r['candidates']} candidates x 64 x {r['D']}, bf16 index {where}: {r['index_bytes'] / 2**30:.2f} GiB; "
               f"peak host memory beyond the model {r['peak_extra_bytes'] / 2**30:.2f} GiB = "
               f"{r['ratio']:.2f}x the index ({r['seconds']:.0f} s)")
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(r, f, indent=2)
+        write_json(args.json, r)
         return
     dev = torch.device(args.device)
     repeats = 3 if args.quick else 7

@@ -23,6 +23,21 @@ def run(tmp_path, name, *extra):
     return path, [json.loads(line) for line in log.read_text().splitlines()]
 
 
+def crash_at_batch(monkeypatch, n, fn):
+    """Run fn with collate raising KeyboardInterrupt (a crash) while building batch n."""
+    calls, collate = [], train.data.collate
+
+    def crashing(*a, **k):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt("simulated crash")
+        return collate(*a, **k)
+    monkeypatch.setattr(train.data, "collate", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        fn()
+    monkeypatch.setattr(train.data, "collate", collate)
+
+
 def test_batch_order_is_a_function_of_step():
     a = train.batch_indices(5, 100, 8, seed=0)
     assert a == train.batch_indices(5, 100, 8, seed=0) and len(a) == 8
@@ -58,17 +73,7 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
     common = ["--steps", "6", "--batch-size", "4", "--save-every", "3"] + extra
     full, log_full = run(tmp_path, "full", *common)
     # an interrupted run: crash while building batch 5 (after the step-3 checkpoint), then --resume
-    calls, collate = [], train.data.collate
-
-    def crashing(*a, **k):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt("simulated crash")
-        return collate(*a, **k)
-    monkeypatch.setattr(train.data, "collate", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "part", *common)
-    monkeypatch.setattr(train.data, "collate", collate)
+    crash_at_batch(monkeypatch, 5, lambda: run(tmp_path, "part", *common))
     assert (tmp_path / "part" / "latest").read_text() == "checkpoint-0000003"
     resumed, log_res = run(tmp_path, "part", *common, "--resume")
     losses_full = [r["loss"] for r in log_full]
@@ -255,17 +260,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     for r in (log[1], log[3]):
         assert {"heldout_p1_1x1", "heldout_p1_4x8"} <= set(r) and all(0 <= r[k] <= 1 for k in r if "heldout" in k)
     assert "heldout_p1_1x1" not in log[0]
-    calls, collate = [], train.data.collate
-
-    def crashing(*a, **k):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt("simulated crash")
-        return collate(*a, **k)
-    monkeypatch.setattr(train.data, "collate", crashing)
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path, "part", *common)
-    monkeypatch.setattr(train.data, "collate", collate)
+    crash_at_batch(monkeypatch, 4, lambda: run(tmp_path, "part", *common))
     _, log_res = run(tmp_path, "part", *common, "--resume")
     assert [r["step"] for r in log_res][-2:] == [3, 4]
     assert [r["loss"] for r in log_res[-2:]] == pytest.approx([r["loss"] for r in log[2:]], abs=1e-5)
