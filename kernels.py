@@ -20,6 +20,7 @@ import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -290,21 +291,24 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
         raise ValueError(f"maxsim_cpu takes at most {_MAX_RC} vectors a candidate, got r_c={r_c}")
     if c.stride(2) != 1:
         c = c.contiguous()
-    rows = q.reshape(Nq * r_q, D).float()                              # (N_q r_q, D)
-    owner = torch.arange(Nq).repeat_interleave(r_q)                    # each row's query
+    # Packing in numpy, not torch: a torch op here would start torch's OpenMP threads, which then
+    # spin-wait on the cores the kernel's own threads need (measured: 32 x 10k at 1x1, D = 1536,
+    # 13.8 -> 10.4 ms on 2 cores).
+    rows = q.detach().float().numpy().reshape(Nq * r_q, D)              # (N_q r_q, D)
+    owner = np.repeat(np.arange(Nq, dtype=np.int64), r_q)              # each row's query
     if q_mask is not None:                                             # padded query vectors dropped
-        keep = q_mask.reshape(-1).bool()
+        keep = q_mask.numpy().reshape(-1).astype(bool)
         rows, owner = rows[keep], owner[keep]
     R = -(-rows.shape[0] // 16) * 16 or 16
-    qp = torch.zeros(R, D)
+    qp = np.zeros((R, D), dtype=np.float32)
     qp[:rows.shape[0]] = rows
-    qp = qp.view(R // 16, 16, D).transpose(1, 2).contiguous()          # (R/16, D, 16)
-    owner = torch.cat([owner, owner.new_full((R - owner.shape[0],), -1)])
-    cm = c_mask.to(torch.uint8) if c_mask is not None else None
-    out = torch.empty(Nq, Nc, dtype=torch.float32)
-    args = (qp.data_ptr(), owner.data_ptr(), R, Nq, c.data_ptr(), _CTYPES[c.dtype],
-            cm.data_ptr() if cm is not None else None, out.data_ptr(), r_c, D)
-    strides = (c.stride(0), c.stride(1), *(cm.stride() if cm is not None else (0, 0)), out.stride(0))
+    qp = np.ascontiguousarray(qp.reshape(R // 16, 16, D).transpose(0, 2, 1))   # (R/16, D, 16)
+    owner = np.concatenate([owner, np.full(R - owner.shape[0], -1, dtype=np.int64)])
+    cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
+    out = np.empty((Nq, Nc), dtype=np.float32)
+    args = (qp.ctypes.data, owner.ctypes.data, R, Nq, c.data_ptr(), _CTYPES[c.dtype],
+            cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
+    strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     threads = torch.get_num_threads()
     step = max(4, -(-Nc // (4 * threads)))                             # 4 pieces a thread: balance
     if threads == 1 or Nc <= step:
@@ -316,7 +320,7 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
                                    range(0, Nc, step)))
     if any(status):
         raise MemoryError(f"maxsim_cpu: no memory for the kernel's buffers ({R} query vectors, D={D})")
-    return out
+    return torch.from_numpy(out)
 
 
 # -----------------------------------------------------------------------------
