@@ -8,7 +8,7 @@ best few), on this machine or on Qdrant when the corpus outgrows it.
     python search.py index --checkpoint CK --out INDEX --images DIR     # or --texts FILE.jsonl, --pdf FILE_OR_DIR
     python search.py query --index INDEX "a query" --first 1x1 --depth 1000 --budget 16x64
     python search.py index ... --qdrant PATH_OR_URL     # also into Qdrant (local folder, or a server's URL)
-    python search.py query --index INDEX --qdrant PATH_OR_URL "a query" --budget 8x16 --depth 1000
+    python search.py query --index INDEX --qdrant PATH_OR_URL "a query" --first 1x1 --depth 1000 --budget 8x16
 
 The index folder: index.json (the model, sizes, dtype), items.jsonl (id and source of each item),
 and the candidate vectors stored group by group, group-A-B.bin holding vectors A+1..B of every
@@ -70,9 +70,9 @@ class Index:
                              f"{', '.join(str(b) for _, b in self.bounds)}")
         return _Budget(self, r_c)
 
-    def search(self, q, budget, k=10, first=None, depth=None):
+    def search(self, q, budget, k=10, first=None, depth=1000):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
-        with first and depth: score every candidate at `first`, then the best `depth` at `budget`."""
+        with first: score every candidate at `first`, then the best `depth` at `budget`."""
         k_all = k + len(self.skipped)                  # skipped items are dropped from the results
         if first is None:
             s, i = maxsim_topk(q[:, :budget[0]], self.budget(budget[1]), min(k_all, self.N))
@@ -296,6 +296,8 @@ def qdrant_search(client, q, budget, k, depth=None, collection="metaembed"):
     """q (R_q, D): MaxSim at budget over all points, or over the `depth` nearest by the first
     vector (HNSW prefetch). -> [(score, point id)]."""
     from qdrant_client import models
+    if not client.collection_exists(collection):
+        raise ValueError(f"Qdrant has no collection {collection!r} there: write it with `search.py index ... --qdrant`")
     prefetch = models.Prefetch(query=q[0].tolist(), using="first", limit=depth) if depth else None
     r = client.query_points(collection, prefetch=prefetch, query=q[:budget[0]].tolist(), using=f"mv{budget[1]}",
                             limit=k, with_payload=False)
@@ -327,7 +329,8 @@ def get_args(argv=None):
     q.add_argument("--image", help="a query image (with or without text)")
     q.add_argument("--budget", default="16x64", help="r_q x r_c (or a number: the group with that r_c; default 16x64)")
     q.add_argument("--first", help="cascade: score everything at this cheaper budget first (e.g. 1x1)")
-    q.add_argument("--depth", type=int, default=1000, help="cascade (and Qdrant prefetch): re-score the best N")
+    q.add_argument("--depth", type=int, default=1000, help="with --first: re-score the best N (with --qdrant: "
+                   "the N nearest by the first vector, from Qdrant's HNSW)")
     q.add_argument("-k", type=int, default=10, help="results to print")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--qdrant", help="search Qdrant instead (a local folder or a URL) with the index's model")
@@ -380,11 +383,11 @@ def query_cmd(args):
     t = time.time()
     q = model.encode_queries([args.text], [args.image] if args.image else None)       # (1, R_q, D)
     t_enc, t = time.time() - t, time.time()
-    if args.qdrant:
+    if args.qdrant:   # with --first, the cheap stage is Qdrant's HNSW on the first vector
         hits = qdrant_search(qdrant_client(args.qdrant), q[0].numpy(), budget, args.k,
-                             args.depth if args.first or args.depth != 1000 else None, args.collection)
+                             args.depth if first else None, args.collection)
     else:
-        s, i = index.search(q, budget, args.k, first, args.depth if first else None)
+        s, i = index.search(q, budget, args.k, first, args.depth)
         hits = list(zip(s[0].tolist(), i[0].tolist()))
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]

@@ -161,3 +161,5 @@ def test_qdrant_local_mode_matches_exhaustive_search(scenes, tmp_path):
         assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
     pre = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)   # HNSW prefetch on the first vector
     assert len(pre) == 3
+    with pytest.raises(ValueError, match="no collection 'other'.*--qdrant"):
+        search.qdrant_search(client, q[0].numpy(), (16, 64), 3, collection="other")
