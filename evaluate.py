@@ -119,7 +119,7 @@ class EmbeddingFile:
         return out[:, :self.r][:, vecs]
 
 
-def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None):
+def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None, progress=True):
     """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items are
     encoded once, straight into a buffer in `dtype` (or an EmbeddingFile at `path`)."""
     keys, index, unique = {}, [], []
@@ -135,20 +135,21 @@ def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0
     shape = (len(unique), R, model.dim)
     out = EmbeddingFile(path, shape, dtype) if path else torch.empty(shape, dtype=dtype)
     enc = model.encode_queries if side == "query" else model.encode_candidates
-    enc(texts, images, batch_size=batch_size, progress=True, out=out, workers=workers)
+    enc(texts, images, batch_size=batch_size, progress=progress, out=out, workers=workers)
     return out, torch.tensor(index, dtype=torch.long)
 
 
 def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
-                    index_path=None):
+                    index_path=None, progress=True):
     """One retrieval task (queries, corpus, qrels) at every budget. The corpus is encoded once
     into the index dtype (in memory, or on disk at index_path) and never copied whole: each
     budget streams prefix chunks of it to the scoring device."""
     t0 = time.time()
     qids, dids = list(task["queries"]), list(task["corpus"])
-    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size, torch.float32, workers)
+    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size, torch.float32, workers,
+                          progress=progress)
     C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size, dtype, workers,
-                          index_path)                                   # (U, R_c, D), U unique candidates
+                          index_path, progress)                         # (U, R_c, D), U unique candidates
     Q = Q[qi].to(device)                                                # (N_q, R_q, D)
     docs_of = {}                                                        # unique row -> its doc ids
     for d, u in zip(dids, ci.tolist()):

@@ -435,7 +435,8 @@ def evaluate_heldout(model, tasks, groups, batch_size, device):
         return {}
     out = {f"heldout_p1_{rq}x{rc}": 0.0 for rq, rc in groups}
     for task in tasks.values():
-        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32)
+        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32,
+                                 progress=False)
         for rq, rc in groups:
             out[f"heldout_p1_{rq}x{rc}"] += res[f"{rq}x{rc}"]["P@1"] / len(tasks)
     return out
