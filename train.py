@@ -442,22 +442,23 @@ def evaluate_heldout(model, tasks, groups, batch_size, device):
     return out
 
 
-def train(args):
+def setup_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (NCCL), or gloo on the CPU.
+    -> (ddp, rank, world, local rank, device)."""
     ddp = "RANK" in os.environ
     if ddp:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", 0))
-    else:
-        rank, world, local = 0, 1, 0
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank, world = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    master = rank == 0
-    torch.manual_seed(args.seed)
+    return ddp, rank, world, local, device
 
-    say = print if master else (lambda *a, **k: None)
+
+def prepare_out(args, ddp, world, master, say):
+    """Check --out, find the checkpoint to resume from, clear old ones on --overwrite.
+    -> (checkpoint or None, the settings in force)."""
     check_writable(args)
     resume_from = latest_checkpoint(args.out, TRAIN_FILES, log=say) if args.resume else None
     used = check_resume(args, resume_from, world) if resume_from else {**vars(args), "world_size": world}
@@ -478,40 +479,84 @@ def train(args):
             dist.barrier()
     if args.resume and resume_from is None:
         say(f"--resume: no checkpoint in {args.out}, starting fresh")
+    return resume_from, used
+
+
+def build_model(args, resume_from):
     if resume_from:
-        model = MetaEmbed.from_pretrained(resume_from)
-    else:
-        R_q, R_c = args.query_tokens, args.candidate_tokens
-        groups = ((R_q, R_c),) if args.no_matryoshka else tuple(g for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
-        if not args.no_matryoshka and groups[-1] != (R_q, R_c):
-            groups += ((R_q, R_c),)
-        model = MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
-                                        num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
-                                        temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
-                                        min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
-                                        query_suffix=args.query_suffix, lora_vision=args.lora_vision)
-    cfg = model.config
+        return MetaEmbed.from_pretrained(resume_from)
+    R_q, R_c = args.query_tokens, args.candidate_tokens
+    groups = ((R_q, R_c),) if args.no_matryoshka else tuple(g for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
+    if not args.no_matryoshka and groups[-1] != (R_q, R_c):
+        groups += ((R_q, R_c),)
+    return MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
+                                   num_query_tokens=R_q, num_candidate_tokens=R_c, groups=groups,
+                                   temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
+                                   min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
+                                   query_suffix=args.query_suffix, lora_vision=args.lora_vision)
+
+
+def distribute(model, args, ddp, local, device):
+    """Gradient checkpointing, then FSDP2 (--fsdp) or DDP. -> (the module to call, trained params)."""
     if args.grad_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fsdp = args.fsdp and ddp
-    if fsdp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors. Sharding
-        # moves each piece to this rank's device as it goes: no GPU ever holds the whole model.
+    if args.fsdp and ddp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors.
+        # Sharding moves each piece to this rank's device as it goes: no GPU ever holds the whole model.
         from torch.distributed.fsdp import fully_shard
         for layer in model._base().language_model.layers:
             fully_shard(layer)
         fully_shard(model)
+        net = model
     else:
         model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]  # after sharding (FSDP replaces them)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[local] if device.type == "cuda" else None, find_unused_parameters=True) if ddp else model
+    return net, [p for p in model.parameters() if p.requires_grad]   # after sharding (FSDP replaces them)
+
+
+def make_optimizer(model, params, args, resume_from, fsdp):
+    """AdamW, warmup then linear decay; on --resume its state and the RNG. -> (opt, sched, first step)."""
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
     # on resume the loaded param groups hold initial_lr and step `start`'s lr already
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1)
-    net = model
-    if ddp and not fsdp:
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[local] if device.type == "cuda" else None, find_unused_parameters=True)
+    return opt, sched, start
 
+
+class Log:
+    """The master's JSON log (one object a step) and progress bar; other ranks log nothing."""
+
+    def __init__(self, args, start, master):
+        self.file = open(args.log_file, "a") if (args.log_file and master) else None
+        self.bar = None
+        if master and not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, rec):
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+
+    def close(self):
+        for x in (self.bar, self.file):
+            if x:
+                x.close()
+
+
+def train(args):
+    ddp, rank, world, local, device = setup_distributed()
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)
+    resume_from, used = prepare_out(args, ddp, world, master, say)
+    model = build_model(args, resume_from)
+    cfg, fsdp = model.config, args.fsdp and ddp
+    net, params = distribute(model, args, ddp, local, device)
+    opt, sched, start = make_optimizer(model, params, args, resume_from, fsdp)
     dataset, sampler, heldout = build_data(args, world, rank, start)
     B = args.batch_size
     # the loader's own generator: creating its iterator must not draw from the global RNG, which
@@ -520,28 +565,20 @@ def train(args):
                                 num_negatives=args.num_negatives)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=args.workers, generator=torch.Generator().manual_seed(args.seed))
-
-    if master:
-        n_train = sum(p.numel() for p in params)
-        n_all = sum(p.numel() for p in model.parameters())
-        print(f"MetaEmbed on {args.backbone} ({n_all / 1e6:.2f}M parameters, {n_train / 1e6:.2f}M trained), "
-              f"D={model.dim}, R_q={cfg.num_query_tokens}, R_c={cfg.num_candidate_tokens}, groups {cfg.groups}; "
-              f"{args.mixture or args.data}: {len(dataset)} examples; {world} process(es) x batch {B}, steps {start}->{args.steps}")
-    log = open(args.log_file, "a") if (args.log_file and master) else None
-    bar = None
-    if master and not args.no_progress:
-        from tqdm import tqdm
-        bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    say(f"MetaEmbed on {args.backbone} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+        f"{sum(p.numel() for p in params) / 1e6:.2f}M trained), D={model.dim}, R_q={cfg.num_query_tokens}, "
+        f"R_c={cfg.num_candidate_tokens}, groups {cfg.groups}; {args.mixture or args.data}: {len(dataset)} examples; "
+        f"{world} process(es) x batch {B}, steps {start}->{args.steps}")
+    log = Log(args, start, master)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    path, t_start = None, time.time()
+    no_sync = net.no_sync if isinstance(net, torch.nn.parallel.DistributedDataParallel) else nullcontext
+    path, t_start, step = None, time.time(), start
     net.train()
-    step = start
     try:
         for step, (q_in, c_in, neg_mask) in enumerate(loader, start):
             t0 = time.time()
             opt.zero_grad(set_to_none=True)
-            if args.grad_cache_chunk:
-                no_sync = net.no_sync if isinstance(net, torch.nn.parallel.DistributedDataParallel) else nullcontext
+            if args.grad_cache_chunk:  # the whole batch's loss, activations for a chunk at a time
                 loss, per_group = grad_cache_step(net, model, cfg, q_in, c_in, neg_mask, B, rank,
                                                   args.grad_cache_chunk, amp, no_sync)
             else:
@@ -569,13 +606,7 @@ def train(args):
                 net.train()
                 say(f"step {step + 1}: held-out P@1 " + ", ".join(
                     f"{k.rsplit('_', 1)[1]} {100 * v:.1f}" for k, v in rec.items() if k.startswith("heldout_p1_")))
-            if master:
-                if log:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                if bar:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+            log.step(rec)
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
                 if ddp:
                     dist.barrier()
@@ -584,24 +615,18 @@ def train(args):
                     path = saved
                     prune_checkpoints(args.out, args.keep)
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (main turns it into this): say where to resume
+        log.close()
         if master:
-            if bar:
-                bar.close()
             last = latest_checkpoint(args.out, TRAIN_FILES)
             print(f"train.py: stopped during step {step + 1} of {args.steps}; " +
                   (f"{last} is complete: run the same command with --resume to continue from it" if last
                    else "no checkpoint was written yet"), file=sys.stderr)
         raise
-    if bar:
-        bar.close()
-    if log:
-        log.close()
-    if master:
-        total = time.time() - t_start
-        if path:
-            print(f"done in {total:.0f}s; checkpoint: {path} (evaluate: python evaluate.py --checkpoint {args.out})")
-        else:
-            print(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
+    log.close()
+    if path:
+        say(f"done in {time.time() - t_start:.0f}s; checkpoint: {path} (evaluate: python evaluate.py --checkpoint {args.out})")
+    else:
+        say(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
     if ddp:
         # Drop DDP's reducer before the process group: destroy_process_group then shuts gloo down
         # with the GIL released (freeing the reducer last deadlocks gloo's teardown on CPU).
