@@ -22,8 +22,8 @@ import time
 import torch
 
 from kernels import maxsim, maxsim_chunked
+from metaembed import GROUPS
 
-GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 
 
 def naive_einsum(q, c):

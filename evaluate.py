@@ -62,7 +62,7 @@ def recall(run, qrels, k):
     return total / n if n else 0.0
 
 
-def precision_at_1(scores):
+def mmeb_p_at_1(scores):
     """MMEB: per row, candidate 0 is the positive; a hit when it is the argmax, so a tie with it
     counts as a hit (VLM2Vec: argmax, then pred == 0; identical candidates score the same)."""
     hits = [float(s[0] >= s[1:].max()) if len(s) > 1 else 1.0 for s in scores]
@@ -168,12 +168,13 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
         qrels = task["qrels"]
         out[f"{rq}x{rc}"] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
                              "Recall@1": recall(run, qrels, 1), "Recall@5": recall(run, qrels, 5),
-                             "Recall@10": recall(run, qrels, 10), "P@1": _p_at_1(run, qrels),
+                             "Recall@10": recall(run, qrels, 10), "P@1": retrieval_p_at_1(run, qrels),
                              "score_seconds": score_s, "num_candidates": len(dids)}
     return out, encode_s
 
 
-def _p_at_1(run, qrels):
+def retrieval_p_at_1(run, qrels):
+    """Fraction of queries whose top-ranked document is relevant (trec_eval order)."""
     hits = [float(bool(run.get(q)) and qrels[q].get(_ranked(run[q])[0], 0) > 0) for q in qrels]
     return sum(hits) / len(hits) if hits else 0.0
 
@@ -193,7 +194,7 @@ def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dty
         t1 = time.time()
         per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device))[0]
                    for i in range(len(rows))]
-        out[f"{rq}x{rc}"] = {"P@1": precision_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
+        out[f"{rq}x{rc}"] = {"P@1": mmeb_p_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
 
 

@@ -10,6 +10,7 @@ maxsim_triton:    fused Triton kernel; the CUDA default.
 maxsim:           inference entry point, dispatching to the above.
 """
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -53,14 +54,14 @@ def _check(q, c, q_mask, c_mask):
             raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(x.shape[:2])}")
 
 
-def _max_over_rc(s, half):
+def _max_over_rc(s, scratch):
     """max over dim 1 of s (n, r_c, M) -> (n, M) by halving: elementwise maxima of the two halves,
-    the first into `half`, then in place. Faster here than amax over a middle dimension."""
+    the first into `scratch` (a reused buffer), then in place. Faster here than amax over a middle dimension."""
     n, r, M = s.shape
     if r == 1:
         return s[:, 0]
     h = r // 2                                       # pairs (i, r - h + i); an odd middle is kept
-    m = half[:n * (r - h) * M].view(n, r - h, M)
+    m = scratch[:n * (r - h) * M].view(n, r - h, M)
     torch.maximum(s[:, :h], s[:, r - h:], out=m[:, :h])
     if r - h > h:
         m[:, h] = s[:, h]
@@ -72,7 +73,7 @@ def _max_over_rc(s, half):
     return m[:, 0]
 
 
-def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
+def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
     """The reference over candidate chunks, never more than (N_q, R_q, chunk, R_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
@@ -88,14 +89,14 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
     if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
         block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
         chunk = max(1, min(Nc, block // max(1, M * Rc)))
-    out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device) if out is None else out
+    out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
     qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
     qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
     buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
     cbuf = torch.empty(chunk * Rc * D, dtype=torch.float32, device=q.device) \
         if c.dtype != torch.float32 else None                              # a 16-bit chunk widened
-    half = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
+    scratch = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
@@ -110,7 +111,7 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, out=None):
                 s = torch.mm(cf, qT, out=buf[:M * n * Rc].view(n * Rc, M)).view(n, Rc, Nq, Rq)
                 if cm is not None:  # a padded candidate vector never wins a max
                     s.masked_fill_(~cm[:, :, None, None], float("-inf"))
-                m = _max_over_rc(s.view(n, Rc, M), half).view(n, Nq, Rq).permute(1, 2, 0)  # max_j -> (N_q, R_q, n)
+                m = _max_over_rc(s.view(n, Rc, M), scratch).view(n, Nq, Rq).permute(1, 2, 0)  # max_j -> (N_q, R_q, n)
             else:
                 s = torch.mm(qf, cf.T, out=buf[:M * n * Rc].view(M, n * Rc)).view(Nq, Rq, n, Rc)
                 if cm is not None:
@@ -158,7 +159,6 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
 _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
 # query registers 4 times per step (measured here: 25 vs 60-80 GFLOP/s a core)
-_lib = None
 _lib_path = None                   # the compiled kernel; the dispatch file lies beside it
 _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
@@ -234,37 +234,37 @@ def _dispatch_file():
     return _lib_path.with_name(_lib_path.stem.replace("maxsim-", "dispatch-") + ".json") if _lib_path else None
 
 
+@functools.cache
 def _cpu_lib():
-    """The compiled maxsim.c as a ctypes library, or None (with one warning) where it cannot build."""
-    global _lib, _lib_path
-    if _lib is None:
-        _lib = False
-        src = Path(__file__).with_name("maxsim.c")
-        cc = os.environ.get("CC", "cc")
-        cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-        cpu = "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
-        # -march=native code is for this CPU only: its model and flags are part of the key
-        key = hashlib.sha1(src.read_bytes() + " ".join([cc, *_CFLAGS, cpu]).encode()).hexdigest()[:12]
-        cache = Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
-        so = cache / f"maxsim-{key}.so"
-        try:
-            if not so.exists():
-                cache.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
-                    r = subprocess.run([cc, *_CFLAGS, "-o", f"{tmp}/m.so", str(src)],
-                                       capture_output=True, text=True, check=False)
-                    if r.returncode != 0:
-                        raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
-                    os.replace(f"{tmp}/m.so", so)
-            lib = ctypes.CDLL(str(so))
-            _lib_path = so
-            P, I = ctypes.c_void_p, ctypes.c_int64
-            lib.maxsim_cpu.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
-            lib.maxsim_cpu.restype = ctypes.c_int
-            _lib = lib
-        except OSError as e:
-            warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
-    return _lib or None
+    """The compiled maxsim.c as a ctypes library (built once per machine, loaded once per process),
+    or None, with one warning, where it cannot build."""
+    global _lib_path
+    src = Path(__file__).with_name("maxsim.c")
+    cc = os.environ.get("CC", "cc")
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
+    # -march=native code is for this CPU only: its model and flags are part of the key
+    key = hashlib.sha1(src.read_bytes() + " ".join([cc, *_CFLAGS, cpu]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
+    so = cache / f"maxsim-{key}.so"
+    try:
+        if not so.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
+                r = subprocess.run([cc, *_CFLAGS, "-o", f"{tmp}/m.so", str(src)],
+                                   capture_output=True, text=True, check=False)
+                if r.returncode != 0:
+                    raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
+                os.replace(f"{tmp}/m.so", so)
+        lib = ctypes.CDLL(str(so))
+    except OSError as e:
+        warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.maxsim_cpu.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
+    lib.maxsim_cpu.restype = ctypes.c_int
+    _lib_path = so
+    return lib
 
 
 _pool = None

@@ -381,10 +381,10 @@ class MetaEmbed(nn.Module):
             backbone, processor = build_tiny_backbone(seed=seed, **config.tiny)
         else:
             backbone, processor = load_backbone(name, config.dtype, config.attn_implementation)
-        return cls._assemble(config, backbone, processor, seed)
+        return cls._from_parts(config, backbone, processor, seed)
 
     @classmethod
-    def _assemble(cls, config, backbone, processor, seed=0):
+    def _from_parts(cls, config, backbone, processor, seed=0):
         if config.max_pixels is None and config.backbone != "tiny":  # resolved once, then saved
             config.max_pixels = MAX_VISUAL_TOKENS * visual_token_pixels(processor)
         set_image_bounds(processor, config.min_pixels, config.max_pixels)
@@ -413,7 +413,7 @@ class MetaEmbed(nn.Module):
     def device(self):
         return self.meta_tokens.device
 
-    def trainable_state(self):
+    def trained_parameters(self):
         """What training changes: meta tokens, projection, and LoRA adapters or the full backbone."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
 
@@ -436,7 +436,7 @@ class MetaEmbed(nn.Module):
         grid = grid.to(dev) if grid is not None else None
         # M-RoPE positions from input_ids (meta tokens continue the 1-D text count); passing
         # inputs_embeds alone would give wrong positions.
-        position_ids, _ = self._base().get_rope_index(ids, mm_token_type_ids=types,
+        position_ids, _ = self.base_model().get_rope_index(ids, mm_token_type_ids=types,
                                                       image_grid_thw=grid, attention_mask=mask)
         embeds = self.backbone.get_input_embeddings()(ids)                 # (B, L + R, H)
         meta = self.meta_tokens[:R].to(embeds.dtype).expand(B, -1, -1)     # (B, R, H)
@@ -461,7 +461,8 @@ class MetaEmbed(nn.Module):
             h = self.proj(h.to(self.proj.weight.dtype))                    # (B, R, D)
         return F.normalize(h.float(), dim=-1)
 
-    def _base(self):
+    def base_model(self):
+        """The backbone without its LoRA wrapper (peft's PeftModel), if any."""
         b = self.backbone
         return b.get_base_model() if hasattr(b, "get_base_model") else b
 
@@ -532,12 +533,12 @@ class MetaEmbed(nn.Module):
         state = self.state_dict() if state_dict is None else state_dict
         # the random `tiny` base exists nowhere else: keep all of it; a hub base is reloaded by name
         if self.config.backbone != "tiny":
-            state = {k: state[k] for k in self.trainable_state()}
+            state = {k: state[k] for k in self.trained_parameters()}
         state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, os.path.join(tmp, "model.safetensors"))
         with open(os.path.join(tmp, "metaembed.json"), "w") as f:
             json.dump(asdict(self.config), f, indent=2)
-        self._base().config.save_pretrained(tmp)
+        self.base_model().config.save_pretrained(tmp)
         self.processor.tokenizer.save_pretrained(tmp)
         self.processor.image_processor.save_pretrained(tmp)
         _replace_dir(tmp, path)
@@ -561,11 +562,11 @@ class MetaEmbed(nn.Module):
             backbone, _ = load_backbone(config.backbone, config.dtype, config.attn_implementation)
         tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")  # the saved processor
         processor = ImageTextProcessor(_image_processor_class().from_pretrained(path), tokenizer)
-        model = cls._assemble(config, backbone, processor)
+        model = cls._from_parts(config, backbone, processor)
         state = load_file(os.path.join(path, "model.safetensors"))
         own = model.state_dict()
         unknown = [k for k in state if k not in own]
-        missing = [k for k in model.trainable_state() if k not in state]
+        missing = [k for k in model.trained_parameters() if k not in state]
         if unknown or missing:
             raise ValueError(f"checkpoint {path!r} does not match its model: "
                              f"unknown {unknown[:3]}, missing {missing[:3]}")

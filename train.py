@@ -503,7 +503,7 @@ def distribute(model, args, ddp, local, device):
     if args.fsdp and ddp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors.
         # Sharding moves each piece to this rank's device as it goes: no GPU ever holds the whole model.
         from torch.distributed.fsdp import fully_shard
-        for layer in model._base().language_model.layers:
+        for layer in model.base_model().language_model.layers:
             fully_shard(layer)
         fully_shard(model)
         net = model

@@ -19,6 +19,29 @@ def tiny():
     return MetaEmbed.from_backbone("tiny", seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny):
+    """The session's tiny MetaEmbed saved once as a checkpoint folder (for the CLIs)."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    tiny.save_pretrained(path)
+    return str(path)
+
+
+def brute_maxsim(q, c, q_mask=None, c_mask=None):
+    """s(q, c) = sum over real i of max over real j of <q_i, c_j>, one pair at a time, in float64;
+    a NaN product makes its maximum NaN (as torch's amax). The one slow reference of the tests."""
+    q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask
+    c_mask = torch.ones(c.shape[:2], dtype=torch.bool) if c_mask is None else c_mask
+    out = torch.zeros(len(q), len(c), dtype=torch.float64)
+    for a in range(len(q)):
+        for b in range(len(c)):
+            for i in range(q.shape[1]):
+                dots = [float(q[a, i].double() @ c[b, j].double()) for j in range(c.shape[1]) if c_mask[b, j]]
+                if q_mask[a, i] and dots:
+                    out[a, b] += float("nan") if any(d != d for d in dots) else max(dots)
+    return out
+
+
 def write_hub_repo(root, configs, features=None):
     """A local folder laid out like a hub dataset repo: CONFIG/SPLIT-00000-of-00001.parquet per
     config and split, and the README's `configs:` header that maps them (as on the hub)."""

@@ -3,18 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
+from conftest import brute_maxsim
 from kernels import maxsim_reference
 from metaembed import GROUPS, MetaEmbed, MetaEmbedConfig, format_prompt, matryoshka_loss, parse_budgets
-
-
-def brute_maxsim(q, c):
-    """s(q, c) = sum_i max_j <q_i, c_j>, one pair at a time, in float64."""
-    out = torch.zeros(len(q), len(c), dtype=torch.float64)
-    for a in range(len(q)):
-        for b in range(len(c)):
-            out[a, b] = sum(max(float(q[a, i] @ c[b, j]) for j in range(c.shape[1]))
-                            for i in range(q.shape[1]))
-    return out
 
 
 def unit(*shape, seed=0):
@@ -223,7 +214,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_lora_trains_only_adapters_and_meta(tmp_path):
     m = MetaEmbed.from_backbone("tiny", lora=True, lora_r=4, lora_alpha=4, proj_dim=8)
-    names = list(m.trainable_state())
+    names = list(m.trained_parameters())
     assert "meta_tokens" in names and "proj.weight" in names
     assert all("lora_" in n for n in names if n.startswith("backbone."))
     for p in ("q", "k", "v", "o"):                                     # the official targets: language model
@@ -233,7 +224,7 @@ def test_lora_trains_only_adapters_and_meta(tmp_path):
     assert not any("visual" in n for n in names)
     assert all(float(p.abs().max()) == 0 for n, p in m.named_parameters() if "lora_B" in n)   # starts at the base
     with_vision = MetaEmbed.from_backbone("tiny", lora=True, lora_r=4, lora_alpha=4, lora_vision=True)
-    assert any("blocks.0.attn.qkv.lora_A" in n for n in with_vision.trainable_state())
+    assert any("blocks.0.attn.qkv.lora_A" in n for n in with_vision.trained_parameters())
     with torch.no_grad():
         for n, p in m.named_parameters():
             if "lora_B" in n:

@@ -36,7 +36,7 @@ def test_recall_and_precision_at_1():
     run = {"q": {"a": 3.0, "c": 2.0, "b": 1.0}}
     assert evaluate.recall(run, qrels, 1) == 0.5 and evaluate.recall(run, qrels, 3) == 1.0
     rows = [torch.tensor([0.9, 0.1, 0.3]), torch.tensor([0.2, 0.5]), torch.tensor([0.4, 0.4])]
-    assert evaluate.precision_at_1(rows) == pytest.approx(2 / 3)  # a tie with the positive is a hit (VLM2Vec)
+    assert evaluate.mmeb_p_at_1(rows) == pytest.approx(2 / 3)  # a tie with the positive is a hit (VLM2Vec)
 
 
 class KnownEmbeddings:
@@ -129,11 +129,9 @@ def test_mmeb_errors(tmp_path):
         data.load_mmeb_eval(repo, "VOC2007", images)
 
 
-def test_mmeb_end_to_end_and_aggregation(tmp_path, capsys):
+def test_mmeb_end_to_end_and_aggregation(tmp_path, capsys, tiny_checkpoint):
     repo, images = mmeb_eval_copy(tmp_path)
-    ck = tmp_path / "ck"
-    from metaembed import MetaEmbed
-    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+    ck = tiny_checkpoint
     res = evaluate.main(["--checkpoint", str(ck), "--benchmark", "mmeb", "--mmeb", repo, "--mmeb-images", images,
                          "--subsets", "VOC2007", "CIRR", "--budgets", "1,64", "--output", str(tmp_path / "r.json")])
     s = res["summary"]["16x64"]
@@ -167,7 +165,7 @@ def test_vidore_v1_layout(tmp_path):
     assert isinstance(page, data.LazyImage) and page().size == (20, 20)
 
 
-def test_vidore_beir_layout_and_cli(tmp_path):
+def test_vidore_beir_layout_and_cli(tmp_path, tiny_checkpoint):
     import datasets
     corpus = [dict(**{"corpus-id": i, "image": Image.new("RGB", (28, 28), (50 * i, 0, 0))}) for i in range(3)]
     queries = [{"query-id": 7, "query": "red page"}, {"query-id": 8, "query": "no judgement"}]
@@ -185,9 +183,7 @@ def test_vidore_beir_layout_and_cli(tmp_path):
     (root / "README.md").write_text("---" + readme[1] + extra.lstrip("\n") + "---\n")
     task = data.load_vidore(str(root))
     assert task["qrels"] == {"7": {"2": 2}} and list(task["queries"]) == ["7"] and len(task["corpus"]) == 3
-    ck = tmp_path / "ck"
-    from metaembed import MetaEmbed
-    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+    ck = tiny_checkpoint
     res = evaluate.main(["--checkpoint", str(ck), "--benchmark", "vidore", "--vidore", str(root),
                          "--budgets", "1,16", "--plot", str(tmp_path / "p.png")])
     r = res["tasks"]["esg_reports_v2_beir"]["8x16"]
@@ -209,10 +205,8 @@ def test_cli_errors(tmp_path, monkeypatch):
         evaluate.main(["--checkpoint", str(ck), "--budgets", "16x64"])
 
 
-def test_synthetic_end_to_end(tmp_path):
-    ck = tmp_path / "ck"
-    from metaembed import MetaEmbed
-    MetaEmbed.from_backbone("tiny").save_pretrained(ck)
+def test_synthetic_end_to_end(tmp_path, tiny_checkpoint):
+    ck = tiny_checkpoint
     res = evaluate.main(["--checkpoint", str(ck), "--synthetic-scenes", "8", "--budgets", "1,4,64",
                          "--output", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
     assert res["budgets"] == ["1x1", "2x4", "16x64"]

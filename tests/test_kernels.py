@@ -4,19 +4,8 @@ import json
 import pytest
 import torch
 
+from conftest import brute_maxsim
 from kernels import maxsim, maxsim_chunked, maxsim_reference
-
-
-def brute(q, c, qm, cm):
-    """Sum over real query vectors of the max over real candidate vectors, pair by pair."""
-    out = torch.zeros(len(q), len(c), dtype=torch.float64)
-    for a in range(len(q)):
-        for b in range(len(c)):
-            real_c = [j for j in range(c.shape[1]) if cm[b, j]]
-            for i in range(q.shape[1]):
-                if qm[a, i] and real_c:
-                    out[a, b] += max(float(q[a, i].double() @ c[b, j].double()) for j in real_c)
-    return out
 
 
 def ragged(N, R, D, seed):
@@ -31,7 +20,7 @@ def ragged(N, R, D, seed):
 def test_maxsim_matches_brute_force_ragged(dtype):
     q, qm = ragged(5, 4, 16, 0)
     c, cm = ragged(7, 6, 16, 1)
-    want = brute(q.to(dtype), c.to(dtype), qm, cm)
+    want = brute_maxsim(q.to(dtype), c.to(dtype), qm, cm)
     got = maxsim(q.to(dtype), c.to(dtype), qm, cm)
     assert got.dtype == torch.float32 and got.shape == (5, 7)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
@@ -170,9 +159,17 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     assert used == []
 
 
-def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path):
+@pytest.fixture
+def fresh_build():
+    """_cpu_lib built anew in the test, and again (as normal) after it."""
     import kernels
-    monkeypatch.setattr(kernels, "_lib", None)
+    kernels._cpu_lib.cache_clear()
+    yield
+    kernels._cpu_lib.cache_clear()
+
+
+def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path, fresh_build):
+    import kernels
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("METAEMBED_CACHE", str(tmp_path))
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
@@ -303,7 +300,7 @@ def test_non_finite_input_same_answer_on_every_path(Nq):
     cm[2, 0] = True
     q[-1, 0, 0] = float("nan")                              # a real query vector with a NaN
     qm[-1, 0] = True
-    want = brute_nan(q, c, qm, cm)
+    want = brute_maxsim(q, c, qm, cm)
     paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch"),
              "triton": maxsim_triton(q, c, qm, cm)}
     if c_kernel_builds():
@@ -312,14 +309,3 @@ def test_non_finite_input_same_answer_on_every_path(Nq):
         assert torch.equal(got.isnan(), want.isnan()), (name, got)
         torch.testing.assert_close(got.double().nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=0, msg=name)
     assert want.isnan().any() and not want.isnan().all()
-
-
-def brute_nan(q, c, qm, cm):
-    """brute() with NaN propagated through max, as torch's amax does."""
-    out = torch.zeros(len(q), len(c), dtype=torch.float64)
-    for a in range(len(q)):
-        for b in range(len(c)):
-            dots = [[float(q[a, i].double() @ c[b, j].double()) for j in range(c.shape[1]) if cm[b, j]]
-                    for i in range(q.shape[1]) if qm[a, i]]
-            out[a, b] = sum((float("nan") if any(d != d for d in ds) else max(ds)) for ds in dots if ds)
-    return out
