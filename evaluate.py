@@ -364,8 +364,7 @@ def print_table(results, file=None):
     print(f"\n{results['benchmark']} | {results['model']} | {h} (%) by budget r_q x r_c, D={results['dim']}",
           file=file)
     cols = ["budget"] + tasks + ["overall", "bytes/cand", "score ms"]
-    extra = [k for k in ("Classification", "VQA", "Retrieval", "Grounding", "IND", "OOD")
-             if k in results["summary"][budgets[0]]]
+    extra = [k for k in (*data.MMEB_TASKS, "IND", "OOD") if k in results["summary"][budgets[0]]]
     cols[len(tasks) + 1:len(tasks) + 1] = extra
     width = [max(8, len(c)) for c in cols]
     print("  ".join(c.rjust(w) for c, w in zip(cols, width)), file=file)

@@ -44,7 +44,8 @@ def brute_maxsim(q, c, q_mask=None, c_mask=None):
 
 def write_hub_repo(root, configs, features=None):
     """A local folder laid out like a hub dataset repo: CONFIG/SPLIT-00000-of-00001.parquet per
-    config and split, and the README's `configs:` header that maps them (as on the hub)."""
+    config and split, and the README's `configs:` header that maps them (as on the hub).
+    features: one datasets.Features for every config, or a dict of them by config name."""
     import datasets
     root.mkdir(parents=True, exist_ok=True)
     header = ["---", "configs:"]
@@ -52,7 +53,8 @@ def write_hub_repo(root, configs, features=None):
         header += [f"- config_name: {name}", "  data_files:"]
         for split, rows in splits.items():
             (root / name).mkdir(exist_ok=True)
-            ds = datasets.Dataset.from_list(rows, features=features)
+            feats = features if features is None or isinstance(features, datasets.Features) else features.get(name)
+            ds = datasets.Dataset.from_list(rows, features=feats)
             ds.to_parquet(str(root / name / f"{split}-00000-of-00001.parquet"))
             header += [f"  - split: {split}", f"    path: {name}/{split}-*"]
     (root / "README.md").write_text("\n".join(header + ["---", "", "A local copy for tests."]) + "\n")

@@ -171,16 +171,8 @@ def test_vidore_beir_layout_and_cli(tmp_path, tiny_checkpoint):
     queries = [{"query-id": 7, "query": "red page"}, {"query-id": 8, "query": "no judgement"}]
     qrels = [{"query-id": 7, "corpus-id": 2, "score": 2}, {"query-id": 7, "corpus-id": 1, "score": 0}]
     root = tmp_path / "esg_reports_v2_beir"
-    write_hub_repo(root, {"corpus": {"test": corpus}},
-                   features=datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()}))
-    # add the two other configs to the same repo README
-    write_hub_repo(tmp_path / "tmp2", {"queries": {"test": queries}, "qrels": {"test": qrels}})
-    import shutil
-    for cfg in ("queries", "qrels"):
-        shutil.copytree(tmp_path / "tmp2" / cfg, root / cfg)
-    readme = (root / "README.md").read_text().split("---")
-    extra = (tmp_path / "tmp2" / "README.md").read_text().split("---")[1].replace("configs:\n", "")
-    (root / "README.md").write_text("---" + readme[1] + extra.lstrip("\n") + "---\n")
+    write_hub_repo(root, {"corpus": {"test": corpus}, "queries": {"test": queries}, "qrels": {"test": qrels}},
+                   features={"corpus": datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()})})
     task = data.load_vidore(str(root))
     assert task["qrels"] == {"7": {"2": 2}} and list(task["queries"]) == ["7"] and len(task["corpus"]) == 3
     ck = tiny_checkpoint
