@@ -140,7 +140,7 @@ def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0
 
 
 def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
-                    index_path=None, progress=True):
+                    index_path=None, progress=True, backend=None):
     """One retrieval task (queries, corpus, qrels) at every budget. The corpus is encoded once
     into the index dtype (in memory, or on disk at index_path) and never copied whole: each
     budget streams prefix chunks of it to the scoring device."""
@@ -159,7 +159,7 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
     for rq, rc in budgets:
         t1 = time.time()
         # top k unique candidates; identical documents share a score, so they expand to >= k docs
-        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k)     # prefix views: no copy, no re-encoding
+        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k, backend=backend)   # prefix views: no copy
         if device.type == "cuda":
             torch.cuda.synchronize()
         score_s = time.time() - t1
@@ -180,7 +180,7 @@ def retrieval_p_at_1(run, qrels):
 
 
 def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
-               index_path=None):
+               index_path=None, backend=None):
     """An MMEB subset: each row against its own candidates -> P@1 per budget. Candidates are held
     once each, in the index dtype; each row's are moved to the scoring device as it is scored."""
     t0 = time.time()
@@ -192,7 +192,7 @@ def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dty
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
     for rq, rc in budgets:
         t1 = time.time()
-        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device))[0]
+        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device), backend=backend)[0]
                    for i in range(len(rows))]
         out[f"{rq}x{rc}"] = {"P@1": mmeb_p_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
@@ -285,7 +285,8 @@ def evaluate(args):
         os.makedirs(args.index_dir, exist_ok=True)
     index_path = (lambda name: os.path.join(args.index_dir, f"{name}.bin")) if args.index_dir else (lambda name: None)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    common = dict(dtype=dtype, workers=workers)
+    # METAEMBED_MAXSIM=torch|cpu|triton forces a MaxSim path (default: kernels.maxsim's choice)
+    common = dict(dtype=dtype, workers=workers, backend=os.environ.get("METAEMBED_MAXSIM"))
     cfg = model.config
     # a number names one of the model's groups, else one of the paper's (an ablation trained on
     # (16, 64) alone is still evaluated at budget 1 = (1, 1))

@@ -130,8 +130,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
     shape on this machine, the C kernel 'cpu' or 'torch', see measured_choice), 'torch', 'cpu' or
-    'triton'; the environment variable METAEMBED_MAXSIM overrides auto."""
-    backend = backend or os.environ.get("METAEMBED_MAXSIM")
+    'triton' (the command-line tools pass METAEMBED_MAXSIM here)."""
     if backend is None:
         if q.is_cuda:
             backend = "triton"

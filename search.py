@@ -70,19 +70,20 @@ class Index:
                              f"{', '.join(str(b) for _, b in self.bounds)}")
         return _Budget(self, r_c)
 
-    def search(self, q, budget, k=10, first=None, depth=1000):
+    def search(self, q, budget, k=10, first=None, depth=1000, backend=None):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
         with first: score every candidate at `first`, then the best `depth` at `budget`."""
         k_all = k + len(self.skipped)                  # skipped items are dropped from the results
         if first is None:
-            s, i = maxsim_topk(q[:, :budget[0]], self.budget(budget[1]), min(k_all, self.N))
+            s, i = maxsim_topk(q[:, :budget[0]], self.budget(budget[1]), min(k_all, self.N), backend=backend)
         else:
-            _, cand = maxsim_topk(q[:, :first[0]], self.budget(first[1]), min(max(depth, k_all), self.N))
+            _, cand = maxsim_topk(q[:, :first[0]], self.budget(first[1]), min(max(depth, k_all), self.N),
+                                  backend=backend)
             view, out_s, out_i = self.budget(budget[1]), [], []
             for a in range(0, q.shape[0], 16):      # 16 queries at a time: their candidates read once
                 block = cand[a:a + 16]                                        # (n, depth)
                 rows, where = torch.unique(block, return_inverse=True)       # sorted: sequential reads
-                s = maxsim(q[a:a + 16, :budget[0]], view[rows.numpy()])       # (n, U)
+                s = maxsim(q[a:a + 16, :budget[0]], view[rows.numpy()], backend=backend)   # (n, U)
                 s = s.gather(1, where)                                        # (n, depth): each its own
                 s, pos = s.topk(min(k_all, s.shape[1]), dim=1)
                 out_s.append(s)
@@ -387,7 +388,7 @@ def query_cmd(args):
         hits = qdrant_search(qdrant_client(args.qdrant), q[0].numpy(), budget, args.k,
                              args.depth if first else None, args.collection)
     else:
-        s, i = index.search(q, budget, args.k, first, args.depth)
+        s, i = index.search(q, budget, args.k, first, args.depth, os.environ.get("METAEMBED_MAXSIM"))
         hits = list(zip(s[0].tolist(), i[0].tolist()))
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]
