@@ -29,7 +29,7 @@
 
 /* acc[t] = rows 0-7 . b[t], acc[W + t] = rows 8-15 . b[t] for t < W, for a block qb (D, 16).
    Per d: 2 loads of the block, W broadcasts, 2W multiply-adds. W = 6 keeps 12 sums in the 16
-   registers and reads the block once per 12 FMAs (W = 4: 8; measured 10-25% slower here). */
+   registers and reads the block once per 12 FMAs (W = 4: once per 8, which is slower). */
 static inline __attribute__((always_inline)) void dot16(const float *qb, const float *const *b, int W,
                                                         int64_t D, __m256 acc[12], int add) {
     __m256 s0[6], s1[6];
@@ -78,70 +78,72 @@ static inline const float *cvec(const void *c, int ctype, int64_t off, int64_t D
     return dst;
 }
 
-/* qp (R/16, D, 16) packed query rows, owner (R,) their queries (-1 = padding), R a multiple of
-   16; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over D, cm
-   (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
-   Scores candidates n0 <= n < n1; returns 0, or -1 when out of memory. */
-int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
-               const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
-               int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
-               int64_t son) {
-    __m256 acc[12];
+/* r_c = 1, one vector a candidate: a plain product, blocked like a GEMM. The W columns are W
+   candidates, so the (1, 1) budget wastes nothing, and D is cut in slices so that a slice of the
+   query rows stays in L1 across a tile of candidates. */
+static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+                      const uint8_t *cm, float *out, int64_t D, int64_t n0, int64_t n1, int64_t scn, int64_t scmn,
+                      int64_t son, float *wide) {
     float s[16];
-    int64_t es = ctype ? 2 : 4;                                  /* bytes an element */
-    /* widened 16-bit candidates: a candidate's vectors, or a tile's (48) */
-    float *wide = ctype ? malloc(sizeof(float) * (r_c > 48 ? r_c + 4 : 48) * D) : NULL;
-    if (ctype && !wide) return -1;
-    if (r_c == 1) {  /* one vector a candidate: a plain product, blocked like a GEMM */
-        /* tiles of 48 candidates (8 groups of 6) x D slices of 128: a slice of a row block
-           (8 KB) stays in L1 for the whole tile, and the 16 x 6 sums carry over between slices
-           in part (R/16 x 8 groups x 12 registers). */
-        enum { GT = 8, DS = 128 };
-        __m256 *part = aligned_alloc(32, sizeof(__m256) * 12 * GT * (R / 16));
-        if (!part) { free(wide); return -1; }
-        for (int64_t n = n0; n < n1; n += 6 * GT) {
-            int64_t G = 0, Ws[GT], ks[GT];
-            const float *b[GT][6];
-            for (int64_t m = n; m < n1 && G < GT; m += Ws[G++]) {
-                Ws[G] = n1 - m >= 6 ? 6 : 4;
-                ks[G] = n1 - m < Ws[G] ? n1 - m : Ws[G];
-                for (int64_t t = 0; t < Ws[G]; t++)
-                    b[G][t] = t < ks[G] ? cvec(c, ctype, (m + t) * scn, D, wide + (6 * G + t) * D) : b[G][ks[G] - 1];
-            }
-            for (int64_t d0 = 0; d0 < D; d0 += DS) {
-                int64_t len = D - d0 < DS ? D - d0 : DS;
-                for (int64_t r0 = 0; r0 < R; r0 += 16)
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *bs[6];
-                        for (int64_t t = 0; t < Ws[g]; t++) bs[t] = b[g][t] + d0;
-                        for (int64_t t = 0; r0 == 0 && t < 6; t++) {  /* the next group's slice */
-                            int64_t m = n + 6 * (g + 1) + t;             /* (or the next tile's) */
-                            if (g + 1 < G && t < Ws[g + 1]) prefetch(b[g + 1][t] + d0, 4 * len);
-                            else if (g + 1 == G && m < n1 && d0 == 0) prefetch((const char *)c + es * m * scn, es * len);
-                        }
-                        __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
-                        dot16w(qp + r0 * D + d0 * 16, bs, Ws[g], len, acc, d0 > 0);
+    int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
+    /* tiles of 48 candidates (8 groups of 6) x D slices of 128: a slice of a row block
+       (8 KB) stays in L1 for the whole tile, and the 16 x 6 sums carry over between slices
+       in part (R/16 x 8 groups x 12 registers). */
+    enum { GT = 8, DS = 128 };
+    __m256 *part = aligned_alloc(32, sizeof(__m256) * 12 * GT * (R / 16));
+    if (!part) return -1;
+    for (int64_t n = n0; n < n1; n += 6 * GT) {
+        int64_t G = 0, Ws[GT], ks[GT];
+        const float *b[GT][6];
+        for (int64_t m = n; m < n1 && G < GT; m += Ws[G++]) {
+            Ws[G] = n1 - m >= 6 ? 6 : 4;
+            ks[G] = n1 - m < Ws[G] ? n1 - m : Ws[G];
+            for (int64_t t = 0; t < Ws[G]; t++)
+                b[G][t] = t < ks[G] ? cvec(c, ctype, (m + t) * scn, D, wide + (6 * G + t) * D) : b[G][ks[G] - 1];
+        }
+        for (int64_t d0 = 0; d0 < D; d0 += DS) {
+            int64_t len = D - d0 < DS ? D - d0 : DS;
+            for (int64_t r0 = 0; r0 < R; r0 += 16)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *bs[6];
+                    for (int64_t t = 0; t < Ws[g]; t++) bs[t] = b[g][t] + d0;
+                    for (int64_t t = 0; r0 == 0 && t < 6; t++) {  /* the next group's slice */
+                        int64_t m = n + 6 * (g + 1) + t;             /* (or the next tile's) */
+                        if (g + 1 < G && t < Ws[g + 1]) prefetch(b[g + 1][t] + d0, 4 * len);
+                        else if (g + 1 == G && m < n1 && d0 == 0) prefetch((const char *)c + es * m * scn, es * len);
                     }
-            }
-            for (int64_t g = 0, m = n; g < G; m += Ws[g++]) {
-                for (int64_t a = 0; a < Nq; a++)
-                    for (int64_t t = 0; t < ks[g]; t++) out[a * son + m + t] = 0.0f;
-                for (int64_t r0 = 0; r0 < R; r0 += 16) {
                     __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
-                    for (int64_t t = 0; t < ks[g]; t++) {
-                        if (cm && !cm[(m + t) * scmn]) continue;   /* no real vector: scores 0 */
-                        _mm256_storeu_ps(s, acc[t]);
-                        _mm256_storeu_ps(s + 8, acc[Ws[g] + t]);
-                        for (int64_t r = 0; r < 16; r++)
-                            if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + m + t] += s[r];
-                    }
+                    dot16w(qp + r0 * D + d0 * 16, bs, Ws[g], len, acc, d0 > 0);
+                }
+        }
+        for (int64_t g = 0, m = n; g < G; m += Ws[g++]) {
+            for (int64_t a = 0; a < Nq; a++)
+                for (int64_t t = 0; t < ks[g]; t++) out[a * son + m + t] = 0.0f;
+            for (int64_t r0 = 0; r0 < R; r0 += 16) {
+                __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
+                for (int64_t t = 0; t < ks[g]; t++) {
+                    if (cm && !cm[(m + t) * scmn]) continue;   /* no real vector: scores 0 */
+                    _mm256_storeu_ps(s, acc[t]);
+                    _mm256_storeu_ps(s + 8, acc[Ws[g] + t]);
+                    for (int64_t r = 0; r < 16; r++)
+                        if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + m + t] += s[r];
                 }
             }
         }
-        free(part);
-        free(wide);
-        return 0;
     }
+    free(part);
+    return 0;
+}
+
+/* r_c > 1: per candidate, its real vectors W = 6 (then 4) at a time against each block of 16
+   query rows; the max over r_c is kept in registers and only each row's maximum is added to
+   its query's score. */
+static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+                     const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
+                     int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide) {
+    __m256 acc[12];
+    float s[16];
+    int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
     int lazy = ctype && R == 16;
@@ -158,7 +160,7 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
         for (int64_t a = 0; a < Nq; a++) out[a * son + n] = 0.0f;
         if (J == 0) continue;                 /* a candidate with no real vector scores 0 */
         /* blocks of 6, then of 4 (64 = 10 x 6 + 4, 8 = 4 + 4); only 4 for a single block of rows,
-           which streams the corpus once: measured 25 vs 35 ms for 1 query x 10k, 16 x 64 */
+           which streams the corpus once and is faster with the smaller block */
         int64_t J6 = R > 16 ? J / 6 : 0;
         while (J6 > 0 && (J - 6 * J6) % 4) J6--;
         if ((J - 6 * J6) % 4) J6 = J / 6;     /* no exact split: pad the last block of 4 */
@@ -190,6 +192,23 @@ int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                 if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + n] += s[r];
         }
     }
-    free(wide);
     return 0;
+}
+
+/* qp (R/16, D, 16) packed query rows, owner (R,) their queries (-1 = padding), R a multiple of
+   16; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over D, cm
+   (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
+   Scores candidates n0 <= n < n1; returns 0, or -1 when out of memory. */
+int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
+               const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
+               int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
+               int64_t son) {
+    /* widened 16-bit candidates: a candidate's vectors, or a tile's (48) */
+    float *wide = ctype ? malloc(sizeof(float) * (r_c > 48 ? r_c + 4 : 48) * D) : NULL;
+    if (ctype && !wide) return -1;
+    int status = r_c == 1 ? maxsim_rc1(qp, owner, R, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
+                          : maxsim_multi(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
+                                         son, wide);
+    free(wide);
+    return status;
 }
