@@ -308,7 +308,7 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
                  "prefix view, full bf16": (lambda fb: (lambda: fb[:, :1]))(full.bfloat16())}
         for name, cands in cases.items():
             c = cands()
-            for backend in ("cpu", "torch"):
+            for backend in ("c", "torch"):
                 err = (maxsim(q[:, :1], c, backend=backend) - maxsim_chunked(q[:, :1], c)).abs().max().item()
                 t, _, _ = timed(lambda: maxsim(q[:, :1], cands(), backend=backend), torch.device("cpu"), repeats)
                 limit = max(flops / peaks[0], N * D * c.element_size() / peaks[1])
@@ -441,7 +441,7 @@ def main():
                         name = f"{one}/{rc}/{d}/{dt}"
                         win, t = kernels.measured_choice(name)
                         print(f"  {name:<34} C {t['C_ms']:7.2f} ms  torch {t['torch_ms']:7.2f} ms  -> "
-                              f"{'C kernel' if win == 'cpu' else 'torch'}   ({t['probe']})")
+                              f"{'C kernel' if win == 'c' else 'torch'}   ({t['probe']})")
         write_json(args.json, kernels._choices)
         return
     if args.layout:
@@ -512,7 +512,7 @@ def main():
 
     methods = {"naive einsum": naive_einsum, "peer chunked matmul": chunked_matmul,
                "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch"),
-               "maxsim (C)": lambda q, c: maxsim(q, c, backend="cpu"), "maxsim (auto)": maxsim}
+               "maxsim (C)": lambda q, c: maxsim(q, c, backend="c"), "maxsim (auto)": maxsim}
     if dev.type == "cuda":
         methods = {"naive (chunked)": naive_chunked, "maxsim (torch)": lambda q, c: maxsim(q, c, backend="torch"),
                    "maxsim (triton)": lambda q, c: maxsim(q, c, backend="triton")}

@@ -285,7 +285,7 @@ def evaluate(args):
         os.makedirs(args.index_dir, exist_ok=True)
     index_path = (lambda name: os.path.join(args.index_dir, f"{name}.bin")) if args.index_dir else (lambda name: None)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    # METAEMBED_MAXSIM=torch|cpu|triton forces a MaxSim path (default: kernels.maxsim's choice)
+    # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
     common = dict(dtype=dtype, workers=workers, backend=os.environ.get("METAEMBED_MAXSIM"))
     cfg = model.config
     # a number names one of the model's groups, else one of the paper's (an ablation trained on

@@ -5,7 +5,7 @@ Late interaction (ColBERT MaxSim) for multi-vector embeddings:
 
 maxsim_reference: plain PyTorch, dense, differentiable (used by the training loss).
 maxsim_chunked:   the reference over candidate chunks, in bounded memory (any device, any dtype).
-maxsim_cpu:       fused C kernel (maxsim.c, AVX2), compiled on first use; the CPU default.
+maxsim_c:         the fused C kernel (maxsim.c, AVX2), compiled on first use.
 maxsim_triton:    fused Triton kernel; the CUDA default.
 maxsim:           inference entry point, dispatching to the above.
 """
@@ -129,7 +129,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
-    shape on this machine, the C kernel 'cpu' or 'torch', see measured_choice), 'torch', 'cpu' or
+    shape on this machine, the C kernel 'c' or 'torch', see measured_choice), 'torch', 'c' or
     'triton' (the command-line tools pass METAEMBED_MAXSIM here)."""
     if backend is None:
         if q.is_cuda:
@@ -140,14 +140,14 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
             backend = "torch"
     if backend == "torch":
         return maxsim_chunked(q, c, q_mask, c_mask)
-    if backend == "cpu":
-        return maxsim_cpu(q, c, q_mask, c_mask)
+    if backend == "c":
+        return maxsim_c(q, c, q_mask, c_mask)
     if backend == "triton":
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("maxsim backend 'triton' needs CUDA tensors and these are on the CPU: use 'torch' or "
-                             "'cpu' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
+                             "'c' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
         return maxsim_triton(q, c, q_mask, c_mask)
-    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'cpu' or 'triton'")
+    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'c' (the fused C kernel) or 'triton'")
 
 
 # -----------------------------------------------------------------------------
@@ -210,7 +210,7 @@ _choices = {}   # regime -> {"C": seconds, "torch": seconds, "winner": ...}
 
 
 def measured_choice(name):
-    """The faster CPU path for a regime ('cpu' = the C kernel, or 'torch'), measured once per
+    """The faster CPU path for a regime ('c', the C kernel, or 'torch'), measured once per
     machine and kept on disk; -> (backend, timings)."""
     if not _choices and _dispatch_file() and _dispatch_file().exists():
         try:
@@ -219,8 +219,8 @@ def measured_choice(name):
             pass                                       # a damaged file is measured again
     if name not in _choices:
         q, c = _probe(name)
-        t_c, t_torch = _time(lambda: maxsim_cpu(q, c)), _time(lambda: maxsim_chunked(q, c))
-        _choices[name] = {"C_ms": 1e3 * t_c, "torch_ms": 1e3 * t_torch, "winner": "cpu" if t_c <= t_torch else "torch",
+        t_c, t_torch = _time(lambda: maxsim_c(q, c)), _time(lambda: maxsim_chunked(q, c))
+        _choices[name] = {"C_ms": 1e3 * t_c, "torch_ms": 1e3 * t_torch, "winner": "c" if t_c <= t_torch else "torch",
                           "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, {c.dtype}"}
         if _dispatch_file():
             tmp = _dispatch_file().with_suffix(f".{os.getpid()}.tmp")
@@ -260,8 +260,8 @@ def _cpu_lib():
         warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.maxsim_cpu.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
-    lib.maxsim_cpu.restype = ctypes.c_int
+    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
+    lib.maxsim_c.restype = ctypes.c_int
     _lib_path = so
     return lib
 
@@ -270,7 +270,7 @@ _pool = None
 
 
 @torch.no_grad()
-def maxsim_cpu(q, c, q_mask=None, c_mask=None):
+def maxsim_c(q, c, q_mask=None, c_mask=None):
     """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
     index halves the bytes read), no score tensor; same contract as maxsim.
 
@@ -282,12 +282,12 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     if lib is None:
         raise RuntimeError("the fused CPU kernel did not build (see the warning); use backend='torch'")
     if q.is_cuda or c.is_cuda or c.dtype not in _CTYPES:
-        raise ValueError(f"maxsim_cpu wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
+        raise ValueError(f"maxsim_c wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
                          f"on {c.device}")
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
     if r_c > _MAX_RC:
-        raise ValueError(f"maxsim_cpu takes at most {_MAX_RC} vectors a candidate, got r_c={r_c}")
+        raise ValueError(f"maxsim_c takes at most {_MAX_RC} vectors a candidate, got r_c={r_c}")
     if c.stride(2) != 1:
         c = c.contiguous()
     # Packing in numpy, not torch: a torch op here would start torch's OpenMP threads, which then
@@ -311,14 +311,14 @@ def maxsim_cpu(q, c, q_mask=None, c_mask=None):
     threads = torch.get_num_threads()
     step = max(4, -(-Nc // (4 * threads)))                             # 4 pieces a thread: balance
     if threads == 1 or Nc <= step:
-        status = [lib.maxsim_cpu(*args, 0, Nc, *strides)]
+        status = [lib.maxsim_c(*args, 0, Nc, *strides)]
     else:
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-        status = list(_pool[1].map(lambda n0: lib.maxsim_cpu(*args, n0, min(Nc, n0 + step), *strides),
+        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides),
                                    range(0, Nc, step)))
     if any(status):
-        raise MemoryError(f"maxsim_cpu: no memory for the kernel's buffers ({R} query vectors, D={D})")
+        raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({R} query vectors, D={D})")
     return torch.from_numpy(out)
 
 

@@ -199,7 +199,7 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_
    16; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over D, cm
    (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
    Scores candidates n0 <= n < n1; returns 0, or -1 when out of memory. */
-int maxsim_cpu(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
+int maxsim_c(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
                const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
                int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
                int64_t son) {

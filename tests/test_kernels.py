@@ -90,7 +90,7 @@ def c_kernel():
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler (cc) here to build maxsim.c: maxsim uses the torch path")
     assert kernels._cpu_lib() is not None, "maxsim.c did not build: see the warning"
-    return kernels.maxsim_cpu
+    return kernels.maxsim_c
 
 
 # (N_q, R_q, N_c, R_c, D): one row block (candidate vectors 4 at a time) and several (6, then 4:
@@ -102,7 +102,7 @@ def c_kernel():
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # of the candidates
 def test_c_kernel_matches_reference(shape, threads, dtype):
-    maxsim_cpu = c_kernel()
+    maxsim_c = c_kernel()
     Nq, Rq, Nc, Rc, D = shape
     q, qm = ragged(Nq, Rq, D, 20)
     c, cm = ragged(Nc, Rc, D, 21)
@@ -112,10 +112,10 @@ def test_c_kernel_matches_reference(shape, threads, dtype):
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        torch.testing.assert_close(maxsim_cpu(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
-        torch.testing.assert_close(maxsim_cpu(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
+        torch.testing.assert_close(maxsim_c(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(maxsim_c(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
         for rq, rc in ((1, 1), (min(2, Rq), min(4, Rc))):   # budgets: prefix views, read in place
-            torch.testing.assert_close(maxsim_cpu(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc]),
+            torch.testing.assert_close(maxsim_c(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc]),
                                        maxsim_reference(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc]),
                                        atol=1e-5, rtol=0)
     finally:
@@ -123,15 +123,15 @@ def test_c_kernel_matches_reference(shape, threads, dtype):
 
 
 def test_c_kernel_refuses_what_it_cannot_do():
-    maxsim_cpu = c_kernel()
+    maxsim_c = c_kernel()
     import kernels
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
     assert kernels._cpu_can(q, c) and kernels._cpu_can(q, c.bfloat16()) and not kernels._cpu_can(q, c.double())
     assert not kernels._cpu_can(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
-        maxsim_cpu(q, torch.randn(1, 5000, 16))
+        maxsim_c(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
-        maxsim_cpu(q, c.double())
+        maxsim_c(q, c.double())
     torch.testing.assert_close(maxsim(q, c.double()), maxsim_reference(q, c.double()))  # -> the torch path
 
 
@@ -155,7 +155,7 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_time", lambda fn, repeats=3: pytest.fail("measured again"))
     assert kernels.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
     used.clear()
-    maxsim(q, c, backend="cpu")                  # backend= still forces a path
+    maxsim(q, c, backend="c")                  # backend= still forces a path
     assert used == []
 
 
@@ -177,7 +177,7 @@ def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path, 
         got = maxsim(q, c)
     torch.testing.assert_close(got, maxsim_reference(q, c))
     with pytest.raises(RuntimeError, match="did not build"):
-        kernels.maxsim_cpu(q, c)
+        kernels.maxsim_c(q, c)
 
 
 # -- the fused Triton kernel (on CPU: TRITON_INTERPRET=1, set in conftest) ------------------
@@ -234,8 +234,8 @@ def test_offsets_past_2_31_elements(monkeypatch):
         want = maxsim_reference(q[:, :rq], c.contiguous()[:, :rc], qm[:, :rq], cm[:, :rc])
         args = (c[:, :rc], qm[:, :rq], cm[:, :rc])
         torch.testing.assert_close(maxsim_triton(q[:, :rq].half(), *args), want, atol=2e-3, rtol=0)
-        for backend in ("cpu", "torch"):               # the C kernel (fp16 candidates) and the torch path
-            if backend == "cpu" and not c_kernel_builds():
+        for backend in ("c", "torch"):               # the C kernel (fp16 candidates) and the torch path
+            if backend == "c" and not c_kernel_builds():
                 continue
             torch.testing.assert_close(maxsim(q[:, :rq], *args, backend=backend), want, atol=1e-5, rtol=0)
     cb = c.view(torch.bfloat16)                        # the same pages holding a bf16 index
@@ -303,7 +303,7 @@ def test_non_finite_input_same_answer_on_every_path(Nq):
     paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch"),
              "triton": maxsim_triton(q, c, qm, cm)}
     if c_kernel_builds():
-        paths["C"] = maxsim(q, c, qm, cm, backend="cpu")
+        paths["C"] = maxsim(q, c, qm, cm, backend="c")
     for name, got in paths.items():
         assert torch.equal(got.isnan(), want.isnan()), (name, got)
         torch.testing.assert_close(got.double().nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=0, msg=name)
