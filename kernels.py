@@ -309,7 +309,7 @@ def maxsim_c(q, c, q_mask=None, c_mask=None):
             cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
     strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     threads = torch.get_num_threads()
-    step = max(4, -(-Nc // (4 * threads)))                             # 4 pieces a thread: balance
+    step = max(4, -(-Nc // (4 * threads)))     # four pieces per thread, so an uneven one is absorbed
     if threads == 1 or Nc <= step:
         status = [lib.maxsim_c(*args, 0, Nc, *strides)]
     else:

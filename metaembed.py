@@ -628,6 +628,13 @@ def latest_checkpoint(out, files=CHECKPOINT_FILES, log=None):
     return os.path.join(out, complete[0])
 
 
+def write_atomic(path, text):
+    """Write a text file whole or not at all: to PATH.tmp, then renamed over PATH."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
 def _replace_dir(tmp, path):
     """Atomically move a finished folder into place (the old one is removed only after)."""
     old = path.rstrip("/") + ".old"

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kernels import maxsim, maxsim_topk
-from metaembed import GROUPS, MetaEmbed, latest_checkpoint, parse_budgets
+from metaembed import GROUPS, MetaEmbed, latest_checkpoint, parse_budgets, write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
@@ -242,13 +242,9 @@ def build_index(model, items, out, batch_size=32, progress=True):
     if bar:
         bar.close()
     skipped = {r["item"] for r in state["skipped"]}
-    with open(os.path.join(out, "items.jsonl.tmp"), "w") as f:
-        for n, it in enumerate(listing):
-            f.write(json.dumps({**it, **({"skipped": True} if n in skipped else {})}) + "\n")
-    os.replace(os.path.join(out, "items.jsonl.tmp"), os.path.join(out, "items.jsonl"))
-    with open(os.path.join(out, "skipped.jsonl"), "w") as f:
-        for r in state["skipped"]:
-            f.write(json.dumps(r) + "\n")
+    write_atomic(os.path.join(out, "items.jsonl"), "".join(
+        json.dumps({**it, **({"skipped": True} if n in skipped else {})}) + "\n" for n, it in enumerate(listing)))
+    write_atomic(os.path.join(out, "skipped.jsonl"), "".join(json.dumps(r) + "\n" for r in state["skipped"]))
     _write_json(os.path.join(out, "index.json"), {
         "count": N, "dim": D, "num_candidate_tokens": R_c, "num_query_tokens": model.config.num_query_tokens,
         "groups": bounds, "model_groups": model.config.groups, "dtype": "bfloat16", "checkpoint": model.source,
@@ -258,9 +254,7 @@ def build_index(model, items, out, batch_size=32, progress=True):
 
 
 def _write_json(path, obj):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)
+    write_atomic(path, json.dumps(obj))
 
 
 # -----------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from metaembed import CHECKPOINT_FILES, GROUPS, MetaEmbed, latest_checkpoint, matryoshka_loss
+from metaembed import CHECKPOINT_FILES, GROUPS, MetaEmbed, latest_checkpoint, matryoshka_loss, write_atomic
 
 # defaults per kind of run: the offline tiny one, and the paper's recipe for real backbones
 TINY_DEFAULTS = dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=4, out="out/tiny-synthetic")
@@ -263,16 +263,11 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
     tensors["rng::cpu"] = torch.get_rng_state()
     if torch.cuda.is_available():
         tensors["rng::cuda"] = torch.cuda.get_rng_state()
-    tmp = os.path.join(final, "optimizer.safetensors.tmp")
-    save_file(tensors, tmp)
-    with open(os.path.join(final, "trainer_state.json.tmp"), "w") as f:
-        json.dump({"step": step, "param_groups": sd["param_groups"]}, f)
-    os.replace(tmp, os.path.join(final, "optimizer.safetensors"))
+    save_file(tensors, os.path.join(final, "optimizer.safetensors.tmp"))
+    os.replace(os.path.join(final, "optimizer.safetensors.tmp"), os.path.join(final, "optimizer.safetensors"))
     # trainer_state.json last: its presence marks a complete checkpoint
-    os.replace(os.path.join(final, "trainer_state.json.tmp"), os.path.join(final, "trainer_state.json"))
-    with open(os.path.join(out, "latest.tmp"), "w") as f:
-        f.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    write_atomic(os.path.join(final, "trainer_state.json"), json.dumps({"step": step, "param_groups": sd["param_groups"]}))
+    write_atomic(os.path.join(out, "latest"), os.path.basename(final))
     return final
 
 
