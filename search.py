@@ -46,8 +46,8 @@ def group_bounds(R_c, groups=GROUPS):
 class Index:
     """A budget-aware index of N candidates x R_c vectors of size D, grouped on disk (see above).
 
-    index[:, :r_c] (r_c a group boundary) is a view that slices like an (N, r_c, D) tensor, read
-    from the memory-mapped group files; Index.search scores queries against it."""
+    index.budget(r_c) (r_c a group boundary) slices like an (N, r_c, D) bf16 tensor, read from
+    the memory-mapped group files; index.search scores queries against it."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -62,7 +62,8 @@ class Index:
         with open(os.path.join(self.path, "items.jsonl")) as f:
             self.items = [json.loads(line) for line in f]
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
-        self.groups = [_open_group(self.path, a, b, self.N, self.D, "c") for a, b in self.bounds]  # "c": read-only file, writable arrays
+        # mode "c": the file is never written, but the arrays are writable (torch wants that)
+        self.groups = [_open_group(self.path, a, b, self.N, self.D, "c") for a, b in self.bounds]
 
     def budget(self, r_c):
         if r_c not in [b for _, b in self.bounds]:
@@ -393,7 +394,8 @@ def query_cmd(args):
         return results
     how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {args.depth}" if first \
         else f"{budget[0]}x{budget[1]} over {index.N}"
-    print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, searched in {1e3 * t_search:.1f} ms")
+    print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
+          f"searched in {1e3 * t_search:.1f} ms")
     for r in results:
         print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']}  {r['source']}")
     return results

@@ -110,15 +110,15 @@ def get_args(argv=None):
                    help="every N steps (and at the end): P@1 on held-out rows at each Matryoshka group, logged")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    if args.recipe == "paper":
+    if args.recipe == "paper":  # the recipe's settings, except those given on the command line
         given = {a.dest for a in p._actions if any(o in (argv if argv is not None else sys.argv[1:])
                                                    for o in a.option_strings)}
         for k, v in PAPER_RECIPE.items():
             if k not in given:
                 setattr(args, k, v)
+        kept = sorted(given & set(PAPER_RECIPE))
         print("--recipe paper: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in PAPER_RECIPE.items()
-                                              if k not in given) + (f" (given: {', '.join(sorted(given & set(PAPER_RECIPE)))})"
-                                                                    if given & set(PAPER_RECIPE) else ""))
+                                              if k not in given) + (f" (given: {', '.join(kept)})" if kept else ""))
     d = TINY_DEFAULTS if args.backbone == "tiny" else PAPER_DEFAULTS
     for k in ("steps", "batch_size", "lr", "warmup", "out"):
         if getattr(args, k) is None:
@@ -325,7 +325,8 @@ def check_resume(args, path, world):
         said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
                          for k, (a, b) in diff.items())
         raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
-                         f"resume with the same ones (only {', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"resume with the same ones (only "
+                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
                          f"may change), or train afresh into another --out")
     return {**saved, **{k: now[k] for k in SAFE_TO_CHANGE if k in now}}
 
@@ -619,7 +620,8 @@ def train(args):
         raise
     log.close()
     if path:
-        say(f"done in {time.time() - t_start:.0f}s; checkpoint: {path} (evaluate: python evaluate.py --checkpoint {args.out})")
+        say(f"done in {time.time() - t_start:.0f}s; checkpoint: {path} "
+            f"(evaluate: python evaluate.py --checkpoint {args.out})")
     else:
         say(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
     if ddp:

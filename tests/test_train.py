@@ -266,3 +266,19 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     assert [r["step"] for r in log_res][-2:] == [3, 4]
     assert [r["loss"] for r in log_res[-2:]] == pytest.approx([r["loss"] for r in log[2:]], abs=1e-5)
     assert log_res[-1]["seen"] == log[-1]["seen"]
+
+
+def test_recipe_paper_sets_the_official_settings(capsys):
+    args = train.get_args(["--recipe", "paper", "--lr", "2e-4"])
+    assert (args.backbone, args.batch_size, args.steps, args.warmup, args.lr) == ("qwen2.5-vl-7b", 48, 4000, 500, 2e-4)
+    assert (args.lora, args.num_negatives, args.source_run, args.holdout, args.max_pixels) == (True, 1, 32, 100, 1024 * 28 * 28)
+    assert args.query_suffix and args.grad_checkpointing and args.proj_dim == 0
+    said = capsys.readouterr().out
+    assert "--recipe paper: --backbone qwen2.5-vl-7b" in said and "(given: lr)" in said
+    # the shipped mixture: 26 sources; the six outside MMEB-train need a path, named before any loading
+    import yaml
+    spec = yaml.safe_load(open(args.mixture))
+    assert len(spec) == 26 and spec["MSCOCO"]["weight"] == 2.0 and spec["tevatron_colpali"]["weight"] == 5.0
+    with pytest.raises(ValueError, match="no path for ArxivQA, InfoSeek_it2it, InfoSeek_it2t, TAT-DQA, "
+                                         "tevatron_colpali, visrag_ind"):
+        train.data.load_mixture(args.mixture)
