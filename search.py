@@ -159,9 +159,9 @@ def list_items(args):
     if args.pdf:
         return pdf_pages(args.pdf, args.max_pixels)
     import data                                   # the offline default: the synthetic eval scenes
-    corpus = data.synthetic_eval(args.synthetic_scenes, seed=0)["t2i"]["corpus"]
-    captions = data.synthetic_eval(args.synthetic_scenes, seed=0)["i2t"]["corpus"]
-    return [(d, "", im, captions[d][0]) for d, (_, im) in corpus.items()]
+    tasks = data.synthetic_eval(args.synthetic_scenes, seed=0)
+    captions = tasks["i2t"]["corpus"]                            # the same scenes, as text
+    return [(d, "", im, captions[d][0]) for d, (_, im) in tasks["t2i"]["corpus"].items()]
 
 
 def pdf_pages(path, max_pixels):
