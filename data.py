@@ -19,7 +19,7 @@ import random
 import torch
 from PIL import Image, ImageDraw
 
-from metaembed import load_image, prepare
+from metaembed import load_image, looks_like_hub_id, prepare
 
 # -----------------------------------------------------------------------------
 # the synthetic set: grids of coloured squares, captions that name every one
@@ -164,8 +164,7 @@ def _configs(path, what):
     that can only be a folder (absolute, ./, ~, or more than one '/') and does not exist is said to
     be missing at once, not looked up on the hub."""
     import datasets
-    if not os.path.exists(os.path.expanduser(path)) and (
-            os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1):
+    if not os.path.exists(os.path.expanduser(path)) and not looks_like_hub_id(path):
         raise FileNotFoundError(f"{what}: the folder {path!r} does not exist (a hub id looks like 'owner/name')")
     try:
         return datasets.get_dataset_config_names(os.path.expanduser(path))

@@ -23,9 +23,8 @@ import torch
 
 import data
 from kernels import maxsim, maxsim_topk
-from metaembed import GROUPS, MetaEmbed, latest_checkpoint, parse_budgets
+from metaembed import DEFAULT_CHECKPOINT, GROUPS, MetaEmbed, parse_budgets, resolve_checkpoint
 
-DEFAULT_CHECKPOINT = "out/tiny-synthetic"
 
 # -----------------------------------------------------------------------------
 # metrics (trec_eval conventions)
@@ -255,25 +254,16 @@ def get_args(argv=None):
     return args
 
 
-def resolve_checkpoint(path):
-    """A checkpoint folder, or a train.py --out folder (the newest complete checkpoint in it)."""
-    if os.path.isfile(os.path.join(path, "metaembed.json")):
-        return path
-    found = latest_checkpoint(path, log=lambda m: print(f"evaluate.py: {m}", file=sys.stderr))
-    if found:
-        return found
-    raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}" + (
-        ": run `python train.py` first (or pass --backbone tiny for an untrained baseline)"
-        if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""))
-
-
 def evaluate(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.backbone:
         model, source, train_args = MetaEmbed.from_backbone(args.backbone, seed=args.seed), \
             f"untrained {args.backbone}", {}
     else:
-        path = resolve_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)
+        path = args.checkpoint or DEFAULT_CHECKPOINT
+        path = resolve_checkpoint(path, log=lambda m: print(f"evaluate.py: {m}", file=sys.stderr), hint=(
+            ": run `python train.py` first (or pass --backbone tiny for an untrained baseline)"
+            if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""))
         model, source = MetaEmbed.from_pretrained(path), path
         ta = os.path.join(path, "train_args.json")
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}

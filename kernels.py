@@ -56,7 +56,8 @@ def _check(q, c, q_mask, c_mask):
 
 def _max_over_rc(s, scratch):
     """max over dim 1 of s (n, r_c, M) -> (n, M) by halving: elementwise maxima of the two halves,
-    the first into `scratch` (a reused buffer), then in place. Faster here than amax over a middle dimension."""
+    the first into `scratch` (a reused buffer), then in place. Faster here than amax over a middle
+    dimension."""
     n, r, M = s.shape
     if r == 1:
         return s[:, 0]
@@ -208,7 +209,7 @@ def _time(fn, repeats=3):
     return min(ts)
 
 
-_choices = {}   # regime -> {"C": seconds, "torch": seconds, "winner": ...}
+_choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "probe": ...}
 
 
 def measured_choice(name):

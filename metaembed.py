@@ -197,12 +197,18 @@ def _image_processor_class():
         return Qwen2VLImageProcessor
 
 
+def looks_like_hub_id(path):
+    """'owner/name', not a path: one '/', not absolute, not starting with '.' or '~'. A missing
+    local folder is then said to be missing at once, not looked up on the hub."""
+    return not (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1)
+
+
 def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
     from transformers import AutoModel, AutoTokenizer
     aliases = ", ".join(["tiny", *BACKBONES])
     name = BACKBONES.get(name, name)
-    if not os.path.isdir(name) and (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") != 1):
+    if not os.path.isdir(name) and not looks_like_hub_id(name):
         raise ValueError(f"unknown backbone {name!r}: not an alias ({aliases}), not a local folder, "
                          f"and not a hub id (owner/name)")
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
@@ -601,6 +607,20 @@ def checkpoint_problem(path, files=CHECKPOINT_FILES):
         except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
             return f"{name} is corrupt ({type(e).__name__}: {str(e)[:80]})"
     return None
+
+
+DEFAULT_CHECKPOINT = "out/tiny-synthetic"   # where `python train.py` (the offline default) writes
+
+
+def resolve_checkpoint(path, log=None, hint=""):
+    """A checkpoint folder, or a train.py --out folder (the newest complete checkpoint in it);
+    hint: what to say if there is none."""
+    if os.path.isfile(os.path.join(path, "metaembed.json")):
+        return path
+    found = latest_checkpoint(path, log=log)
+    if found:
+        return found
+    raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}{hint}")
 
 
 def latest_checkpoint(out, files=CHECKPOINT_FILES, log=None):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from kernels import maxsim, maxsim_topk
-from metaembed import GROUPS, MetaEmbed, latest_checkpoint, parse_budgets, write_atomic
+from metaembed import DEFAULT_CHECKPOINT, GROUPS, MetaEmbed, parse_budgets, resolve_checkpoint, write_atomic
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
@@ -307,7 +307,7 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     i = sub.add_parser("index", help="encode a corpus into an index folder")
-    i.add_argument("--checkpoint", default="out/tiny-synthetic", help="a checkpoint or train.py --out folder "
+    i.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a checkpoint or train.py --out folder "
                    "(default: the offline run's)")
     i.add_argument("--out", required=True, help="the index folder")
     src = i.add_mutually_exclusive_group()
@@ -339,10 +339,8 @@ def get_args(argv=None):
 
 
 def load_model(path):
-    found = path if os.path.isfile(os.path.join(path, "metaembed.json")) else latest_checkpoint(path)
-    if not found:
-        raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}" + (
-            ": run `python train.py` first" if os.path.normpath(path) == "out/tiny-synthetic" else ""))
+    found = resolve_checkpoint(path, log=lambda m: print(f"search.py: {m}", file=sys.stderr), hint=(
+        ": run `python train.py` first" if os.path.normpath(path) == DEFAULT_CHECKPOINT else ""))
     model = MetaEmbed.from_pretrained(found)
     model.source = os.path.abspath(found)
     return model
