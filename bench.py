@@ -440,8 +440,9 @@ def main():
                     for dt in ("fp32", "16bit"):
                         name = f"{one}/{rc}/{d}/{dt}"
                         win, t = kernels.measured_choice(name)
-                        print(f"  {name:<34} C {t['C_ms']:7.2f} ms  torch {t['torch_ms']:7.2f} ms  -> "
-                              f"{'C kernel' if win == 'c' else 'torch'}   ({t['probe']})")
+                        widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in kernels._widths())
+                        pick = f"C kernel, {t['width']}-wide" if win == "c" else "torch"
+                        print(f"  {name:<34} {widths}  torch {t['torch_ms']:7.2f} ms  -> {pick}   ({t['probe']})")
         write_json(args.json, kernels._choices)
         return
     if args.layout:

@@ -5,7 +5,7 @@ Late interaction (ColBERT MaxSim) for multi-vector embeddings:
 
 maxsim_reference: plain PyTorch, dense, differentiable (used by the training loss).
 maxsim_chunked:   the reference over candidate chunks, in bounded memory (any device, any dtype).
-maxsim_c:         the fused C kernel (maxsim.c, AVX2), compiled on first use.
+maxsim_c:         the fused C kernel (maxsim.c, AVX2 or AVX-512), compiled on first use.
 maxsim_triton:    fused Triton kernel; the CUDA default.
 maxsim:           inference entry point, dispatching to the above.
 """
@@ -138,7 +138,9 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
         if q.is_cuda:
             backend = "triton"
         elif _cpu_can(q, c) and _cpu_lib() is not None:
-            backend = measured_choice(regime(q, c))[0]
+            backend, choice = measured_choice(regime(q, c))
+            if backend == "c":
+                return maxsim_c(q, c, q_mask, c_mask, width=choice.get("width"))
         else:
             backend = "torch"
     if backend == "torch":
@@ -155,15 +157,26 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
 
 # -----------------------------------------------------------------------------
 # the fused CPU kernel (maxsim.c): compiled once per machine with the system C compiler
-# (-march=native, so it uses this CPU's AVX2/FMA), cached by a hash of source and flags, loaded
-# with ctypes. Python threads split the candidates; ctypes releases the GIL during each call.
+# (-march=native), cached by a hash of source, flags and CPU, loaded with ctypes. One source
+# for two register widths: 8 floats (AVX2) everywhere, 16 (AVX-512F) where the CPU has it; a
+# 16-wide build on a CPU without AVX-512 runs as pairs of 8 (how the tests check it anywhere).
+# Python threads split the candidates; ctypes releases the GIL during each call.
 
 _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
-# query registers 4 times per step (measured here: 25 vs 60-80 GFLOP/s a core)
-_lib_path = None                   # the compiled kernel; the dispatch file lies beside it
+# query registers for every candidate vector (docs/NOTES.md has the measurements)
 _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
+
+
+def _cpu_flags():
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
+
+
+def _widths():
+    """The register widths (floats) worth running here, widest first: (16, 8) with AVX-512F."""
+    return (16, 8) if " avx512f" in _cpu_flags() else (8,)
 
 
 def _cpu_can(q, c):
@@ -173,9 +186,10 @@ def _cpu_can(q, c):
 
 # -----------------------------------------------------------------------------
 # the CPU dispatch: measured, not guessed. The first time a process scores a class of shapes
-# (a regime) on a machine, both CPU paths are timed on a small shape of that class; the winner
-# is kept per regime in a JSON file beside the compiled kernel (keyed like it: source, flags,
-# CPU), so later processes on the same machine read it instead of measuring.
+# (a regime) on a machine, the CPU paths (the C kernel at each register width the CPU has, and
+# the torch path) are timed on a small shape of that class; the winner is kept per regime in a
+# JSON file beside the compiled kernel (keyed like it: source, flags, CPU), so later processes
+# on the same machine read it instead of measuring.
 
 def regime(q, c):
     """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
@@ -199,22 +213,27 @@ def _probe(name):
     return q, (c if fp32 else c.bfloat16())[:, :r]
 
 
-def _time(fn, repeats=3):
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
+def _time(fns, repeats=3):
+    """Best time of each of fns {name: fn}, taken in turns so that a slow spell of a shared machine
+    (or threads left spinning by the previous path) does not fall on one path only."""
+    best = {}
+    for name, fn in fns.items():
         fn()
-        ts.append(time.perf_counter() - t)
-    return min(ts)
+        best[name] = float("inf")
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
-_choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "probe": ...}
+_choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "width": 8 or 16, ...}
 
 
 def measured_choice(name):
-    """The faster CPU path for a regime ('c', the C kernel, or 'torch'), measured once per
-    machine and kept on disk; -> (backend, timings)."""
+    """The fastest CPU path for a regime, measured once per machine and kept on disk;
+    -> (backend 'c' or 'torch', the record: timings, the C kernel's register width, the probe)."""
     if not _choices and _dispatch_file() and _dispatch_file().exists():
         try:
             _choices.update(json.loads(_dispatch_file().read_text()))
@@ -222,8 +241,13 @@ def measured_choice(name):
             pass                                       # a damaged file is measured again
     if name not in _choices:
         q, c = _probe(name)
-        t_c, t_torch = _time(lambda: maxsim_c(q, c)), _time(lambda: maxsim_chunked(q, c))
-        _choices[name] = {"C_ms": 1e3 * t_c, "torch_ms": 1e3 * t_torch, "winner": "c" if t_c <= t_torch else "torch",
+        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in _widths() if _cpu_lib(w) is not None}
+        t_c = _time({**fns, "torch": functools.partial(maxsim_chunked, q, c)})
+        t_torch = t_c.pop("torch")
+        width = min(t_c, key=t_c.get)
+        _choices[name] = {"C_ms": 1e3 * t_c[width], "torch_ms": 1e3 * t_torch, "width": width,
+                          "winner": "c" if t_c[width] <= t_torch else "torch",
+                          **{f"C{w}_ms": 1e3 * t for w, t in t_c.items()},
                           "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, {c.dtype}"}
         if _dispatch_file():
             tmp = _dispatch_file().with_suffix(f".{os.getpid()}.tmp")
@@ -233,78 +257,119 @@ def measured_choice(name):
 
 
 def _dispatch_file():
-    return _lib_path.with_name(_lib_path.stem.replace("maxsim-", "dispatch-") + ".json") if _lib_path else None
+    lib = _cpu_lib()
+    return Path(lib.path).with_name(Path(lib.path).stem.replace("maxsim-", "dispatch-") + ".json") if lib else None
 
 
 @functools.cache
-def _cpu_lib():
-    """The compiled maxsim.c as a ctypes library (built once per machine, loaded once per process),
-    or None, with one warning, where it cannot build."""
-    global _lib_path
+def _cpu_lib(width=None):
+    """The compiled maxsim.c for `width` floats a register (None: this CPU's widest that passes its
+    self-check) as a ctypes library, built once per machine and loaded once per process; or None,
+    with one warning, where it cannot build."""
+    if width is None:
+        return next((lib for w in _widths() if (lib := _cpu_lib(w)) is not None), None)
     src = Path(__file__).with_name("maxsim.c")
     cc = os.environ.get("CC", "cc")
-    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    cpu = "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
-    # -march=native code is for this CPU only: its model and flags are part of the key
-    key = hashlib.sha1(src.read_bytes() + " ".join([cc, *_CFLAGS, cpu]).encode()).hexdigest()[:12]
-    cache = Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
-    so = cache / f"maxsim-{key}.so"
-    try:
-        if not so.exists():
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:  # build aside, then rename: atomic
-                r = subprocess.run([cc, *_CFLAGS, "-o", f"{tmp}/m.so", str(src)],
-                                   capture_output=True, text=True, check=False)
-                if r.returncode != 0:
-                    raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
-                os.replace(f"{tmp}/m.so", so)
-        lib = ctypes.CDLL(str(so))
-    except OSError as e:
-        warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({e}); using the torch path")
+    errors = []
+    for openmp in (["-fopenmp"], []):       # without OpenMP (a compiler lacking it), Python threads
+        try:
+            lib = _build(src, cc, [*_CFLAGS, f"-DMAXSIM_W={width}", "-Wno-psabi", *openmp])
+            break
+        except OSError as e:
+            errors.append(str(e))
+    else:
+        warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({errors[-1]}); using the torch path")
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9
+    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9 + [ctypes.c_int]
     lib.maxsim_c.restype = ctypes.c_int
-    _lib_path = so
+    lib.rows, lib.openmp = lib.maxsim_rows(), bool(lib.maxsim_openmp())
+    err = _self_check(lib)
+    if err > 1e-4:     # never a silent wrong number: a build this CPU runs wrongly is not used
+        warnings.warn(f"the {width}-float build of maxsim.c ({lib.path}) scores wrongly on this CPU (error {err:.2g}); "
+                      "not using it")
+        return None
     return lib
+
+
+def _build(src, cc, flags):
+    """cc flags src -> a loaded library, built once into the cache and renamed into place (atomic:
+    concurrent processes are safe); its path is lib.path."""
+    # -march=native code is for this CPU only: its model and flags are part of the key
+    key = hashlib.sha1(src.read_bytes() + " ".join([cc, *flags, _cpu_flags()]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
+    so = cache / f"maxsim-{key}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            r = subprocess.run([cc, *flags, "-o", f"{tmp}/m.so", str(src)], capture_output=True, text=True,
+                               check=False)
+            if r.returncode != 0:
+                raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
+            os.replace(f"{tmp}/m.so", so)
+    lib = ctypes.CDLL(str(so))      # its libgomp is torch's, already loaded (the same soname)
+    lib.path = so
+    return lib
+
+
+def _self_check(lib):
+    """Largest error of the kernel against float64 numpy on a small problem that takes both paths
+    (r_c = 1 and several), every block split, masks and padded rows (a few ms, once a process)."""
+    g = np.random.default_rng(0)
+    worst = 0.0
+    for Nq, r_q, Nc, r_c in ((3, 2 * lib.rows // 3 + 1, 2 * 48 + 7, 1), (5, 7, 9, 23)):
+        q, c = g.standard_normal((Nq, r_q, 19), np.float32), g.standard_normal((Nc, r_c, 19), np.float32)
+        qm, cm = g.random((Nq, r_q)) < 0.8, g.random((Nc, r_c)) < 0.8
+        s = np.einsum("aid,njd->anij", q.astype(np.float64), c.astype(np.float64))
+        best = np.where(cm[None, :, None, :], s, -np.inf).max(-1)                  # (N_q, N_c, r_q)
+        best[:, ~cm.any(1)] = 0.0                         # a candidate with no real vector scores 0
+        ref = np.where(qm[:, None, :], best, 0.0).sum(-1)
+        got = _run_c(lib, torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(qm), torch.from_numpy(cm))
+        worst = max(worst, float(np.abs(got.numpy() - ref).max()))
+    return worst
 
 
 _pool = None
 
 
 @torch.no_grad()
-def maxsim_c(q, c, q_mask=None, c_mask=None):
+def maxsim_c(q, c, q_mask=None, c_mask=None, width=None):
     """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
-    index halves the bytes read), no score tensor; same contract as maxsim.
+    index halves the bytes read), no score tensor; same contract as maxsim. width: floats a
+    register, 16 (AVX-512) or 8 (AVX2); None: this CPU's widest.
 
-    The real query vectors of all queries are packed into blocks of 16 rows, (R/16, D, 16);
-    candidates are read in place through their strides (budget prefixes c[:, :r_c] are views)."""
-    global _pool
+    The real query vectors of all queries are packed into blocks of 2 x width rows; candidates
+    are read in place through their strides (budget prefixes c[:, :r_c] are views)."""
     _check(q, c, q_mask, c_mask)
-    lib = _cpu_lib()
+    lib = _cpu_lib(width)
     if lib is None:
         raise RuntimeError("the fused CPU kernel did not build (see the warning); use backend='torch'")
     if q.is_cuda or c.is_cuda or c.dtype not in _CTYPES:
         raise ValueError(f"maxsim_c wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
                          f"on {c.device}")
+    if c.shape[1] > _MAX_RC:
+        raise ValueError(f"maxsim_c takes at most {_MAX_RC} vectors a candidate, got r_c={c.shape[1]}")
+    return _run_c(lib, q, c, q_mask, c_mask)
+
+
+def _run_c(lib, q, c, q_mask, c_mask):
+    global _pool
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
-    if r_c > _MAX_RC:
-        raise ValueError(f"maxsim_c takes at most {_MAX_RC} vectors a candidate, got r_c={r_c}")
     if c.stride(2) != 1:
         c = c.contiguous()
     # Packing in numpy, not torch: a torch op here would start torch's OpenMP threads, which then
-    # spin-wait on the cores the kernel's own threads need (measured: 32 x 10k at 1x1, D = 1536,
-    # 13.8 -> 10.4 ms on 2 cores).
+    # spin-wait on the cores the kernel's own threads need (docs/NOTES.md).
     rows = q.detach().float().numpy().reshape(Nq * r_q, D)              # (N_q r_q, D)
     owner = np.repeat(np.arange(Nq, dtype=np.int64), r_q)              # each row's query
     if q_mask is not None:                                             # padded query vectors dropped
         keep = q_mask.numpy().reshape(-1).astype(bool)
         rows, owner = rows[keep], owner[keep]
-    R = -(-rows.shape[0] // 16) * 16 or 16
+    B = lib.rows                                                       # rows a packed block
+    R = -(-rows.shape[0] // B) * B or B
     qp = np.zeros((R, D), dtype=np.float32)
     qp[:rows.shape[0]] = rows
-    qp = np.ascontiguousarray(qp.reshape(R // 16, 16, D).transpose(0, 2, 1))   # (R/16, D, 16)
+    qp = np.ascontiguousarray(qp.reshape(R // B, B, D).transpose(0, 2, 1))   # (R/B, D, B)
     owner = np.concatenate([owner, np.full(R - owner.shape[0], -1, dtype=np.int64)])
     cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
     out = np.empty((Nq, Nc), dtype=np.float32)
@@ -313,12 +378,12 @@ def maxsim_c(q, c, q_mask=None, c_mask=None):
     strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     threads = torch.get_num_threads()
     step = max(4, -(-Nc // (4 * threads)))     # four pieces per thread, so an uneven one is absorbed
-    if threads == 1 or Nc <= step:
-        status = [lib.maxsim_c(*args, 0, Nc, *strides)]
+    if lib.openmp or threads == 1 or Nc <= step:
+        status = [lib.maxsim_c(*args, 0, Nc, *strides, threads)]
     else:
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides),
+        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1),
                                    range(0, Nc, step)))
     if any(status):
         raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({R} query vectors, D={D})")

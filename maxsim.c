@@ -1,22 +1,28 @@
-/* Fused MaxSim on the CPU (AVX2 + FMA), float32 math; candidates float32, bfloat16 or float16:
+/* Fused MaxSim on the CPU (AVX2 + FMA, or AVX-512F), float32 math; candidates float32,
+   bfloat16 or float16:
 
        out[a, n] = sum_{i real} max_{j real} <q[a, i], c[n, j]>
 
-   Built and loaded by kernels.py (cc -O3 -march=native, ctypes). Each call scores candidates
-   [n0, n1), so Python threads split a corpus (ctypes drops the GIL during the call).
+   Built and loaded by kernels.py (cc -O3 -march=native -fopenmp, ctypes). OpenMP threads split
+   the candidates (without OpenMP, kernels.py's Python threads do: ctypes drops the GIL).
+
+   One source for both instruction sets: the kernel is written with GCC vector types of
+   W = MAXSIM_W floats (8: one AVX2 register; 16: one AVX-512 register). Built with W = 16 on a
+   CPU without AVX-512, the compiler runs each 16-float vector as two 8-float ones: the same
+   code, so the tests check the AVX-512 kernel's logic on any x86 machine.
 
    No score tensor is ever stored. kernels.py packs the real query vectors of all queries into
-   blocks of 16 rows laid out (R/16, D, 16), so that one D step of a block is two registers, and
-   gives each row its query (owner, -1 for padding). Per candidate the kernel walks its real
-   vectors W = 6 (then 4) at a time: for every d, broadcast c[j][d] for the W vectors and
-   multiply-add into 16 x W dot products (2W registers); then max over the W vectors into a
-   running maximum per row (2 registers). After the candidate's last block each row's maximum is
-   added to its query's score. A block short of 4 vectors repeats the last one (a repeat does not
-   change a maximum). With one vector per candidate (r_c = 1, a plain product) the W columns are
-   W candidates instead, so the (1, 1) budget wastes nothing, and D is cut in slices so that a
-   slice of the query rows stays in L1 across a tile of candidates. Candidate vectors are read
-   with their strides, so budget prefixes c[:, :r_c] need no copy. The next block is prefetched
-   while one runs. */
+   blocks of ROWS = 2W rows laid out (R/ROWS, D, ROWS), so that one D step of a block is two
+   registers, and gives each row its query (owner, -1 for padding). Per candidate the kernel
+   walks its real vectors NB at a time (then NS = 4): for every d, broadcast c[j][d] for the NB
+   vectors and multiply-add into ROWS x NB dot products (2 NB registers); then max over the NB
+   vectors into a running maximum per row (2 registers). After the candidate's last block each
+   row's maximum is added to its query's score. A short block repeats the last vector (a repeat
+   does not change a maximum). With one vector per candidate (r_c = 1, a plain product) the NB
+   columns are NB candidates instead, so the (1, 1) budget wastes nothing, and D is cut in slices
+   so that a slice of the query rows stays in L1 across a tile of candidates. Candidate vectors
+   are read with their strides, so budget prefixes c[:, :r_c] need no copy. The next block is
+   prefetched while one runs. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -26,33 +32,50 @@
 #if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
 #error "maxsim.c needs AVX2, FMA and F16C"
 #endif
+#ifndef MAXSIM_W
+#ifdef __AVX512F__
+#define MAXSIM_W 16
+#else
+#define MAXSIM_W 8
+#endif
+#endif
 
-/* acc[t] = rows 0-7 . b[t], acc[W + t] = rows 8-15 . b[t] for t < W, for a block qb (D, 16).
-   Per d: 2 loads of the block, W broadcasts, 2W multiply-adds. W = 6 keeps 12 sums in the 16
-   registers and reads the block once per 12 FMAs (W = 4: once per 8, which is slower). */
-static inline __attribute__((always_inline)) void dot16(const float *qb, const float *const *b, int W,
-                                                        int64_t D, __m256 acc[12], int add) {
-    __m256 s0[6], s1[6];
-    for (int t = 0; t < W; t++) {
-        s0[t] = add ? acc[t] : _mm256_setzero_ps();
-        s1[t] = add ? acc[W + t] : _mm256_setzero_ps();
+/* NB: 2 NB sums stay in registers with the block's 2 registers and a broadcast (AVX2: 12 + 3 of
+   16 registers; AVX-512: 24 + 3 of 32), and the block is read once per 2 NB multiply-adds.
+   TILE: candidates of one r_c = 1 tile (a multiple of NB). */
+enum { W = MAXSIM_W, ROWS = 2 * W, NB = W == 16 ? 12 : 6, NS = 4, TILE = 48 };
+typedef float vf __attribute__((vector_size(4 * MAXSIM_W)));      /* W floats */
+typedef int32_t vi __attribute__((vector_size(4 * MAXSIM_W)));    /* W lanes of comparison */
+
+static inline vf vload(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+static inline void vstore(float *p, vf v) { memcpy(p, &v, sizeof v); }
+
+/* acc[t] = rows 0..W-1 . b[t], acc[nb + t] = rows W..2W-1 . b[t] for t < nb, for a block qb
+   (D, ROWS); add: start from acc instead of 0. Per d: 2 loads of the block, nb broadcasts,
+   2 nb multiply-adds (vector * scalar + vector: gcc contracts it to one FMA). */
+static inline __attribute__((always_inline)) void dot_block(const float *qb, const float *const *b, int nb,
+                                                            int64_t D, vf acc[2 * NB], int add) {
+    vf s0[NB], s1[NB];
+    for (int t = 0; t < nb; t++) {
+        s0[t] = add ? acc[t] : (vf){0};
+        s1[t] = add ? acc[nb + t] : (vf){0};
     }
-    for (int64_t d = 0; d < D; d++, qb += 16) {
-        __m256 x0 = _mm256_loadu_ps(qb), x1 = _mm256_loadu_ps(qb + 8);
-#pragma GCC unroll 6
-        for (int t = 0; t < W; t++) {
-            __m256 y = _mm256_broadcast_ss(b[t] + d);
-            s0[t] = _mm256_fmadd_ps(x0, y, s0[t]);
-            s1[t] = _mm256_fmadd_ps(x1, y, s1[t]);
+    for (int64_t d = 0; d < D; d++, qb += ROWS) {
+        vf x0 = vload(qb), x1 = vload(qb + W);
+#pragma GCC unroll 12
+        for (int t = 0; t < nb; t++) {
+            float y = b[t][d];
+            s0[t] += x0 * y;
+            s1[t] += x1 * y;
         }
     }
-    for (int t = 0; t < W; t++) { acc[t] = s0[t]; acc[W + t] = s1[t]; }
+    for (int t = 0; t < nb; t++) { acc[t] = s0[t]; acc[nb + t] = s1[t]; }
 }
 
-static inline void dot16w(const float *qb, const float *const *b, int W, int64_t D, __m256 acc[12],
-                          int add) {
-    if (W == 6) dot16(qb, b, 6, D, acc, add);   /* two copies, each with W a constant */
-    else dot16(qb, b, 4, D, acc, add);
+static inline void dot_blockn(const float *qb, const float *const *b, int nb, int64_t D, vf acc[2 * NB],
+                              int add) {
+    if (nb == NB) dot_block(qb, b, NB, D, acc, add);   /* two copies, each with nb a constant */
+    else dot_block(qb, b, NS, D, acc, add);
 }
 
 static inline void prefetch(const void *x, int64_t bytes) {
@@ -60,7 +83,7 @@ static inline void prefetch(const void *x, int64_t bytes) {
 }
 
 /* The candidate vector at element offset off as float32: in place (ctype 0), or widened from
-   bfloat16 (1: the high half of a float32) or float16 (2: F16C) into dst. */
+   bfloat16 (1: the high half of a float32) or float16 (2: F16C) into dst. Exact either way. */
 static inline const float *cvec(const void *c, int ctype, int64_t off, int64_t D, float *dst) {
     if (ctype == 0) return (const float *)c + off;
     const uint16_t *h = (const uint16_t *)c + off;
@@ -78,55 +101,62 @@ static inline const float *cvec(const void *c, int ctype, int64_t off, int64_t D
     return dst;
 }
 
-/* r_c = 1, one vector a candidate: a plain product, blocked like a GEMM. The W columns are W
-   candidates, so the (1, 1) budget wastes nothing, and D is cut in slices so that a slice of the
-   query rows stays in L1 across a tile of candidates. */
+/* Adds row r's value s[r] to its query's score out[owner[r], n] for the ROWS rows of a block. */
+static inline void add_rows(const float *s, const int64_t *owner, float *out, int64_t son, int64_t n) {
+    for (int r = 0; r < ROWS; r++)
+        if (owner[r] >= 0) out[owner[r] * son + n] += s[r];
+}
+
+/* r_c = 1, one vector a candidate: a plain product, blocked like a GEMM. The NB columns are NB
+   candidates, so the (1, 1) budget wastes nothing. Tiles of TILE candidates (GT groups of NB) x
+   D slices of DS: a slice of a row block stays in L1 for the whole tile, and the ROWS x NB sums
+   carry over between slices in part (R/ROWS x GT groups x 2 NB registers). A 16-bit tile is
+   widened one slice at a time into wide (TILE x DS floats, in L1), once for all row blocks. */
 static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
                       const uint8_t *cm, float *out, int64_t D, int64_t n0, int64_t n1, int64_t scn, int64_t scmn,
                       int64_t son, float *wide) {
-    float s[16];
+    enum { GT = TILE / NB, DS = 128 };
+    float s[ROWS];
     int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
-    /* tiles of 48 candidates (8 groups of 6) x D slices of 128: a slice of a row block
-       (8 KB) stays in L1 for the whole tile, and the 16 x 6 sums carry over between slices
-       in part (R/16 x 8 groups x 12 registers). */
-    enum { GT = 8, DS = 128 };
-    __m256 *part = aligned_alloc(32, sizeof(__m256) * 12 * GT * (R / 16));
+    vf *part = aligned_alloc(64, sizeof(vf) * 2 * NB * GT * (R / ROWS));
     if (!part) return -1;
-    for (int64_t n = n0; n < n1; n += 6 * GT) {
-        int64_t G = 0, Ws[GT], ks[GT];
-        const float *b[GT][6];
-        for (int64_t m = n; m < n1 && G < GT; m += Ws[G++]) {
-            Ws[G] = n1 - m >= 6 ? 6 : 4;
-            ks[G] = n1 - m < Ws[G] ? n1 - m : Ws[G];
-            for (int64_t t = 0; t < Ws[G]; t++)
-                b[G][t] = t < ks[G] ? cvec(c, ctype, (m + t) * scn, D, wide + (6 * G + t) * D) : b[G][ks[G] - 1];
+    for (int64_t n = n0, next; n < n1; n = next) {
+        /* group g: nbs[g] columns, the first ks[g] real (the rest repeat the last), candidate
+           cand[g][t] in column t; NB columns while NB candidates are left, else NS. A tile of short
+           groups covers fewer than TILE candidates, so the next starts where this one ended. */
+        int64_t G = 0, nbs[GT], ks[GT], cand[GT][NB];
+        for (next = n; next < n1 && G < GT; next += nbs[G++]) {
+            nbs[G] = n1 - next >= NB ? NB : NS;
+            ks[G] = n1 - next < nbs[G] ? n1 - next : nbs[G];
+            for (int64_t t = 0; t < nbs[G]; t++) cand[G][t] = next + (t < ks[G] ? t : ks[G] - 1);
         }
         for (int64_t d0 = 0; d0 < D; d0 += DS) {
             int64_t len = D - d0 < DS ? D - d0 : DS;
-            for (int64_t r0 = 0; r0 < R; r0 += 16)
-                for (int64_t g = 0; g < G; g++) {
-                    const float *bs[6];
-                    for (int64_t t = 0; t < Ws[g]; t++) bs[t] = b[g][t] + d0;
-                    for (int64_t t = 0; r0 == 0 && t < 6; t++) {  /* the next group's slice */
-                        int64_t m = n + 6 * (g + 1) + t;             /* (or the next tile's) */
-                        if (g + 1 < G && t < Ws[g + 1]) prefetch(b[g + 1][t] + d0, 4 * len);
-                        else if (g + 1 == G && m < n1 && d0 == 0) prefetch((const char *)c + es * m * scn, es * len);
-                    }
-                    __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
-                    dot16w(qp + r0 * D + d0 * 16, bs, Ws[g], len, acc, d0 > 0);
-                }
+            const float *b[GT][NB];                              /* column t's slice [d0, d0 + len) */
+            for (int64_t g = 0; g < G; g++)
+                for (int64_t t = 0; t < nbs[g]; t++)
+                    b[g][t] = t >= ks[g] ? b[g][ks[g] - 1]
+                              : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + (NB * g + t) * DS);
+            /* the tile's next slice, or the next tile's first, is fetched while this one is used */
+            int64_t more = d0 + DS < D, pd = more ? d0 + DS : 0, pn = more ? n : next;
+            int64_t pe = more ? next : (next + TILE < n1 ? next + TILE : n1), plen = D - pd < DS ? D - pd : DS;
+            for (int64_t m = pn; m < pe; m++) prefetch((const char *)c + es * (m * scn + pd), es * plen);
+            for (int64_t r0 = 0; r0 < R; r0 += ROWS)
+                for (int64_t g = 0; g < G; g++)
+                    dot_blockn(qp + r0 * D + d0 * ROWS, b[g], nbs[g], len, part + 2 * NB * (GT * (r0 / ROWS) + g),
+                               d0 > 0);
         }
-        for (int64_t g = 0, m = n; g < G; m += Ws[g++]) {
+        for (int64_t g = 0; g < G; g++) {
+            int64_t m = cand[g][0];
             for (int64_t a = 0; a < Nq; a++)
                 for (int64_t t = 0; t < ks[g]; t++) out[a * son + m + t] = 0.0f;
-            for (int64_t r0 = 0; r0 < R; r0 += 16) {
-                __m256 *acc = part + 12 * (GT * (r0 / 16) + g);
+            for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
+                vf *acc = part + 2 * NB * (GT * (r0 / ROWS) + g);
                 for (int64_t t = 0; t < ks[g]; t++) {
                     if (cm && !cm[(m + t) * scmn]) continue;   /* no real vector: scores 0 */
-                    _mm256_storeu_ps(s, acc[t]);
-                    _mm256_storeu_ps(s + 8, acc[Ws[g] + t]);
-                    for (int64_t r = 0; r < 16; r++)
-                        if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + m + t] += s[r];
+                    vstore(s, acc[t]);
+                    vstore(s + W, acc[nbs[g] + t]);
+                    add_rows(s, owner + r0, out, son, m + t);
                 }
             }
         }
@@ -135,20 +165,20 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t 
     return 0;
 }
 
-/* r_c > 1: per candidate, its real vectors W = 6 (then 4) at a time against each block of 16
+/* r_c > 1: per candidate, its real vectors NB (then NS) at a time against each block of ROWS
    query rows; the max over r_c is kept in registers and only each row's maximum is added to
    its query's score. */
 static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
-                     const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
-                     int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide) {
-    __m256 acc[12];
-    float s[16];
+                        const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
+                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide) {
+    vf acc[2 * NB];
+    float s[ROWS];
     int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
-    int lazy = ctype && R == 16;
-    const float *col[4096 + 4];  /* r_c <= 4096: kernels._MAX_RC, checked there */
-    int64_t off[4096 + 4];
+    int lazy = ctype && R == ROWS;
+    const float *col[4096 + NS];  /* r_c <= 4096: kernels._MAX_RC, checked there */
+    int64_t off[4096 + NS];
     for (int64_t n = n0; n < n1; n++) {
         int64_t J = 0;
         for (int64_t j = 0; j < r_c; j++)
@@ -159,56 +189,86 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_
             }
         for (int64_t a = 0; a < Nq; a++) out[a * son + n] = 0.0f;
         if (J == 0) continue;                 /* a candidate with no real vector scores 0 */
-        /* blocks of 6, then of 4 (64 = 10 x 6 + 4, 8 = 4 + 4); only 4 for a single block of rows,
-           which streams the corpus once and is faster with the smaller block */
-        int64_t J6 = R > 16 ? J / 6 : 0;
-        while (J6 > 0 && (J - 6 * J6) % 4) J6--;
-        if ((J - 6 * J6) % 4) J6 = J / 6;     /* no exact split: pad the last block of 4 */
-        J6 *= 6;
-        while ((J - J6) % 4) { col[J] = col[J - 1]; off[J] = off[J - 1]; J++; }
-        for (int64_t r0 = 0; r0 < R; r0 += 16) {
-            __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
-            __m256 nan0 = _mm256_setzero_ps(), nan1 = nan0;   /* all ones where a product was NaN */
-            for (int64_t j = 0, W; j < J; j += W) {                     /* max_j, W at a time */
-                W = j < J6 ? 6 : 4;
-                for (int64_t t = 0; r0 == 0 && t < W; t++) {             /* the next W vectors */
-                    if (j + W + t < J) prefetch((const char *)c + es * off[j + W + t], es * D);
+        /* blocks of NB, then of NS (AVX2: 64 = 10 x 6 + 4, 8 = 4 + 4); only NS for a single block
+           of rows, which streams the corpus once and is faster with the smaller block */
+        int64_t Jb = R > ROWS ? J / NB : 0;
+        while (Jb > 0 && (J - NB * Jb) % NS) Jb--;
+        if ((J - NB * Jb) % NS) Jb = J / NB;  /* no exact split: pad the last block of NS */
+        Jb *= NB;
+        while ((J - Jb) % NS) { col[J] = col[J - 1]; off[J] = off[J - 1]; J++; }
+        for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
+            vf m0 = (vf){0} - INFINITY, m1 = m0;
+            vi nan0 = (vi){0}, nan1 = nan0;   /* all ones where a product was NaN */
+            for (int64_t j = 0, nb; j < J; j += nb) {                    /* max_j, nb at a time */
+                nb = j < Jb ? NB : NS;
+                for (int64_t t = 0; r0 == 0 && t < nb; t++) {            /* the next nb vectors */
+                    if (j + nb + t < J) prefetch((const char *)c + es * off[j + nb + t], es * D);
                     else if (n + 1 < n1 && t < r_c) prefetch((const char *)c + es * ((n + 1) * scn + t * scr), es * D);
                 }
-                for (int64_t t = 0; lazy && t < W; t++) col[j + t] = cvec(c, ctype, off[j + t], D, wide + t * D);
-                dot16w(qp + r0 * D, col + j, W, D, acc, 0);
-                for (int64_t t = 0; t < W; t++) {
-                    m0 = _mm256_max_ps(m0, acc[t]);
-                    m1 = _mm256_max_ps(m1, acc[W + t]);
-                    nan0 = _mm256_or_ps(nan0, _mm256_cmp_ps(acc[t], acc[t], _CMP_UNORD_Q));
-                    nan1 = _mm256_or_ps(nan1, _mm256_cmp_ps(acc[W + t], acc[W + t], _CMP_UNORD_Q));
+                for (int64_t t = 0; lazy && t < nb; t++) col[j + t] = cvec(c, ctype, off[j + t], D, wide + t * D);
+                dot_blockn(qp + r0 * D, col + j, nb, D, acc, 0);
+                for (int64_t t = 0; t < nb; t++) {
+                    vi g0 = acc[t] > m0, g1 = acc[nb + t] > m1;        /* max, lane by lane */
+                    m0 = (vf)((g0 & (vi)acc[t]) | (~g0 & (vi)m0));
+                    m1 = (vf)((g1 & (vi)acc[nb + t]) | (~g1 & (vi)m1));
+                    nan0 |= acc[t] != acc[t];
+                    nan1 |= acc[nb + t] != acc[nb + t];
                 }
             }
-            /* maxps drops a NaN operand; like torch's amax, a NaN product makes the maximum NaN
+            /* the comparison drops a NaN; like torch's amax, a NaN product makes the maximum NaN
                (all-ones bits are a NaN) */
-            _mm256_storeu_ps(s, _mm256_or_ps(m0, nan0));
-            _mm256_storeu_ps(s + 8, _mm256_or_ps(m1, nan1));
-            for (int64_t r = 0; r < 16; r++)                              /* sum_i of the maxima */
-                if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + n] += s[r];
+            vstore(s, (vf)((vi)m0 | nan0));
+            vstore(s + W, (vf)((vi)m1 | nan1));
+            add_rows(s, owner + r0, out, son, n);                        /* sum_i of the maxima */
         }
     }
     return 0;
 }
 
-/* qp (R/16, D, 16) packed query rows, owner (R,) their queries (-1 = padding), R a multiple of
-   16; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over D, cm
-   (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
-   Scores candidates n0 <= n < n1; returns 0, or -1 when out of memory. */
-int maxsim_c(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
-               const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
-               int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
-               int64_t son) {
-    /* widened 16-bit candidates: a candidate's vectors, or a tile's (48) */
-    float *wide = ctype ? malloc(sizeof(float) * (r_c > 48 ? r_c + 4 : 48) * D) : NULL;
+/* Query rows per packed block, for kernels.py's packing: 2 W. */
+int maxsim_rows(void) { return ROWS; }
+
+/* One piece of candidates [n0, n1) (see maxsim_c). */
+static int maxsim_piece(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+                        const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
+                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son) {
+    /* widened 16-bit candidates: a candidate's vectors (and the padding of its last block), or a
+       tile's slice */
+    float *wide = ctype ? malloc(sizeof(float) * (r_c == 1 ? TILE * 128 : (r_c + NS) * D)) : NULL;
     if (ctype && !wide) return -1;
     int status = r_c == 1 ? maxsim_rc1(qp, owner, R, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
                           : maxsim_multi(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
                                          son, wide);
     free(wide);
+    return status;
+}
+
+/* Whether maxsim_c splits the work over threads itself (built with OpenMP). */
+int maxsim_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* qp (R/ROWS, D, ROWS) packed query rows, owner (R,) their queries (-1 = padding), R a multiple
+   of ROWS; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over
+   D, cm (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
+   Scores candidates n0 <= n < n1 with `threads` OpenMP threads, in pieces, four a thread so that
+   an uneven one is absorbed. Built with OpenMP in a process that has loaded torch, these are
+   torch's own OpenMP threads (the same libgomp): two pools would spin on each other's cores.
+   Returns 0, or -1 when out of memory. */
+int maxsim_c(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
+             const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
+             int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
+             int64_t son, int threads) {
+    int64_t step = (n1 - n0 + 4 * threads - 1) / (4 * threads);
+    if (step < 4) step = 4;
+    int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : status)
+    for (int64_t p = n0; p < n1; p += step)
+        status |= maxsim_piece(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, p, p + step < n1 ? p + step : n1, scn,
+                               scr, scmn, scmr, son);
     return status;
 }

@@ -78,7 +78,10 @@ def c_kernel_builds():
     return kernels._cpu_lib() is not None
 
 
-def c_kernel():
+def c_kernel(width=None):
+    """maxsim_c built for `width` floats a register (16 runs as pairs of 8 on a CPU without
+    AVX-512: the same code, so its logic is tested on any x86 machine)."""
+    import functools
     import os
     import platform
     import shutil
@@ -89,20 +92,25 @@ def c_kernel():
         pytest.skip("maxsim.c is AVX2 code: this CPU cannot run it")
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler (cc) here to build maxsim.c: maxsim uses the torch path")
-    assert kernels._cpu_lib() is not None, "maxsim.c did not build: see the warning"
-    return kernels.maxsim_c
+    assert kernels._cpu_lib(width) is not None, "maxsim.c did not build: see the warning"
+    return functools.partial(kernels.maxsim_c, width=width)
 
 
-# (N_q, R_q, N_c, R_c, D): one row block (candidate vectors 4 at a time) and several (6, then 4:
-# ragged masks give every split), r_c = 1 (6 or 4 candidates a step, a ragged tail), r_c not a
-# multiple of 4, D not a multiple of 8, one query vector
+WIDTHS = pytest.mark.parametrize("width", [8, 16], ids=["AVX2-width", "AVX512-width"])
+
+
+# (N_q, R_q, N_c, R_c, D): one row block (candidate vectors NS = 4 at a time) and several (NB,
+# then NS: ragged masks give every split), r_c = 1 (NB or NS candidates a step, a ragged tail),
+# r_c not a multiple of 4, D not a multiple of 8, one query vector; the last two have more rows
+# than one 16-wide block (32)
 @pytest.mark.parametrize("shape", [(1, 16, 9, 64, 32), (5, 3, 7, 5, 24), (20, 1, 130, 1, 8),
                                    (3, 7, 23, 1, 13), (2, 16, 33, 6, 128), (1, 1, 5, 3, 4),
-                                   (3, 7, 11, 10, 16)])
+                                   (3, 7, 11, 10, 16), (7, 16, 17, 30, 16), (40, 1, 101, 1, 20)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])  # of the candidates
-def test_c_kernel_matches_reference(shape, threads, dtype):
-    maxsim_c = c_kernel()
+@WIDTHS
+def test_c_kernel_matches_reference(shape, threads, dtype, width):
+    maxsim_c = c_kernel(width)
     Nq, Rq, Nc, Rc, D = shape
     q, qm = ragged(Nq, Rq, D, 20)
     c, cm = ragged(Nc, Rc, D, 21)
@@ -141,9 +149,9 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     c_kernel()
     import kernels
     monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_lib_path", tmp_path / "maxsim-abc123.so")
-    fake = iter([2.0, 1.0])                      # the C kernel timed first (2 s), then torch (1 s)
-    monkeypatch.setattr(kernels, "_time", lambda fn, repeats=3: next(fake))
+    monkeypatch.setattr(kernels, "_dispatch_file", lambda: tmp_path / "dispatch-abc123.json")
+    # the C kernel (at each width) takes 2 s, torch 1 s
+    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch" else 2.0 for k in fns})
     used, chunked = [], kernels.maxsim_chunked
     monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
@@ -152,11 +160,48 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     kept = json.loads((tmp_path / "dispatch-abc123.json").read_text())
     assert kept["many-queries/multi/D<=256/fp32"]["winner"] == "torch"
     monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_time", lambda fn, repeats=3: pytest.fail("measured again"))
+    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: pytest.fail("measured again"))
     assert kernels.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
     used.clear()
     maxsim(q, c, backend="c")                  # backend= still forces a path
     assert used == []
+
+
+def test_dispatch_picks_the_faster_register_width(monkeypatch, tmp_path):
+    """Where the CPU has AVX-512 both widths are timed, and the faster one is used."""
+    c_kernel(16)
+    import kernels
+    monkeypatch.setattr(kernels, "_choices", {})
+    monkeypatch.setattr(kernels, "_dispatch_file", lambda: None)
+    monkeypatch.setattr(kernels, "_widths", lambda: (16, 8))
+    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: {16: 3.0, 8: 1.0, "torch": 2.0})
+    used, real = [], kernels.maxsim_c
+    monkeypatch.setattr(kernels, "maxsim_c", lambda *a, width=None, **k: used.append(width) or real(*a, width=width, **k))
+    q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+    record = kernels.measured_choice(kernels.regime(q, c))[1]
+    assert (record["winner"], record["width"], record["C16_ms"], record["C8_ms"]) == ("c", 8, 3e3, 1e3)
+    assert used == [8]
+
+
+def test_a_build_that_scores_wrongly_is_never_used(monkeypatch, tmp_path, fresh_build):
+    """The kernel checks itself against numpy when it loads; a build that fails (here: a library
+    whose kernel writes nothing) is refused with a warning, and maxsim takes the torch path."""
+    c_kernel()
+    import kernels
+
+    class Broken:
+        rows, openmp = 16, True
+        def maxsim_c(self, *args):
+            return 0
+    assert kernels._self_check(kernels._cpu_lib(8)) < 1e-4
+    assert kernels._self_check(Broken()) > 1e-4
+    monkeypatch.setattr(kernels, "_self_check", lambda lib: 1.0)
+    kernels._cpu_lib.cache_clear()
+    with pytest.warns(UserWarning, match="scores wrongly on this CPU"):
+        assert kernels._cpu_lib() is None
+    q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
 
 
 @pytest.fixture
@@ -286,7 +331,7 @@ def test_topk_with_k_larger_than_a_chunk():
     assert i.tolist() == want.indices.tolist()
 
 
-@pytest.mark.parametrize("Nq", [2, 5])       # the C kernel's one-row-block path and its multi-block path
+@pytest.mark.parametrize("Nq", [2, 5, 11])   # the C kernel's one-row-block path and its multi-block path
 def test_non_finite_input_same_answer_on_every_path(Nq):
     """A masked slot never affects a score, whatever it holds (NaN, inf); a NaN in a real vector
     makes exactly the scores that read it NaN, on every path (reference, torch, C, Triton)."""
@@ -303,8 +348,27 @@ def test_non_finite_input_same_answer_on_every_path(Nq):
     paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch"),
              "triton": maxsim_triton(q, c, qm, cm)}
     if c_kernel_builds():
-        paths["C"] = maxsim(q, c, qm, cm, backend="c")
+        import kernels
+        for width in (8, 16):
+            paths[f"C{width}"] = kernels.maxsim_c(q, c, qm, cm, width=width)
     for name, got in paths.items():
         assert torch.equal(got.isnan(), want.isnan()), (name, got)
         torch.testing.assert_close(got.double().nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=0, msg=name)
     assert want.isnan().any() and not want.isnan().all()
+
+
+@WIDTHS
+def test_c_kernel_covers_every_candidate_of_a_tile(width):
+    """r_c = 1 tiles hold 48 candidates in groups of NB (6 or 12) while that many are left, then of
+    4: a tail of 47 is 7 x 6 + 4 + 1, more groups than a tile holds, so the tile ends early and the
+    next must start where it ended (an older kernel stepped a whole 48 and left candidate 46 and
+    95 unwritten)."""
+    maxsim_c = c_kernel(width)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)                            # one piece: the tails are exactly these
+    try:
+        for Nc in (45, 46, 47, 95, 143):
+            q, c = torch.randn(2, 1, 8), torch.randn(Nc, 1, 8)
+            torch.testing.assert_close(maxsim_c(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(old)
