@@ -367,9 +367,12 @@ def _run_c(lib, q, c, q_mask, c_mask):
         rows, owner = rows[keep], owner[keep]
     B = lib.rows                                                       # rows a packed block
     R = -(-rows.shape[0] // B) * B or B
-    qp = np.zeros((R, D), dtype=np.float32)
-    qp[:rows.shape[0]] = rows
-    qp = np.ascontiguousarray(qp.reshape(R // B, B, D).transpose(0, 2, 1))   # (R/B, D, B)
+    padded = np.zeros((R, D), dtype=np.float32)
+    padded[:rows.shape[0]] = rows
+    # (R/B, D, B), 64-byte aligned so that no register load of a block row straddles two cache lines
+    buf = np.empty(R * D + 16, dtype=np.float32)
+    qp = buf[(-buf.ctypes.data % 64) // 4:][:R * D].reshape(R // B, D, B)
+    qp[...] = padded.reshape(R // B, B, D).transpose(0, 2, 1)
     owner = np.concatenate([owner, np.full(R - owner.shape[0], -1, dtype=np.int64)])
     cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
     out = np.empty((Nq, Nc), dtype=np.float32)

@@ -42,8 +42,8 @@
 
 /* NB: 2 NB sums stay in registers with the block's 2 registers and a broadcast (AVX2: 12 + 3 of
    16 registers; AVX-512: 24 + 3 of 32), and the block is read once per 2 NB multiply-adds.
-   TILE: candidates of one r_c = 1 tile (a multiple of NB). */
-enum { W = MAXSIM_W, ROWS = 2 * W, NB = W == 16 ? 12 : 6, NS = 4, TILE = 48 };
+   TILE x DS: the candidates and the D slice of one r_c = 1 tile (TILE a multiple of NB). */
+enum { W = MAXSIM_W, ROWS = 2 * W, NB = W == 16 ? 12 : 6, NS = 4, TILE = 48, DS = 128 };
 typedef float vf __attribute__((vector_size(4 * MAXSIM_W)));      /* W floats */
 typedef int32_t vi __attribute__((vector_size(4 * MAXSIM_W)));    /* W lanes of comparison */
 
@@ -109,13 +109,13 @@ static inline void add_rows(const float *s, const int64_t *owner, float *out, in
 
 /* r_c = 1, one vector a candidate: a plain product, blocked like a GEMM. The NB columns are NB
    candidates, so the (1, 1) budget wastes nothing. Tiles of TILE candidates (GT groups of NB) x
-   D slices of DS: a slice of a row block stays in L1 for the whole tile, and the ROWS x NB sums
-   carry over between slices in part (R/ROWS x GT groups x 2 NB registers). A 16-bit tile is
-   widened one slice at a time into wide (TILE x DS floats, in L1), once for all row blocks. */
+   D slices of DS; per slice, group by group, the group's slice is used for every row block
+   while it is in L1 (a 16-bit group is widened into wide, NB x DS floats, first), and the
+   ROWS x NB sums carry over between slices in part (R/ROWS x GT groups x 2 NB registers). */
 static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
                       const uint8_t *cm, float *out, int64_t D, int64_t n0, int64_t n1, int64_t scn, int64_t scmn,
                       int64_t son, float *wide) {
-    enum { GT = TILE / NB, DS = 128 };
+    enum { GT = TILE / NB };
     float s[ROWS];
     int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     vf *part = aligned_alloc(64, sizeof(vf) * 2 * NB * GT * (R / ROWS));
@@ -132,19 +132,18 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t 
         }
         for (int64_t d0 = 0; d0 < D; d0 += DS) {
             int64_t len = D - d0 < DS ? D - d0 : DS;
-            const float *b[GT][NB];                              /* column t's slice [d0, d0 + len) */
-            for (int64_t g = 0; g < G; g++)
-                for (int64_t t = 0; t < nbs[g]; t++)
-                    b[g][t] = t >= ks[g] ? b[g][ks[g] - 1]
-                              : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + (NB * g + t) * DS);
             /* the tile's next slice, or the next tile's first, is fetched while this one is used */
             int64_t more = d0 + DS < D, pd = more ? d0 + DS : 0, pn = more ? n : next;
             int64_t pe = more ? next : (next + TILE < n1 ? next + TILE : n1), plen = D - pd < DS ? D - pd : DS;
             for (int64_t m = pn; m < pe; m++) prefetch((const char *)c + es * (m * scn + pd), es * plen);
-            for (int64_t r0 = 0; r0 < R; r0 += ROWS)
-                for (int64_t g = 0; g < G; g++)
-                    dot_blockn(qp + r0 * D + d0 * ROWS, b[g], nbs[g], len, part + 2 * NB * (GT * (r0 / ROWS) + g),
+            for (int64_t g = 0; g < G; g++) {                    /* a group's slice, for every row block */
+                const float *b[NB];                              /* column t's slice [d0, d0 + len) */
+                for (int64_t t = 0; t < nbs[g]; t++)
+                    b[t] = t >= ks[g] ? b[ks[g] - 1] : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + t * DS);
+                for (int64_t r0 = 0; r0 < R; r0 += ROWS)
+                    dot_blockn(qp + r0 * D + d0 * ROWS, b, nbs[g], len, part + 2 * NB * (GT * (r0 / ROWS) + g),
                                d0 > 0);
+            }
         }
         for (int64_t g = 0; g < G; g++) {
             int64_t m = cand[g][0];
@@ -234,7 +233,7 @@ static int maxsim_piece(const float *qp, const int64_t *owner, int64_t R, int64_
                         int64_t scr, int64_t scmn, int64_t scmr, int64_t son) {
     /* widened 16-bit candidates: a candidate's vectors (and the padding of its last block), or a
        tile's slice */
-    float *wide = ctype ? malloc(sizeof(float) * (r_c == 1 ? TILE * 128 : (r_c + NS) * D)) : NULL;
+    float *wide = ctype ? malloc(sizeof(float) * (r_c == 1 ? NB * DS : (r_c + NS) * D)) : NULL;
     if (ctype && !wide) return -1;
     int status = r_c == 1 ? maxsim_rc1(qp, owner, R, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
                           : maxsim_multi(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
