@@ -90,8 +90,8 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
     if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
         block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
         chunk = max(1, min(Nc, block // max(1, M * Rc)))
-        if not (c.dtype == torch.float32 and c.is_contiguous()):   # each chunk is copied: keep it in cache
-            chunk = min(chunk, max(8, (1 << 20) // (Rc * D)))      # (about 4 MiB of float32)
+        if not (c.dtype == torch.float32 and (c.is_contiguous() or Rc == 1)):   # each chunk is copied:
+            chunk = min(chunk, max(8, (1 << 20) // (Rc * D)))      # keep it in cache (4 MiB of float32)
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
     qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
