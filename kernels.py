@@ -26,16 +26,16 @@ import torch
 
 
 def maxsim_reference(q, c, q_mask=None, c_mask=None):
-    """q (N_q, R_q, D), c (N_c, R_c, D), masks (N, R) bool (True = real) -> (N_q, N_c) float32.
+    """q (N_q, r_q, D), c (N_c, r_c, D), masks (N, r) bool (True = real) -> (N_q, N_c) float32.
 
-    Materialises (N_q, R_q, N_c, R_c): use for training batches, not for a corpus."""
-    Nq, Rq, D = q.shape
-    Nc, Rc, _ = c.shape
-    s = (q.reshape(Nq * Rq, D).float() @ c.reshape(Nc * Rc, D).float().T).view(Nq, Rq, Nc, Rc)
+    Materialises (N_q, r_q, N_c, r_c): use for training batches, not for a corpus."""
+    Nq, r_q, D = q.shape
+    Nc, r_c, _ = c.shape
+    s = (q.reshape(Nq * r_q, D).float() @ c.reshape(Nc * r_c, D).float().T).view(Nq, r_q, Nc, r_c)
     if c_mask is not None:  # a padded candidate vector never wins a max (whatever it holds)
         c_mask = c_mask.to(s.device, torch.bool)
         s = s.masked_fill(~c_mask[None, None], float("-inf"))
-    m = s.amax(-1)                                                    # (N_q, R_q, N_c); NaN propagates
+    m = s.amax(-1)                                                    # (N_q, r_q, N_c); NaN propagates
     if c_mask is not None:  # a candidate with no real vector contributes 0
         m = m.masked_fill(~c_mask.any(1)[None, None], 0.0)
     if q_mask is not None:  # a padded query vector adds nothing (masked_fill: even if it holds NaN)
@@ -45,7 +45,7 @@ def maxsim_reference(q, c, q_mask=None, c_mask=None):
 
 def _check(q, c, q_mask, c_mask):
     if len(q.shape) != 3 or len(c.shape) != 3:
-        raise ValueError(f"maxsim wants q (N_q, R_q, D) and c (N_c, R_c, D), got {tuple(q.shape)} "
+        raise ValueError(f"maxsim wants q (N_q, r_q, D) and c (N_c, r_c, D), got {tuple(q.shape)} "
                          f"and {tuple(c.shape)}")
     if q.shape[-1] != c.shape[-1]:
         raise ValueError(f"embedding sizes differ: q has D={q.shape[-1]}, c has D={c.shape[-1]}")
@@ -75,51 +75,51 @@ def _max_over_rc(s, scratch):
 
 
 def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
-    """The reference over candidate chunks, never more than (N_q, R_q, chunk, R_c) at once.
+    """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
     over r_c on a view of it, then sum over r_q; float32 math. With few query vectors
-    (N_q R_q < 64) the candidate chunk is the matmul's tall operand, (n R_c, D) @ (D, N_q R_q),
+    (N_q r_q < 64) the candidate chunk is the matmul's tall operand, (n r_c, D) @ (D, N_q r_q),
     which streams the corpus best, and the max is taken by halving; otherwise
-    (N_q R_q, D) @ (D, n R_c)."""
+    (N_q r_q, D) @ (D, n r_c)."""
     _check(q, c, q_mask, c_mask)
-    Nq, Rq, D = q.shape
-    Nc, Rc, _ = c.shape
-    M = Nq * Rq
+    Nq, r_q, D = q.shape
+    Nc, r_c, _ = c.shape
+    M = Nq * r_q
     tall = M < 64
     if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
         block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
-        chunk = max(1, min(Nc, block // max(1, M * Rc)))
-        if not (c.dtype == torch.float32 and (c.is_contiguous() or Rc == 1)):   # each chunk is copied:
-            chunk = min(chunk, max(8, (1 << 20) // (Rc * D)))      # keep it in cache (4 MiB of float32)
+        chunk = max(1, min(Nc, block // max(1, M * r_c)))
+        if not (c.dtype == torch.float32 and (c.is_contiguous() or r_c == 1)):   # each chunk is copied:
+            chunk = min(chunk, max(8, (1 << 20) // (r_c * D)))      # keep it in cache (4 MiB of float32)
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
-    qf = q.reshape(M, D).float()                                          # (N_q R_q, D)
-    qT = qf.T.contiguous() if tall else None                              # (D, N_q R_q)
+    qf = q.reshape(M, D).float()                                          # (N_q r_q, D)
+    qT = qf.T.contiguous() if tall else None                              # (D, N_q r_q)
     qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
-    buf = torch.empty(M * chunk * Rc, dtype=torch.float32, device=q.device)
-    cbuf = torch.empty(chunk * Rc * D, dtype=torch.float32, device=q.device) \
+    buf = torch.empty(M * chunk * r_c, dtype=torch.float32, device=q.device)
+    cbuf = torch.empty(chunk * r_c * D, dtype=torch.float32, device=q.device) \
         if c.dtype != torch.float32 else None                              # a 16-bit chunk widened
-    scratch = torch.empty(M * chunk * ((Rc + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
+    scratch = torch.empty(M * chunk * ((r_c + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
             cj = c[j:j + n]
             if cj.dtype == torch.float32:
-                cf = cj.reshape(n * Rc, D)                # (n R_c, D): a view, or one copy of a prefix view
+                cf = cj.reshape(n * r_c, D)                # (n r_c, D): a view, or one copy of a prefix view
             else:  # a 16-bit index widened in one pass into a reused buffer (no new pages each chunk)
-                cf = cbuf[:n * Rc * D].view(n * Rc, D)
-                cf.view(n, Rc, D).copy_(cj)
+                cf = cbuf[:n * r_c * D].view(n * r_c, D)
+                cf.view(n, r_c, D).copy_(cj)
             cm = c_mask[j:j + n].to(q.device, torch.bool) if c_mask is not None else None
             if tall:
-                s = torch.mm(cf, qT, out=buf[:M * n * Rc].view(n * Rc, M)).view(n, Rc, Nq, Rq)
+                s = torch.mm(cf, qT, out=buf[:M * n * r_c].view(n * r_c, M)).view(n, r_c, Nq, r_q)
                 if cm is not None:  # a padded candidate vector never wins a max
                     s.masked_fill_(~cm[:, :, None, None], float("-inf"))
-                m = _max_over_rc(s.view(n, Rc, M), scratch).view(n, Nq, Rq).permute(1, 2, 0)  # max_j -> (N_q, R_q, n)
+                m = _max_over_rc(s.view(n, r_c, M), scratch).view(n, Nq, r_q).permute(1, 2, 0)  # max_j -> (N_q, r_q, n)
             else:
-                s = torch.mm(qf, cf.T, out=buf[:M * n * Rc].view(M, n * Rc)).view(Nq, Rq, n, Rc)
+                s = torch.mm(qf, cf.T, out=buf[:M * n * r_c].view(M, n * r_c)).view(Nq, r_q, n, r_c)
                 if cm is not None:
                     s.masked_fill_(~cm[None, None], float("-inf"))
-                m = s.amax(-1)                                            # max_j -> (N_q, R_q, n)
+                m = s.amax(-1)                                            # max_j -> (N_q, r_q, n)
             if cm is not None:      # a candidate with no real vector contributes 0
                 m = m.masked_fill(~cm.any(1), 0.0)
             if qm is not None:      # a padded query vector adds nothing, whatever it holds
@@ -366,17 +366,17 @@ def _run_c(lib, q, c, q_mask, c_mask):
         keep = q_mask.numpy().reshape(-1).astype(bool)
         rows, owner = rows[keep], owner[keep]
     B = lib.rows                                                       # rows a packed block
-    R = -(-rows.shape[0] // B) * B or B
-    padded = np.zeros((R, D), dtype=np.float32)
+    n_rows = -(-rows.shape[0] // B) * B or B
+    padded = np.zeros((n_rows, D), dtype=np.float32)
     padded[:rows.shape[0]] = rows
-    # (R/B, D, B), 64-byte aligned so that no register load of a block row straddles two cache lines
-    buf = np.empty(R * D + 16, dtype=np.float32)
-    qp = buf[(-buf.ctypes.data % 64) // 4:][:R * D].reshape(R // B, D, B)
-    qp[...] = padded.reshape(R // B, B, D).transpose(0, 2, 1)
-    owner = np.concatenate([owner, np.full(R - owner.shape[0], -1, dtype=np.int64)])
+    # (n_rows/B, D, B), 64-byte aligned: no register load of a block row straddles two cache lines
+    buf = np.empty(n_rows * D + 16, dtype=np.float32)
+    qp = buf[(-buf.ctypes.data % 64) // 4:][:n_rows * D].reshape(n_rows // B, D, B)
+    qp[...] = padded.reshape(n_rows // B, B, D).transpose(0, 2, 1)
+    owner = np.concatenate([owner, np.full(n_rows - owner.shape[0], -1, dtype=np.int64)])
     cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
     out = np.empty((Nq, Nc), dtype=np.float32)
-    args = (qp.ctypes.data, owner.ctypes.data, R, Nq, c.data_ptr(), _CTYPES[c.dtype],
+    args = (qp.ctypes.data, owner.ctypes.data, n_rows, Nq, c.data_ptr(), _CTYPES[c.dtype],
             cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
     strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     threads = torch.get_num_threads()
@@ -389,7 +389,7 @@ def _run_c(lib, q, c, q_mask, c_mask):
         status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1),
                                    range(0, Nc, step)))
     if any(status):
-        raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({R} query vectors, D={D})")
+        raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({n_rows} query vectors, D={D})")
     return torch.from_numpy(out)
 
 
@@ -397,7 +397,7 @@ def _run_c(lib, q, c, q_mask, c_mask):
 # the fused Triton kernel: one program scores QB queries x CB candidates. It streams D in
 # BLOCK_D slices through one tl.dot, S = Q (QB*RQ, D) @ C^T (D, CB*RC), then max over each
 # candidate's RC vectors and sum over each query's RQ vectors, all in registers: the
-# (N_q, N_c, R_q, R_c) tensor never exists. Budgets are prefixes (r_q, r_c) read through the
+# (N_q, N_c, r_q, r_c) tensor never exists. Budgets are prefixes (r_q, r_c) read through the
 # full tensors' strides, so no copy is made.
 
 try:
@@ -501,7 +501,7 @@ def maxsim_triton(q, c, q_mask=None, c_mask=None):
 def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
-    c: a tensor (N_c, R_c, D) on any device, or an on-disk index that slices like one
+    c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one
     (evaluate.EmbeddingFile). A corpus already on q's device is scored in place, 65,536
     candidates at a time; any other is copied (or read) to q's device a chunk of about 256 MiB at
     a time, in its own dtype, so a host or on-disk corpus is scored in bounded memory.

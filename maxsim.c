@@ -12,8 +12,8 @@
    code, so the tests check the AVX-512 kernel's logic on any x86 machine.
 
    No score tensor is ever stored. kernels.py packs the real query vectors of all queries into
-   blocks of ROWS = 2W rows laid out (R/ROWS, D, ROWS), so that one D step of a block is two
-   registers, and gives each row its query (owner, -1 for padding). Per candidate the kernel
+   blocks of ROWS = 2W rows (nr rows in all) laid out (nr/ROWS, D, ROWS), so that one D step of
+   a block is two registers, and gives each row its query (owner, -1 for padding). Per candidate the kernel
    walks its real vectors NB at a time (then NS = 4): for every d, broadcast c[j][d] for the NB
    vectors and multiply-add into ROWS x NB dot products (2 NB registers); then max over the NB
    vectors into a running maximum per row (2 registers). After the candidate's last block each
@@ -111,14 +111,14 @@ static inline void add_rows(const float *s, const int64_t *owner, float *out, in
    candidates, so the (1, 1) budget wastes nothing. Tiles of TILE candidates (GT groups of NB) x
    D slices of DS; per slice, group by group, the group's slice is used for every row block
    while it is in L1 (a 16-bit group is widened into wide, NB x DS floats, first), and the
-   ROWS x NB sums carry over between slices in part (R/ROWS x GT groups x 2 NB registers). */
-static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+   ROWS x NB sums carry over between slices in part (nr/ROWS x GT groups x 2 NB registers). */
+static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                       const uint8_t *cm, float *out, int64_t D, int64_t n0, int64_t n1, int64_t scn, int64_t scmn,
                       int64_t son, float *wide) {
     enum { GT = TILE / NB };
     float s[ROWS];
     int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
-    vf *part = aligned_alloc(64, sizeof(vf) * 2 * NB * GT * (R / ROWS));
+    vf *part = aligned_alloc(64, sizeof(vf) * 2 * NB * GT * (nr / ROWS));
     if (!part) return -1;
     for (int64_t n = n0, next; n < n1; n = next) {
         /* group g: nbs[g] columns, the first ks[g] real (the rest repeat the last), candidate
@@ -140,7 +140,7 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t 
                 const float *b[NB];                              /* column t's slice [d0, d0 + len) */
                 for (int64_t t = 0; t < nbs[g]; t++)
                     b[t] = t >= ks[g] ? b[ks[g] - 1] : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + t * DS);
-                for (int64_t r0 = 0; r0 < R; r0 += ROWS)
+                for (int64_t r0 = 0; r0 < nr; r0 += ROWS)
                     dot_blockn(qp + r0 * D + d0 * ROWS, b, nbs[g], len, part + 2 * NB * (GT * (r0 / ROWS) + g),
                                d0 > 0);
             }
@@ -149,7 +149,7 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t 
             int64_t m = cand[g][0];
             for (int64_t a = 0; a < Nq; a++)
                 for (int64_t t = 0; t < ks[g]; t++) out[a * son + m + t] = 0.0f;
-            for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
+            for (int64_t r0 = 0; r0 < nr; r0 += ROWS) {
                 vf *acc = part + 2 * NB * (GT * (r0 / ROWS) + g);
                 for (int64_t t = 0; t < ks[g]; t++) {
                     if (cm && !cm[(m + t) * scmn]) continue;   /* no real vector: scores 0 */
@@ -167,7 +167,7 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t R, int64_t 
 /* r_c > 1: per candidate, its real vectors NB (then NS) at a time against each block of ROWS
    query rows; the max over r_c is kept in registers and only each row's maximum is added to
    its query's score. */
-static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+static int maxsim_multi(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                         const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
                         int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide) {
     vf acc[2 * NB];
@@ -175,7 +175,7 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_
     int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
-    int lazy = ctype && R == ROWS;
+    int lazy = ctype && nr == ROWS;
     const float *col[4096 + NS];  /* r_c <= 4096: kernels._MAX_RC, checked there */
     int64_t off[4096 + NS];
     for (int64_t n = n0; n < n1; n++) {
@@ -190,12 +190,12 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_
         if (J == 0) continue;                 /* a candidate with no real vector scores 0 */
         /* blocks of NB, then of NS (AVX2: 64 = 10 x 6 + 4, 8 = 4 + 4); only NS for a single block
            of rows, which streams the corpus once and is faster with the smaller block */
-        int64_t Jb = R > ROWS ? J / NB : 0;
+        int64_t Jb = nr > ROWS ? J / NB : 0;
         while (Jb > 0 && (J - NB * Jb) % NS) Jb--;
         if ((J - NB * Jb) % NS) Jb = J / NB;  /* no exact split: pad the last block of NS */
         Jb *= NB;
         while ((J - Jb) % NS) { col[J] = col[J - 1]; off[J] = off[J - 1]; J++; }
-        for (int64_t r0 = 0; r0 < R; r0 += ROWS) {
+        for (int64_t r0 = 0; r0 < nr; r0 += ROWS) {
             vf m0 = (vf){0} - INFINITY, m1 = m0;
             vi nan0 = (vi){0}, nan1 = nan0;   /* all ones where a product was NaN */
             for (int64_t j = 0, nb; j < J; j += nb) {                    /* max_j, nb at a time */
@@ -228,15 +228,15 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t R, int64_
 int maxsim_rows(void) { return ROWS; }
 
 /* One piece of candidates [n0, n1) (see maxsim_c). */
-static int maxsim_piece(const float *qp, const int64_t *owner, int64_t R, int64_t Nq, const void *c, int ctype,
+static int maxsim_piece(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                         const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
                         int64_t scr, int64_t scmn, int64_t scmr, int64_t son) {
     /* widened 16-bit candidates: a candidate's vectors (and the padding of its last block), or a
        tile's slice */
     float *wide = ctype ? malloc(sizeof(float) * (r_c == 1 ? NB * DS : (r_c + NS) * D)) : NULL;
     if (ctype && !wide) return -1;
-    int status = r_c == 1 ? maxsim_rc1(qp, owner, R, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
-                          : maxsim_multi(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
+    int status = r_c == 1 ? maxsim_rc1(qp, owner, nr, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
+                          : maxsim_multi(qp, owner, nr, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
                                          son, wide);
     free(wide);
     return status;
@@ -251,14 +251,14 @@ int maxsim_openmp(void) {
 #endif
 }
 
-/* qp (R/ROWS, D, ROWS) packed query rows, owner (R,) their queries (-1 = padding), R a multiple
+/* qp (nr/ROWS, D, ROWS) packed query rows, owner (nr,) their queries (-1 = padding), nr a multiple
    of ROWS; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over
    D, cm (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
    Scores candidates n0 <= n < n1 with `threads` OpenMP threads, in pieces, four a thread so that
    an uneven one is absorbed. Built with OpenMP in a process that has loaded torch, these are
    torch's own OpenMP threads (the same libgomp): two pools would spin on each other's cores.
    Returns 0, or -1 when out of memory. */
-int maxsim_c(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
+int maxsim_c(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq,
              const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
              int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
              int64_t son, int threads) {
@@ -267,7 +267,7 @@ int maxsim_c(const float *qp, const int64_t *owner, int64_t R, int64_t Nq,
     int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : status)
     for (int64_t p = n0; p < n1; p += step)
-        status |= maxsim_piece(qp, owner, R, Nq, c, ctype, cm, out, r_c, D, p, p + step < n1 ? p + step : n1, scn,
+        status |= maxsim_piece(qp, owner, nr, Nq, c, ctype, cm, out, r_c, D, p, p + step < n1 ? p + step : n1, scn,
                                scr, scmn, scmr, son);
     return status;
 }

@@ -137,10 +137,8 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
 # A small built-in corpus for the tiny tokenizer's byte-level BPE (any text still encodes, by bytes).
 TINY_CORPUS = """user Query: Describe the image. Find the image that matches the caption. Which scene is this?
 a the of and in on with at to is are this that what which where image picture photo caption
-red green blue yellow purple orange white black gray cyan pink brown
-circle square triangle diamond cross star ring bar small large big tiny
-top bottom left right center middle upper lower corner
-one two three four five six seven eight nine zero object objects scene
+red green blue yellow purple cyan orange white
+top bottom left right center middle
 """
 
 

@@ -317,3 +317,14 @@ def test_unknown_backbone_lists_the_aliases(tmp_path):
         MetaEmbed.from_backbone("qwen-vl-9000")
     with pytest.raises(ValueError, match="not a local folder"):
         MetaEmbed.from_backbone(str(tmp_path / "no-such-folder"))
+
+
+def test_tiny_tokenizer_corpus_holds_the_synthetic_vocabulary():
+    """The tiny tokenizer is trained on TINY_CORPUS: every word of the synthetic captions is in it
+    (so a caption is a few whole-word tokens, not bytes), and nothing the data never says."""
+    from data import CELLS, COLOURS
+    from metaembed import TINY_CORPUS
+    caption_words = set(COLOURS) | {w for cell in CELLS for w in cell.split()}
+    lines = TINY_CORPUS.strip().split("\n")
+    assert caption_words <= set(TINY_CORPUS.split())
+    assert set(" ".join(lines[2:]).split()) == caption_words       # the lines after the prompts
