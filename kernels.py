@@ -160,7 +160,8 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
 # (-march=native), cached by a hash of source, flags and CPU, loaded with ctypes. One source
 # for two register widths: 8 floats (AVX2) everywhere, 16 (AVX-512F) where the CPU has it; a
 # 16-wide build on a CPU without AVX-512 runs as pairs of 8 (how the tests check it anywhere).
-# Python threads split the candidates; ctypes releases the GIL during each call.
+# OpenMP threads (torch's own pool) split the candidates; built without OpenMP, Python threads
+# do (ctypes releases the GIL during each call).
 
 _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same

@@ -213,6 +213,33 @@ def fresh_build():
     kernels._cpu_lib.cache_clear()
 
 
+def test_without_openmp_python_threads_split_the_work(monkeypatch, tmp_path, fresh_build):
+    """A compiler without OpenMP: the kernel is built without it and kernels.py's Python threads
+    split the candidates instead; the scores are the same."""
+    c_kernel()
+    import kernels
+    kernels._cpu_lib.cache_clear()
+    build = kernels._build
+
+    def no_openmp(src, cc, flags):
+        if "-fopenmp" in flags:
+            raise OSError("cc: error: unsupported option '-fopenmp'")
+        return build(src, cc, flags)
+    monkeypatch.setattr(kernels, "_build", no_openmp)
+    monkeypatch.setenv("METAEMBED_CACHE", str(tmp_path))
+    lib = kernels._cpu_lib(8)
+    assert lib is not None and not lib.openmp
+    q, qm = ragged(3, 7, 24, 60)
+    c, cm = ragged(101, 9, 24, 61)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.testing.assert_close(kernels.maxsim_c(q, c, qm, cm, width=8), maxsim_reference(q, c, qm, cm),
+                                   atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path, fresh_build):
     import kernels
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
