@@ -239,7 +239,7 @@ def eval_memory(n, index_dir=None, D=3584, queries=2):
     task = dict(queries={f"q{i}": (f"query {i}", None) for i in range(queries)},
                 corpus={f"d{i}": (f"document {i}", None) for i in range(n)},
                 qrels={f"q{i}": {f"d{i}": 1} for i in range(queries)})
-    index_bytes = n * 64 * D * 2
+    index_bytes = n * 64 * D * torch.bfloat16.itemsize
     base = rss_peak_reset()
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=index_dir) as tmp:

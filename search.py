@@ -103,7 +103,7 @@ class _Budget:
         self.index, self.r_c = index, r_c
         self.parts = [g for g, (a, b) in zip(index.groups, index.bounds) if b <= r_c]
         self.shape, self.dtype = (index.N, r_c, index.D), torch.bfloat16
-        self.row_bytes = r_c * index.D * 2
+        self.row_bytes = r_c * index.D * self.dtype.itemsize
 
     def __getitem__(self, rows):
         if not isinstance(rows, slice):

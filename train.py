@@ -626,8 +626,9 @@ def train(args):
         say(f"nothing to do: {args.out} is already at step {start} of {args.steps}")
     if ddp:
         # Drop DDP's reducer before the process group: destroy_process_group then shuts gloo down
-        # with the GIL released (freeing the reducer last deadlocks gloo's teardown on CPU).
-        del net, loader
+        # with the GIL released. Freed last (at exit) the reducer holds the group's last reference,
+        # and gloo's teardown can deadlock on the GIL. Every reference goes: the bound no_sync too.
+        del net, no_sync, loader
         dist.barrier()
         dist.destroy_process_group()
     return path
