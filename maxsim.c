@@ -132,11 +132,19 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t nr, int64_t
         }
         for (int64_t d0 = 0; d0 < D; d0 += DS) {
             int64_t len = D - d0 < DS ? D - d0 : DS;
-            /* the tile's next slice, or the next tile's first, is fetched while this one is used */
+            /* after the last group: the first group of the tile's next slice, or of the next tile */
             int64_t more = d0 + DS < D, pd = more ? d0 + DS : 0, pn = more ? n : next;
             int64_t pe = more ? next : (next + TILE < n1 ? next + TILE : n1), plen = D - pd < DS ? D - pd : DS;
-            for (int64_t m = pn; m < pe; m++) prefetch((const char *)c + es * (m * scn + pd), es * plen);
             for (int64_t g = 0; g < G; g++) {                    /* a group's slice, for every row block */
+                /* the next group's slice is fetched while this one is used. One group at a time:
+                   a whole tile's slice does not stay in L1 (at D = 1536 candidates lie 6 KB apart,
+                   so their lines fall in 2 of its 64 sets) and would push out the query rows */
+                if (g + 1 < G)
+                    for (int64_t t = 0; t < ks[g + 1]; t++)
+                        prefetch((const char *)c + es * (cand[g + 1][t] * scn + d0), es * len);
+                else
+                    for (int64_t m = pn; m < pn + NB && m < pe; m++)
+                        prefetch((const char *)c + es * (m * scn + pd), es * plen);
                 const float *b[NB];                              /* column t's slice [d0, d0 + len) */
                 for (int64_t t = 0; t < nbs[g]; t++)
                     b[t] = t >= ks[g] ? b[ks[g] - 1] : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + t * DS);
