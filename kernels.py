@@ -170,7 +170,9 @@ _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
 
 
+@functools.cache
 def _cpu_flags():
+    """This CPU's model name and flags (read once: they key the build and choose the widths)."""
     cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
 
@@ -381,10 +383,10 @@ def _run_c(lib, q, c, q_mask, c_mask):
             cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
     strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     threads = torch.get_num_threads()
-    step = max(4, -(-Nc // (4 * threads)))     # four pieces per thread, so an uneven one is absorbed
-    if lib.openmp or threads == 1 or Nc <= step:
+    if lib.openmp or threads == 1:             # OpenMP splits [0, N_c) into pieces inside the call
         status = [lib.maxsim_c(*args, 0, Nc, *strides, threads)]
-    else:
+    else:                                      # Python threads, four pieces each, as maxsim.c does
+        step = max(4, -(-Nc // (4 * threads)))
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
         status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1),

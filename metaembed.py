@@ -441,7 +441,7 @@ class MetaEmbed(nn.Module):
         # M-RoPE positions from input_ids (meta tokens continue the 1-D text count); passing
         # inputs_embeds alone would give wrong positions.
         position_ids, _ = self.base_model().get_rope_index(ids, mm_token_type_ids=types,
-                                                      image_grid_thw=grid, attention_mask=mask)
+                                                           image_grid_thw=grid, attention_mask=mask)
         embeds = self.backbone.get_input_embeddings()(ids)                 # (B, L + R, H)
         meta = self.meta_tokens[:R].to(embeds.dtype).expand(B, -1, -1)     # (B, R, H)
         embeds = torch.cat([embeds[:, :-R], meta], 1)
