@@ -243,7 +243,7 @@ def eval_memory(n, index_dir=None, D=3584, queries=2):
     base = rss_peak_reset()
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=index_dir) as tmp:
-        path = os.path.join(tmp, "corpus.bin") if index_dir else None
+        path = os.path.join(tmp, "corpus") if index_dir else None
         evaluate.score_retrieval(model, task, [(1, 1), (16, 64)], 64, torch.device("cpu"), index_path=path)
     peak = _status("VmHWM") - base
     return dict(candidates=n, D=D, on_disk=bool(index_dir), index_bytes=index_bytes, peak_extra_bytes=peak,
@@ -300,7 +300,7 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         index = random_index(tmp, N, D)
         full = index.budget(64)[0:N].float()                                          # (N, 64, D)
-        sizes = {b: os.path.getsize(os.path.join(tmp, f"group-{a}-{b}.bin")) for a, b in index.bounds}
+        sizes = {b: os.path.getsize(f) for (_, b), f in zip(index.bounds, index.vectors.files)}
         read = {b: sum(v for k, v in sizes.items() if k <= b) / sum(sizes.values()) for _, b in index.bounds}
         flops = 2 * Nq * N * D
         cases = {"grouped bf16 (search.py)": lambda: index.budget(1)[0:N],
@@ -321,17 +321,11 @@ def random_index(path, N, D, R_c=64, seed=0):
     """A search.py index of N random unit candidates (for speed only: random vectors carry no
     Matryoshka order, so a cascade's recall on them means nothing)."""
     import search
-    os.makedirs(path, exist_ok=True)
-    bounds = search.group_bounds(R_c)
-    for a, b in bounds:
-        search._open_group(path, a, b, N, D, "w+").flush()
-    w = search._GroupWriter(path, bounds, N, D, 0, N)
+    from machinery import index as on_disk
+    vectors = on_disk.create(path, N, R_c, D, GROUPS, "bfloat16")
     for j in range(0, N, 1000):
-        w[j:j + 1000] = unit_vectors(min(1000, N - j), R_c, D, torch.device("cpu"), torch.float32, seed + j)
-    for _, _, g in w.groups:
-        g.flush()
-    search._write_json(os.path.join(path, "index.json"), {"count": N, "dim": D, "num_candidate_tokens": R_c,
-                                                          "groups": bounds})
+        vectors[j:j + 1000] = unit_vectors(min(1000, N - j), R_c, D, torch.device("cpu"), torch.float32, seed + j)
+    on_disk.write_meta(path, vectors.meta)
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         f.writelines(json.dumps({"id": i}) + "\n" for i in range(N))
     return search.Index(path)
@@ -425,25 +419,25 @@ def main():
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
     if args.dispatch:
-        import kernels
-        if kernels._cpu_lib() is None:
+        from machinery import cpu_kernel
+        if cpu_kernel.library() is None:
             print("the C kernel does not build here: maxsim always takes the torch path")
             return
-        kernels._choices.clear()
-        if kernels._dispatch_file() and kernels._dispatch_file().exists():
-            kernels._dispatch_file().unlink()
+        cpu_kernel.choices.clear()
+        if cpu_kernel.dispatch_file() and cpu_kernel.dispatch_file().exists():
+            cpu_kernel.dispatch_file().unlink()
         print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
-              f"kept in {kernels._dispatch_file()}")
+              f"kept in {cpu_kernel.dispatch_file()}")
         for one in ("one-query", "many-queries"):
             for rc in ("rc1", "multi"):
                 for d in ("D<=256", "D>256"):
                     for dt in ("fp32", "16bit"):
                         name = f"{one}/{rc}/{d}/{dt}"
-                        win, t = kernels.measured_choice(name)
-                        widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in kernels._widths())
+                        win, t = cpu_kernel.measured_choice(name)
+                        widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in cpu_kernel.widths())
                         pick = f"C kernel, {t['width']}-wide" if win == "c" else "torch"
                         print(f"  {name:<34} {widths}  torch {t['torch_ms']:7.2f} ms  -> {pick}   ({t['probe']})")
-        write_json(args.json, kernels._choices)
+        write_json(args.json, cpu_kernel.choices)
         return
     if args.layout:
         r = layout_bench()

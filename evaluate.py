@@ -23,7 +23,9 @@ import torch
 
 import data
 from kernels import maxsim, maxsim_topk
-from metaembed import DEFAULT_CHECKPOINT, GROUPS, MetaEmbed, parse_budgets, resolve_checkpoint
+from machinery import checks, index
+from machinery.checkpoints import DEFAULT_CHECKPOINT, resolve_checkpoint
+from metaembed import GROUPS, MetaEmbed, parse_budgets
 
 
 # -----------------------------------------------------------------------------
@@ -69,73 +71,27 @@ def mmeb_p_at_1(scores):
 
 
 # -----------------------------------------------------------------------------
-# the index: embeddings in the index dtype, in memory or in a file on disk
-
-INDEX_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-class EmbeddingFile:
-    """(N, R, D) embeddings in a raw file: written batch by batch, read back chunk by chunk with
-    plain file reads (no memory map), so resident memory is one chunk whatever N is; the page
-    cache holds the rest. `f[:, :r]` is a budget: a view that reads only the first r vectors."""
-
-    def __init__(self, path, shape, dtype, r=None):
-        self.path, self.dtype = os.fspath(path), dtype
-        self.N, self.R, self.D = shape
-        self.r = self.R if r is None else r
-        self.shape = (self.N, self.r, self.D)
-        self.row_bytes = self.R * self.D * torch.empty(0, dtype=dtype).element_size()
-        if r is None:  # a new file, full size (sparse until written)
-            with open(self.path, "wb") as f:
-                f.truncate(self.N * self.row_bytes)
-
-    def __len__(self):
-        return self.N
-
-    def __setitem__(self, rows, x):                                 # rows: a slice, x (n, R, D)
-        data = x.detach().to("cpu", self.dtype).contiguous()
-        with open(self.path, "r+b") as f:
-            os.pwrite(f.fileno(), data.view(torch.uint8).numpy(), rows.start * self.row_bytes)
-
-    def __getitem__(self, key):
-        rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
-        if isinstance(rows, slice) and rows == slice(None):  # a budget view: nothing read yet
-            r = len(range(self.r)[vecs])
-            if vecs.start not in (None, 0) or vecs.step not in (None, 1):
-                raise ValueError("only prefix budgets f[:, :r] can be taken from an on-disk index")
-            return EmbeddingFile(self.path, (self.N, self.R, self.D), self.dtype, r)
-        ids = range(self.N)[rows] if isinstance(rows, slice) else [int(i) for i in rows]
-        out = torch.empty(len(ids), self.R, self.D, dtype=self.dtype)
-        buf = out.view(torch.uint8).view(-1).numpy()
-        with open(self.path, "rb") as f:
-            if isinstance(rows, slice) and rows.step in (None, 1):  # one read for a range
-                f.seek(ids.start * self.row_bytes if ids else 0)
-                f.readinto(buf)
-            else:
-                for n, i in enumerate(ids):
-                    buf[n * self.row_bytes:(n + 1) * self.row_bytes] = \
-                        memoryview(os.pread(f.fileno(), self.row_bytes, i * self.row_bytes))
-        return out[:, :self.r][:, vecs]
-
+# every budget from one encoding
 
 def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None, progress=True):
     """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items are
-    encoded once, straight into a buffer in `dtype` (or an EmbeddingFile at `path`)."""
-    keys, index, unique = {}, [], []
+    encoded once, straight into a buffer in `dtype` (or an on-disk index at `path`)."""
+    keys, which, unique = {}, [], []
     for text, image in items:
         key = (text, image if isinstance(image, str) or image is None else id(image))
         if key not in keys:
             keys[key] = len(unique)
             unique.append((text, image))
-        index.append(keys[key])
+        which.append(keys[key])
     texts, images = [t for t, _ in unique], [im for _, im in unique]
     images = None if all(im is None for im in images) else images
     R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
     shape = (len(unique), R, model.dim)
-    out = EmbeddingFile(path, shape, dtype) if path else torch.empty(shape, dtype=dtype)
+    out = index.create(path, *shape, model.config.groups, str(dtype).removeprefix("torch.")) if path else \
+        torch.empty(shape, dtype=dtype)
     enc = model.encode_queries if side == "query" else model.encode_candidates
     enc(texts, images, batch_size=batch_size, progress=progress, out=out, workers=workers)
-    return out, torch.tensor(index, dtype=torch.long)
+    return out, torch.tensor(which, dtype=torch.long)
 
 
 def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
@@ -228,11 +184,11 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
     p.add_argument("--workers", type=int, help="processes preparing batches (images, tokens) while the model "
                    "encodes; 0 = in the main process (default: 4 on a GPU, 0 on the CPU)")
-    p.add_argument("--index-dtype", choices=list(INDEX_DTYPES),
+    p.add_argument("--index-dtype", choices=list(index.DTYPES),
                    help="dtype the candidate embeddings are held and scored in (default: bfloat16, as the paper's "
                    "index; float32 for embeddings under 128 dimensions, such as the offline model's 4, where "
                    "bf16's 8 bits turn near-ties into reorderings: 2-4 points of P@1 there)")
-    p.add_argument("--index-dir", help="encode each corpus into a file in this folder and score it from there "
+    p.add_argument("--index-dir", help="encode each corpus into an on-disk index in this folder (DIR/<task>/) and score it from there "
                    "chunk by chunk: host memory stays one chunk plus the model, for corpora larger than RAM")
     p.add_argument("--max-pixels", type=int, help="cap on an image's pixels (default: the checkpoint's; "
                    "real backbones 1024 visual tokens = 802816)")
@@ -241,24 +197,17 @@ def get_args(argv=None):
     p.add_argument("--output", help="write every number as JSON here")
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
     args = p.parse_args(argv)
-    for k, lo in dict(batch_size=1, synthetic_scenes=1, max_rows=1, workers=0, max_pixels=1, min_pixels=1).items():
-        if getattr(args, k) is not None and getattr(args, k) < lo:
-            p.error(f"--{k.replace('_', '-')} must be at least {lo}, got {getattr(args, k)}")
+    checks.at_least(p.error, args, batch_size=1, synthetic_scenes=1, max_rows=1, workers=0, max_pixels=1, min_pixels=1)
     if args.objects:
         try:
             data.parse_objects(args.objects)
         except ValueError as err:
             p.error(f"--{err}")
     if args.index_dir:
-        try:
-            os.makedirs(args.index_dir, exist_ok=True)
-            if not os.access(args.index_dir, os.W_OK):
-                raise PermissionError("not writable")
-        except OSError as err:
-            p.error(f"--index-dir {args.index_dir}: cannot write there ({err.strerror or err})")
-    for what, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
-        if path and (os.path.isdir(path) or not os.access(os.path.dirname(os.path.abspath(path)), os.W_OK)):
-            p.error(f"{what} {path}: cannot write there (no such folder, not writable, or a folder)")
+        checks.writable_dir(p.error, "--index-dir", args.index_dir)
+    for flag, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
+        if path:
+            checks.writable_file(p.error, flag, path)
     return args
 
 
@@ -277,11 +226,9 @@ def evaluate(args):
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
     if args.max_pixels or args.min_pixels:
         model.set_image_bounds(args.min_pixels, args.max_pixels)
-    args.index_dtype = args.index_dtype or ("bfloat16" if model.dim >= 128 else "float32")
-    dtype = INDEX_DTYPES[args.index_dtype]
-    if args.index_dir:
-        os.makedirs(args.index_dir, exist_ok=True)
-    index_path = (lambda name: os.path.join(args.index_dir, f"{name}.bin")) if args.index_dir else (lambda name: None)
+    args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
+    dtype = index.DTYPES[args.index_dtype]
+    index_path = (lambda name: os.path.join(args.index_dir, name)) if args.index_dir else (lambda name: None)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
     common = dict(dtype=dtype, workers=workers, backend=os.environ.get("METAEMBED_MAXSIM"))
@@ -375,7 +322,7 @@ def print_table(results, file=None):
         print("  ".join(c.rjust(w) for c, w in zip(cells, width)), file=file)
     enc = sum(t["encode_seconds"] for t in results["tasks"].values())
     dt = results.get("index_dtype", "bfloat16")
-    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {INDEX_DTYPES[dt].itemsize} ({dt} index)", file=file)
+    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
 
 
 def plot(results, path):

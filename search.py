@@ -12,8 +12,8 @@ best few), on this machine or on Qdrant when the corpus outgrows it.
 
 The index folder: index.json (the model, sizes, dtype), items.jsonl (id and source of each item),
 and the candidate vectors stored group by group, group-A-B.bin holding vectors A+1..B of every
-candidate (bf16, N x (B - A) x D): a search at r_c reads exactly the first r_c / R_c of the
-bytes, each group contiguously, through a memory map. Indexing is resumable: shards are marked
+candidate (N x (B - A) x D, machinery/index.py's format: bf16 from D = 128, float32 below): a
+search at r_c reads exactly the first r_c / R_c of the bytes, each group contiguously. Indexing is resumable: shards are marked
 done atomically, a rerun continues where it stopped, and index.json (which `query` needs) is
 written last, so an interrupted run never leaves an index that looks complete. A corrupt image
 among many is skipped, listed in skipped.jsonl and never returned.
@@ -24,52 +24,43 @@ import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 from kernels import maxsim, maxsim_topk
-from metaembed import DEFAULT_CHECKPOINT, GROUPS, MetaEmbed, parse_budgets, resolve_checkpoint, write_atomic
+from machinery import index as on_disk
+from machinery.checkpoints import DEFAULT_CHECKPOINT, resolve_checkpoint, write_atomic
+from metaembed import MetaEmbed, parse_budgets
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
 
 
 # -----------------------------------------------------------------------------
-# the index on disk
-
-def group_bounds(R_c, groups=GROUPS):
-    """Vector ranges stored together: the Matryoshka groups' r_c, e.g. (0,1) (1,4) (4,8) (8,16) (16,64)."""
-    ends = sorted({rc for _, rc in groups if rc <= R_c} | {R_c})
-    return list(zip([0] + ends[:-1], ends))
-
+# the index: the vectors in machinery/index.py's format, plus the items and the model
 
 class Index:
     """A budget-aware index of N candidates x R_c vectors of size D, grouped on disk (see above).
 
-    index.budget(r_c) (r_c a group boundary) slices like an (N, r_c, D) bf16 tensor, read from
-    the memory-mapped group files; index.search scores queries against it."""
+    index.budget(r_c) (r_c a group boundary) slices like an (N, r_c, D) tensor, read from the
+    group files; index.search scores queries against it."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        meta_file = os.path.join(self.path, "index.json")
-        if not os.path.isfile(meta_file):
+        if not os.path.isfile(os.path.join(self.path, "index.json")):
             raise FileNotFoundError(f"{self.path!r} is not a finished index (no index.json): run `search.py index` "
                                     f"(again, to finish an interrupted one)")
-        with open(meta_file) as f:
-            self.meta = json.load(f)
-        self.N, self.R_c, self.D = self.meta["count"], self.meta["num_candidate_tokens"], self.meta["dim"]
-        self.bounds = [tuple(b) for b in self.meta["groups"]]
+        self.vectors = on_disk.open_vectors(self.path)
+        self.meta, self.N, self.R_c, self.D = self.vectors.meta, self.vectors.N, self.vectors.R_c, self.vectors.D
+        self.bounds = self.vectors.bounds
         with open(os.path.join(self.path, "items.jsonl")) as f:
             self.items = [json.loads(line) for line in f]
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
-        # mode "c": the file is never written, but the arrays are writable (torch wants that)
-        self.groups = [_open_group(self.path, a, b, self.N, self.D, "c") for a, b in self.bounds]
 
     def budget(self, r_c):
         if r_c not in [b for _, b in self.bounds]:
             raise ValueError(f"budget r_c={r_c} is not stored in {self.path}: the index holds r_c in "
                              f"{', '.join(str(b) for _, b in self.bounds)}")
-        return _Budget(self, r_c)
+        return self.vectors.budget(r_c)
 
     def search(self, q, budget, k=10, first=None, depth=1000, backend=None):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
@@ -93,40 +84,6 @@ class Index:
         keep = [[(float(x), int(j)) for x, j in zip(sr, ir) if int(j) not in self.skipped][:k] for sr, ir in zip(s, i)]
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))
-
-
-class _Budget:
-    """The first r_c vectors of every candidate: slices like an (N, r_c, D) tensor (a range or a
-    list of rows); reads only the group files that hold them."""
-
-    def __init__(self, index, r_c):
-        self.index, self.r_c = index, r_c
-        self.parts = [g for g, (a, b) in zip(index.groups, index.bounds) if b <= r_c]
-        self.shape, self.dtype = (index.N, r_c, index.D), torch.bfloat16
-        self.row_bytes = r_c * index.D * self.dtype.itemsize
-
-    def __getitem__(self, rows):
-        if not isinstance(rows, slice):
-            rows = np.asarray(rows)
-        parts = [torch.from_numpy(np.ascontiguousarray(g[rows])).view(torch.bfloat16) for g in self.parts]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, 1)       # (n, r_c, D)
-
-
-def _open_group(path, a, b, N, D, mode):
-    return np.memmap(os.path.join(path, f"group-{a}-{b}.bin"), dtype=np.uint16, mode=mode, shape=(N, b - a, D))
-
-
-class _GroupWriter:
-    """out[i:j] = x (n, R_c, D) writes rows i..j of every group file (bf16)."""
-
-    def __init__(self, path, bounds, N, D, offset, n):
-        self.groups = [(a, b, _open_group(path, a, b, N, D, "r+")) for a, b in bounds]
-        self.offset, self.shape = offset, (n, bounds[-1][1], D)
-
-    def __setitem__(self, rows, x):
-        x = x.detach().to("cpu", torch.bfloat16).view(torch.uint16).numpy()
-        for a, b, g in self.groups:
-            g[self.offset + rows.start:self.offset + rows.stop] = x[:, a:b]
 
 
 # -----------------------------------------------------------------------------
@@ -200,10 +157,8 @@ class _PdfPage:
 
 def build_index(model, items, out, batch_size=32, progress=True):
     """Encode items into the index folder `out`, resumably (shards marked done in progress.json)."""
-    import tempfile
     os.makedirs(out, exist_ok=True)
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
-    bounds = group_bounds(R_c, model.config.groups)
     listing = [{"id": i, "source": s if isinstance(s, str) else str(s)} for i, _, _, s in items]
     state_file = os.path.join(out, "progress.json")
     state = json.load(open(state_file)) if os.path.isfile(state_file) else None
@@ -213,10 +168,11 @@ def build_index(model, items, out, batch_size=32, progress=True):
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
-        for a, b in bounds:
-            _open_group(out, a, b, N, D, "w+").flush()
-        state = {"items": listing, "dim": D, "model": model.config.backbone, "done": [], "skipped": []}
-        _write_json(state_file, state)
+        vectors = on_disk.create(out, N, R_c, D, model.config.groups, on_disk.default_dtype(D))
+        state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
+                 "done": [], "skipped": []}
+        write_atomic(state_file, json.dumps(state))
+    vectors = on_disk.Vectors(out, state["vectors"])
     todo = [s for s in range(0, N, SHARD) if s not in state["done"]]
     bar = None
     if progress:
@@ -224,20 +180,17 @@ def build_index(model, items, out, batch_size=32, progress=True):
         bar = tqdm(total=N, initial=N - sum(min(SHARD, N - s) for s in todo), desc="index", unit="item")
     for s in todo:
         chunk = items[s:s + SHARD]
-        writer = _GroupWriter(out, bounds, N, D, s, len(chunk))
         try:
             model.encode_candidates([t for _, t, _, _ in chunk], [im for _, _, im, _ in chunk],
-                                    batch_size=batch_size, out=writer)
+                                    batch_size=batch_size, out=vectors.rows(s, len(chunk)))
         except (FileNotFoundError, ValueError):   # an unreadable image: encode one by one, skip the bad ones
             for n, (_, t, im, src) in enumerate(chunk):
                 try:
-                    model.encode_candidates([t], [im], batch_size=1, out=_GroupWriter(out, bounds, N, D, s + n, 1))
+                    model.encode_candidates([t], [im], batch_size=1, out=vectors.rows(s + n, 1))
                 except (FileNotFoundError, ValueError) as e:
                     state["skipped"].append({"item": s + n, "source": str(src), "error": str(e)[:300]})
-        for _, _, g in writer.groups:
-            g.flush()
         state["done"].append(s)
-        _write_json(state_file, state)            # atomically: this shard is done
+        write_atomic(state_file, json.dumps(state))            # atomically: this shard is done
         if bar:
             bar.update(len(chunk))
     if bar:
@@ -246,16 +199,11 @@ def build_index(model, items, out, batch_size=32, progress=True):
     write_atomic(os.path.join(out, "items.jsonl"), "".join(
         json.dumps({**it, **({"skipped": True} if n in skipped else {})}) + "\n" for n, it in enumerate(listing)))
     write_atomic(os.path.join(out, "skipped.jsonl"), "".join(json.dumps(r) + "\n" for r in state["skipped"]))
-    _write_json(os.path.join(out, "index.json"), {
-        "count": N, "dim": D, "num_candidate_tokens": R_c, "num_query_tokens": model.config.num_query_tokens,
-        "groups": bounds, "model_groups": model.config.groups, "dtype": "bfloat16", "checkpoint": model.source,
-        "backbone": model.config.backbone, "skipped": len(skipped)})
+    on_disk.write_meta(out, {**vectors.meta, "num_query_tokens": model.config.num_query_tokens,
+                             "model_groups": model.config.groups, "checkpoint": model.source,
+                             "backbone": model.config.backbone, "skipped": len(skipped)})
     os.remove(state_file)
     return state["skipped"]
-
-
-def _write_json(path, obj):
-    write_atomic(path, json.dumps(obj))
 
 
 # -----------------------------------------------------------------------------
@@ -354,8 +302,8 @@ def index_cmd(args):
     skipped = build_index(model, items, args.out, args.batch_size)
     index = Index(args.out)
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
-          f"({sum(os.path.getsize(os.path.join(args.out, f'group-{a}-{b}.bin')) for a, b in index.bounds) / 2**20:.1f} "
-          f"MiB bf16; budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
+          f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}; "
+          f"budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
     for r in skipped:
         print(f"skipped item {r['item']} ({r['source']}): {r['error']}")
     if args.qdrant:

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -8,6 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")   # tests never reach a hub: a hub 
 if not torch.cuda.is_available():  # run the Triton kernel in its CPU interpreter (set before import)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# the tests' own kernel cache: a dispatch measured by an earlier run (or by the user's own work)
+# would otherwise decide which path tests that call maxsim() without a backend exercise
+os.environ["METAEMBED_CACHE"] = tempfile.mkdtemp(prefix="metaembed-test-cache-")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -68,13 +72,13 @@ def save_hub_layout_backbone(path):
     name, it takes the real-backbone path (AutoModel, LoRA, bf16), with no hub access."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from metaembed import _image_processor_class, build_tiny_backbone
+    from machinery.backbones import build_tiny_backbone, image_processor_class
     base, processor = build_tiny_backbone(seed=0)
     full = Qwen2VLForConditionalGeneration(base.config)
     full.model.load_state_dict(base.state_dict())
     full.save_pretrained(path)
     processor.tokenizer.save_pretrained(path)
-    _image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+    image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
                              temporal_patch_size=2).save_pretrained(path)
     return str(path)
 

@@ -185,7 +185,10 @@ def test_parse_budgets():
 
 def test_bad_config():
     with pytest.raises(ValueError, match="exceeds the meta tokens"):
-        MetaEmbedConfig(num_candidate_tokens=32)
+        MetaEmbedConfig(num_candidate_tokens=32, groups=GROUPS)
+    # groups left to the config: the paper's that fit, ending with (R_q, R_c)
+    assert MetaEmbedConfig(num_candidate_tokens=32).groups == ((1, 1), (2, 4), (4, 8), (8, 16), (16, 32))
+    assert MetaEmbedConfig(num_query_tokens=4, num_candidate_tokens=8).groups == ((1, 1), (2, 4), (4, 8))
     with pytest.raises(ValueError, match="coarse to fine"):
         MetaEmbedConfig(groups=((2, 4), (1, 1)))
     with pytest.raises(ValueError, match="group_weights"):
@@ -297,7 +300,7 @@ def test_encode_checks_its_inputs_up_front(tiny):
 
 
 def test_incomplete_checkpoint_is_named_before_anything_is_built(tmp_path):
-    from metaembed import checkpoint_problem
+    from machinery.checkpoints import checkpoint_problem
     m = MetaEmbed.from_backbone("tiny")
     for name, damage, said in (("config.json", "delete", "config.json is missing"),
                                ("model.safetensors", "truncate", "model.safetensors is truncated"),
@@ -323,7 +326,7 @@ def test_tiny_tokenizer_corpus_holds_the_synthetic_vocabulary():
     """The tiny tokenizer is trained on TINY_CORPUS: every word of the synthetic captions is in it
     (so a caption is a few whole-word tokens, not bytes), and nothing the data never says."""
     from data import CELLS, COLOURS
-    from metaembed import TINY_CORPUS
+    from machinery.backbones import TINY_CORPUS
     caption_words = set(COLOURS) | {w for cell in CELLS for w in cell.split()}
     lines = TINY_CORPUS.strip().split("\n")
     assert caption_words <= set(TINY_CORPUS.split())

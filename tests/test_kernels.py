@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import brute_maxsim
+import kernels
 from kernels import maxsim, maxsim_chunked, maxsim_reference
+from machinery import cpu_kernel, triton_kernel
 
 
 def ragged(N, R, D, seed):
@@ -74,8 +76,7 @@ def test_triton_on_the_cpu_says_why(monkeypatch):
 # -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by kernels.py on first use) --------
 
 def c_kernel_builds():
-    import kernels
-    return kernels._cpu_lib() is not None
+    return cpu_kernel.library() is not None
 
 
 def c_kernel(width=None):
@@ -87,13 +88,12 @@ def c_kernel(width=None):
     import shutil
     from pathlib import Path
 
-    import kernels
     if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in Path("/proc/cpuinfo").read_text():
         pytest.skip("maxsim.c is AVX2 code: this CPU cannot run it")
     if shutil.which(os.environ.get("CC", "cc")) is None:
         pytest.skip("no C compiler (cc) here to build maxsim.c: maxsim uses the torch path")
-    assert kernels._cpu_lib(width) is not None, "maxsim.c did not build: see the warning"
-    return functools.partial(kernels.maxsim_c, width=width)
+    assert cpu_kernel.library(width) is not None, "maxsim.c did not build: see the warning"
+    return functools.partial(cpu_kernel.maxsim_c, width=width)
 
 
 WIDTHS = pytest.mark.parametrize("width", [8, 16], ids=["AVX2-width", "AVX512-width"])
@@ -132,10 +132,9 @@ def test_c_kernel_matches_reference(shape, threads, dtype, width):
 
 def test_c_kernel_refuses_what_it_cannot_do():
     maxsim_c = c_kernel()
-    import kernels
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
-    assert kernels._cpu_can(q, c) and kernels._cpu_can(q, c.bfloat16()) and not kernels._cpu_can(q, c.double())
-    assert not kernels._cpu_can(q, torch.randn(1, 5000, 16))
+    assert cpu_kernel.can_take(q, c) and cpu_kernel.can_take(q, c.bfloat16()) and not cpu_kernel.can_take(q, c.double())
+    assert not cpu_kernel.can_take(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
         maxsim_c(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
@@ -147,21 +146,20 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     """The CPU path is the one measured fastest for the regime, and the decision is kept on disk
     beside the kernel: another process (here: a cleared memory) reads it instead of measuring."""
     c_kernel()
-    import kernels
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_dispatch_file", lambda: tmp_path / "dispatch-abc123.json")
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: tmp_path / "dispatch-abc123.json")
     # the C kernel (at each width) takes 2 s, torch 1 s
-    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch" else 2.0 for k in fns})
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch" else 2.0 for k in fns})
     used, chunked = [], kernels.maxsim_chunked
     monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
-    assert used == ["torch"] and kernels.regime(q, c) == "many-queries/multi/D<=256/fp32"
+    assert used == ["torch"] and cpu_kernel.regime(q, c) == "many-queries/multi/D<=256/fp32"
     kept = json.loads((tmp_path / "dispatch-abc123.json").read_text())
     assert kept["many-queries/multi/D<=256/fp32"]["winner"] == "torch"
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: pytest.fail("measured again"))
-    assert kernels.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: pytest.fail("measured again"))
+    assert cpu_kernel.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
     used.clear()
     maxsim(q, c, backend="c")                  # backend= still forces a path
     assert used == []
@@ -170,16 +168,15 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
 def test_dispatch_picks_the_faster_register_width(monkeypatch, tmp_path):
     """Where the CPU has AVX-512 both widths are timed, and the faster one is used."""
     c_kernel(16)
-    import kernels
-    monkeypatch.setattr(kernels, "_choices", {})
-    monkeypatch.setattr(kernels, "_dispatch_file", lambda: None)
-    monkeypatch.setattr(kernels, "_widths", lambda: (16, 8))
-    monkeypatch.setattr(kernels, "_time", lambda fns, repeats=3: {16: 3.0, 8: 1.0, "torch": 2.0})
-    used, real = [], kernels.maxsim_c
-    monkeypatch.setattr(kernels, "maxsim_c", lambda *a, width=None, **k: used.append(width) or real(*a, width=width, **k))
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "widths", lambda: (16, 8))
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {16: 3.0, 8: 1.0, "torch": 2.0})
+    used, real = [], cpu_kernel.maxsim_c
+    monkeypatch.setattr(cpu_kernel, "maxsim_c", lambda *a, width=None, **k: used.append(width) or real(*a, width=width, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
-    record = kernels.measured_choice(kernels.regime(q, c))[1]
+    record = cpu_kernel.measured_choice(cpu_kernel.regime(q, c))[1]
     assert (record["winner"], record["width"], record["C16_ms"], record["C8_ms"]) == ("c", 8, 3e3, 1e3)
     assert used == [8]
 
@@ -188,18 +185,17 @@ def test_a_build_that_scores_wrongly_is_never_used(monkeypatch, tmp_path, fresh_
     """The kernel checks itself against numpy when it loads; a build that fails (here: a library
     whose kernel writes nothing) is refused with a warning, and maxsim takes the torch path."""
     c_kernel()
-    import kernels
 
     class Broken:
         rows, openmp = 16, True
         def maxsim_c(self, *args):
             return 0
-    assert kernels._self_check(kernels._cpu_lib(8)) < 1e-4
-    assert kernels._self_check(Broken()) > 1e-4
-    monkeypatch.setattr(kernels, "_self_check", lambda lib: 1.0)
-    kernels._cpu_lib.cache_clear()
+    assert cpu_kernel.self_check(cpu_kernel.library(8)) < 1e-4
+    assert cpu_kernel.self_check(Broken()) > 1e-4
+    monkeypatch.setattr(cpu_kernel, "self_check", lambda lib: 1.0)
+    cpu_kernel.library.cache_clear()
     with pytest.warns(UserWarning, match="scores wrongly on this CPU"):
-        assert kernels._cpu_lib() is None
+        assert cpu_kernel.library() is None
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c))
 
@@ -207,41 +203,38 @@ def test_a_build_that_scores_wrongly_is_never_used(monkeypatch, tmp_path, fresh_
 @pytest.fixture
 def fresh_build():
     """_cpu_lib built anew in the test, and again (as normal) after it."""
-    import kernels
-    kernels._cpu_lib.cache_clear()
+    cpu_kernel.library.cache_clear()
     yield
-    kernels._cpu_lib.cache_clear()
+    cpu_kernel.library.cache_clear()
 
 
 def test_without_openmp_python_threads_split_the_work(monkeypatch, tmp_path, fresh_build):
     """A compiler without OpenMP: the kernel is built without it and kernels.py's Python threads
     split the candidates instead; the scores are the same."""
     c_kernel()
-    import kernels
-    kernels._cpu_lib.cache_clear()
-    build = kernels._build
+    cpu_kernel.library.cache_clear()
+    build = cpu_kernel.build
 
     def no_openmp(src, cc, flags):
         if "-fopenmp" in flags:
             raise OSError("cc: error: unsupported option '-fopenmp'")
         return build(src, cc, flags)
-    monkeypatch.setattr(kernels, "_build", no_openmp)
+    monkeypatch.setattr(cpu_kernel, "build", no_openmp)
     monkeypatch.setenv("METAEMBED_CACHE", str(tmp_path))
-    lib = kernels._cpu_lib(8)
+    lib = cpu_kernel.library(8)
     assert lib is not None and not lib.openmp
     q, qm = ragged(3, 7, 24, 60)
     c, cm = ragged(101, 9, 24, 61)
     old = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        torch.testing.assert_close(kernels.maxsim_c(q, c, qm, cm, width=8), maxsim_reference(q, c, qm, cm),
+        torch.testing.assert_close(cpu_kernel.maxsim_c(q, c, qm, cm, width=8), maxsim_reference(q, c, qm, cm),
                                    atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(old)
 
 
 def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path, fresh_build):
-    import kernels
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setenv("METAEMBED_CACHE", str(tmp_path))
     q, c = torch.randn(2, 4, 16), torch.randn(9, 8, 16)
@@ -249,18 +242,20 @@ def test_without_a_compiler_maxsim_warns_and_still_works(monkeypatch, tmp_path, 
         got = maxsim(q, c)
     torch.testing.assert_close(got, maxsim_reference(q, c))
     with pytest.raises(RuntimeError, match="did not build"):
-        kernels.maxsim_c(q, c)
+        cpu_kernel.maxsim_c(q, c)
 
 
 # -- the fused Triton kernel (on CPU: TRITON_INTERPRET=1, set in conftest) ------------------
 
-triton = pytest.importorskip("triton", reason="triton is not installed: the fused kernel cannot run")
+HAS_TRITON = triton_kernel.triton is not None
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed: the fused kernel cannot run")
 
 
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # bf16 tl.dot is wrong in the interpreter
 @pytest.mark.parametrize("shape", [(1, 16, 9, 64, 32), (5, 3, 7, 5, 24), (20, 1, 130, 1, 8)])
 def test_triton_matches_reference(dtype, shape):
-    from kernels import maxsim_triton
+    from machinery.triton_kernel import maxsim_triton
     Nq, Rq, Nc, Rc, D = shape
     q, qm = ragged(Nq, Rq, D, 10)
     c, cm = ragged(Nc, Rc, D, 11)
@@ -280,8 +275,10 @@ def test_dispatch_and_topk(monkeypatch):
     q, _ = ragged(3, 4, 8, 12)
     c, cm = ragged(40, 8, 8, 13)
     want = maxsim_reference(q, c, c_mask=cm)
-    torch.testing.assert_close(maxsim(q, c, c_mask=cm, backend="triton"), want, atol=1e-5, rtol=0)
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "c", "triton") if HAS_TRITON else ("torch", "c"):
+        if backend == "c" and not c_kernel_builds():
+            continue
+        torch.testing.assert_close(maxsim(q, c, c_mask=cm, backend=backend), want, atol=1e-5, rtol=0)
         s, i = maxsim_topk(q, c, 5, c_mask=cm, chunk=7, backend=backend)
         ws, wi = want.topk(5, dim=1)
         torch.testing.assert_close(s, ws, atol=1e-5, rtol=0)
@@ -292,7 +289,6 @@ def test_offsets_past_2_31_elements(monkeypatch):
     """A corpus of 100k x 64 x 3584 has more than 2^31 elements: candidates past that offset must
     still be read right (32-bit offsets would wrap and read another candidate's memory). A strided
     view over a large virtual buffer: torch.empty commits only the pages that are touched."""
-    from kernels import maxsim_triton
     D, R = 16, 8
     S = 2 ** 30 + 64                                   # candidate stride: candidates 2, 3 lie past 2^31
     base = torch.empty(3 * S + R * D, dtype=torch.float16)
@@ -305,7 +301,8 @@ def test_offsets_past_2_31_elements(monkeypatch):
     for rq, rc in budgets:
         want = maxsim_reference(q[:, :rq], c.contiguous()[:, :rc], qm[:, :rq], cm[:, :rc])
         args = (c[:, :rc], qm[:, :rq], cm[:, :rc])
-        torch.testing.assert_close(maxsim_triton(q[:, :rq].half(), *args), want, atol=2e-3, rtol=0)
+        if HAS_TRITON:
+            torch.testing.assert_close(triton_kernel.maxsim_triton(q[:, :rq].half(), *args), want, atol=2e-3, rtol=0)
         for backend in ("c", "torch"):               # the C kernel (fp16 candidates) and the torch path
             if backend == "c" and not c_kernel_builds():
                 continue
@@ -317,24 +314,24 @@ def test_offsets_past_2_31_elements(monkeypatch):
         torch.testing.assert_close(maxsim(q[:, :rq], cb[:, :rc], qm[:, :rq], cm[:, :rc]), want, atol=1e-5, rtol=0)
 
 
+@needs_triton
 def test_triton_splits_queries_past_the_grid_limit(monkeypatch):
     """Grid axis 1 (query blocks) stops at 65,535 on CUDA: more queries go in several launches."""
-    import kernels
-    monkeypatch.setattr(kernels, "_GRID_Y", 1)
+    monkeypatch.setattr(triton_kernel, "_GRID_Y", 1)
     q, qm = ragged(37, 2, 8, 31)
     c, cm = ragged(11, 4, 8, 32)
-    torch.testing.assert_close(kernels.maxsim_triton(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
-    assert kernels.maxsim_triton(q[:0], c).shape == (0, 11) and kernels.maxsim_triton(q, c[:0]).shape == (37, 0)
+    torch.testing.assert_close(triton_kernel.maxsim_triton(q, c, qm, cm), maxsim_reference(q, c, qm, cm), atol=1e-5, rtol=0)
+    assert triton_kernel.maxsim_triton(q[:0], c).shape == (0, 11) and triton_kernel.maxsim_triton(q, c[:0]).shape == (37, 0)
 
 
+@needs_triton
 def test_triton_casts_the_query_never_the_index(monkeypatch):
     """A bf16/fp16 index must not be copied to the query's fp32 (a 100k x 64 x 3584 corpus: 92 GB)."""
-    import kernels
     q, _ = ragged(2, 4, 16, 33)
     c, _ = ragged(9, 8, 16, 34)
     c = c.half()
     seen = []
-    real = kernels._maxsim_kernel
+    real = triton_kernel._maxsim_kernel
 
     class Spy:
         def __getitem__(self, grid):
@@ -342,8 +339,8 @@ def test_triton_casts_the_query_never_the_index(monkeypatch):
                 seen.append((args[0].dtype, args[1].data_ptr()))
                 return real[grid](*args, **kw)
             return launch
-    monkeypatch.setattr(kernels, "_maxsim_kernel", Spy())
-    got = kernels.maxsim_triton(q, c)
+    monkeypatch.setattr(triton_kernel, "_maxsim_kernel", Spy())
+    got = triton_kernel.maxsim_triton(q, c)
     assert seen == [(torch.float16, c.data_ptr())]
     torch.testing.assert_close(got, maxsim_reference(q.half(), c), atol=2e-3, rtol=0)
 
@@ -362,7 +359,6 @@ def test_topk_with_k_larger_than_a_chunk():
 def test_non_finite_input_same_answer_on_every_path(Nq):
     """A masked slot never affects a score, whatever it holds (NaN, inf); a NaN in a real vector
     makes exactly the scores that read it NaN, on every path (reference, torch, C, Triton)."""
-    from kernels import maxsim_triton
     q, qm = ragged(Nq, 4, 16, 40)
     c, cm = ragged(7, 6, 16, 41)
     qm[0, 3], cm[1, 5] = False, False
@@ -372,12 +368,12 @@ def test_non_finite_input_same_answer_on_every_path(Nq):
     q[-1, 0, 0] = float("nan")                              # a real query vector with a NaN
     qm[-1, 0] = True
     want = brute_maxsim(q, c, qm, cm)
-    paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch"),
-             "triton": maxsim_triton(q, c, qm, cm)}
+    paths = {"reference": maxsim_reference(q, c, qm, cm), "torch": maxsim(q, c, qm, cm, backend="torch")}
+    if HAS_TRITON:
+        paths["triton"] = triton_kernel.maxsim_triton(q, c, qm, cm)
     if c_kernel_builds():
-        import kernels
         for width in (8, 16):
-            paths[f"C{width}"] = kernels.maxsim_c(q, c, qm, cm, width=width)
+            paths[f"C{width}"] = cpu_kernel.maxsim_c(q, c, qm, cm, width=width)
     for name, got in paths.items():
         assert torch.equal(got.isnan(), want.isnan()), (name, got)
         torch.testing.assert_close(got.double().nan_to_num(0.0), want.nan_to_num(0.0), atol=1e-4, rtol=0, msg=name)

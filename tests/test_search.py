@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import search
-from kernels import maxsim_topk
+from kernels import maxsim, maxsim_topk
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def scenes(ckpt, tmp_path_factory):
     search.main(["index", "--checkpoint", ckpt, "--out", out, "--synthetic-scenes", "12"])
     model = search.load_model(ckpt)
     items = search.list_items(search.get_args(["index", "--out", out, "--synthetic-scenes", "12"]))
-    full = model.encode_candidates(["" for _ in items], [im for _, _, im, _ in items]).bfloat16()
+    full = model.encode_candidates(["" for _ in items], [im for _, _, im, _ in items])   # D = 8: a float32 index
     return out, model, full
 
 
@@ -34,9 +34,10 @@ def test_grouped_layout_reads_only_its_budget(scenes):
     index = search.Index(out)
     assert index.bounds == [(0, 1), (1, 4), (4, 8), (8, 16), (16, 64)] and index.N == len(full) == 48
     total = sum(os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) for a, b in index.bounds)
-    assert total == 48 * 64 * 8 * 2                                             # bf16, no other copy
+    assert index.meta["dtype"] == "float32"                                     # under D = 128 (machinery.index)
+    assert total == 48 * 64 * 8 * 4                                             # no other copy
     for a, b in index.bounds:                                                   # bytes per budget = r_c / R_c
-        assert os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) == 48 * (b - a) * 8 * 2
+        assert os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) == 48 * (b - a) * 8 * 4
         view = index.budget(b)
         assert len(view.parts) == len([x for x in index.bounds if x[1] <= b])
         assert torch.equal(view[0:48], full[:, :b]) and torch.equal(view[[5, 2]], full[[5, 2], :b])
@@ -57,8 +58,11 @@ def test_search_equals_exhaustive_and_cascade(scenes):
     assert i.tolist() == maxsim_topk(q, full, 5)[1].tolist()
     s3, i3 = index.search(q, (16, 64), k=3, first=(1, 1), depth=6)           # the best 6 at 1x1, re-scored
     first6 = maxsim_topk(q[:, :1], full[:, :1], 6)[1]
-    for a in range(2):
-        assert set(i3[a].tolist()) <= set(first6[a].tolist())
+    for a in range(2):                  # == the 16x64 order and scores of those 6, recomputed here
+        fine = maxsim(q[a:a + 1], full[first6[a]], backend="torch")[0]
+        want_s, pos = fine.topk(3)
+        assert i3[a].tolist() == first6[a][pos].tolist()
+        torch.testing.assert_close(s3[a], want_s, atol=1e-5, rtol=0)
 
 
 def test_cli_query_json_and_errors(scenes, ckpt, tmp_path, capsys):
@@ -159,7 +163,10 @@ def test_qdrant_local_mode_matches_exhaustive_search(scenes, tmp_path):
         s, i = index.search(q, budget, k=5)
         assert [j for _, j in hits] == i[0].tolist()
         assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
-    pre = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)   # HNSW prefetch on the first vector
-    assert len(pre) == 3
+    # the prefetch: the 10 nearest by the first vector (the 1x1 score), re-scored at 16x64 = our cascade
+    pre = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)
+    s, i = index.search(q, (16, 64), k=3, first=(1, 1), depth=10)
+    assert [j for _, j in pre] == i[0].tolist()
+    assert max(abs(x - y) for (x, _), y in zip(pre, s[0].tolist())) < 1e-3
     with pytest.raises(ValueError, match="no collection 'other'.*--qdrant"):
         search.qdrant_search(client, q[0].numpy(), (16, 64), 3, collection="other")

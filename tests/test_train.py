@@ -39,12 +39,12 @@ def crash_at_batch(monkeypatch, n, fn):
 
 
 def test_batch_order_is_a_function_of_step():
-    a = train.batch_indices(5, 100, 8, seed=0)
-    assert a == train.batch_indices(5, 100, 8, seed=0) and len(a) == 8
-    epoch0 = sum((train.batch_indices(s, 100, 8, 0) for s in range(12)), [])
+    a = train.data.batch_indices(5, 100, 8, seed=0)
+    assert a == train.data.batch_indices(5, 100, 8, seed=0) and len(a) == 8
+    epoch0 = sum((train.data.batch_indices(s, 100, 8, 0) for s in range(12)), [])
     assert len(set(epoch0)) == 96           # one epoch: no repeats, last partial batch dropped
     with pytest.raises(ValueError, match="fewer than one global batch"):
-        train.batch_indices(0, 3, 8, 0)
+        train.data.batch_indices(0, 3, 8, 0)
 
 
 def test_lr_schedule():
@@ -144,7 +144,7 @@ def test_prune_keeps_latest_and_newer(tmp_path):
     for s in range(1, 6):
         (tmp_path / f"checkpoint-{s:07d}").mkdir()
     (tmp_path / "latest").write_text("checkpoint-0000003")
-    train.prune_checkpoints(str(tmp_path), 2)
+    train.checkpoints.prune_checkpoints(str(tmp_path), 2)
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-0000002", "checkpoint-0000003", "checkpoint-0000004",
                                             "checkpoint-0000005", "latest"]
 

@@ -1,0 +1,11 @@
+"""The machinery beside the paper's files: what MetaEmbed needs to run, but not what it is.
+
+    backbones     aliases, the offline `tiny` Qwen2-VL built in code, loading, LoRA, images
+    checkpoints   integrity checks, latest / resolve, atomic writes, optimizer state, pruning, resume
+    distributed   torchrun set-up, DDP / FSDP2 wrapping, the all-gather with gradient
+    cpu_kernel    the fused C MaxSim kernel (maxsim.c): build, self-check, measured dispatch
+    triton_kernel the fused Triton MaxSim kernel (CUDA; TRITON_INTERPRET=1 on the CPU for tests)
+    hub           MMEB / ViDoRe / training sets through `datasets`, the official mixture
+    index         the one on-disk index format (search.py and evaluate.py --index-dir)
+    checks        argument, path and input checks: one line that names the problem
+"""

@@ -1,0 +1,217 @@
+"""Backbones: hub aliases, the offline `tiny` Qwen2-VL built in code, loading, LoRA, and the
+images and processor they take."""
+import os
+
+import torch
+from transformers.models.qwen2_vl import Qwen2VLProcessor
+
+BACKBONES = {
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+}
+OFFLINE = "tiny"     # the one backbone built in code: random weights, no hub access
+
+
+def is_offline(name):
+    """The one place that decides whether a backbone is the offline `tiny` one."""
+    return name == OFFLINE
+
+
+# The official config caps an image at 1,024 visual tokens (max_num_visual_tokens): a visual
+# token is a 2x2 merge of 14 px patches, 28x28 pixels, so max_pixels = 1024 * 28 * 28. Without it
+# a 2000x3000 page would be 7,597 tokens under the hub processor's own 12.8 MP bound.
+MAX_VISUAL_TOKENS = 1024
+
+# The offline backbone: a small random-initialised Qwen2-VL (same code path as the real ones).
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vision_depth=2, vision_embed_dim=64, vision_heads=4,
+            vocab_size=1024, min_pixels=28 * 28, max_pixels=112 * 112, rope_theta=3.0)
+# rope_theta 3, not 1e4: M-RoPE gives height and width the lowest rotary frequencies, and on a 3x3
+# grid they must still turn visibly from cell to cell, or the model cannot tell where a colour is.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+# A small built-in corpus for the tiny tokenizer's byte-level BPE (any text still encodes, by bytes).
+TINY_CORPUS = """user Query: Describe the image. Find the image that matches the caption. Which scene is this?
+a the of and in on with at to is are this that what which where image picture photo caption
+red green blue yellow purple cyan orange white
+top bottom left right center middle
+"""
+
+
+def build_tiny_backbone(seed=0, **overrides):
+    """Random Qwen2-VL + byte-level BPE tokenizer + image processor, built in code (no hub)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLModel
+    t = {**TINY, **overrides}
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=t["vocab_size"], special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    bpe.train_from_iterator(TINY_CORPUS.split("\n") * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
+                                        pad_token="<|endoftext|>", padding_side="left")
+    head_dim = t["hidden_size"] // t["num_attention_heads"]
+    half = head_dim // 2  # M-RoPE: mrope_section (temporal, height, width) sums to head_dim / 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
+    config = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
+                         intermediate_size=t["intermediate_size"],
+                         num_hidden_layers=t["num_hidden_layers"],
+                         num_attention_heads=t["num_attention_heads"],
+                         num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=4096,
+                         rope_parameters=dict(rope_type="default", rope_theta=t["rope_theta"],
+                                              mrope_section=section),
+                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
+        vision_config=dict(depth=t["vision_depth"], embed_dim=t["vision_embed_dim"],
+                           hidden_size=t["hidden_size"], num_heads=t["vision_heads"], mlp_ratio=2,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = Qwen2VLModel(config)
+    image_processor = image_processor_class()(min_pixels=t["min_pixels"], max_pixels=t["max_pixels"],
+                                              patch_size=14, merge_size=2, temporal_patch_size=2)
+    return backbone, ImageTextProcessor(image_processor, tokenizer)
+
+
+def image_processor_class():
+    # The PIL image processor needs no torchvision (the default one does).
+    try:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+        return Qwen2VLImageProcessorPil
+    except ImportError:  # older transformers 5.x
+        from transformers import Qwen2VLImageProcessor
+        return Qwen2VLImageProcessor
+
+
+def looks_like_hub_id(path):
+    """'owner/name', not a path: one '/', not absolute, not starting with '.' or '~'. A missing
+    local folder is then said to be missing at once, not looked up on the hub."""
+    return not (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1)
+
+
+def load_backbone(name, dtype=None, attn_implementation="sdpa"):
+    """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
+    from transformers import AutoModel, AutoTokenizer
+    aliases = ", ".join([OFFLINE, *BACKBONES])
+    name = BACKBONES.get(name, name)
+    if not os.path.isdir(name) and not looks_like_hub_id(name):
+        raise ValueError(f"unknown backbone {name!r}: not an alias ({aliases}), not a local folder, "
+                         f"and not a hub id (owner/name)")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        backbone = AutoModel.from_pretrained(name, dtype=dtype or torch.bfloat16,
+                                             attn_implementation=attn_implementation)
+        tokenizer = AutoTokenizer.from_pretrained(name, padding_side="left")
+        image_processor = image_processor_class().from_pretrained(name)
+    except OSError as e:
+        raise FileNotFoundError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
+                                f"folder holding its files, or an alias ({aliases}; 'tiny' is offline)") from None
+    if getattr(backbone.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
+        raise ValueError(f"backbone '{name}' is a {backbone.config.model_type}; MetaEmbed here supports "
+                         f"Qwen2-VL and Qwen2.5-VL backbones")
+    return backbone, ImageTextProcessor(image_processor, tokenizer)
+
+
+def load_saved(path, config):
+    """The backbone and processor of a saved checkpoint: `tiny` rebuilt from its saved config (its
+    weights are in the checkpoint), a real one reloaded by name; the processor as saved."""
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
+    if is_offline(config.backbone):
+        backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
+        backbone.config._attn_implementation = "sdpa"
+    else:
+        backbone, _ = load_backbone(config.backbone, config.dtype, config.attn_implementation)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    return backbone, ImageTextProcessor(image_processor_class().from_pretrained(path), tokenizer)
+
+
+# LoRA as the official config: gaussian init (B = 0, so training starts from the base model) on the
+# language model's attention and MLP projections; lora_vision adds the vision tower's (Qwen2-VL
+# names them qkv, proj, fc1, fc2; Qwen2.5-VL gate/up/down_proj).
+LORA_LANGUAGE = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LORA_VISION = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))"
+
+
+def add_lora(backbone, config):
+    from peft import LoraConfig, get_peft_model
+    targets = f".*({LORA_LANGUAGE}|{LORA_VISION})" if config.lora_vision else f".*language_model.*{LORA_LANGUAGE}"
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=targets, init_lora_weights="gaussian")
+    return get_peft_model(backbone, lora)
+
+
+# -----------------------------------------------------------------------------
+# images and the processor
+
+class ImageTextProcessor(Qwen2VLProcessor):
+    """Qwen2VLProcessor without the video processor (which needs torchvision); left padding,
+    so the meta tokens appended after it are the last positions of every row."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        tokenizer.padding_side = "left"
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+def visual_token_pixels(processor):
+    """Pixels of one visual token: (patch size x merge size)^2, 28 x 28 for Qwen2-VL / 2.5-VL."""
+    ip = processor.image_processor
+    return (ip.patch_size * ip.merge_size) ** 2
+
+
+def set_image_bounds(processor, min_pixels=None, max_pixels=None):
+    """Bound the pixels (so the visual tokens) of every image; None keeps the processor's bound.
+    The size dict alone is what the processor reads (setting ip.max_pixels is deprecated)."""
+    ip = processor.image_processor
+    lo = min_pixels or ip.size["shortest_edge"]
+    hi = max_pixels or ip.size["longest_edge"]
+    if hi < visual_token_pixels(processor):
+        raise ValueError(f"max_pixels {hi} is less than one visual token ({visual_token_pixels(processor)} pixels)")
+    if not 0 < lo <= hi:
+        raise ValueError(f"image bounds: min_pixels {lo} must be positive and at most max_pixels {hi}")
+    ip.size["shortest_edge"], ip.size["longest_edge"] = lo, hi
+
+
+MIN_EDGE = 28        # an image must cover one visual token (2x2 merged 14 px patches) on each edge
+MAX_ASPECT = 200     # the Qwen2-VL processor refuses longer strips
+
+
+def load_image(image, where=""):
+    """PIL image, path, or a zero-argument callable returning one (a lazily decoded data set row)
+    -> RGB PIL image. A missing, unreadable or unusable file is named in the error; an image under
+    28 px on an edge is upsized to 28 (the processor cannot take less than one visual token)."""
+    from PIL import Image
+    if callable(image) and not isinstance(image, Image.Image):
+        try:                                          # a lazily decoded data set row
+            image = image()
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot decode image{where}: {e}") from None
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            with Image.open(image) as im:
+                im = im.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise FileNotFoundError(f"cannot read image {str(image)!r}{where}: {e}") from None
+        name = f" {str(image)!r}"
+    elif isinstance(image, Image.Image):
+        im, name = image.convert("RGB"), ""
+    else:
+        raise TypeError(f"image{where} must be a PIL image or a path, got {type(image).__name__}")
+    w, h = im.size
+    if min(w, h) == 0 or max(w, h) / min(w, h) > MAX_ASPECT:
+        raise ValueError(f"image{name}{where} is {w}x{h}: an aspect ratio over {MAX_ASPECT} (or an "
+                         f"empty edge) cannot be processed")
+    if min(w, h) < MIN_EDGE:
+        s = MIN_EDGE / min(w, h)
+        im = im.resize((max(MIN_EDGE, round(w * s)), max(MIN_EDGE, round(h * s))), Image.BICUBIC)
+    return im

@@ -1,0 +1,238 @@
+"""Checkpoints: the model folder (safetensors + json, never pickle), its integrity checks,
+train.py's checkpoint-STEP folders (plus optimizer and RNG state), latest / resolve, pruning,
+the settings a resumed run may change, and atomic writes."""
+import json
+import os
+import re
+import shutil
+
+import torch
+
+MODEL_FILES = ("metaembed.json", "model.safetensors", "config.json", "tokenizer.json",
+               "tokenizer_config.json", "preprocessor_config.json")
+TRAIN_FILES = MODEL_FILES + ("optimizer.safetensors", "trainer_state.json")   # a resumable checkpoint
+DEFAULT_CHECKPOINT = "out/tiny-synthetic"   # where `python train.py` (the offline default) writes
+
+
+def write_atomic(path, text):
+    """Write a text file whole or not at all: to PATH.tmp, then renamed over PATH."""
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def replace_dir(tmp, path):
+    """Atomically move a finished folder into place (the old one is removed only after)."""
+    old = path.rstrip("/") + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# -----------------------------------------------------------------------------
+# the model folder
+
+def save_model(path, state, config, parts):
+    """Write metaembed.json (config, a dict), model.safetensors (state) and each of `parts` (objects
+    with save_pretrained: the backbone config, tokenizer, image processor) to a temporary
+    folder, then rename it into place."""
+    from safetensors.torch import save_file
+    path = os.fspath(path)
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "metaembed.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    for part in parts:
+        part.save_pretrained(tmp)
+    replace_dir(tmp, path)
+
+
+def read_config(path):
+    """metaembed.json of a checkpoint folder, after every file is checked (a missing config.json
+    would otherwise build transformers' default, 80-layer, Qwen2-VL)."""
+    path = os.fspath(path)
+    if not os.path.isfile(os.path.join(path, "metaembed.json")):
+        raise FileNotFoundError(f"{path!r} is not a MetaEmbed checkpoint: no metaembed.json in it")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise FileNotFoundError(f"checkpoint {path!r} is incomplete: {problem}")
+    with open(os.path.join(path, "metaembed.json")) as f:
+        return json.load(f)
+
+
+def load_weights(model, path):
+    """model.safetensors into a model built from the checkpoint's config: every trained parameter
+    must be there, and nothing unknown."""
+    from safetensors.torch import load_file
+    state = load_file(os.path.join(path, "model.safetensors"))
+    own = model.state_dict()
+    unknown = [k for k in state if k not in own]
+    missing = [k for k in model.trained_parameters() if k not in state]
+    if unknown or missing:
+        raise ValueError(f"checkpoint {path!r} does not match its model: unknown {unknown[:3]}, missing {missing[:3]}")
+    model.load_state_dict(state, strict=False)
+
+
+def checkpoint_problem(path, files=MODEL_FILES):
+    """None if the folder holds every file a checkpoint needs, whole; else what is wrong, in words
+    (a missing file, unreadable JSON, a safetensors file shorter than its header says)."""
+    if not os.path.isdir(path):
+        return f"{path} does not exist"
+    for name in files:
+        f = os.path.join(path, name)
+        if not os.path.isfile(f):
+            return f"{name} is missing"
+        try:
+            if name.endswith(".json"):
+                with open(f) as fh:
+                    json.load(fh)
+            elif name.endswith(".safetensors"):
+                with open(f, "rb") as fh:  # 8-byte header length, JSON header, then the data
+                    n = int.from_bytes(fh.read(8), "little")
+                    header = json.loads(fh.read(n))
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+                if os.path.getsize(f) != 8 + n + end:
+                    return f"{name} is truncated ({os.path.getsize(f)} bytes; its header says {8 + n + end})"
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, OSError) as e:
+            return f"{name} is corrupt ({type(e).__name__}: {str(e)[:80]})"
+    return None
+
+
+def resolve_checkpoint(path, log=None, hint=""):
+    """A checkpoint folder, or a train.py --out folder (the newest complete checkpoint in it);
+    hint: what to say if there is none."""
+    if os.path.isfile(os.path.join(path, "metaembed.json")):
+        return path
+    found = latest_checkpoint(path, log=log)
+    if found:
+        return found
+    raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}{hint}")
+
+
+def latest_checkpoint(out, files=MODEL_FILES, log=None):
+    """The checkpoint to continue from in a train.py --out folder: the one OUT/latest names, or,
+    if that one is missing or incomplete, the newest complete other (said through `log`). None if
+    OUT holds no checkpoint; raises if it holds some but none is complete."""
+    try:
+        with open(os.path.join(out, "latest")) as f:
+            named = os.path.join(out, f.read().strip())
+    except (FileNotFoundError, NotADirectoryError):
+        named = None
+    if named and not checkpoint_problem(named, files):
+        return named
+    found = sorted(d for d in (os.listdir(out) if os.path.isdir(out) else []) if re.fullmatch(r"checkpoint-\d+", d))
+    if not found and not named:
+        return None
+    why = f"{out}/latest names {os.path.basename(named)}: {checkpoint_problem(named, files)}" if named else \
+        f"{out}/latest is missing"
+    complete = [d for d in reversed(found) if not checkpoint_problem(os.path.join(out, d), files)]
+    if not complete:
+        raise FileNotFoundError(f"no complete checkpoint in {out} ({why}; " + "; ".join(
+            f"{d}: {checkpoint_problem(os.path.join(out, d), files)}" for d in found) + ")")
+    if log:
+        log(f"{why}; continuing from {complete[0]}, the newest complete checkpoint")
+    return os.path.join(out, complete[0])
+
+
+# -----------------------------------------------------------------------------
+# train.py's checkpoints: model + optimizer state (safetensors + json) + RNG
+
+def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
+    """Every rank calls this (FSDP gathers the full state from all); the master writes
+    OUT/checkpoint-STEP. args: a dict of the settings in force (recorded as train_args.json)."""
+    from safetensors.torch import save_file
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+        # the full state of what is trained (a frozen base is reloaded by name, never gathered)
+        full = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        model_sd, sd = get_model_state_dict(model, options=full), get_optimizer_state_dict(model, opt, options=full)
+    else:
+        model_sd, sd = None, opt.state_dict()
+    if not master:
+        return None
+    final = os.path.join(out, f"checkpoint-{step:07d}")
+    model.save_pretrained(final, state_dict=model_sd)  # atomic: a temporary folder, then rename
+    with open(os.path.join(final, "train_args.json"), "w") as f:
+        json.dump(args, f, indent=2)
+    tensors = {f"{i}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
+    tensors["rng::cpu"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng::cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, os.path.join(final, "optimizer.safetensors.tmp"))
+    os.replace(os.path.join(final, "optimizer.safetensors.tmp"), os.path.join(final, "optimizer.safetensors"))
+    # trainer_state.json last: its presence marks a complete checkpoint
+    write_atomic(os.path.join(final, "trainer_state.json"), json.dumps({"step": step, "param_groups": sd["param_groups"]}))
+    write_atomic(os.path.join(out, "latest"), os.path.basename(final))
+    return final
+
+
+def load_optimizer(path, model, opt, fsdp=False):
+    """Restore the optimizer and RNG state of a checkpoint; -> its step."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        meta = json.load(f)
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = {}
+    for key, v in tensors.items():
+        if not key.startswith("rng::"):
+            i, k = key.split("::", 1)
+            state.setdefault(int(i) if i.isdigit() else i, {})[k] = v
+    sd = {"state": state, "param_groups": meta["param_groups"]}
+    if fsdp:  # keyed by parameter name: each rank takes its shard
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        set_optimizer_state_dict(model, opt, sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        opt.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng::cpu"])
+    if "rng::cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng::cuda"])
+    return meta["step"]
+
+
+def prune_checkpoints(out, keep):
+    """Keep the newest `keep` checkpoints up to the one OUT/latest names; never remove that one or
+    anything newer (a newer folder is the user's to judge)."""
+    with open(os.path.join(out, "latest")) as f:
+        latest = f.read().strip()
+    older = sorted(d for d in os.listdir(out) if re.fullmatch(r"checkpoint-\d+", d) and d <= latest)
+    for d in older[:-keep]:
+        shutil.rmtree(os.path.join(out, d), ignore_errors=True)
+
+
+def clear_checkpoints(out):
+    """--overwrite: remove OUT's checkpoints and its latest pointer (nothing else in OUT)."""
+    for d in os.listdir(out):
+        if d.startswith("checkpoint-"):
+            shutil.rmtree(os.path.join(out, d))
+        elif d == "latest":
+            os.remove(os.path.join(out, d))
+
+
+# Settings a resumed run may change (they decide where and how things run, not what is computed);
+# any other must match the checkpoint's train_args.json.
+SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images"}
+
+
+def check_resume(settings, path):
+    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
+    order; settings: this run's, world_size included. -> the settings actually in force (the
+    checkpoint's, plus what may change)."""
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("world_size", settings["world_size"])        # checkpoints from before it was recorded
+    diff = {k: (saved[k], settings[k]) for k in saved
+            if k in settings and k not in SAFE_TO_CHANGE and saved[k] != settings[k]}
+    if diff:
+        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
+                         for k, (a, b) in diff.items())
+        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
+                         f"resume with the same ones (only "
+                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"may change), or train afresh into another --out")
+    return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}

@@ -1,0 +1,72 @@
+"""Checks at the boundary: each bad input is one line that names it (the flag, the file, the
+count), raised before any work starts. Only the command-line tools print."""
+import math
+import os
+
+
+def at_least(error, args, **bounds):
+    """error(msg) for the first --flag below its bound (None: not given, fine)."""
+    for k, lo in bounds.items():
+        v = getattr(args, k, None)
+        if v is not None and v < lo:
+            error(f"--{k.replace('_', '-')} must be at least {lo}, got {v}")
+
+
+def positive(error, args, *names):
+    """error(msg) for the first --flag that is given and not a positive finite number."""
+    for k in names:
+        v = getattr(args, k, None)
+        if v is not None and not (v > 0 and math.isfinite(v)):
+            error(f"--{k.replace('_', '-')} must be a positive number, got {v}")
+
+
+def writable_file(error, flag, path):
+    """A file written at the end (--output, --plot, --log-file): its folder exists and can be
+    written, and it is not a folder. Checked before hours of work, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        error(f"cannot write {flag} {path} (it is a folder)")
+    elif not os.path.isdir(folder) or not os.access(folder, os.W_OK) or \
+            (os.path.exists(path) and not os.access(path, os.W_OK)):
+        error(f"cannot write {flag} {path} (no such folder, or not writable)")
+
+
+def writable_dir(error, flag, path):
+    """A folder written into (--out, --index-dir): made if missing, and a file can be created in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test-{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as e:
+        error(f"cannot write {flag} {path} ({e.strerror or e})")
+
+
+def refuse(message):
+    """The `error` of the checks above for library code and train.py: one line, as an exception."""
+    raise PermissionError(message)
+
+
+def check_maxsim_inputs(q, c, q_mask=None, c_mask=None):
+    if len(q.shape) != 3 or len(c.shape) != 3:
+        raise ValueError(f"maxsim wants q (N_q, r_q, D) and c (N_c, r_c, D), got {tuple(q.shape)} "
+                         f"and {tuple(c.shape)}")
+    if q.shape[-1] != c.shape[-1]:
+        raise ValueError(f"embedding sizes differ: q has D={q.shape[-1]}, c has D={c.shape[-1]}")
+    for name, x, m in (("q_mask", q, q_mask), ("c_mask", c, c_mask)):
+        if m is not None and tuple(m.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(x.shape[:2])}")
+
+
+def check_encode_inputs(texts, images, batch_size):
+    """-> (texts, images) as lists of equal length, or one line saying what is wrong."""
+    if isinstance(texts, str):
+        raise TypeError(f"texts must be a list of strings, got one string ({texts[:40]!r}): wrap it in a list")
+    texts = list(texts)
+    images = [None] * len(texts) if images is None else list(images)
+    if len(images) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(images)} images: give one image (or None) per text")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return texts, images

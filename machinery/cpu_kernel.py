@@ -1,0 +1,269 @@
+"""The fused CPU MaxSim kernel (maxsim.c beside this file): compiled once per machine with the
+system C compiler (-march=native), cached by a hash of source, flags and CPU, loaded with ctypes,
+checked against numpy when it loads, and chosen per class of shape by measurement.
+
+One source for two register widths: 8 floats (AVX2) everywhere, 16 (AVX-512F) where the CPU has
+it; a 16-wide build on a CPU without AVX-512 runs as pairs of 8 (how the tests check it
+anywhere). OpenMP threads (torch's own pool) split the candidates; built without OpenMP, Python
+threads do (ctypes releases the GIL during each call).
+"""
+import ctypes
+import functools
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from machinery.checks import check_maxsim_inputs
+
+_CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
+# -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
+# query registers for every candidate vector (docs/NOTES.md has the measurements)
+_CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
+_MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
+
+
+@functools.cache
+def cpu_flags():
+    """This CPU's model name and flags (read once: they key the build and choose the widths)."""
+    cpu = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    return "".join(sorted({ln for ln in cpu.splitlines() if ln.startswith(("model name", "flags"))}))
+
+
+def widths():
+    """The register widths (floats) worth running here, widest first: (16, 8) with AVX-512F."""
+    return (16, 8) if " avx512f" in cpu_flags() else (8,)
+
+
+def can_take(q, c):
+    """What the C kernel takes: float32 / bf16 / fp16 candidates with at most _MAX_RC vectors."""
+    return c.dtype in _CTYPES and c.shape[1] <= _MAX_RC
+
+
+# -----------------------------------------------------------------------------
+# the CPU dispatch: measured, not guessed. The first time a process scores a class of shapes
+# (a regime) on a machine, the CPU paths (the C kernel at each register width the CPU has, and
+# the torch path) are timed on a small shape of that class; the winner is kept per regime in a
+# JSON file beside the compiled kernel (keyed like it: source, flags, CPU), so later processes
+# on the same machine read it instead of measuring.
+
+def regime(q, c):
+    """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
+    query) or many; one candidate vector (a plain product) or several; D up to 256 or more; a
+    float32 or a 16-bit index."""
+    return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
+                     "rc1" if c.shape[1] == 1 else "multi", "D<=256" if c.shape[2] <= 256 else "D>256",
+                     "fp32" if c.dtype == torch.float32 else "16bit"))
+
+
+def _probe(name):
+    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product) or 16 x
+    16 prefix views of (16, 64) embeddings, as at serving time; enough candidates to amortise
+    set-up (512 to 10,000, up to about 1 GFLOP)."""
+    one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
+    Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
+    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * r * D))))
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(Nq, 16, D, generator=g), dim=-1)[:, :r]
+    c = torch.nn.functional.normalize(torch.randn(Nc, 64, D, generator=g), dim=-1)
+    return q, (c if fp32 else c.bfloat16())[:, :r]
+
+
+def _time(fns, repeats=3):
+    """Best time of each of fns {name: fn}, taken in turns so that a slow spell of a shared machine
+    (or threads left spinning by the previous path) does not fall on one path only."""
+    best = {}
+    for name, fn in fns.items():
+        fn()
+        best[name] = float("inf")
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
+choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "width": 8 or 16, ...}
+
+
+def measured_choice(name):
+    """The fastest CPU path for a regime, measured once per machine and kept on disk;
+    -> (backend 'c' or 'torch', the record: timings, the C kernel's register width, the probe)."""
+    if not choices and dispatch_file() and dispatch_file().exists():
+        try:
+            choices.update(json.loads(dispatch_file().read_text()))
+        except ValueError:
+            pass                                       # a damaged file is measured again
+    if name not in choices:
+        from kernels import maxsim_chunked            # the torch path, timed against the kernel
+        q, c = _probe(name)
+        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths() if library(w) is not None}
+        t_c = _time({**fns, "torch": functools.partial(maxsim_chunked, q, c)})
+        t_torch = t_c.pop("torch")
+        width = min(t_c, key=t_c.get)
+        choices[name] = {"C_ms": 1e3 * t_c[width], "torch_ms": 1e3 * t_torch, "width": width,
+                          "winner": "c" if t_c[width] <= t_torch else "torch",
+                          **{f"C{w}_ms": 1e3 * t for w, t in t_c.items()},
+                          "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, {c.dtype}"}
+        if dispatch_file():
+            tmp = dispatch_file().with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(choices, indent=1))
+            os.replace(tmp, dispatch_file())          # atomic: concurrent processes are safe
+    return choices[name]["winner"], choices[name]
+
+
+def choose(q, c):
+    """-> (backend, width) for kernels.maxsim's auto path on the CPU: 'c' (with its measured
+    register width) or 'torch', where the kernel cannot take the input or did not build."""
+    if not (can_take(q, c) and library() is not None):
+        return "torch", None
+    backend, record = measured_choice(regime(q, c))
+    return backend, record.get("width")
+
+
+def dispatch_file():
+    lib = library()
+    return Path(lib.path).with_name(Path(lib.path).stem.replace("maxsim-", "dispatch-") + ".json") if lib else None
+
+
+@functools.cache
+def library(width=None):
+    """The compiled maxsim.c for `width` floats a register (None: this CPU's widest that passes its
+    self-check) as a ctypes library, built once per machine and loaded once per process; or None,
+    with one warning, where it cannot build."""
+    if width is None:
+        return next((lib for w in widths() if (lib := library(w)) is not None), None)
+    src = Path(__file__).with_name("maxsim.c")
+    cc = os.environ.get("CC", "cc")
+    errors = []
+    for openmp in (["-fopenmp"], []):       # without OpenMP (a compiler lacking it), Python threads
+        try:
+            lib = build(src, cc, [*_CFLAGS, f"-DMAXSIM_W={width}", "-Wno-psabi", *openmp])
+            break
+        except OSError as e:
+            errors.append(str(e))
+    else:
+        warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({errors[-1]}); using the torch path")
+        return None
+    P, I = ctypes.c_void_p, ctypes.c_int64
+    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9 + [ctypes.c_int]
+    lib.maxsim_c.restype = ctypes.c_int
+    lib.rows, lib.openmp = lib.maxsim_rows(), bool(lib.maxsim_openmp())
+    err = self_check(lib)
+    if err > 1e-4:     # never a silent wrong number: a build this CPU runs wrongly is not used
+        warnings.warn(f"the {width}-float build of maxsim.c ({lib.path}) scores wrongly on this CPU (error {err:.2g}); "
+                      "not using it")
+        return None
+    return lib
+
+
+def build(src, cc, flags):
+    """cc flags src -> a loaded library, built once into the cache and renamed into place (atomic:
+    concurrent processes are safe); its path is lib.path."""
+    # -march=native code is for this CPU only: its model and flags are part of the key
+    key = hashlib.sha1(src.read_bytes() + " ".join([cc, *flags, cpu_flags()]).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("METAEMBED_CACHE", Path.home() / ".cache" / "metaembed"))
+    so = cache / f"maxsim-{key}.so"
+    if not so.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            r = subprocess.run([cc, *flags, "-o", f"{tmp}/m.so", str(src)], capture_output=True, text=True,
+                               check=False)
+            if r.returncode != 0:
+                raise OSError(f"{cc} failed on {src.name}: {r.stderr.strip()[-500:]}")
+            os.replace(f"{tmp}/m.so", so)
+    lib = ctypes.CDLL(str(so))      # its libgomp is torch's, already loaded (the same soname)
+    lib.path = so
+    return lib
+
+
+def self_check(lib):
+    """Largest error of the kernel against float64 numpy on a small problem that takes both paths
+    (r_c = 1 and several), every block split, masks and padded rows (a few ms, once a process)."""
+    g = np.random.default_rng(0)
+    worst = 0.0
+    for Nq, r_q, Nc, r_c in ((3, 2 * lib.rows // 3 + 1, 2 * 48 + 7, 1), (5, 7, 9, 23)):
+        q, c = g.standard_normal((Nq, r_q, 19), np.float32), g.standard_normal((Nc, r_c, 19), np.float32)
+        qm, cm = g.random((Nq, r_q)) < 0.8, g.random((Nc, r_c)) < 0.8
+        s = np.einsum("aid,njd->anij", q.astype(np.float64), c.astype(np.float64))
+        best = np.where(cm[None, :, None, :], s, -np.inf).max(-1)                  # (N_q, N_c, r_q)
+        best[:, ~cm.any(1)] = 0.0                         # a candidate with no real vector scores 0
+        ref = np.where(qm[:, None, :], best, 0.0).sum(-1)
+        got = _run_c(lib, torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(qm), torch.from_numpy(cm))
+        worst = max(worst, float(np.abs(got.numpy() - ref).max()))
+    return worst
+
+
+_pool = None
+
+
+@torch.no_grad()
+def maxsim_c(q, c, q_mask=None, c_mask=None, width=None):
+    """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
+    index halves the bytes read), no score tensor; same contract as maxsim. width: floats a
+    register, 16 (AVX-512) or 8 (AVX2); None: this CPU's widest.
+
+    The real query vectors of all queries are packed into blocks of 2 x width rows; candidates
+    are read in place through their strides (budget prefixes c[:, :r_c] are views)."""
+    check_maxsim_inputs(q, c, q_mask, c_mask)
+    lib = library(width)
+    if lib is None:
+        raise RuntimeError("the fused CPU kernel did not build (see the warning); use backend='torch'")
+    if q.is_cuda or c.is_cuda or c.dtype not in _CTYPES:
+        raise ValueError(f"maxsim_c wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
+                         f"on {c.device}")
+    if c.shape[1] > _MAX_RC:
+        raise ValueError(f"maxsim_c takes at most {_MAX_RC} vectors a candidate, got r_c={c.shape[1]}")
+    return _run_c(lib, q, c, q_mask, c_mask)
+
+
+def _run_c(lib, q, c, q_mask, c_mask):
+    global _pool
+    Nq, r_q, D = q.shape
+    Nc, r_c, _ = c.shape
+    if c.stride(2) != 1:
+        c = c.contiguous()
+    # Packing in numpy, not torch: a torch op here would start torch's OpenMP threads, which then
+    # spin-wait on the cores the kernel's own threads need (docs/NOTES.md).
+    rows = q.detach().float().numpy().reshape(Nq * r_q, D)              # (N_q r_q, D)
+    owner = np.repeat(np.arange(Nq, dtype=np.int64), r_q)              # each row's query
+    if q_mask is not None:                                             # padded query vectors dropped
+        keep = q_mask.numpy().reshape(-1).astype(bool)
+        rows, owner = rows[keep], owner[keep]
+    B = lib.rows                                                       # rows a packed block
+    n_rows = -(-rows.shape[0] // B) * B or B
+    padded = np.zeros((n_rows, D), dtype=np.float32)
+    padded[:rows.shape[0]] = rows
+    # (n_rows/B, D, B), 64-byte aligned: no register load of a block row straddles two cache lines
+    buf = np.empty(n_rows * D + 16, dtype=np.float32)
+    qp = buf[(-buf.ctypes.data % 64) // 4:][:n_rows * D].reshape(n_rows // B, D, B)
+    qp[...] = padded.reshape(n_rows // B, B, D).transpose(0, 2, 1)
+    owner = np.concatenate([owner, np.full(n_rows - owner.shape[0], -1, dtype=np.int64)])
+    cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
+    out = np.empty((Nq, Nc), dtype=np.float32)
+    args = (qp.ctypes.data, owner.ctypes.data, n_rows, Nq, c.data_ptr(), _CTYPES[c.dtype],
+            cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
+    strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
+    threads = torch.get_num_threads()
+    if lib.openmp or threads == 1:             # OpenMP splits [0, N_c) into pieces inside the call
+        status = [lib.maxsim_c(*args, 0, Nc, *strides, threads)]
+    else:                                      # Python threads, four pieces each, as maxsim.c does
+        step = max(4, -(-Nc // (4 * threads)))
+        if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
+            _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
+        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1),
+                                   range(0, Nc, step)))
+    if any(status):
+        raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({n_rows} query vectors, D={D})")
+    return torch.from_numpy(out)
+
+
