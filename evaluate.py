@@ -1,16 +1,14 @@
 """
-Evaluate MetaEmbed at several retrieval budgets from ONE encoding pass.
+Evaluate MetaEmbed at every budget from ONE encoding pass: each query and candidate is encoded
+once at (R_q, R_c), and a budget (r_q, r_c) is scored on the prefixes E_q[:r_q], E_c[:r_c].
 
     python evaluate.py --budgets 1,4,16,64                      # the offline run's checkpoint, synthetic
     python evaluate.py --checkpoint DIR --benchmark mmeb --mmeb TIGER-Lab/MMEB-eval --mmeb-images DIR
     python evaluate.py --checkpoint DIR --benchmark vidore --vidore vidore/docvqa_test_subsampled ...
     python evaluate.py --backbone tiny                          # untrained meta tokens, a baseline
 
-Every query and candidate is encoded once at the full (R_q, R_c); a budget (r_q, r_c) is scored
-on the prefixes E_q[:r_q], E_c[:r_c]. A number k in --budgets names the group with r_c = k;
-'AxB' names (r_q, r_c) directly. Metrics: MMEB Precision@1 (each row ranked against its own
-candidates, candidate 0 the positive); ViDoRe NDCG@5 over the full corpus (also NDCG@10,
-Recall@1/5/10, P@1); synthetic P@1 over the full eval corpus (one relevant item per query).
+Metrics: MMEB Precision@1 (each row against its own candidates, candidate 0 the positive);
+ViDoRe NDCG@5 over the full corpus (and NDCG@10, Recall@1/5/10, P@1); synthetic P@1.
 """
 import argparse
 import json
@@ -24,13 +22,12 @@ import torch
 import data
 from kernels import maxsim, maxsim_topk
 from machinery import checks, index
-from machinery.checkpoints import DEFAULT_CHECKPOINT, resolve_checkpoint
+from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
 from metaembed import GROUPS, MetaEmbed, parse_budgets
 
 
 # -----------------------------------------------------------------------------
 # metrics (trec_eval conventions)
-
 
 def _ranked(docs):
     """Sort as trec_eval does: score descending, ties by document id descending."""
@@ -141,6 +138,20 @@ def retrieval_p_at_1(run, qrels):
     return sum(hits) / len(hits) if hits else 0.0
 
 
+@torch.no_grad()
+def heldout_p_at_1(model, tasks, groups, batch_size, device):
+    """train.py --eval-every: P@1 on held-out rows at each Matryoshka group, mean over tasks (sources)."""
+    if not tasks:
+        return {}
+    out = {f"heldout_p1_{rq}x{rc}": 0.0 for rq, rc in groups}
+    for task in tasks.values():
+        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32,
+                                 progress=False)
+        for rq, rc in groups:
+            out[f"heldout_p1_{rq}x{rc}"] += res[f"{rq}x{rc}"]["P@1"] / len(tasks)
+    return out
+
+
 def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
                index_path=None, backend=None):
     """An MMEB subset: each row against its own candidates -> P@1 per budget. Candidates are held
@@ -163,7 +174,6 @@ def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dty
 
 # -----------------------------------------------------------------------------
 # CLI
-
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,67 +221,54 @@ def get_args(argv=None):
     return args
 
 
+def load_tasks(args, train_args):
+    """The benchmark's tasks -> (headline metric, {name: (scorer, task)}), every data set checked
+    before anything is encoded."""
+    if args.benchmark == "synthetic":
+        lo, hi = data.parse_objects(args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS))
+        tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
+        return "P@1", {name: (score_retrieval, task) for name, task in tasks.items()}
+    if args.benchmark == "vidore":
+        return "NDCG@5", {os.path.basename(os.path.normpath(path)): (score_retrieval, data.load_vidore(path, args.max_rows))
+                          for path in args.vidore}
+    subsets = args.subsets or data.MMEB_SUBSETS
+    unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
+    if unknown:
+        raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
+    return "P@1", {s: (score_mmeb, data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)) for s in subsets}
+
+
 def evaluate(args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.backbone:
-        model, source, train_args = MetaEmbed.from_backbone(args.backbone, seed=args.seed), \
-            f"untrained {args.backbone}", {}
+        model, source, train_args = MetaEmbed.from_backbone(args.backbone, seed=args.seed), f"untrained {args.backbone}", {}
     else:
-        path = args.checkpoint or DEFAULT_CHECKPOINT
-        path = resolve_checkpoint(path, log=lambda m: print(f"evaluate.py: {m}", file=sys.stderr), hint=(
-            ": run `python train.py` first (or pass --backbone tiny for an untrained baseline)"
-            if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""))
-        model, source = MetaEmbed.from_pretrained(path), path
-        ta = os.path.join(path, "train_args.json")
+        model, source = load_model(args.checkpoint or DEFAULT_CHECKPOINT, "evaluate.py",
+                                   " (or pass --backbone tiny for an untrained baseline)")
+        ta = os.path.join(source, "train_args.json")
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
     if args.max_pixels or args.min_pixels:
         model.set_image_bounds(args.min_pixels, args.max_pixels)
     args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
-    dtype = index.DTYPES[args.index_dtype]
-    index_path = (lambda name: os.path.join(args.index_dir, name)) if args.index_dir else (lambda name: None)
-    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
-    # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
-    common = dict(dtype=dtype, workers=workers, backend=os.environ.get("METAEMBED_MAXSIM"))
-    cfg = model.config
+    dtype, cfg = index.DTYPES[args.index_dtype], model.config
     # a number names one of the model's groups, else one of the paper's (an ablation trained on
     # (16, 64) alone is still evaluated at budget 1 = (1, 1))
     groups = tuple(cfg.groups) + tuple(g for g in GROUPS if g not in cfg.groups)
     budgets = parse_budgets(args.budgets, groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    headline, tasks = load_tasks(args, train_args)
     model.to(device)
-    D = model.dim
-    results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": D,
-               "index_dtype": args.index_dtype,
-               "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
-    if args.benchmark == "synthetic":
-        lo, hi = data.parse_objects(args.objects or train_args.get("objects", "%d,%d" % data.OBJECTS))
-        tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
-        for name, task in tasks.items():
-            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device,
-                                                          index_path=index_path(name), **common)
-            results["tasks"][name]["encode_seconds"] = enc
-        headline = "P@1"
-    elif args.benchmark == "vidore":
-        for path in args.vidore:
-            name = os.path.basename(os.path.normpath(path))
-            task = data.load_vidore(path, args.max_rows)
-            results["tasks"][name], enc = score_retrieval(model, task, budgets, args.batch_size, device,
-                                                          index_path=index_path(name), **common)
-            results["tasks"][name]["encode_seconds"] = enc
-        headline = "NDCG@5"
-    else:
-        subsets = args.subsets or data.MMEB_SUBSETS
-        unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
-        if unknown:
-            raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
-        for s in subsets:
-            rows = data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)
-            results["tasks"][s], enc = score_mmeb(model, rows, budgets, args.batch_size, device,
-                                                  index_path=index_path(s), **common)
-            results["tasks"][s]["encode_seconds"] = enc
-        headline = "P@1"
+    workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
+    results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": model.dim,
+               "index_dtype": args.index_dtype, "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
+    for name, (scorer, task) in tasks.items():
+        # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
+        res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
+                          index_path=os.path.join(args.index_dir, name) if args.index_dir else None,
+                          backend=os.environ.get("METAEMBED_MAXSIM"))
+        results["tasks"][name] = {**res, "encode_seconds": enc}
     results["headline"] = headline
-    results["summary"] = summarise(results, budgets, headline, D, dtype.itemsize,
-                                   n_candidates=max((t[f"{budgets[0][0]}x{budgets[0][1]}"].get("num_candidates", 0)
+    results["summary"] = summarise(results, budgets, headline, model.dim, dtype.itemsize,
+                                   n_candidates=max((t[results["budgets"][0]].get("num_candidates", 0)
                                                      for t in results["tasks"].values()), default=0))
     return results
 
@@ -279,49 +276,34 @@ def evaluate(args):
 def summarise(results, budgets, headline, D, itemsize, n_candidates):
     """Per budget: the mean headline metric over tasks (MMEB: per meta-task, IND, OOD, overall),
     bytes per candidate and index size in the index dtype, scoring time summed over tasks."""
-    out = {}
-    tasks = results["tasks"]
+    out, tasks = {}, results["tasks"]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
     for rq, rc in budgets:
         key = f"{rq}x{rc}"
         vals = {t: r[key][headline] for t, r in tasks.items()}
-        row = {"overall": sum(vals.values()) / len(vals),
-               "bytes_per_candidate": rc * D * itemsize,
+        row = {"overall": mean(vals.values()), "bytes_per_candidate": rc * D * itemsize,
                "index_bytes": rc * D * itemsize * n_candidates,
-               "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()),
-               "flops_per_pair": 2 * rq * rc * D}
+               "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()), "flops_per_pair": 2 * rq * rc * D}
         if results["benchmark"] == "mmeb":
-            for meta, subsets in data.MMEB_TASKS.items():
-                got = [vals[s] for s in subsets if s in vals]
-                if got:
-                    row[meta] = sum(got) / len(got)
-            for name, keep in (("IND", lambda s: s not in data.MMEB_OOD), ("OOD", lambda s: s in data.MMEB_OOD)):
-                got = [v for s, v in vals.items() if keep(s)]
-                if got:
-                    row[name] = sum(got) / len(got)
+            groups = {**data.MMEB_TASKS, "IND": [s for s in vals if s not in data.MMEB_OOD],
+                      "OOD": [s for s in vals if s in data.MMEB_OOD]}
+            row.update({name: mean([vals[s] for s in subsets if s in vals]) for name, subsets in groups.items()
+                        if any(s in vals for s in subsets)})
         out[key] = row
     return out
 
 
 def print_table(results, file=None):
-    file = file or sys.stdout
-    h = results["headline"]
-    budgets = results["budgets"]
-    tasks = list(results["tasks"])
-    print(f"\n{results['benchmark']} | {results['model']} | {h} (%) by budget r_q x r_c, D={results['dim']}",
-          file=file)
-    cols = ["budget"] + tasks + ["overall", "bytes/cand", "score ms"]
-    extra = [k for k in (*data.MMEB_TASKS, "IND", "OOD") if k in results["summary"][budgets[0]]]
-    cols[len(tasks) + 1:len(tasks) + 1] = extra
-    width = [max(8, len(c)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, width)), file=file)
-    for b in budgets:
-        s = results["summary"][b]
-        cells = [b] + [f"{100 * results['tasks'][t][b][h]:.1f}" for t in tasks] + \
-            [f"{100 * s[k]:.1f}" for k in extra] + [f"{100 * s['overall']:.1f}", str(s["bytes_per_candidate"]),
-                                                    f"{1000 * s['score_seconds']:.1f}"]
-        print("  ".join(c.rjust(w) for c, w in zip(cells, width)), file=file)
-    enc = sum(t["encode_seconds"] for t in results["tasks"].values())
-    dt = results.get("index_dtype", "bfloat16")
+    h, budgets, tasks, summary = results["headline"], results["budgets"], list(results["tasks"]), results["summary"]
+    extra = [k for k in (*data.MMEB_TASKS, "IND", "OOD") if k in summary[budgets[0]]]
+    cols = ["budget", *tasks, *extra, "overall", "bytes/cand", "score ms"]
+    rows = [[b, *(f"{100 * results['tasks'][t][b][h]:.1f}" for t in tasks), *(f"{100 * summary[b][k]:.1f}" for k in extra),
+             f"{100 * summary[b]['overall']:.1f}", str(summary[b]["bytes_per_candidate"]),
+             f"{1000 * summary[b]['score_seconds']:.1f}"] for b in budgets]
+    print(f"\n{results['benchmark']} | {results['model']} | {h} (%) by budget r_q x r_c, D={results['dim']}", file=file)
+    for row in [cols, *rows]:
+        print("  ".join(c.rjust(max(8, len(col))) for c, col in zip(row, cols)), file=file)
+    enc, dt = sum(t["encode_seconds"] for t in results["tasks"].values()), results["index_dtype"]
     print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
 
 
@@ -329,24 +311,19 @@ def plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    h, budgets = results["headline"], results["budgets"]
-    s = results["summary"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    h, budgets, s = results["headline"], results["budgets"], results["summary"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     x = list(range(len(budgets)))
     for t in results["tasks"]:
-        axes[0].plot(x, [100 * results["tasks"][t][b][h] for b in budgets], marker="o", label=t, alpha=0.6)
-    axes[0].plot(x, [100 * s[b]["overall"] for b in budgets], marker="o", color="k", lw=2, label="overall")
-    axes[0].set_xticks(x, budgets)
-    axes[0].set_xlabel("budget r_q x r_c")
-    axes[0].set_ylabel(f"{h} (%)")
-    axes[0].legend(fontsize=8)
-    axes[1].plot([s[b]["bytes_per_candidate"] for b in budgets], [100 * s[b]["overall"] for b in budgets],
-                 marker="o", color="k")
+        left.plot(x, [100 * results["tasks"][t][b][h] for b in budgets], marker="o", label=t, alpha=0.6)
+    left.plot(x, [100 * s[b]["overall"] for b in budgets], marker="o", color="k", lw=2, label="overall")
+    left.set(xticks=x, xticklabels=budgets, xlabel="budget r_q x r_c", ylabel=f"{h} (%)")
+    left.legend(fontsize=8)
+    right.plot([s[b]["bytes_per_candidate"] for b in budgets], [100 * s[b]["overall"] for b in budgets], marker="o", color="k")
     for b in budgets:
-        axes[1].annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
-    axes[1].set_xscale("log", base=2)
-    axes[1].set_xlabel(f"index bytes per candidate ({results.get('index_dtype', 'bfloat16')})")
-    axes[1].set_ylabel(f"overall {h} (%)")
+        right.annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
+    right.set_xscale("log", base=2)
+    right.set(xlabel=f"index bytes per candidate ({results['index_dtype']})", ylabel=f"overall {h} (%)")
     fig.suptitle(f"MetaEmbed, {results['benchmark']}: quality against budget")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -11,6 +11,7 @@ Interaction", arXiv 2509.18095. Read top to bottom, in the paper's order:
   4. the MMR loss                         (InfoNCE per Matryoshka group on prefix MaxSim scores)
 Backbones, images, checkpoints' files and input checks live in machinery/.
 """
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from kernels import maxsim_pairwise, maxsim_reference
 from machinery import backbones, checkpoints
-from machinery.checks import check_encode_inputs
+from machinery.checks import check_encode_inputs, check_groups
 
 # -----------------------------------------------------------------------------
 # 1. config, Matryoshka groups, budgets
@@ -75,20 +76,6 @@ class MetaEmbedConfig:
     @property
     def offline(self):
         return backbones.is_offline(self.backbone)
-
-
-def check_groups(groups, num_query_tokens, num_candidate_tokens):
-    """Groups must be nested prefixes: non-decreasing, and within the trained tokens."""
-    if not groups:
-        raise ValueError("groups is empty: give at least one (r_q, r_c) pair")
-    for (rq, rc), prev in zip(groups, ((0, 0),) + tuple(groups[:-1])):
-        if rq < 1 or rc < 1:
-            raise ValueError(f"group {(rq, rc)}: r_q and r_c must be at least 1")
-        if rq > num_query_tokens or rc > num_candidate_tokens:
-            raise ValueError(f"group {(rq, rc)} exceeds the meta tokens "
-                             f"(R_q={num_query_tokens}, R_c={num_candidate_tokens})")
-        if rq < prev[0] or rc < prev[1]:
-            raise ValueError(f"groups must grow coarse to fine, got {prev} before {(rq, rc)}")
 
 
 def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None):
@@ -157,20 +144,6 @@ def prepare(processor, texts, images=None, side="query", first=0, query_suffix=F
     prompts = [format_prompt(t, im is not None, side, query_suffix) for t, im in zip(texts, images)]
     pil = [backbones.load_image(im, f" (item {first + i})") for i, im in enumerate(images) if im is not None]
     return processor(text=prompts, images=pil or None, padding=True, return_tensors="pt")
-
-
-class _Batches(torch.utils.data.Dataset):
-    """Batch b of (texts, images) -> processor tensors; a DataLoader runs it in worker processes."""
-
-    def __init__(self, processor, texts, images, side, batch_size, query_suffix):
-        self.args = processor, texts, images, side, batch_size, query_suffix
-
-    def __len__(self):
-        return -(-len(self.args[1]) // self.args[4])
-
-    def __getitem__(self, b):
-        processor, texts, images, side, bs, suffix = self.args
-        return prepare(processor, texts[b * bs:(b + 1) * bs], images[b * bs:(b + 1) * bs], side, b * bs, suffix)
 
 
 # -----------------------------------------------------------------------------
@@ -259,7 +232,8 @@ class MetaEmbed(nn.Module):
         out = torch.empty(N, R, self.dim) if out is None else out
         if tuple(out.shape) != (N, R, self.dim):
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, self.dim)}")
-        batches = _Batches(self.processor, texts, images, side, batch_size, self.config.query_suffix)
+        batches = backbones.Batches(functools.partial(prepare, self.processor, side=side,
+                                                      query_suffix=self.config.query_suffix), texts, images, batch_size)
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                              pin_memory=self.device.type == "cuda")
         if progress:
@@ -365,10 +339,10 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
     labels = torch.arange(B, device=q.device) + offset                    # query u's positive
     losses = []
     for rq, rc in groups:
-        logits = maxsim_reference(q[:, :rq], pos[:, :rc])                  # (B, B'): s_g(q_u, c_v)
+        qg = q[:, :rq]                                                     # (B, r_q, D)
+        logits = maxsim_reference(qg, pos[:, :rc])                         # (B, B'): s_g(q_u, c_v)
         if neg is not None:
-            K = neg.shape[1]  # TEMPORARY (move check): the old full B x B K matrix, its diagonal
-            s = maxsim_reference(q[:, :rq], neg[:, :, :rc].flatten(0, 1)).view(B, B, K)[torch.arange(B), torch.arange(B)]
+            s = maxsim_pairwise(qg, neg[:, :, :rc])                        # (B, K): u's own negatives
             if neg_mask is not None:
                 s = s.masked_fill(~neg_mask.to(s.device, torch.bool).view(s.shape), float("-inf"))
             logits = torch.cat([logits, s], 1)                             # (B, B' + K)

@@ -28,8 +28,9 @@ import torch
 
 from kernels import maxsim, maxsim_topk
 from machinery import index as on_disk
-from machinery.checkpoints import DEFAULT_CHECKPOINT, resolve_checkpoint, write_atomic
-from metaembed import MetaEmbed, parse_budgets
+from machinery.checkpoints import DEFAULT_CHECKPOINT, write_atomic
+from machinery.checkpoints import load_model as load_model_at
+from metaembed import parse_budgets
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
@@ -287,9 +288,7 @@ def get_args(argv=None):
 
 
 def load_model(path):
-    found = resolve_checkpoint(path, log=lambda m: print(f"search.py: {m}", file=sys.stderr), hint=(
-        ": run `python train.py` first" if os.path.normpath(path) == DEFAULT_CHECKPOINT else ""))
-    model = MetaEmbed.from_pretrained(found)
+    model, found = load_model_at(path, "search.py")
     model.source = os.path.abspath(found)
     return model
 

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 from machinery import checkpoints, checks, distributed
 from machinery.backbones import is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
@@ -260,44 +261,6 @@ def _set_rng_state(state):
 # -----------------------------------------------------------------------------
 # set-up, and the loop
 
-@torch.no_grad()
-def evaluate_heldout(model, tasks, groups, batch_size, device):
-    """P@1 on the held-out rows at each Matryoshka group, averaged over tasks (sources)."""
-    from evaluate import score_retrieval
-    if not tasks:
-        return {}
-    out = {f"heldout_p1_{rq}x{rc}": 0.0 for rq, rc in groups}
-    for task in tasks.values():
-        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32,
-                                 progress=False)
-        for rq, rc in groups:
-            out[f"heldout_p1_{rq}x{rc}"] += res[f"{rq}x{rc}"]["P@1"] / len(tasks)
-    return out
-
-
-def prepare_out(args, ddp, world, master, say):
-    """Check --out and --log-file, find the checkpoint to resume from, clear old ones on
-    --overwrite. -> (checkpoint or None, the settings in force)."""
-    checks.writable_dir(checks.refuse, "--out", args.out)
-    if args.log_file:
-        checks.writable_file(checks.refuse, "--log-file", args.log_file)
-    resume_from = checkpoints.latest_checkpoint(args.out, checkpoints.TRAIN_FILES, log=say) if args.resume else None
-    settings = {**vars(args), "world_size": world}
-    used = checkpoints.check_resume(settings, resume_from) if resume_from else settings
-    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
-    distributed.barrier(ddp)  # every rank has looked before anything is removed
-    if stale:
-        if not args.overwrite:
-            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
-                             f"--overwrite to start afresh, or another --out")
-        if master:
-            checkpoints.clear_checkpoints(args.out)
-        distributed.barrier(ddp)
-    if args.resume and resume_from is None:
-        say(f"--resume: no checkpoint in {args.out}, starting fresh")
-    return resume_from, used
-
-
 def build_model(args, resume_from):
     if resume_from:
         return MetaEmbed.from_pretrained(resume_from)
@@ -353,7 +316,7 @@ def train(args):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
-    resume_from, used = prepare_out(args, ddp, world, master, say)
+    resume_from, used = checkpoints.prepare_out(args, world, master, say, ddp)
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp
     net, params = distributed.distribute(model, ddp, local, device, fsdp, args.grad_checkpointing)
@@ -400,7 +363,7 @@ def train(args):
             if isinstance(sampler, data.MixtureBatches):
                 rec["seen"] = sampler.seen(step + 1)                   # examples per source, this rank
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-                rec.update(evaluate_heldout(model, heldout, cfg.groups, B, device))
+                rec.update(evaluate.heldout_p_at_1(model, heldout, cfg.groups, B, device))
                 net.train()
                 say(f"step {step + 1}: held-out P@1 " + ", ".join(
                     f"{k.rsplit('_', 1)[1]} {100 * v:.1f}" for k, v in rec.items() if k.startswith("heldout_p1_")))

@@ -154,6 +154,21 @@ def add_lora(backbone, config):
 # -----------------------------------------------------------------------------
 # images and the processor
 
+class Batches(torch.utils.data.Dataset):
+    """Batch b of (texts, images) -> prepare(texts, images, first=b * batch_size), the processor
+    tensors; a DataLoader runs it in worker processes (prepare: a picklable partial)."""
+
+    def __init__(self, prepare, texts, images, batch_size):
+        self.prepare, self.texts, self.images, self.bs = prepare, texts, images, batch_size
+
+    def __len__(self):
+        return -(-len(self.texts) // self.bs)
+
+    def __getitem__(self, b):
+        lo, hi = b * self.bs, (b + 1) * self.bs
+        return self.prepare(self.texts[lo:hi], self.images[lo:hi], first=lo)
+
+
 class ImageTextProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without the video processor (which needs torchvision); left padding,
     so the meta tokens appended after it are the last positions of every row."""

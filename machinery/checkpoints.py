@@ -113,6 +113,17 @@ def resolve_checkpoint(path, log=None, hint=""):
     raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}{hint}")
 
 
+def load_model(path, tool, hint=""):
+    """A command-line tool's model: the checkpoint at `path` (or the newest in a train.py --out
+    folder) -> (MetaEmbed, the checkpoint folder). Fallbacks are said on stderr as `tool`."""
+    import sys
+
+    from metaembed import MetaEmbed
+    hint = f": run `python train.py` first{hint}" if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""
+    found = resolve_checkpoint(path, log=lambda m: print(f"{tool}: {m}", file=sys.stderr), hint=hint)
+    return MetaEmbed.from_pretrained(found), found
+
+
 def latest_checkpoint(out, files=MODEL_FILES, log=None):
     """The checkpoint to continue from in a train.py --out folder: the one OUT/latest names, or,
     if that one is missing or incomplete, the newest complete other (said through `log`). None if
@@ -236,3 +247,27 @@ def check_resume(settings, path):
                          f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
                          f"may change), or train afresh into another --out")
     return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
+
+
+def prepare_out(args, world, master, say, ddp=False):
+    """train.py's set-up of --out: check --out and --log-file, find the checkpoint to resume from, clear old ones on
+    --overwrite. -> (checkpoint or None, the settings in force)."""
+    from machinery import checks, distributed
+    checks.writable_dir(checks.refuse, "--out", args.out)
+    if args.log_file:
+        checks.writable_file(checks.refuse, "--log-file", args.log_file)
+    resume_from = latest_checkpoint(args.out, TRAIN_FILES, log=say) if args.resume else None
+    settings = {**vars(args), "world_size": world}
+    used = check_resume(settings, resume_from) if resume_from else settings
+    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
+    distributed.barrier(ddp)  # every rank has looked before anything is removed
+    if stale:
+        if not args.overwrite:
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
+                             f"--overwrite to start afresh, or another --out")
+        if master:
+            clear_checkpoints(args.out)
+        distributed.barrier(ddp)
+    if args.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
+    return resume_from, used

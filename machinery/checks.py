@@ -70,3 +70,17 @@ def check_encode_inputs(texts, images, batch_size):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return texts, images
+
+
+def check_groups(groups, num_query_tokens, num_candidate_tokens):
+    """Groups must be nested prefixes: non-decreasing, and within the trained tokens."""
+    if not groups:
+        raise ValueError("groups is empty: give at least one (r_q, r_c) pair")
+    for (rq, rc), prev in zip(groups, ((0, 0),) + tuple(groups[:-1])):
+        if rq < 1 or rc < 1:
+            raise ValueError(f"group {(rq, rc)}: r_q and r_c must be at least 1")
+        if rq > num_query_tokens or rc > num_candidate_tokens:
+            raise ValueError(f"group {(rq, rc)} exceeds the meta tokens "
+                             f"(R_q={num_query_tokens}, R_c={num_candidate_tokens})")
+        if rq < prev[0] or rc < prev[1]:
+            raise ValueError(f"groups must grow coarse to fine, got {prev} before {(rq, rc)}")

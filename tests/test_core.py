@@ -262,8 +262,12 @@ def test_real_backbone_caps_pages_at_1024_visual_tokens(hub_backbone, tmp_path):
 def test_odd_images_are_upsized_or_named(tiny, tmp_path):
     """Images under 28 px on an edge are upsized (one visual token); strips past the processor's
     aspect limit and unreadable files are named in the error."""
-    for size in ((1, 1), (5, 30), (27, 27)):
-        assert tiny.encode_candidates([""], [Image.new("RGB", size, "red")]).shape == (1, 64, tiny.dim)
+    from machinery.backbones import load_image
+    for size, want in (((1, 1), (28, 28)), ((5, 30), (28, 168)), ((27, 27), (28, 28)), ((28, 3), (261, 28))):
+        small = Image.new("RGB", size, (200, 30, 10))
+        big = load_image(small)
+        assert big.size == want and [c for _, c in big.getcolors()] == [(200, 30, 10)]   # the same picture, upsized
+        torch.testing.assert_close(tiny.encode_candidates([""], [small]), tiny.encode_candidates([""], [big]))
     with pytest.raises(ValueError, match=r"\(item 0\) is 1x300: an aspect ratio over 200"):
         tiny.encode_candidates([""], [Image.new("RGB", (1, 300))])
     bad = tmp_path / "truncated.png"

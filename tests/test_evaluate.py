@@ -187,7 +187,9 @@ def test_vidore_beir_layout_and_cli(tmp_path, tiny_checkpoint):
 
 
 def test_cli_errors(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "DEFAULT_CHECKPOINT", str(tmp_path / "out" / "tiny-synthetic"))
+    from machinery import checkpoints
+    for module in (evaluate, checkpoints):
+        monkeypatch.setattr(module, "DEFAULT_CHECKPOINT", str(tmp_path / "out" / "tiny-synthetic"))
     with pytest.raises(SystemExit, match="no MetaEmbed checkpoint.*run `python train.py` first"):
         evaluate.main(["--budgets", "1"])
     ck = tmp_path / "ck"
@@ -291,3 +293,22 @@ def test_corrupt_page_in_a_dataset_is_named(tmp_path, tiny):
             raise UnidentifiedImageError("cannot identify image file")
     with pytest.raises(ValueError, match=r"cannot decode image \(item 1\): cannot identify"):
         tiny.encode_candidates(["", ""], [Image.new("RGB", (28, 28)), Broken()])
+
+
+def test_maxsim_path_from_the_environment(monkeypatch, tmp_path):
+    """METAEMBED_MAXSIM on the command line forces a MaxSim path (passed down as backend=), and a
+    path that does not exist is one line, not a traceback."""
+    import kernels
+    from machinery import cpu_kernel
+    used, chunked, fused = [], kernels.maxsim_chunked, cpu_kernel.maxsim_c
+    monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
+    monkeypatch.setattr(cpu_kernel, "maxsim_c", lambda *a, **k: used.append("c") or fused(*a, **k))
+    argv = ["--backbone", "tiny", "--synthetic-scenes", "4", "--budgets", "1,64", "--batch-size", "16"]
+    for path in ("torch", "c") if cpu_kernel.library() is not None else ("torch",):
+        monkeypatch.setenv("METAEMBED_MAXSIM", path)
+        used.clear()
+        evaluate.main(argv)
+        assert used and set(used) == {path}, (path, set(used))
+    monkeypatch.setenv("METAEMBED_MAXSIM", "bogus")
+    with pytest.raises(SystemExit, match=r"^evaluate.py: error: unknown maxsim backend 'bogus'"):
+        evaluate.main(argv)

@@ -395,3 +395,14 @@ def test_c_kernel_covers_every_candidate_of_a_tile(width):
             torch.testing.assert_close(maxsim_c(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
     finally:
         torch.set_num_threads(old)
+
+
+def test_pairwise_scores_each_query_against_its_own_candidates():
+    """maxsim_pairwise (the loss's hard negatives): s[b, k] = MaxSim(q_b, c_{b,k}), the diagonal
+    blocks of the full B x B K matrix, computed without the rest."""
+    from kernels import maxsim_pairwise
+    q, c = ragged(5, 3, 8, 70)[0], ragged(5 * 2, 4, 8, 71)[0].view(5, 2, 4, 8)
+    want = torch.stack([brute_maxsim(q[b:b + 1], c[b])[0] for b in range(5)]).float()     # (B, K)
+    torch.testing.assert_close(maxsim_pairwise(q, c), want, atol=1e-6, rtol=0)
+    full = maxsim_reference(q, c.flatten(0, 1)).view(5, 5, 2)
+    torch.testing.assert_close(maxsim_pairwise(q, c), full[torch.arange(5), torch.arange(5)], atol=1e-6, rtol=0)

@@ -8,11 +8,11 @@ from PIL import Image
 
 import search
 from kernels import maxsim, maxsim_topk
+from metaembed import MetaEmbed
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    from metaembed import MetaEmbed
     path = tmp_path_factory.mktemp("ck") / "tiny"
     MetaEmbed.from_backbone("tiny", seed=1, proj_dim=8).save_pretrained(path)
     return str(path)
@@ -83,7 +83,6 @@ def test_cli_query_json_and_errors(scenes, ckpt, tmp_path, capsys):
     with pytest.raises(SystemExit, match="no image files"):
         search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--images", str(tmp_path / "empty")])
     # an index built by another model
-    from metaembed import MetaEmbed
     other = tmp_path / "other"
     MetaEmbed.from_backbone("tiny", seed=1, proj_dim=4).save_pretrained(other)
     meta = json.load(open(os.path.join(out, "index.json")))
@@ -104,7 +103,7 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
         Image.new("RGB", (40, 40), (25 * i, 0, 200 - 20 * i)).save(pics / ("sub" if i % 2 else ".") / f"p{i}.png")
     (pics / "broken.png").write_bytes(b"\x89PNG not really")
     monkeypatch.setattr(search, "SHARD", 4)
-    real = search.MetaEmbed.encode_candidates
+    real = MetaEmbed.encode_candidates
     calls = []
 
     def crash_on_third_shard(self, *a, **k):     # shard 0: 1 failing batch + 4 one by one; shard 1: 1
@@ -112,14 +111,14 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
         if len(calls) == 7:
             raise KeyboardInterrupt("simulated crash")
         return real(self, *a, **k)
-    monkeypatch.setattr(search.MetaEmbed, "encode_candidates", crash_on_third_shard)
+    monkeypatch.setattr(MetaEmbed, "encode_candidates", crash_on_third_shard)
     out = tmp_path / "idx"
     with pytest.raises(KeyboardInterrupt):
         search.main(["index", "--checkpoint", ckpt, "--out", str(out), "--images", str(pics)])
     assert not (out / "index.json").exists() and json.load(open(out / "progress.json"))["done"] == [0, 4]
     with pytest.raises(SystemExit, match="not a finished index"):
         search.main(["query", "--index", str(out), "x"])
-    monkeypatch.setattr(search.MetaEmbed, "encode_candidates", real)
+    monkeypatch.setattr(MetaEmbed, "encode_candidates", real)
     search.main(["index", "--checkpoint", ckpt, "--out", str(out), "--images", str(pics)])
     assert "skipped item 0 (" in capsys.readouterr().out and "broken.png" in (out / "skipped.jsonl").read_text()
     fresh = tmp_path / "fresh"

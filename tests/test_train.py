@@ -1,6 +1,7 @@
 """train.py: a short run learns, resume is exact, 2 processes (gloo) == 1 process."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -153,9 +154,19 @@ def test_resume_refuses_changed_settings(tmp_path):
     common = ["--steps", "4", "--batch-size", "4", "--save-every", "2"]
     run(tmp_path, "r", *common)
     for extra, said in ((["--lr", "1e-3"], "--lr 0.003 -> 0.001"), (["--batch-size", "8"], "--batch-size 4 -> 8"),
-                        (["--query-tokens", "2"], "--query-tokens 4 -> 2"), (["--seed", "1"], "--seed 0 -> 1")):
-        with pytest.raises(ValueError, match=f"other settings than it was trained with .*{said}"):
+                        (["--query-tokens", "2"], "--query-tokens 4 -> 2"), (["--seed", "1"], "--seed 0 -> 1"),
+                        (["--backbone", "Qwen/Qwen2-VL-2B-Instruct"], "--backbone 'tiny' -> 'Qwen/Qwen2-VL-2B-Instruct'"),
+                        (["--data", "colpali-train"], "--data 'synthetic' -> 'colpali-train'"),
+                        (["--synthetic-size", "300"], "--synthetic-size 400 -> 300"),
+                        (["--max-pixels", "12544"], "--max-pixels None -> 12544"),
+                        (["--min-pixels", "1568"], "--min-pixels None -> 1568")):
+        with pytest.raises(ValueError, match=f"other settings than it was trained with .*{re.escape(said)}"):
             run(tmp_path, "r", *common, *extra, "--resume")
+    # another number of processes (torchrun --nproc_per_node 2): the data order would change
+    settings = {**vars(train.get_args(SMALL + ["--out", str(tmp_path / "r"), "--log-file", str(tmp_path / "r.jsonl"),
+                                             *common, "--resume"])), "world_size": 2}
+    with pytest.raises(ValueError, match="other settings than it was trained with .*processes 1 -> 2"):
+        train.checkpoints.check_resume(settings, str(tmp_path / "r" / "checkpoint-0000004"))
     # what may change does, and is what the next checkpoint records
     import shutil
     shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")         # back to step 2, then steps 3-4 again
@@ -178,6 +189,10 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit, match=r"^train.py: error: cannot write --out .*file/out"):
         train.main(SMALL + ["--out", str(tmp_path / "file" / "out"), "--steps", "1"])
+    for log in (tmp_path / "no-such-folder" / "log.jsonl", tmp_path):       # no folder for it; a folder
+        with pytest.raises(SystemExit, match=rf"^train.py: error: cannot write --log-file {re.escape(str(log))}"):
+            train.main(SMALL + ["--out", str(tmp_path / "o2"), "--steps", "1", "--log-file", str(log)])
+    assert not (tmp_path / "o2" / "latest").exists()                       # refused before any training
     with pytest.raises(SystemExit, match=r"^train.py: error: unknown backbone 'qwen-vl-9000': not an alias \(tiny, qwen2-vl-2b"):
         train.main(SMALL + ["--backbone", "qwen-vl-9000", "--out", str(tmp_path / "o"), "--steps", "1"])
 
@@ -254,12 +269,28 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
                                    "B": {"weight": 3.0, "path": moca_copy(tmp_path, "B", 60)}}))
     common = ["--mixture", str(mix), "--holdout", "8", "--source-run", "3", "--num-negatives", "2",
               "--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "2"]
-    _, log = run(tmp_path, "full", *common)
-    assert log[-1]["seen"] == {"A": log[-1]["seen"]["A"], "B": 16 - log[-1]["seen"]["A"]}
-    assert [sum(r["seen"].values()) for r in log] == [4, 8, 12, 16]
-    for r in (log[1], log[3]):
-        assert {"heldout_p1_1x1", "heldout_p1_4x8"} <= set(r)    # means of two sources' hits out of 8 each:
-        assert all((r[k] * 16).is_integer() and 0 <= r[k] <= 1 for k in r if "heldout" in k)   # multiples of 1/16
+    path, log = run(tmp_path, "full", *common)
+    # the examples seen per source are those of the mixture's order (seed 0, rank 0, epoch 0, runs of 3)
+    order = train.data.load_mixture(str(mix), holdout=8, seed=0)
+    src = order.epoch(0, 0, 0, 3)[0]
+    assert [r["seen"] for r in log] == [{"A": int((src[:n] == 0).sum()), "B": int((src[:n] == 1).sum())}
+                                        for n in (4, 8, 12, 16)]
+    # weights 1 : 3 over the 104 training examples' first 60 (both sources live): B's share 0.75, within 0.15
+    assert abs((src[:60] == 1).mean() - 0.75) < 0.15
+    # held-out P@1 at step 4, recomputed from the saved model: each source's 8 held-out queries
+    # against its 8 positives, the argmax of the prefix MaxSim (then the mean over the two sources)
+    from kernels import maxsim_reference
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_pretrained(path)
+    want = {}
+    for held in order.heldout:
+        rows = [held[i] for i in range(len(held))]
+        q = model.encode_queries([r["qry_text"] for r in rows], [r["qry_image"] for r in rows])
+        c = model.encode_candidates([r["pos_text"] for r in rows], [r["pos_image"] for r in rows])
+        for rq, rc in model.config.groups:
+            hits = (maxsim_reference(q[:, :rq], c[:, :rc]).argmax(1) == torch.arange(len(rows))).float().mean()
+            want[f"heldout_p1_{rq}x{rc}"] = want.get(f"heldout_p1_{rq}x{rc}", 0.0) + hits.item() / 2
+    assert {k: log[3][k] for k in want} == pytest.approx(want, abs=1e-9) and "heldout_p1_1x1" in log[1]
     assert "heldout_p1_1x1" not in log[0]
     crash_at_batch(monkeypatch, 4, lambda: run(tmp_path, "part", *common))
     _, log_res = run(tmp_path, "part", *common, "--resume")
