@@ -406,3 +406,19 @@ def test_pairwise_scores_each_query_against_its_own_candidates():
     torch.testing.assert_close(maxsim_pairwise(q, c), want, atol=1e-6, rtol=0)
     full = maxsim_reference(q, c.flatten(0, 1)).view(5, 5, 2)
     torch.testing.assert_close(maxsim_pairwise(q, c), full[torch.arange(5), torch.arange(5)], atol=1e-6, rtol=0)
+
+
+def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
+    """The first-time probe of 'one query, 1x1, D > 256, 16-bit' times 10,000 candidates' first
+    vectors (30 MB) as a prefix view of a (16, 64) index; it used to build the whole float32
+    index first and raised the process's peak memory by 7.3 GiB."""
+    if not c_kernel_builds():
+        pytest.skip("the C kernel does not build here: no dispatch is measured")
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: None)
+    with open("/proc/self/clear_refs", "w") as f:       # reset the peak (VmHWM) to the current RSS
+        f.write("5")
+    status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])  # noqa: E731
+    base = status("VmRSS")
+    cpu_kernel.measured_choice("one-query/rc1/D>256/16bit")
+    assert (status("VmHWM") - base) * 1024 < 512 << 20
