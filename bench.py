@@ -26,6 +26,15 @@ from metaembed import GROUPS
 
 
 
+def cpu_name():
+    """The CPU's model name (/proc/cpuinfo), which a number here must say it came from."""
+    try:
+        line = next(ln for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+        return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores"
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def naive_einsum(q, c):
     """colpali-engine's score_multi_vector, on the whole corpus at once."""
     return torch.einsum("bnd,csd->bcns", q, c).max(dim=3)[0].sum(dim=2).float()
@@ -426,7 +435,7 @@ def main():
         cpu_kernel.choices.clear()
         if cpu_kernel.dispatch_file() and cpu_kernel.dispatch_file().exists():
             cpu_kernel.dispatch_file().unlink()
-        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; "
+        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; "
               f"kept in {cpu_kernel.dispatch_file()}")
         for one in ("one-query", "many-queries"):
             for rc in ("rc1", "multi"):
@@ -441,19 +450,19 @@ def main():
         return
     if args.layout:
         r = layout_bench()
-        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; peaks "
+        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; peaks "
               f"{r['peaks'][0] / 1e9:.0f} GFLOP/s, {r['peaks'][1] / 1e9:.1f} GB/s; {r['Nq']} x {r['N']} at 1x1, D={r['D']}")
         for row in r["rows"]:
             print(f"  {row['layout']:<26} {row['backend']:<6} {row['ms']:7.1f} ms  limit {row['limit_ms']:5.1f} ms  "
                   f"{row['x_limit']:.2f}x the limit  (max err {row['max_err']:.1e})")
         print("  bytes read per budget r_c (fraction of the index): " +
               ", ".join(f"{b}: {f:.4f}" for b, f in r["bytes_read_fraction"].items()))
-        write_json(args.json, {**r, "device": platform.processor() or platform.machine()})
+        write_json(args.json, {**r, "device": cpu_name()})
         return
     if args.cascade:
         results = [cascade_bench(path) for path in args.cascade]
         results += [cascade_bench(random_size=tuple(int(x) for x in s.split("x")), queries=20) for s in args.random]
-        print(f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
         for r in results:
             print(f"cascade 1x1 -> 16x64, {r['candidates']} candidates x D={r['dim']}"
                   f"{' (random: speed only)' if r['random'] else ''}, {r['queries']} queries one at a time, top-{r['k']}:")
@@ -496,7 +505,7 @@ def main():
     repeats = 3 if args.quick else 7
     if dev.type == "cpu":
         dtype = torch.float32
-        name = platform.processor() or platform.machine()
+        name = cpu_name()
         print(f"CPU: {name}, {torch.get_num_threads()} threads, torch {torch.__version__}, float32")
     else:
         dtype = torch.bfloat16
