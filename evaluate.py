@@ -15,6 +15,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 
 import torch
@@ -221,6 +222,17 @@ def get_args(argv=None):
     return args
 
 
+def unique_names(paths):
+    """A result key per data set: its folder's name, or as many trailing path parts as make it
+    unique (a/docvqa and b/docvqa are two sets, not one column)."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"--vidore names the same data set twice: {paths}")
+
+
 def load_tasks(args, train_args):
     """The benchmark's tasks -> (headline metric, {name: (scorer, task)}), every data set checked
     before anything is encoded."""
@@ -229,8 +241,8 @@ def load_tasks(args, train_args):
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         return "P@1", {name: (score_retrieval, task) for name, task in tasks.items()}
     if args.benchmark == "vidore":
-        return "NDCG@5", {os.path.basename(os.path.normpath(path)): (score_retrieval, data.load_vidore(path, args.max_rows))
-                          for path in args.vidore}
+        return "NDCG@5", {name: (score_retrieval, data.load_vidore(path, args.max_rows))
+                          for name, path in zip(unique_names(args.vidore), args.vidore)}
     subsets = args.subsets or data.MMEB_SUBSETS
     unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
     if unknown:
@@ -260,10 +272,15 @@ def evaluate(args):
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": model.dim,
                "index_dtype": args.index_dtype, "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
+    # --index-dir: this run's own folder in it, so runs sharing one --index-dir never mix files
+    run_dir = tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=args.index_dir) \
+        if args.index_dir else None
+    if run_dir:
+        results["index_dir"] = run_dir
     for name, (scorer, task) in tasks.items():
         # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
         res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
-                          index_path=os.path.join(args.index_dir, name) if args.index_dir else None,
+                          index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
                           backend=os.environ.get("METAEMBED_MAXSIM"))
         results["tasks"][name] = {**res, "encode_seconds": enc}
     results["headline"] = headline

@@ -20,15 +20,20 @@ among many is skipped, listed in skipped.jsonl and never returned.
 """
 import argparse
 import json
+import math
 import os
+import stat
 import sys
 import time
+import uuid
 
 import torch
 
 from kernels import maxsim, maxsim_topk
+from machinery import checks
+from machinery.backbones import max_text_tokens
 from machinery import index as on_disk
-from machinery.checkpoints import DEFAULT_CHECKPOINT, write_atomic
+from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint, write_atomic
 from machinery.checkpoints import load_model as load_model_at
 from metaembed import parse_budgets
 
@@ -55,6 +60,10 @@ class Index:
         self.bounds = self.vectors.bounds
         with open(os.path.join(self.path, "items.jsonl")) as f:
             self.items = [json.loads(line) for line in f]
+        if len(self.items) != self.N or any(it.get("n", n) != n for n, it in enumerate(self.items)):
+            raise ValueError(f"index {self.path}: items.jsonl lists {len(self.items)} items"
+                             f"{' out of order' if len(self.items) == self.N else ''}, index.json {self.N}: the "
+                             f"labels would not match the vectors; rebuild the index")
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
 
     def budget(self, r_c):
@@ -83,6 +92,12 @@ class Index:
                 out_i.append(block.gather(1, pos))
             s, i = torch.cat(out_s), torch.cat(out_i)
         keep = [[(float(x), int(j)) for x, j in zip(sr, ir) if int(j) not in self.skipped][:k] for sr, ir in zip(s, i)]
+        damaged = sorted({j for r in keep for x, j in r if not math.isfinite(x)})
+        if damaged:   # a NaN or inf in a stored vector: never returned as a score
+            named = ", ".join(f"{j} ({self.items[j]['id']})" for j in damaged[:5])
+            raise ValueError(f"index {self.path}: item(s) {named} "
+                             f"score NaN or inf (their vectors are damaged): run `search.py verify {self.path}`, "
+                             f"then rebuild the index")
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))
 
@@ -90,58 +105,102 @@ class Index:
 # -----------------------------------------------------------------------------
 # building an index
 
-def list_items(args):
-    """-> [(id, text, image, source)] from --images, --texts, --pdf or the synthetic scenes."""
+def list_items(args, model=None):
+    """-> ([(id, text, image, source)], [unreadable inputs {source, error}]) from --images, --texts,
+    --pdf or the synthetic scenes. What cannot be an item (a FIFO, a file that is no PDF) is listed
+    and skipped; what no item can come from at all is one line."""
     if args.images:
-        if not os.path.isdir(args.images):
-            raise FileNotFoundError(f"--images {args.images}: no such folder")
-        files = sorted(os.path.join(r, f) for r, _, fs in os.walk(args.images) for f in fs
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
-        if not files:
-            raise ValueError(f"--images {args.images}: no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
-        return [(os.path.relpath(f, args.images), "", f, f) for f in files]
+        return image_files(args.images), []
     if args.texts:
-        items = []
-        with open(args.texts) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        r = json.loads(line)
-                        items.append((str(r.get("id", n)), r["text"], None, r["text"][:200]))
-                    except (ValueError, KeyError, TypeError):
-                        raise ValueError(f"--texts {args.texts} line {n}: expected a JSON object with 'text' "
-                                         f"(and optionally 'id')") from None
-        if not items:
-            raise ValueError(f"--texts {args.texts}: no items in it")
-        return items
+        return text_lines(args.texts, model), []
     if args.pdf:
         return pdf_pages(args.pdf, args.max_pixels)
     import data                                   # the offline default: the synthetic eval scenes
     tasks = data.synthetic_eval(args.synthetic_scenes, seed=0)
     captions = tasks["i2t"]["corpus"]                            # the same scenes, as text
-    return [(d, "", im, captions[d][0]) for d, (_, im) in tasks["t2i"]["corpus"].items()]
+    return [(d, "", im, captions[d][0]) for d, (_, im) in tasks["t2i"]["corpus"].items()], []
+
+
+def walk(root, keep):
+    """Regular files under root whose names pass keep, sorted; symlinked folders followed, each
+    real folder once (a link back up cannot loop); FIFOs, sockets and devices never opened."""
+    seen, out = set(), []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        out += [os.path.join(folder, f) for f in files if keep(f) and stat.S_ISREG(os.stat(os.path.join(folder, f)).st_mode)]
+    return sorted(out)
+
+
+def image_files(folder):
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"--images {folder}: no such folder")
+    files = walk(folder, lambda f: f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files:
+        raise ValueError(f"--images {folder}: no image files in it ({', '.join(IMAGE_EXTENSIONS)})")
+    return [(os.path.relpath(f, folder), "", f, f) for f in files]
+
+
+def text_lines(path, model=None):
+    """A JSONL file, one {"id": ..., "text": ...} a line (a UTF-8 byte-order mark allowed). A text
+    longer than the model's positions is cut to fit, and said once."""
+    if not os.path.isfile(path):
+        raise ValueError(f"--texts {path}: not a file (give a JSONL file, one {{\"id\": ..., \"text\": ...}} a line)")
+    items, cut = [], 0
+    limit = max_text_tokens(model) if model is not None else None
+    with open(path, encoding="utf-8-sig") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
+                raise ValueError(f"--texts {path} line {n}: expected a JSON object with 'text' (a string) "
+                                 f"and optionally 'id'")
+            text = r["text"]
+            if limit and len(text.encode()) > limit:       # tokens <= bytes: only long texts are tokenized
+                ids = model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+                if len(ids) > limit:
+                    text, cut = model.processor.tokenizer.decode(ids[:limit]), cut + 1
+            items.append((str(r.get("id", n)), text, None, r["text"][:200]))
+    if not items:
+        raise ValueError(f"--texts {path}: no items in it")
+    if cut:
+        print(f"search.py: {cut} text(s) longer than the model's {limit} text tokens were cut to fit", file=sys.stderr)
+    return items
 
 
 def pdf_pages(path, max_pixels):
     """Every page of a PDF (or of every PDF in a folder), rendered with pypdfium2 at the resolution
-    that fills the model's image cap, decoded lazily."""
+    that fills the model's image cap, decoded lazily. A file that is not a PDF is listed, not fatal."""
     try:
         import pypdfium2 as pdfium
     except ImportError:
         raise ImportError("--pdf needs pypdfium2: pip install pypdfium2") from None
-    files = [path] if os.path.isfile(path) else sorted(
-        os.path.join(r, f) for r, _, fs in os.walk(path) for f in fs if f.lower().endswith(".pdf"))
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--pdf {path}: no such file or folder")
+    files = [path] if os.path.isfile(path) else walk(path, lambda f: f.lower().endswith(".pdf"))
     if not files:
         raise ValueError(f"--pdf {path}: no PDF there")
-    items = []
+    items, unreadable = [], []
     for f in files:
         try:
             n = len(pdfium.PdfDocument(f))
         except pdfium.PdfiumError as e:
-            raise ValueError(f"--pdf: cannot open {f}: {e}") from None
+            if len(files) == 1:
+                raise ValueError(f"--pdf: cannot open {f}: {e}") from None
+            unreadable.append({"source": f, "error": f"not a readable PDF ({e})"})
+            continue
         items += [(f"{os.path.basename(f)}#p{p + 1}", "", _PdfPage(f, p, max_pixels), f"{f} page {p + 1}")
                   for p in range(n)]
-    return items
+    if not items:
+        raise ValueError(f"--pdf {path}: no readable page in {len(files)} file(s)")
+    return items, unreadable
 
 
 class _PdfPage:
@@ -150,27 +209,36 @@ class _PdfPage:
 
     def __call__(self):
         import pypdfium2 as pdfium
-        page = pdfium.PdfDocument(self.file)[self.page]
-        w, h = page.get_size()                                       # points (1/72 inch)
-        scale = min(4.0, (self.max_pixels / (w * h)) ** 0.5)         # fill the cap, no more
-        return page.render(scale=scale).to_pil().convert("RGB")
+        try:
+            page = pdfium.PdfDocument(self.file)[self.page]
+            w, h = page.get_size()                                       # points (1/72 inch)
+            scale = min(4.0, (self.max_pixels / (w * h)) ** 0.5)         # fill the cap, no more
+            return page.render(scale=scale).to_pil().convert("RGB")
+        except (pdfium.PdfiumError, IndexError, ValueError) as e:        # a broken page: skipped, listed
+            raise ValueError(f"page {self.page + 1} of {self.file} cannot be rendered ({e})") from None
 
 
 def build_index(model, items, out, batch_size=32, progress=True):
-    """Encode items into the index folder `out`, resumably (shards marked done in progress.json)."""
+    """Encode items into the index folder `out`, resumably (shards marked done in progress.json).
+    The index records the checkpoint's fingerprint (its contents): a rerun with another model is
+    refused, and so is a query once the checkpoint has changed."""
     os.makedirs(out, exist_ok=True)
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
-    listing = [{"id": i, "source": s if isinstance(s, str) else str(s)} for i, _, _, s in items]
+    listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s)} for n, (i, _, _, s) in enumerate(items)]
     state_file = os.path.join(out, "progress.json")
     state = json.load(open(state_file)) if os.path.isfile(state_file) else None
-    if state and (state["items"] != listing or state["dim"] != D or state["model"] != model.config.backbone):
-        raise ValueError(f"{out} holds an unfinished index of other items or another model: remove it, or "
-                         f"index into another --out")
+    if state and state.get("fingerprint") != model.fingerprint:
+        raise ValueError(f"{out} holds an unfinished index encoded by checkpoint {state.get('checkpoint')} "
+                         f"(fingerprint {state.get('fingerprint')}), not by {model.source} ({model.fingerprint}): "
+                         f"resume with that checkpoint, or remove {out} to index afresh")
+    if state and (state["items"] != listing or state["dim"] != D):
+        raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
         vectors = on_disk.create(out, N, R_c, D, model.config.groups, on_disk.default_dtype(D))
         state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
+                 "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
         write_atomic(state_file, json.dumps(state))
     vectors = on_disk.Vectors(out, state["vectors"])
@@ -189,7 +257,8 @@ def build_index(model, items, out, batch_size=32, progress=True):
                 try:
                     model.encode_candidates([t], [im], batch_size=1, out=vectors.rows(s + n, 1))
                 except (FileNotFoundError, ValueError) as e:
-                    state["skipped"].append({"item": s + n, "source": str(src), "error": str(e)[:300]})
+                    said = str(e).replace(" (item 0)", "")        # the one-item batch's own numbering
+                    state["skipped"].append({"item": s + n, "source": str(src), "error": said[:300]})
         state["done"].append(s)
         write_atomic(state_file, json.dumps(state))            # atomically: this shard is done
         if bar:
@@ -200,50 +269,129 @@ def build_index(model, items, out, batch_size=32, progress=True):
     write_atomic(os.path.join(out, "items.jsonl"), "".join(
         json.dumps({**it, **({"skipped": True} if n in skipped else {})}) + "\n" for n, it in enumerate(listing)))
     write_atomic(os.path.join(out, "skipped.jsonl"), "".join(json.dumps(r) + "\n" for r in state["skipped"]))
+    if len(skipped) == N:
+        raise ValueError(f"every one of the {N} items was skipped (see {out}/skipped.jsonl): nothing to index")
     on_disk.write_meta(out, {**vectors.meta, "num_query_tokens": model.config.num_query_tokens,
                              "model_groups": model.config.groups, "checkpoint": model.source,
-                             "backbone": model.config.backbone, "skipped": len(skipped)})
+                             "fingerprint": model.fingerprint, "index_id": state["index_id"],
+                             "backbone": model.config.backbone, "skipped": len(skipped),
+                             "checksums": on_disk.checksums(vectors)})
     os.remove(state_file)
     return state["skipped"]
 
 
 # -----------------------------------------------------------------------------
-# Qdrant: sharded, replicated, HNSW on the first vector, native multivector MaxSim
+# verify: the files against their checksums, the items, the vectors' values
 
-def qdrant_client(where):
+def verify(path):
+    """-> the problems of an index folder, in words ([] if none)."""
+    try:
+        index = Index(path)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        return [str(e)]
+    problems = []
+    want = index.meta.get("checksums")
+    if want is None:
+        problems.append("index.json holds no checksums (built before they were written): rebuild to verify it")
+    else:
+        got = on_disk.checksums(index.vectors)
+        problems += [f"{f} does not match its checksum: the file changed after indexing" for f in want if got.get(f) != want[f]]
+    bad = [j for j in on_disk.non_finite_rows(index.vectors) if j not in index.skipped]
+    if bad:
+        named = ", ".join(f"{j} ({index.items[j]['id']})" for j in bad[:10])
+        problems.append(f"{len(bad)} item(s) hold NaN or inf: {named}")
+    return problems
+
+
+# -----------------------------------------------------------------------------
+# Qdrant: sharded, replicated, HNSW on the first vector, native multivector MaxSim. Every point
+# carries the index's id and fingerprint, so a collection is tied to the index that wrote it.
+
+def qdrant_client(where, collection=None, index=None, overwrite=False):
+    """A client for a local folder or a server's URL, checked at once (unreachable, unwritable,
+    held by another process: one line, before any encoding). With an index: its collection may
+    be written (empty, or this index's own; another index's only with overwrite)."""
     try:
         from qdrant_client import QdrantClient
     except ImportError:
         raise ImportError("--qdrant needs qdrant-client: pip install qdrant-client") from None
-    return QdrantClient(url=where) if where.startswith(("http://", "https://")) else QdrantClient(path=where)
+    try:
+        if where.startswith(("http://", "https://")):
+            client = QdrantClient(url=where, timeout=10)
+        else:
+            if os.path.exists(where) and not os.path.isdir(where):
+                raise ValueError("it is a file, not a folder")
+            client = QdrantClient(path=where)
+        exists = collection is not None and client.collection_exists(collection)
+    except Exception as e:  # noqa: BLE001 - the client's many error types all mean "not usable here"
+        raise ValueError(f"--qdrant {where}: cannot use it ({type(e).__name__}: {str(e)[:200]})") from None
+    if exists and index is not None and not overwrite:
+        owner = collection_owner(client, collection)
+        if owner and owner != index["index_id"]:
+            raise ValueError(f"Qdrant collection {collection!r} at {where} holds another index ({owner}): pass "
+                             f"--overwrite to replace it, or --collection another name")
+    return client
 
 
-def to_qdrant(index, client, collection="metaembed", batch=256):
+def collection_owner(client, collection):
+    points, _ = client.scroll(collection, limit=1, with_payload=True, with_vectors=False)
+    return points[0].payload.get("index_id") if points else None
+
+
+def to_qdrant(index, client, collection="metaembed", batch=256, overwrite=False):
     """One point per candidate: a dense vector 'first' (E_c[0], for HNSW) and one multivector
-    'mv{r_c}' (MAX_SIM over the first r_c vectors) per stored budget."""
+    'mv{r_c}' (MAX_SIM over the first r_c vectors) per stored budget, with the index's id. An
+    existing collection of this index is completed (upserts are idempotent), another's replaced
+    only with overwrite."""
     from qdrant_client import models
     dot = models.Distance.DOT
     mv = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
     if client.collection_exists(collection):
-        client.delete_collection(collection)
-    client.create_collection(collection, vectors_config={
-        "first": models.VectorParams(size=index.D, distance=dot),
-        **{f"mv{b}": models.VectorParams(size=index.D, distance=dot, multivector_config=mv) for _, b in index.bounds}})
-    full = index.budget(index.R_c)
+        owner = collection_owner(client, collection)
+        if owner not in (None, index.meta["index_id"]) and not overwrite:
+            raise ValueError(f"Qdrant collection {collection!r} holds another index ({owner}): pass --overwrite")
+        if owner != index.meta["index_id"]:
+            client.delete_collection(collection)
+    if not client.collection_exists(collection):
+        client.create_collection(collection, vectors_config={
+            "first": models.VectorParams(size=index.D, distance=dot),
+            **{f"mv{b}": models.VectorParams(size=index.D, distance=dot, multivector_config=mv) for _, b in index.bounds}})
+    full, tag = index.budget(index.R_c), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
     for s in range(0, index.N, batch):
         E = full[s:s + batch].float().numpy()                         # (n, R_c, D)
-        client.upsert(collection, [models.PointStruct(
-            id=s + n, vector={"first": e[0].tolist(), **{f"mv{b}": e[:b].tolist() for _, b in index.bounds}},
-            payload=index.items[s + n]) for n, e in enumerate(E) if s + n not in index.skipped])
+        points = [models.PointStruct(id=s + n, vector={"first": e[0].tolist(), **{f"mv{b}": e[:b].tolist()
+                                                                                  for _, b in index.bounds}},
+                                     payload={**index.items[s + n], **tag})
+                  for n, e in enumerate(E) if s + n not in index.skipped]
+        if points:                                 # a batch that was skipped whole has nothing to send
+            client.upsert(collection, points)
 
 
-def qdrant_search(client, q, budget, k, depth=None, collection="metaembed"):
-    """q (R_q, D): MaxSim at budget over all points, or over the `depth` nearest by the first
-    vector (HNSW prefetch). -> [(score, point id)]."""
+def check_collection(client, index, collection):
+    """A query through Qdrant: the collection must be this index's, and whole."""
+    if not client.collection_exists(collection):
+        raise ValueError(f"Qdrant has no collection {collection!r} there: write it with "
+                         f"`search.py push --index {index.path} --qdrant ...`")
+    owner = collection_owner(client, collection)
+    if owner != index.meta.get("index_id"):
+        raise ValueError(f"Qdrant collection {collection!r} holds another index ({owner}), not {index.path}")
+    have, want = client.count(collection, exact=True).count, index.N - len(index.skipped)
+    if have != want:
+        raise ValueError(f"Qdrant collection {collection!r} holds {have} of the index's {want} points (an upload "
+                         f"cut short): complete it with `search.py push --index {index.path} --qdrant ...`")
+
+
+def qdrant_search(client, q, budget, k, first=None, depth=None, collection="metaembed"):
+    """q (R_q, D): MaxSim at budget over all points, or over the `depth` best at `first` (1x1:
+    the dense first vector, through HNSW; another budget: its multivector). -> [(score, point id)]."""
     from qdrant_client import models
     if not client.collection_exists(collection):
         raise ValueError(f"Qdrant has no collection {collection!r} there: write it with `search.py index ... --qdrant`")
-    prefetch = models.Prefetch(query=q[0].tolist(), using="first", limit=depth) if depth else None
+    prefetch = None
+    if first is not None:
+        dense = first == (1, 1)
+        prefetch = models.Prefetch(query=q[0].tolist() if dense else q[:first[0]].tolist(),
+                                   using="first" if dense else f"mv{first[1]}", limit=depth)
     r = client.query_points(collection, prefetch=prefetch, query=q[:budget[0]].tolist(), using=f"mv{budget[1]}",
                             limit=k, with_payload=False)
     return [(p.score, p.id) for p in r.points]
@@ -260,7 +408,7 @@ def get_args(argv=None):
                    "(default: the offline run's)")
     i.add_argument("--out", required=True, help="the index folder")
     src = i.add_mutually_exclusive_group()
-    src.add_argument("--images", help="a folder of images (searched recursively)")
+    src.add_argument("--images", help="a folder of images (searched recursively, symlinked folders followed)")
     src.add_argument("--texts", help="a JSONL file, one {\"id\": ..., \"text\": ...} a line")
     src.add_argument("--pdf", help="a PDF, or a folder of PDFs: one item per page")
     i.add_argument("--synthetic-scenes", type=int, default=300, help="with no corpus given: this many synthetic "
@@ -268,67 +416,101 @@ def get_args(argv=None):
     i.add_argument("--batch-size", type=int, default=32)
     i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder, or a server's http(s) URL")
     i.add_argument("--collection", default="metaembed", help="the Qdrant collection (default metaembed)")
+    i.add_argument("--overwrite", action="store_true", help="with --qdrant: replace a collection of another index")
     q = sub.add_parser("query", help="search an index")
     q.add_argument("text", nargs="?", default="", help="the query text")
     q.add_argument("--index", required=True, help="an index folder written by `search.py index`")
+    q.add_argument("--checkpoint", help="the checkpoint the index was built with, if it has moved (default: the "
+                   "one index.json names; its contents must match the index's fingerprint)")
     q.add_argument("--image", help="a query image (with or without text)")
     q.add_argument("--budget", default="16x64", help="r_q x r_c (or a number: the group with that r_c; default 16x64)")
     q.add_argument("--first", help="cascade: score everything at this cheaper budget first (e.g. 1x1)")
-    q.add_argument("--depth", type=int, default=1000, help="with --first: re-score the best N (with --qdrant: "
-                   "the N nearest by the first vector, from Qdrant's HNSW)")
+    q.add_argument("--depth", type=int, help="with --first: re-score the best N (default 1000; at least -k; with "
+                   "--qdrant --first 1x1: the N nearest by the first vector, from Qdrant's HNSW)")
     q.add_argument("-k", type=int, default=10, help="results to print")
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--qdrant", help="search Qdrant instead (a local folder or a URL) with the index's model")
     q.add_argument("--collection", default="metaembed")
+    v = sub.add_parser("verify", help="check an index's files against their checksums, and its vectors for NaN / inf")
+    v.add_argument("index", help="an index folder")
+    u = sub.add_parser("push", help="upload an index into Qdrant, or complete an upload cut short")
+    u.add_argument("--index", required=True)
+    u.add_argument("--qdrant", required=True, help="a local folder, or a server's http(s) URL")
+    u.add_argument("--collection", default="metaembed")
+    u.add_argument("--overwrite", action="store_true", help="replace a collection of another index")
     args = p.parse_args(argv)
     for k in ("batch_size", "synthetic_scenes", "depth", "k"):
-        if getattr(args, k, 1) < 1:
-            p.error(f"--{k.replace('_', '-')} must be at least 1")
+        if getattr(args, k, None) is not None and getattr(args, k) < 1:
+            p.error(f"{'-k' if k == 'k' else '--' + k.replace('_', '-')} must be at least 1")
+    if args.command == "query":
+        if args.depth is not None and not args.first:
+            p.error("--depth is the cascade's: give --first too (e.g. --first 1x1 --depth 300)")
+        if "," in args.budget or (args.first and "," in args.first):
+            p.error("--budget and --first take one budget each (e.g. --budget 2x4), not a list")
+    if args.command == "index":
+        checks.writable_dir(p.error, "--out", args.out)
     return args
 
 
 def load_model(path):
     model, found = load_model_at(path, "search.py")
-    model.source = os.path.abspath(found)
+    model.source, model.fingerprint = os.path.abspath(found), fingerprint(found)
     return model
 
 
 def index_cmd(args):
     model = load_model(args.checkpoint)
+    if args.qdrant:      # client problems are found now, not after the whole corpus is encoded
+        qdrant_client(args.qdrant)
     args.max_pixels = model.config.max_pixels or model.processor.image_processor.size["longest_edge"]
-    items = list_items(args)
+    items, unreadable = list_items(args, model)
     t = time.time()
     skipped = build_index(model, items, args.out, args.batch_size)
     index = Index(args.out)
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
           f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}; "
           f"budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
+    for r in unreadable:
+        print(f"skipped {r['source']}: {r['error']}")
     for r in skipped:
         print(f"skipped item {r['item']} ({r['source']}): {r['error']}")
     if args.qdrant:
-        to_qdrant(index, qdrant_client(args.qdrant), args.collection)
-        print(f"wrote {index.N - len(skipped)} points to Qdrant at {args.qdrant}, collection {args.collection}")
+        push(index, args.qdrant, args.collection, args.overwrite)
+
+
+def push(index, where, collection, overwrite):
+    client = qdrant_client(where, collection, index.meta, overwrite)
+    to_qdrant(index, client, collection, overwrite=overwrite)
+    check_collection(client, index, collection)
+    print(f"wrote {index.N - len(index.skipped)} points to Qdrant at {where}, collection {collection}")
 
 
 def query_cmd(args):
     index = Index(args.index)
-    model = load_model(index.meta["checkpoint"])
-    if model.config.backbone != index.meta["backbone"] or model.dim != index.D or \
-            model.config.num_candidate_tokens != index.R_c:
-        raise ValueError(f"the index was built by another model than {index.meta['checkpoint']} now holds")
+    model = load_model(args.checkpoint or index.meta["checkpoint"])
+    if model.fingerprint != index.meta.get("fingerprint"):
+        raise ValueError(f"the checkpoint {model.source} is not the one {args.index} was built with (fingerprint "
+                         f"{model.fingerprint}, the index's {index.meta.get('fingerprint')}): rebuild the index with "
+                         f"`search.py index --checkpoint {model.source} --out ...`, or pass --checkpoint the one it was "
+                         f"built with")
     groups = tuple(tuple(g) for g in index.meta["model_groups"])
     budget = parse_budgets(args.budget, groups, index.meta["num_query_tokens"], index.R_c)[0]
     first = parse_budgets(args.first, groups, index.meta["num_query_tokens"], index.R_c)[0] if args.first else None
+    if first and (first[0] > budget[0] or first[1] > budget[1]):
+        raise ValueError(f"--first {args.first} is not cheaper than --budget {args.budget}: the cascade scores "
+                         f"everything at the cheap budget first")
     if not args.text and not args.image:
         raise ValueError("a query needs a text or an --image (or both)")
+    depth = max(args.depth or 1000, args.k)
     t = time.time()
     q = model.encode_queries([args.text], [args.image] if args.image else None)       # (1, R_q, D)
     t_enc, t = time.time() - t, time.time()
-    if args.qdrant:   # with --first, the cheap stage is Qdrant's HNSW on the first vector
-        hits = qdrant_search(qdrant_client(args.qdrant), q[0].numpy(), budget, args.k,
-                             args.depth if first else None, args.collection)
+    if args.qdrant:
+        client = qdrant_client(args.qdrant)
+        check_collection(client, index, args.collection)
+        hits = qdrant_search(client, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection)
     else:
-        s, i = index.search(q, budget, args.k, first, args.depth, os.environ.get("METAEMBED_MAXSIM"))
+        s, i = index.search(q, budget, args.k, first, depth, os.environ.get("METAEMBED_MAXSIM"))
         hits = list(zip(s[0].tolist(), i[0].tolist()))
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]
@@ -337,8 +519,8 @@ def query_cmd(args):
                           "first": f"{first[0]}x{first[1]}" if first else None, "results": results,
                           "encode_ms": 1e3 * t_enc, "search_ms": 1e3 * t_search}, indent=2))
         return results
-    how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {args.depth}" if first \
-        else f"{budget[0]}x{budget[1]} over {index.N}"
+    how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
+        if first else f"{budget[0]}x{budget[1]} over {index.N}"
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")
     for r in results:
@@ -349,8 +531,21 @@ def query_cmd(args):
 def main(argv=None):
     args = get_args(argv)
     try:
+        if args.command == "verify":
+            problems = verify(args.index)
+            for line in problems:
+                print(f"{args.index}: {line}")
+            if problems:
+                sys.exit(f"search.py: {args.index} failed verification ({len(problems)} problem(s))")
+            print(f"{args.index}: ok (sizes, items, checksums, every value finite)")
+            return []
+        if args.command == "push":
+            return push(Index(args.index), args.qdrant, args.collection, args.overwrite)
         return index_cmd(args) if args.command == "index" else query_cmd(args)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except KeyboardInterrupt:
+        sys.exit("search.py: interrupted" + (f"; run the same command again to continue {args.out}"
+                                              if args.command == "index" else ""))
+    except (ValueError, FileNotFoundError, ImportError, PermissionError) as e:
         sys.exit(f"search.py: error: {e}")
 
 

@@ -146,7 +146,9 @@ def get_args(argv=None):
 def build_data(args, world, rank, start):
     """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
     if args.mixture:
-        mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed)
+        mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
+        for note in mix.notes:
+            print(f"train.py: {note}")
         sampler = data.MixtureBatches(mix, args.batch_size, rank, args.seed, start, args.steps, args.source_run)
         return mix, sampler, {n: heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
     if args.data == "synthetic":
@@ -161,11 +163,25 @@ def build_data(args, world, rank, start):
 
 
 def heldout_task(source):
-    """Held-out rows -> a retrieval task: each query against all the held-out positives."""
+    """Held-out rows -> a retrieval task: each query against the held-out positives, identical
+    ones (same text, same image) counted once, so a query is a hit when its top candidate has its
+    positive's content (MMEB's tie rule; a classification source has a few labels among its rows)."""
     rows = [source[i] for i in range(len(source))]
-    return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)},
-                corpus={i: (r["pos_text"], r["pos_image"]) for i, r in enumerate(rows)},
-                qrels={i: {i: 1} for i in range(len(rows))})
+    corpus, doc_of = {}, {}
+    for r in rows:
+        key = (r["pos_text"], content_key(r["pos_image"]))
+        doc_of.setdefault(key, len(doc_of))
+        corpus[doc_of[key]] = (r["pos_text"], r["pos_image"])
+    return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)}, corpus=corpus,
+                qrels={i: {doc_of[(r["pos_text"], content_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
+
+
+def content_key(image):
+    """What makes two images the same: a path's text, or a decoded image's pixels."""
+    if image is None or isinstance(image, str):
+        return image
+    import hashlib
+    return hashlib.sha1(image.tobytes()).hexdigest() + str(image.size)
 
 
 # -----------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Backbones: hub aliases, the offline `tiny` Qwen2-VL built in code, loading, LoRA, and the
 images and processor they take."""
 import os
+import warnings
 
 import torch
 from transformers.models.qwen2_vl import Qwen2VLProcessor
@@ -136,6 +137,13 @@ def load_saved(path, config):
     return backbone, ImageTextProcessor(image_processor_class().from_pretrained(path), tokenizer)
 
 
+def max_text_tokens(model):
+    """The longest text a prompt can carry: the backbone's positions less the meta tokens and the
+    prompt's own (chat markers, image placeholders, the query suffix: 64 is ample)."""
+    positions = model.base_model().config.get_text_config().max_position_embeddings
+    return positions - model.config.num_query_tokens - model.config.num_candidate_tokens - 64
+
+
 # LoRA as the official config: gaussian init (B = 0, so training starts from the base model) on the
 # language model's attention and MLP projections; lora_vision adds the vision tower's (Qwen2-VL
 # names them qkv, proj, fc1, fc2; Qwen2.5-VL gate/up/down_proj).
@@ -201,6 +209,20 @@ MIN_EDGE = 28        # an image must cover one visual token (2x2 merged 14 px pa
 MAX_ASPECT = 200     # the Qwen2-VL processor refuses longer strips
 
 
+def to_rgb(im):
+    """8-bit RGB. 16- and 32-bit integer images are scaled from their bit depth and float images
+    from [0, 1] (PIL's own convert("RGB") clips them: a 16-bit scan turns white, a [0, 1] float
+    image black)."""
+    import numpy as np
+    from PIL import Image
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        x = np.asarray(im, dtype=np.float64)
+        top = 1.0 if im.mode == "F" and x.max(initial=0) <= 1.0 else 65535.0 if im.mode.startswith("I;16") or \
+            x.max(initial=0) <= 65535 else float(x.max())
+        im = Image.fromarray(np.clip(x / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
 def load_image(image, where=""):
     """PIL image, path, or a zero-argument callable returning one (a lazily decoded data set row)
     -> RGB PIL image. A missing, unreadable or unusable file is named in the error; an image under
@@ -213,13 +235,15 @@ def load_image(image, where=""):
             raise ValueError(f"cannot decode image{where}: {e}") from None
     if isinstance(image, (str, os.PathLike)):
         try:
-            with Image.open(image) as im:
-                im = im.convert("RGB")
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)   # one line, not PIL's warning
+                with Image.open(image) as im:
+                    im = to_rgb(im)
+        except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise FileNotFoundError(f"cannot read image {str(image)!r}{where}: {e}") from None
         name = f" {str(image)!r}"
     elif isinstance(image, Image.Image):
-        im, name = image.convert("RGB"), ""
+        im, name = to_rgb(image), ""
     else:
         raise TypeError(f"image{where} must be a PIL image or a path, got {type(image).__name__}")
     w, h = im.size

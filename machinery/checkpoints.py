@@ -1,6 +1,7 @@
 """Checkpoints: the model folder (safetensors + json, never pickle), its integrity checks,
 train.py's checkpoint-STEP folders (plus optimizer and RNG state), latest / resolve, pruning,
 the settings a resumed run may change, and atomic writes."""
+import hashlib
 import json
 import os
 import re
@@ -75,6 +76,19 @@ def load_weights(model, path):
     if unknown or missing:
         raise ValueError(f"checkpoint {path!r} does not match its model: unknown {unknown[:3]}, missing {missing[:3]}")
     model.load_state_dict(state, strict=False)
+
+
+def fingerprint(path):
+    """A checkpoint's identity by content: sha256 over its model files (weights, config,
+    processor), 16 hex digits. Not its path or backbone name: a folder retrained in place
+    (train.py --overwrite) gets another fingerprint."""
+    h = hashlib.sha256()
+    for name in MODEL_FILES:
+        h.update(name.encode())
+        with open(os.path.join(path, name), "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()[:16]
 
 
 def checkpoint_problem(path, files=MODEL_FILES):
@@ -226,8 +240,10 @@ def clear_checkpoints(out):
 
 # Settings a resumed run may change (they decide where and how things run, not what is computed);
 # any other must match the checkpoint's train_args.json.
+# GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
+# LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
 SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
-                  "grad_checkpointing", "attn_implementation", "fsdp", "images"}
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk"}
 
 
 def check_resume(settings, path):
@@ -246,6 +262,10 @@ def check_resume(settings, path):
                          f"resume with the same ones (only "
                          f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
                          f"may change), or train afresh into another --out")
+    if saved.get("grad_cache_chunk", 0) != settings.get("grad_cache_chunk", 0):
+        print(f"--resume: --grad-cache-chunk {saved.get('grad_cache_chunk', 0)} -> {settings['grad_cache_chunk']}: the "
+              f"same gradients; with LoRA, dropout masks are drawn per chunk, so the run will not repeat an "
+              f"uninterrupted one exactly")
     return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
 
 

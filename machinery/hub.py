@@ -3,6 +3,7 @@ hub repository: the training layouts (MMEB-train, MoCa, ViDoRe's training set), 
 mixture, MMEB-eval and ViDoRe (v1 QA and BEIR layouts), with the checks that name a bad file,
 subset, split, column or row before any work starts."""
 import hashlib
+import math
 import os
 
 import torch
@@ -224,55 +225,87 @@ class Mixture(torch.utils.data.Dataset):
         return np.array(src, dtype=np.int64), np.array(rows, dtype=np.int64)
 
 
-def load_mixture(file, images_dir=None, holdout=100, seed=0):
+def read_mixture(file):
+    """The mixture file's entries, checked: one line for a malformed entry, a duplicated source, a
+    weight that is not a finite positive number, a cap that is not a whole number."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):                   # a duplicated source name is an error, not "the last wins"
+        def construct_mapping(self, node, deep=False):
+            keys = [self.construct_object(k, deep=deep) for k, _ in node.value]
+            dup = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if dup:
+                raise yaml.constructor.ConstructorError(None, None, f"{', '.join(dup)} appear(s) twice", node.start_mark)
+            return super().construct_mapping(node, deep)
+    try:
+        with open(file) as f:
+            spec = yaml.load(f, Loader=Loader)
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"mixture {file}: cannot read it ({str(e).strip()})") from None
+    if not isinstance(spec, dict) or not spec:
+        raise ValueError(f"mixture {file}: expected 'Source: {{weight: W, num_samples: N}}' entries")
+    for name, entry in spec.items():
+        where = f"mixture {file}: source {name}"
+        if entry is not None and not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected {{weight: W, num_samples: N, path: ...}}, got {entry!r}")
+        entry = spec[name] = dict(entry or {})
+        unknown = set(entry) - {"weight", "num_samples", "path", "subset", "split", "images"}
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
+        w = entry.setdefault("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w < float("inf")):
+            raise ValueError(f"{where}: weight must be a finite number > 0, got {w!r}")
+        cap = entry.get("num_samples")
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ValueError(f"{where}: num_samples must be a whole number >= 1, got {cap!r}")
+        for key in ("path", "subset", "split", "images"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise ValueError(f"{where}: {key} must be a string, got {entry[key]!r}")
+    if not math.isfinite(sum(e["weight"] for e in spec.values())):
+        raise ValueError(f"mixture {file}: the weights add up to more than a float holds: scale them down")
+    return spec
+
+
+def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRAIN):
     """A mixture file (YAML, the official form), one entry per source:
 
         ImageNet_1K: {weight: 1.0, num_samples: 100000}       # an MMEB-train subset
         ArxivQA: {weight: 1.0, num_samples: 50000, path: DIR_OR_HUB_ID, split: train}
         tevatron_colpali: {weight: 5.0, path: ...}           # num_samples absent: every row
 
-    path defaults to TIGER-Lab/MMEB-train for its 20 subsets (subset = the name, split
-    'original'); elsewhere path is needed, subset optional, split 'train' by default; images
+    path defaults to mmeb_train (train.py's --mmeb-train) for its 20 subsets (subset = the name,
+    split 'original'); elsewhere path is needed, subset optional, split 'train' by default; images
     (a folder for path columns) defaults to --images. The last `holdout` rows of each source are
-    held out (for --eval-every); num_samples caps the rest by a seeded choice. -> Mixture."""
+    held out (for --eval-every); num_samples caps the rest by a seeded choice (a cap above the
+    rows is noted in mixture.notes). -> Mixture."""
     import numpy as np
-    import yaml
-    try:
-        with open(file) as f:
-            spec = yaml.safe_load(f)
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"mixture {file}: cannot read it ({e})") from None
-    if not isinstance(spec, dict) or not spec:
-        raise ValueError(f"mixture {file}: expected 'Source: {{weight: W, num_samples: N}}' entries")
-    names, sources, weights, heldout = [], [], [], []
-    no_path = [n for n, s in spec.items() if not (s or {}).get("path") and n not in MMEB_TRAIN_SUBSETS]
+    spec = read_mixture(file)
+    names, sources, weights, heldout, notes = [], [], [], [], []
+    no_path = [n for n, s in spec.items() if not s.get("path") and n not in MMEB_TRAIN_SUBSETS]
     if no_path:
         raise ValueError(f"mixture {file}: no path for {', '.join(no_path)} (only the MMEB-train subsets have a "
                          f"default): set `path:` to a hub id or a local folder in one of the layouts "
                          f"({', '.join(LAYOUTS)}), or remove the source")
     for name, s in spec.items():
-        s = dict(s or {})
-        unknown = set(s) - {"weight", "num_samples", "path", "subset", "split", "images"}
-        if unknown:
-            raise ValueError(f"mixture {file}: source {name}: unknown key(s) {sorted(unknown)}")
-        weight, cap = float(s.get("weight", 1.0)), s.get("num_samples")
-        if not weight > 0 or (cap is not None and int(cap) < 1):
-            raise ValueError(f"mixture {file}: source {name}: weight must be > 0 and num_samples >= 1")
-        path = s.get("path") or MMEB_TRAIN
-        mmeb = "path" not in s or not s["path"]
-        src = load_source(path, s.get("subset", name if mmeb else None), s.get("split", "original" if mmeb else "train"),
-                          name, s.get("images", images_dir))
+        cap, mmeb = s.get("num_samples"), not s.get("path")
+        src = load_source(s.get("path") or mmeb_train, s.get("subset", name if mmeb else None),
+                          s.get("split", "original" if mmeb else "train"), name, s.get("images", images_dir))
         n = len(src)
         if n <= holdout:
             raise ValueError(f"mixture {file}: source {name} has {n} rows, not more than the {holdout} held out")
         train_rows = np.arange(n - holdout)
-        if cap is not None and int(cap) < len(train_rows):
-            train_rows = np.sort(np.random.default_rng([seed, len(names)]).choice(train_rows, int(cap), replace=False))
+        if cap is not None and cap < len(train_rows):
+            train_rows = np.sort(np.random.default_rng([seed, len(names)]).choice(train_rows, cap, replace=False))
+        elif cap is not None:
+            notes.append(f"mixture source {name}: num_samples {cap} is more than its {len(train_rows)} training rows "
+                         f"(after {holdout} held out): all of them are used")
         names.append(name)
-        weights.append(weight)
+        weights.append(float(s["weight"]))
         sources.append(Source(src.ds, src.layout, name, src.images_dir, train_rows.tolist()))
         heldout.append(Source(src.ds, src.layout, name, src.images_dir, list(range(n - holdout, n))))
-    return Mixture(names, sources, weights, heldout)
+    mixture = Mixture(names, sources, weights, heldout)
+    mixture.notes = notes
+    return mixture
 
 
 def load_mmeb_eval(path, subset, images_dir, max_rows=None):

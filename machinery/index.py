@@ -8,6 +8,7 @@ num_candidate_tokens, groups and dtype (and whatever the writer adds; search.py 
 and the items). Vectors are written with pwrite and read with plain reads (ranges of rows) or a
 memory map (lists of rows), so resident memory stays one chunk, whatever N is.
 """
+import hashlib
 import json
 import os
 
@@ -48,8 +49,42 @@ def write_meta(path, meta):
 
 
 def open_vectors(path):
+    """The vectors of a finished index, their file sizes checked against index.json (a lowered
+    count, a truncated or swapped file is named, never searched in part)."""
     with open(os.path.join(path, "index.json")) as f:
-        return Vectors(path, json.load(f))
+        vectors = Vectors(path, json.load(f))
+    for (a, b), f in zip(vectors.bounds, vectors.files):
+        want = vectors.N * (b - a) * vectors.vector_bytes
+        have = os.path.getsize(f) if os.path.isfile(f) else None
+        if have != want:
+            raise ValueError(f"index {path}: {os.path.basename(f)} is {'missing' if have is None else f'{have} bytes'}, "
+                             f"but index.json says {vectors.N} candidates x {b - a} vectors x {vectors.D} "
+                             f"{vectors.meta['dtype']} = {want}: the index is damaged; rebuild it")
+    return vectors
+
+
+def checksums(vectors, chunk=1 << 24):
+    """sha256 of each group file, read in 16 MiB pieces: written at build time, checked by verify."""
+    out = {}
+    for f in vectors.files:
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while block := fh.read(chunk):
+                h.update(block)
+        out[os.path.basename(f)] = h.hexdigest()
+    return out
+
+
+def non_finite_rows(vectors, rows=4096):
+    """The candidates holding a NaN or inf in any stored vector (read a group and a block of rows
+    at a time)."""
+    bad = set()
+    for a, b, _ in vectors.budget(vectors.R_c).parts:
+        view = vectors.budget(b)
+        for j in range(0, vectors.N, rows):
+            x = view[j:j + rows][:, a:b]
+            bad.update((j + torch.nonzero(~torch.isfinite(x.float()).flatten(1).all(1)).flatten()).tolist())
+    return sorted(bad)
 
 
 class Vectors:

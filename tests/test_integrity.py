@@ -1,0 +1,317 @@
+"""Nothing silently wrong around the index: an index knows its model and checks its own files,
+nothing is shared by accident (Qdrant collections, --index-dir, data set names), every input
+problem is one named line. One test (or more) per finding of the issue, on small local data."""
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+import evaluate
+import search
+import train
+from conftest import write_hub_repo
+from metaembed import MetaEmbed
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cks")
+    for seed in (1, 2):
+        MetaEmbed.from_backbone("tiny", seed=seed, proj_dim=8).save_pretrained(root / f"ck{seed}")
+    return str(root / "ck1"), str(root / "ck2")
+
+
+@pytest.fixture(scope="module")
+def scenes(two_checkpoints, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("idx") / "scenes")
+    search.main(["index", "--checkpoint", two_checkpoints[0], "--out", out, "--synthetic-scenes", "12"])
+    return out
+
+
+def pictures(folder, n=10):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (40, 40), (25 * i, 0, 200 - 20 * i)).save(folder / f"p{i}.png")
+    return folder
+
+
+def fails(argv, said, tool=search.main):
+    with pytest.raises(SystemExit, match=said):
+        tool(argv)
+
+
+# 1. a resumed index with another checkpoint
+def test_a_resumed_index_refuses_another_checkpoint(two_checkpoints, tmp_path, monkeypatch):
+    a, b = two_checkpoints
+    pics = pictures(tmp_path / "pics")
+    monkeypatch.setattr(search, "SHARD", 4)
+    real, calls = MetaEmbed.encode_candidates, []
+
+    def crash_on_second_shard(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated crash")
+        return real(self, *args, **kw)
+    monkeypatch.setattr(MetaEmbed, "encode_candidates", crash_on_second_shard)
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)], "interrupted; run the same")
+    monkeypatch.setattr(MetaEmbed, "encode_candidates", real)
+    fails(["index", "--checkpoint", b, "--out", str(tmp_path / "idx"), "--images", str(pics)],
+          rf"encoded by checkpoint .*ck1 \(fingerprint \w+\), not by .*ck2")
+    search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)])   # a finishes it
+
+
+# 2. a checkpoint folder whose contents changed under the index
+def test_a_query_refuses_a_changed_checkpoint(two_checkpoints, tmp_path, capsys):
+    a, b = two_checkpoints
+    ck = tmp_path / "ck"
+    shutil.copytree(a, ck)
+    search.main(["index", "--checkpoint", str(ck), "--out", str(tmp_path / "idx"), "--synthetic-scenes", "4"])
+    before = search.main(["query", "--index", str(tmp_path / "idx"), "red top left", "-k", "3", "--json"])
+    shutil.rmtree(ck)
+    shutil.copytree(b, ck)                                     # retrained into the same folder
+    fails(["query", "--index", str(tmp_path / "idx"), "red top left"], "is not the one .* was built with .*rebuild")
+    shutil.copytree(a, tmp_path / "moved")                     # the right one, elsewhere
+    again = search.main(["query", "--index", str(tmp_path / "idx"), "red top left", "-k", "3", "--json",
+                         "--checkpoint", str(tmp_path / "moved")])
+    assert [r["id"] for r in again] == [r["id"] for r in before]
+
+
+# 3. and 7. Qdrant: a collection belongs to one index, uploads can be completed, clients are checked first
+def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp_path, capsys):
+    a, b = two_checkpoints
+    other = str(tmp_path / "other")
+    search.main(["index", "--checkpoint", b, "--out", other, "--synthetic-scenes", "4"])
+    where = str(tmp_path / "qdrant")
+    search.main(["push", "--index", scenes, "--qdrant", where])
+    fails(["push", "--index", other, "--qdrant", where], "holds another index .* --overwrite")
+    search.main(["push", "--index", other, "--qdrant", where, "--overwrite"])
+    fails(["query", "--index", scenes, "--qdrant", where, "red"], "holds another index")
+    search.main(["push", "--index", scenes, "--qdrant", where, "--overwrite"])
+    client = search.qdrant_client(where)
+    from qdrant_client import models
+    client.delete("metaembed", models.PointIdsList(points=list(range(40))))      # an upload cut short
+    client.close()
+    fails(["query", "--index", scenes, "--qdrant", where, "red"], "holds 8 of the index's 48 points .*search.py push")
+    search.main(["push", "--index", scenes, "--qdrant", where])                   # completes it
+    got = search.main(["query", "--index", scenes, "--qdrant", where, "red", "--json"])
+    assert len(got) == 10
+    for bad in (str(tmp_path / "a-file"), "http://127.0.0.1:9"):                  # found before any encoding
+        (tmp_path / "a-file").write_text("x")
+        fails(["index", "--checkpoint", a, "--out", str(tmp_path / "never"), "--qdrant", bad], f"--qdrant {bad}: cannot use it")
+        assert not (tmp_path / "never" / "progress.json").exists()
+
+
+def test_qdrant_batches_skipped_whole_and_first_budgets(scenes, tmp_path):
+    index = search.Index(scenes)
+    index.skipped = set(range(4))                             # a whole batch of 4 skipped: nothing to send
+    client = search.qdrant_client(str(tmp_path / "q"))
+    search.to_qdrant(index, client, batch=4)
+    assert client.count("metaembed", exact=True).count == index.N - 4
+    index = search.Index(scenes)
+    client.delete_collection("metaembed")
+    search.to_qdrant(index, client)
+    model = search.load_model(index.meta["checkpoint"])
+    q = model.encode_queries(["red top left, blue center"])
+    for first in ((1, 1), (4, 8)):                            # 9. the cheap stage at the budget given
+        hits = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, first=first, depth=10)
+        s, i = index.search(q, (16, 64), k=3, first=first, depth=10)
+        assert [j for _, j in hits] == i[0].tolist(), first
+        assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
+
+
+# 4. --index-dir shared by two runs
+def test_runs_sharing_an_index_dir_get_their_own_folders(tmp_path):
+    argv = ["--backbone", "tiny", "--synthetic-scenes", "4", "--budgets", "1,64", "--index-dir", str(tmp_path / "idx")]
+    one, two = evaluate.main(argv), evaluate.main(argv)
+    assert one["index_dir"] != two["index_dir"] and os.path.dirname(one["index_dir"]) == str(tmp_path / "idx")
+    for run in (one, two):
+        assert sorted(os.listdir(run["index_dir"])) == ["i2t", "t2i"]
+    assert one["tasks"]["t2i"]["16x64"]["P@1"] == two["tasks"]["t2i"]["16x64"]["P@1"]
+
+
+# 5. two ViDoRe data sets whose folders share a name
+def test_vidore_sets_with_one_folder_name_are_two_columns(tmp_path, tiny_checkpoint):
+    import datasets
+    feats = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(),
+                               "image_filename": datasets.Value("string")})
+    for parent, colour in (("a", "red"), ("b", "blue")):
+        rows = [dict(query=f"{parent} q{i}", image=Image.new("RGB", (28, 28), colour), image_filename=f"p{i}.png")
+                for i in range(3)]
+        write_hub_repo(tmp_path / parent / "docvqa", {"default": {"test": rows}}, features=feats)
+    res = evaluate.main(["--checkpoint", tiny_checkpoint, "--benchmark", "vidore", "--budgets", "1",
+                         "--vidore", str(tmp_path / "a" / "docvqa"), str(tmp_path / "b" / "docvqa")])
+    assert list(res["tasks"]) == ["a/docvqa", "b/docvqa"]
+    assert res["summary"]["1x1"]["overall"] == pytest.approx(
+        (res["tasks"]["a/docvqa"]["1x1"]["NDCG@5"] + res["tasks"]["b/docvqa"]["1x1"]["NDCG@5"]) / 2)
+
+
+# 6. index files are checked
+def test_damaged_index_files_are_named(scenes, tmp_path, capsys):
+    assert search.verify(scenes) == []
+    bad = str(tmp_path / "nan")
+    shutil.copytree(scenes, bad)
+    group = np.memmap(os.path.join(bad, "group-0-1.bin"), dtype=np.float32, mode="r+")
+    group[8 * 5] = np.nan                                     # item 5's first vector (D = 8)
+    group.flush()
+    for budget in ("1x1", "16x64"):
+        fails(["query", "--index", bad, "red", "--budget", budget, "-k", "48"], r"item\(s\) 5 .* NaN or inf .*verify")
+    fails(["query", "--index", bad, "red", "--first", "1x1", "--depth", "48", "-k", "48"], r"item\(s\) 5 ")
+    problems = search.verify(bad)
+    assert any("group-0-1.bin does not match its checksum" in p for p in problems)
+    assert any("1 item(s) hold NaN or inf: 5 (" in p for p in problems)
+    fails(["verify", bad], "failed verification")
+    meta = json.load(open(os.path.join(scenes, "index.json")))
+    short = str(tmp_path / "short")
+    shutil.copytree(scenes, short)
+    json.dump({**meta, "count": 40}, open(os.path.join(short, "index.json"), "w"))
+    fails(["query", "--index", short, "red"], "group-0-1.bin is 1536 bytes, but index.json says 40 candidates")
+    shuffled = str(tmp_path / "shuffled")
+    shutil.copytree(scenes, shuffled)
+    lines = open(os.path.join(shuffled, "items.jsonl")).read().splitlines()
+    open(os.path.join(shuffled, "items.jsonl"), "w").write("\n".join(lines[1:] + lines[:1]) + "\n")
+    fails(["query", "--index", shuffled, "red"], "items.jsonl lists 48 items out of order")
+
+
+# 8. held-out P@1 when candidates repeat
+def test_heldout_identical_candidates_count_once():
+    rows = [dict(qry_text=f"is this {i} fine?", qry_image=None, pos_text="yes" if i % 3 else "no", pos_image=None,
+                 negs=[], source=f"row {i}") for i in range(9)]
+    task = train.heldout_task(rows)
+    assert task["corpus"] == {0: ("no", None), 1: ("yes", None)}
+    assert task["qrels"] == {i: {1 if i % 3 else 0: 1} for i in range(9)}
+    img = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "blue")]
+    task = train.heldout_task([dict(qry_text=str(i), qry_image=None, pos_text="", pos_image=im, negs=[], source="")
+                               for i, im in enumerate(img)])
+    assert len(task["corpus"]) == 2 and task["qrels"][0] == task["qrels"][1] != task["qrels"][2]
+
+
+# 10. and 11. the mixture file
+def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
+    from test_data import mmeb_train_copy, moca_copy, write_mixture
+    repo, images = mmeb_train_copy(tmp_path)
+    mix = data.load_mixture(write_mixture(tmp_path, {"ImageNet_1K": {"weight": 1.0, "num_samples": 50}}),
+                            images, holdout=1, mmeb_train=repo)
+    assert mix.names == ["ImageNet_1K"] and len(mix.sources[0]) == 3
+    assert mix.notes == ["mixture source ImageNet_1K: num_samples 50 is more than its 3 training rows (after 1 held "
+                         "out): all of them are used"]
+    a = moca_copy(tmp_path, "A", 150)
+    for spec, said in (({"A": 1.0}, r"source A: expected \{weight"), ({"A": a}, "source A: expected"),
+                       ({"A": [1, 2]}, "source A: expected"), ({"A": {"path": 123}}, "source A: path must be a string"),
+                       ({"A": {"path": a, "weight": float("inf")}}, "weight must be a finite number > 0, got inf"),
+                       ({"A": {"path": a, "weight": "heavy"}}, "weight must be a finite number > 0, got 'heavy'"),
+                       ({"A": {"path": a, "weight": 1e308}, "B": {"path": a, "weight": 1e308}}, "add up to more than"),
+                       ({"A": {"path": a, "num_samples": 2.7}}, "num_samples must be a whole number >= 1, got 2.7")):
+        with pytest.raises(ValueError, match=said):
+            data.load_mixture(write_mixture(tmp_path, spec))
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(f"A: {{path: {a}, weight: 1}}\nA: {{path: {a}, weight: 3}}\n")
+    with pytest.raises(ValueError, match="A appear"):
+        data.load_mixture(str(dup))
+
+
+# 12. --texts
+def test_texts_inputs(two_checkpoints, tmp_path, capsys):
+    a = two_checkpoints[0]
+    for body, said in (('[1, 2]\n', "line 1: expected a JSON object with 'text'"),
+                       ('{"text": ["a", "b"]}\n', "line 1: expected a JSON object with 'text' \\(a string\\)")):
+        (tmp_path / "t.jsonl").write_text(body)
+        fails(["index", "--checkpoint", a, "--out", str(tmp_path / "o"), "--texts", str(tmp_path / "t.jsonl")], said)
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "o"), "--texts", str(tmp_path)], "not a file")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + b'{"id": "x", "text": "red top left"}\n'
+                                         + json.dumps({"id": "long", "text": "red blue " * 4000}).encode() + b"\n")
+    search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "bom"), "--texts", str(tmp_path / "bom.jsonl")])
+    assert "1 text(s) longer than the model's 3952 text tokens were cut to fit" in capsys.readouterr().err
+    assert [it["id"] for it in search.Index(tmp_path / "bom").items] == ["x", "long"]
+
+
+# 13. --pdf, --out, Ctrl-C
+def test_pdf_inputs_and_out(two_checkpoints, tmp_path, capsys):
+    import pypdfium2 as pdfium
+    a = two_checkpoints[0]
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    pdf = pdfium.PdfDocument.new()
+    pdf.new_page(300, 400)
+    pdf.save(str(docs / "good.pdf"))
+    (docs / "fake.pdf").write_text("not a pdf")
+    raw = (docs / "good.pdf").read_bytes()
+    (docs / "short.pdf").write_bytes(raw.replace(b"/Count 1", b"/Count 3"))    # a /Count larger than the pages
+    search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "pdf"), "--pdf", str(docs)])
+    said = capsys.readouterr().out
+    assert "skipped " + str(docs / "fake.pdf") + ": not a readable PDF" in said
+    index = search.Index(tmp_path / "pdf")
+    assert "good.pdf#p1" in [it["id"] for it in index.items if not it.get("skipped")]
+    assert f"skipped item 2 ({docs / 'short.pdf'} page 2): cannot decode image: page 2 of" in said   # the /Count's ghosts
+    (tmp_path / "a-file").write_text("x")
+    with pytest.raises(SystemExit):
+        search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "a-file"), "--synthetic-scenes", "2"])
+    assert "cannot write --out " + str(tmp_path / "a-file") in capsys.readouterr().err
+
+
+# 14. and 15. what an images folder can hold
+def test_image_folders(two_checkpoints, tmp_path, capsys):
+    a = two_checkpoints[0]
+    pics = pictures(tmp_path / "pics", 3)
+    os.mkfifo(pics / "x.png")                                  # would block a reader forever
+    linked = pictures(tmp_path / "elsewhere", 2)
+    os.symlink(linked, pics / "linked")
+    os.symlink(pics, linked / "loop")                          # a link back up: walked once
+    g16 = np.linspace(0, 30000, 40 * 40).astype(np.uint16).reshape(40, 40)
+    Image.fromarray(g16).save(pics / "scan16.png")
+    Image.fromarray(np.full((40, 40), 0.5, dtype=np.float32)).save(pics / "half.tiff")
+    items = search.image_files(str(pics))
+    assert [i for i, _, _, _ in items] == ["half.tiff", "linked/p0.png", "linked/p1.png", "p0.png", "p1.png", "p2.png",
+                                           "scan16.png"]
+    from machinery.backbones import load_image
+    assert load_image(str(pics / "half.tiff")).getpixel((3, 3)) == (128, 128, 128)       # not black
+    assert np.asarray(load_image(str(pics / "scan16.png"))).max() == round(30000 / 65535 * 255)   # not white
+    search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)])
+    assert search.Index(tmp_path / "idx").N == 7
+
+
+# 16. messages
+def test_messages(two_checkpoints, scenes, tmp_path, capsys):
+    a = two_checkpoints[0]
+    for argv, said in ((["query", "--index", scenes, "x", "--budget", "1,4"], "one budget each"),
+                       (["query", "--index", scenes, "x", "--depth", "5"], "--depth is the cascade's: give --first"),
+                       (["query", "--index", scenes, "x", "-k", "0"], "-k must be at least 1")):
+        with pytest.raises(SystemExit):
+            search.main(argv)
+        assert said in capsys.readouterr().err
+    fails(["query", "--index", scenes, "x", "--first", "16x64", "--budget", "1x1"], "is not cheaper than --budget")
+    search.main(["query", "--index", scenes, "red", "-k", "20", "--first", "1x1", "--depth", "5"])
+    assert "then 16x64 on the best 20:" in capsys.readouterr().out
+    pics = tmp_path / "broken"
+    pics.mkdir()
+    for i in range(2):
+        (pics / f"b{i}.png").write_bytes(b"\x89PNG not really")
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "none"), "--images", str(pics)],
+          "every one of the 2 items was skipped")
+    progress = json.load(open(tmp_path / "none" / "progress.json"))
+    assert [r["item"] for r in progress["skipped"]] == [0, 1] and "(item" not in progress["skipped"][1]["error"]
+    big = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(big)
+    old = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = 30000                             # 40,000 pixels: past the warning, under the error
+    try:
+        from machinery.backbones import load_image
+        with pytest.raises(FileNotFoundError, match=r"cannot read image .*big.png.*exceeds limit"):
+            load_image(str(big))
+    finally:
+        Image.MAX_IMAGE_PIXELS = old
+
+
+# 17. what a resume may change
+def test_resume_allows_grad_cache_and_eval_every(tmp_path, capsys):
+    from test_train import SMALL, run
+    common = ["--steps", "4", "--batch-size", "4", "--save-every", "2"]
+    run(tmp_path, "r", *common)
+    shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")
+    run(tmp_path, "r", *common, "--grad-cache-chunk", "2", "--eval-every", "3", "--resume")
+    assert "--grad-cache-chunk 0 -> 2: the same gradients" in capsys.readouterr().out
+    assert SMALL and (tmp_path / "r" / "checkpoint-0000004").is_dir()
