@@ -238,7 +238,8 @@ class MetaEmbed(nn.Module):
                                              pin_memory=self.device.type == "cuda")
         if progress:
             from tqdm import tqdm
-            loader = tqdm(loader, desc=f"encode {side}s", unit="batch", leave=False)
+            loader = tqdm(loader, desc="encode queries" if side == "query" else "encode candidates", unit="batch",
+                          leave=False)
         was_training = self.training
         self.eval()
         try:

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import data
@@ -61,7 +60,7 @@ def test_a_resumed_index_refuses_another_checkpoint(two_checkpoints, tmp_path, m
     fails(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)], "interrupted; run the same")
     monkeypatch.setattr(MetaEmbed, "encode_candidates", real)
     fails(["index", "--checkpoint", b, "--out", str(tmp_path / "idx"), "--images", str(pics)],
-          rf"encoded by checkpoint .*ck1 \(fingerprint \w+\), not by .*ck2")
+          r"encoded by checkpoint .*ck1 \(fingerprint \w+\), not by .*ck2")
     search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)])   # a finishes it
 
 

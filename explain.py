@@ -1,0 +1,223 @@
+"""
+See what each Meta Token reads: the last layer's attention from each candidate meta token to the
+image's visual tokens, laid out on the merged visual-token grid and grouped by Matryoshka group;
+with a query, the image regions that answered each query vector at a budget.
+
+    python explain.py --out explain.png                       # the offline checkpoint, a synthetic scene
+    python explain.py --checkpoint CK --image IMG --query "red top left" --budget 2x4 --out FIG.png --json OUT.json
+    python explain.py --study 50 --compare out/tiny-no-matryoshka   # the measured study (table, JSON)
+
+A map is NOT renormalised: its sum is the share of that meta token's attention that falls on the
+image (the rest goes to the text, the prompt and the earlier meta tokens). Eager attention is
+used for this pass only (the model's own implementation is restored after), and a hook keeps only
+the candidate meta tokens' rows of the layers asked for: one layer's full attention is held at a
+time, never every layer's.
+"""
+import argparse
+import json
+import math
+import sys
+from contextlib import contextmanager
+
+import torch
+
+import data
+from kernels import maxsim
+from machinery import checks
+from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
+from metaembed import parse_budgets
+
+
+@contextmanager
+def meta_attention(model, layers=(-1,)):
+    """While inside: eager attention, and the candidate meta tokens' attention rows of `layers`
+    (mean over heads) appended to the yielded list, one (R_c, L) tensor per layer and forward."""
+    backbone, R_c = model.base_model(), model.config.num_candidate_tokens
+    blocks = backbone.language_model.layers
+    kept, hooks = [], []
+    before = backbone.config._attn_implementation
+
+    def keep(module, args, output):
+        weights = output[1]                                               # (B, heads, L, L), eager only
+        kept.append(weights[0, :, -R_c:, :].float().mean(0))              # (R_c, L)
+    try:
+        backbone.set_attn_implementation("eager")
+        hooks = [blocks[i].self_attn.register_forward_hook(keep) for i in layers]
+        yield kept
+    finally:
+        for h in hooks:
+            h.remove()
+        backbone.set_attn_implementation(before)
+
+
+def visual_grid(model, inputs):
+    """The positions of the image's visual tokens in the candidate's input, and the merged grid
+    (rows, cols) they fill in row-major order: (height / patch / merge, width / patch / merge)."""
+    ids = inputs["input_ids"][0]
+    positions = torch.nonzero(ids == model.backbone.config.image_token_id).flatten()
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    merge = model.processor.image_processor.merge_size
+    return positions, (h // merge, w // merge)
+
+
+@torch.no_grad()
+def explain(model, image, text="", query=None, budget=None, layers=(-1,)):
+    """-> dict: grid [rows, cols], maps (R_c, rows, cols) and group_maps {"AxB": (rows, cols)} of the
+    candidate (image, text); with query, the attribution at budget (r_q, r_c)."""
+    if image is None:
+        raise ValueError("the candidate has no image: there is nothing to map (explain maps visual tokens)")
+    inputs = model.prepare([text], [image], "candidate")
+    positions, (rows, cols) = visual_grid(model, inputs)
+    with meta_attention(model, layers) as kept:
+        E_c = model.embed(inputs, "candidate")[0]                         # (R_c, D)
+    attn = torch.stack(kept).mean(0)                                      # (R_c, L + R_q + R_c)
+    maps = attn[:, positions].view(-1, rows, cols)                        # (R_c, rows, cols)
+    out = {"grid": [rows, cols], "maps": maps, "group_maps": {}, "query": None}
+    lo = 0
+    for rq, rc in model.config.groups:                                    # vectors lo+1..rc: one group
+        out["group_maps"][f"{rq}x{rc}"] = maps[lo:rc].mean(0)
+        lo = rc
+    if query is not None:
+        r_q, r_c = budget
+        E_q = model.encode_queries([query])[0]                            # (R_q, D)
+        dots = E_q[:r_q] @ E_c[:r_c].T                                    # (r_q, r_c): <E_q^i, E_c^j>
+        contribution, winner = dots.max(1)                                # max_j, and which j
+        out["query"] = {"text": query, "budget": [r_q, r_c], "winner": winner.tolist(),
+                        "contribution": contribution.tolist(), "score": float(contribution.sum()),
+                        "maxsim": float(maxsim(E_q[None, :r_q], E_c[None, :r_c], backend="torch")[0, 0])}
+    return out
+
+
+def to_json(result):
+    listed = lambda t: [[round(float(v), 7) for v in row] for row in t]  # noqa: E731
+    return {"grid": result["grid"], "maps": [listed(m) for m in result["maps"]],
+            "group_maps": {k: listed(m) for k, m in result["group_maps"].items()}, "query": result["query"]}
+
+
+def figure(result, image, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+    groups, q = result["group_maps"], result["query"]
+    n = max(1 + len(groups), len(q["winner"][:8]) if q else 0)
+    fig, axes = plt.subplots(2 if q else 1, n, figsize=(2.2 * n, 4.6 if q else 2.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    rgb = Image.open(image).convert("RGB") if isinstance(image, str) else image.convert("RGB")
+
+    def overlay(ax, m, title):                       # the map over the image in grey, brighter = more attention
+        ax.imshow(rgb.convert("L"), cmap="gray")
+        ax.imshow(m.numpy(), extent=(0, rgb.width, rgb.height, 0), cmap="inferno", alpha=0.75, interpolation="nearest")
+        ax.set_title(title, fontsize=8)
+    axes[0, 0].imshow(rgb)
+    axes[0, 0].set_title("candidate", fontsize=8)
+    lo = 0
+    for ax, (key, m) in zip(axes[0, 1:], groups.items()):
+        hi = int(key.split("x")[1])
+        overlay(ax, m, f"vectors {lo + 1}-{hi}: {float(m.sum()):.2f} on image" if hi > lo + 1 else
+                f"vector 1: {float(m.sum()):.2f} on image")
+        lo = hi
+    if q:
+        for i, (ax, j, c) in enumerate(zip(axes[1], q["winner"][:8], q["contribution"])):
+            overlay(ax, result["maps"][j], f"q{i + 1} -> c{j + 1}: {c:.3f}")
+        fig.suptitle(f"{q['text'][:60]!r} at {q['budget'][0]}x{q['budget'][1]}: score {q['score']:.3f} "
+                     f"(sum of the contributions)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# the study: what each group of vectors attends to on the synthetic scenes
+
+def study(model, n_scenes=50, seed=0):
+    """Per Matryoshka group, mean over scenes and the group's vectors: (a) the entropy (nats) of
+    its attention over the visual tokens (each map normalised to a distribution for this alone),
+    (b) the share of its image attention on the coloured squares, (c) distinct argmax cells among
+    its vectors. The scenes are 3x3 grids of 28 px cells: one visual token a cell."""
+    rows = {}
+    for i in range(n_scenes):
+        scene = data.synthetic_scene("eval", i, seed)
+        res = explain(model, data.render(scene))
+        full = torch.zeros(9, dtype=torch.bool)
+        full[[cell for cell, _ in scene]] = True
+        maps = res["maps"].flatten(1)                                     # (R_c, 9)
+        lo = 0
+        for rq, rc in model.config.groups:
+            m = maps[lo:rc]
+            p = m / m.sum(1, keepdim=True)
+            r = rows.setdefault(f"{rq}x{rc}", {"entropy": 0.0, "on_squares": 0.0, "cells": 0.0})
+            r["entropy"] += float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()) / n_scenes
+            r["on_squares"] += float((m[:, full].sum(1) / m.sum(1)).mean()) / n_scenes
+            r["cells"] += len(set(m.argmax(1).tolist())) / n_scenes
+            lo = rc
+    return rows
+
+
+def print_study(name, rows):
+    print(f"\n{name}: per group, mean over scenes (entropy max {math.log(9):.2f} nats = uniform over the 9 cells)")
+    print(f"{'group':>7} {'entropy':>8} {'on squares':>11} {'distinct cells':>15}")
+    for g, r in rows.items():
+        print(f"{g:>7} {r['entropy']:8.3f} {r['on_squares']:11.3f} {r['cells']:15.2f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a checkpoint or train.py --out folder "
+                   "(default: the offline run's)")
+    p.add_argument("--image", help="the candidate image (default: synthetic eval scene 0)")
+    p.add_argument("--text", default="", help="the candidate's text, if any")
+    p.add_argument("--query", help="a query: which regions answered each of its vectors")
+    p.add_argument("--budget", default="16x64", help="with --query: r_q x r_c (default 16x64)")
+    p.add_argument("--layers", type=int, nargs="+", default=[-1], help="language-model layers to average "
+                   "(default: the last alone, -1)")
+    p.add_argument("--out", help="the figure (PNG)")
+    p.add_argument("--json", help="maps, group maps and the attribution as JSON")
+    p.add_argument("--study", type=int, metavar="N", help="instead: the study over N synthetic eval scenes")
+    p.add_argument("--compare", help="with --study: a second checkpoint (e.g. the --no-matryoshka ablation)")
+    args = p.parse_args(argv)
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path:
+            checks.writable_file(p.error, flag, path)
+    try:
+        model, found = load_model(args.checkpoint, "explain.py")
+        depth = len(model.base_model().language_model.layers)
+        bad = [i for i in args.layers if not -depth <= i < depth]
+        if bad:
+            raise ValueError(f"--layers {bad}: the language model has {depth} layers (0..{depth - 1}, or -1 for the last)")
+        if args.study:
+            results = {found: study(model, args.study)}
+            if args.compare:
+                other, where = load_model(args.compare, "explain.py")
+                results[where] = study(other, args.study)
+            for name, rows in results.items():
+                print_study(name, rows)
+            if args.json:
+                json.dump(results, open(args.json, "w"), indent=2)
+            return results
+        scene = data.synthetic_scene("eval", 0)
+        image = args.image or data.render(scene)
+        query = args.query if args.query is not None else (None if args.image else data.caption(scene))
+        budget = parse_budgets(args.budget, model.config.groups, model.config.num_query_tokens,
+                               model.config.num_candidate_tokens)[0] if query is not None else None
+        result = explain(model, image, args.text, query, budget, tuple(args.layers))
+    except (ValueError, FileNotFoundError, TypeError) as e:
+        sys.exit(f"explain.py: error: {e}")
+    q = result["query"]
+    print(f"{found}: {result['grid'][0]}x{result['grid'][1]} visual tokens; share of each group's attention on the "
+          "image: " + ", ".join(f"{k} {float(m.sum()):.2f}" for k, m in result["group_maps"].items()))
+    if q:
+        print(f"query {q['text'][:60]!r} at {q['budget'][0]}x{q['budget'][1]}: score {q['score']:.4f}; winners "
+              + ", ".join(f"q{i + 1}->c{j + 1} ({c:.3f})" for i, (j, c) in enumerate(zip(q["winner"], q["contribution"]))))
+    if args.json:
+        json.dump(to_json(result), open(args.json, "w"))
+        print(f"wrote {args.json}")
+    if args.out:
+        figure(result, image, args.out)
+        print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""explain.py: the maps are the backbone's own attention, laid out on the image's grid; known
+answers for the layout, a uniform attention and the attribution; bad input in one line."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+import data
+import explain
+from kernels import maxsim
+
+
+def wide_scene():
+    """A non-square candidate: 112 x 56 pixels -> 2 x 4 merged visual tokens (28 px each)."""
+    im = Image.new("RGB", (112, 56), (20, 20, 20))
+    im.paste((230, 40, 40), (0, 0, 28, 28))
+    im.paste((40, 200, 60), (84, 28, 112, 56))
+    return im
+
+
+def test_grid_follows_the_models_own_positions(tiny):
+    """Visual token k sits at (k // cols, k % cols): the same cell as its M-RoPE height and width."""
+    inputs = tiny.prepare([""], [wide_scene()], "candidate")
+    positions, (rows, cols) = explain.visual_grid(tiny, inputs)
+    assert (rows, cols) == (2, 4) and len(positions) == 8
+    mrope, _ = tiny.base_model().get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
+                                                image_grid_thw=inputs["image_grid_thw"],
+                                                attention_mask=inputs["attention_mask"])
+    h, w = mrope[1, 0, positions], mrope[2, 0, positions]              # (8,) each
+    assert (h - h.min()).tolist() == [k // cols for k in range(8)]
+    assert (w - w.min()).tolist() == [k % cols for k in range(8)]
+
+
+def test_maps_are_the_backbones_output_attentions(tiny, monkeypatch):
+    """Each map = the last layer's attention (mean over heads) from a candidate meta token to the
+    visual tokens, read here from the backbone's own output_attentions; its sum is at most 1."""
+    before = tiny.base_model().config._attn_implementation
+    res = explain.explain(tiny, wide_scene())
+    assert tiny.base_model().config._attn_implementation == before            # restored
+    seen, forward = [], tiny.backbone.forward
+
+    def with_attentions(*a, **k):
+        out = forward(*a, **{**k, "output_attentions": True})
+        seen.append(out.attentions[-1])
+        return out
+    tiny.backbone.set_attn_implementation("eager")
+    try:
+        monkeypatch.setattr(tiny.backbone, "forward", with_attentions)
+        inputs = tiny.prepare([""], [wide_scene()], "candidate")
+        with torch.no_grad():
+            tiny.embed(inputs, "candidate")
+    finally:
+        tiny.backbone.set_attn_implementation(before)
+    positions, _ = explain.visual_grid(tiny, inputs)
+    want = seen[0][0, :, -tiny.config.num_candidate_tokens:][:, :, positions].float().mean(0).view(-1, 2, 4)
+    torch.testing.assert_close(res["maps"], want, atol=1e-6, rtol=0)
+    sums = res["maps"].flatten(1).sum(1)
+    assert res["maps"].shape == (64, 2, 4) and bool((sums > 0).all()) and bool((sums <= 1 + 1e-6).all())
+    torch.testing.assert_close(res["group_maps"]["2x4"], res["maps"][1:4].mean(0))
+
+
+def test_uniform_attention_is_a_flat_map_of_known_value():
+    """With the last layer's q and k projections zeroed, attention is uniform over the positions a
+    token sees: every map is flat, at 1 / (its position + 1), so 1 / value grows by exactly 1
+    from one candidate meta token to the next."""
+    from metaembed import MetaEmbed
+    m = MetaEmbed.from_backbone("tiny", seed=0)
+    attn = m.base_model().language_model.layers[-1].self_attn
+    with torch.no_grad():
+        for proj in (attn.q_proj, attn.k_proj):
+            proj.weight.zero_()
+            proj.bias.zero_()
+    maps = explain.explain(m, wide_scene())["maps"]                           # (64, 2, 4)
+    flat = maps.flatten(1)
+    torch.testing.assert_close(flat, flat[:, :1].expand_as(flat), atol=1e-7, rtol=0)
+    inverse = 1 / flat[:, 0].double()
+    torch.testing.assert_close(inverse[1:] - inverse[:-1], torch.ones(63, dtype=torch.float64), atol=2e-3, rtol=0)
+
+
+def test_attribution_sums_to_maxsim(tiny):
+    scene = data.synthetic_scene("eval", 3)
+    image = data.render(scene)
+    for budget in ((1, 1), (2, 4), (16, 64)):
+        q = explain.explain(tiny, image, query=data.caption(scene), budget=budget)["query"]
+        E_q = tiny.encode_queries([data.caption(scene)])
+        E_c = tiny.encode_candidates([""], [image])
+        assert len(q["winner"]) == budget[0] and q["budget"] == list(budget)
+        assert sum(q["contribution"]) == pytest.approx(float(maxsim(E_q[:, :budget[0]], E_c[:, :budget[1]])[0, 0]),
+                                                       abs=1e-5)
+        dots = E_q[0, :budget[0]] @ E_c[0, :budget[1]].T
+        assert q["winner"] == dots.argmax(1).tolist()
+
+
+def test_cli_json_figure_and_bad_input(tiny_checkpoint, tmp_path, capsys):
+    res = explain.main(["--checkpoint", tiny_checkpoint, "--query", "red top left", "--budget", "2x4",
+                        "--out", str(tmp_path / "f.png"), "--json", str(tmp_path / "f.json")])
+    saved = json.load(open(tmp_path / "f.json"))
+    assert saved["grid"] == [3, 3] and len(saved["maps"]) == 64 and len(saved["maps"][0]) == 3
+    assert set(saved["group_maps"]) == {"1x1", "2x4", "4x8", "8x16", "16x64"}
+    assert saved["query"]["winner"] == res["query"]["winner"] and len(saved["query"]["contribution"]) == 2
+    assert (tmp_path / "f.png").stat().st_size > 10_000
+    assert explain.main(["--checkpoint", tiny_checkpoint, "--json", str(tmp_path / "g.json")])["query"] is not None
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG nope")
+    for argv, said in ((["--image", str(bad)], "explain.py: error: cannot read image .*bad.png"),
+                       (["--query", "x", "--budget", "32x64"], "explain.py: error: budget .*exceeds the trained"),
+                       (["--layers", "7"], "explain.py: error: --layers \\[7\\]: the language model has 2 layers")):
+        with pytest.raises(SystemExit, match=said):
+            explain.main(["--checkpoint", tiny_checkpoint, *argv])
+    with pytest.raises(ValueError, match="has no image: there is nothing to map"):
+        explain.explain(explain.load_model(tiny_checkpoint, "t")[0], None, "a text-only candidate")
+
+
+def test_a_hub_layout_qwen2_5_vl_folder(tmp_path):
+    """A tiny random Qwen2.5-VL saved as a hub repo is laid out (the real class, its weight names,
+    the hub's pixel bound), loaded by path through the real-backbone code (bf16, LoRA)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from machinery.backbones import build_tiny_backbone, image_processor_class
+    from metaembed import MetaEmbed
+    base, processor = build_tiny_backbone(seed=0)
+    text = base.config.text_config.to_dict()
+    ids = {k: getattr(base.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                 "vision_end_token_id")}
+    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
+        depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
+        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **ids)
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path / "q25")
+    processor.tokenizer.save_pretrained(tmp_path / "q25")
+    image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+                            temporal_patch_size=2).save_pretrained(tmp_path / "q25")
+    model = MetaEmbed.from_backbone(str(tmp_path / "q25"), num_query_tokens=4, num_candidate_tokens=8)
+    assert model.base_model().config.model_type == "qwen2_5_vl" and model.config.lora
+    res = explain.explain(model, wide_scene(), query="red", budget=(2, 4))
+    assert res["grid"] == [2, 4] and res["maps"].shape == (8, 2, 4)
+    assert bool((res["maps"].flatten(1).sum(1) <= 1 + 1e-3).all())
