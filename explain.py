@@ -8,10 +8,10 @@ with a query, the image regions that answered each query vector at a budget.
     python explain.py --study 50 --compare out/tiny-no-matryoshka   # the measured study (table, JSON)
 
 A map is NOT renormalised: its sum is the share of that meta token's attention that falls on the
-image (the rest goes to the text, the prompt and the earlier meta tokens). Eager attention is
-used for this pass only (the model's own implementation is restored after), and a hook keeps only
-the candidate meta tokens' rows of the layers asked for: one layer's full attention is held at a
-time, never every layer's.
+image (the rest goes to the text, the prompt and the earlier meta tokens). The language model
+runs eager attention for this pass only (its own implementation is restored after; the vision
+tower keeps its own), and a hook keeps only the candidate meta tokens' rows of the layers asked
+for: one layer's full attention exists at a time, never every layer's.
 """
 import argparse
 import json
@@ -25,29 +25,28 @@ import data
 from kernels import maxsim
 from machinery import checks
 from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
-from metaembed import parse_budgets
+from metaembed import matryoshka_groups, parse_budgets
 
 
 @contextmanager
 def meta_attention(model, layers=(-1,)):
     """While inside: eager attention, and the candidate meta tokens' attention rows of `layers`
     (mean over heads) appended to the yielded list, one (R_c, L) tensor per layer and forward."""
-    backbone, R_c = model.base_model(), model.config.num_candidate_tokens
-    blocks = backbone.language_model.layers
+    language, R_c = model.base_model().language_model, model.config.num_candidate_tokens
     kept, hooks = [], []
-    before = backbone.config._attn_implementation
+    before = language.config._attn_implementation    # the language model's only: the vision tower keeps its own
 
     def keep(module, args, output):
         weights = output[1]                                               # (B, heads, L, L), eager only
         kept.append(weights[0, :, -R_c:, :].float().mean(0))              # (R_c, L)
     try:
-        backbone.set_attn_implementation("eager")
-        hooks = [blocks[i].self_attn.register_forward_hook(keep) for i in layers]
+        language.config._attn_implementation = "eager"          # read by every layer at each forward
+        hooks = [language.layers[i].self_attn.register_forward_hook(keep) for i in layers]
         yield kept
     finally:
         for h in hooks:
             h.remove()
-        backbone.set_attn_implementation(before)
+        language.config._attn_implementation = before
 
 
 def visual_grid(model, inputs):
@@ -74,7 +73,7 @@ def explain(model, image, text="", query=None, budget=None, layers=(-1,)):
     maps = attn[:, positions].view(-1, rows, cols)                        # (R_c, rows, cols)
     out = {"grid": [rows, cols], "maps": maps, "group_maps": {}, "query": None}
     lo = 0
-    for rq, rc in model.config.groups:                                    # vectors lo+1..rc: one group
+    for rq, rc in paper_groups(model):                                    # vectors lo+1..rc: one group
         out["group_maps"][f"{rq}x{rc}"] = maps[lo:rc].mean(0)
         lo = rc
     if query is not None:
@@ -86,6 +85,12 @@ def explain(model, image, text="", query=None, budget=None, layers=(-1,)):
                         "contribution": contribution.tolist(), "score": float(contribution.sum()),
                         "maxsim": float(maxsim(E_q[None, :r_q], E_c[None, :r_c], backend="torch")[0, 0])}
     return out
+
+
+def paper_groups(model):
+    """The paper's groups within the model's tokens (an ablation trained on (16, 64) alone is still
+    read as vector 1, 2-4, 5-8, 9-16, 17-64)."""
+    return matryoshka_groups(model.config.num_query_tokens, model.config.num_candidate_tokens)
 
 
 def to_json(result):
@@ -106,9 +111,13 @@ def figure(result, image, path):
         ax.axis("off")
     rgb = Image.open(image).convert("RGB") if isinstance(image, str) else image.convert("RGB")
 
+    shown = list(groups.values()) + ([result["maps"][j] for j in q["winner"][:8]] if q else [])
+    top = max(float(m.max()) for m in shown)             # one colour scale for every panel: 0 .. top
+
     def overlay(ax, m, title):                       # the map over the image in grey, brighter = more attention
         ax.imshow(rgb.convert("L"), cmap="gray")
-        ax.imshow(m.numpy(), extent=(0, rgb.width, rgb.height, 0), cmap="inferno", alpha=0.75, interpolation="nearest")
+        ax.imshow(m.numpy(), extent=(0, rgb.width, rgb.height, 0), cmap="inferno", alpha=0.75, interpolation="nearest",
+                  vmin=0, vmax=top)
         ax.set_title(title, fontsize=8)
     axes[0, 0].imshow(rgb)
     axes[0, 0].set_title("candidate", fontsize=8)
@@ -122,7 +131,7 @@ def figure(result, image, path):
         for i, (ax, j, c) in enumerate(zip(axes[1], q["winner"][:8], q["contribution"])):
             overlay(ax, result["maps"][j], f"q{i + 1} -> c{j + 1}: {c:.3f}")
         fig.suptitle(f"{q['text'][:60]!r} at {q['budget'][0]}x{q['budget'][1]}: score {q['score']:.3f} "
-                     f"(sum of the contributions)", fontsize=9)
+                     f"(sum of the contributions); colour 0 .. {top:.3f} of a token's attention", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -132,34 +141,45 @@ def figure(result, image, path):
 # the study: what each group of vectors attends to on the synthetic scenes
 
 def study(model, n_scenes=50, seed=0):
-    """Per Matryoshka group, mean over scenes and the group's vectors: (a) the entropy (nats) of
+    """Per Matryoshka group, mean over scenes and the group's vectors: the share of its attention on
+    the image (a map's sum), and (a) the entropy (nats) of
     its attention over the visual tokens (each map normalised to a distribution for this alone),
     (b) the share of its image attention on the coloured squares, (c) distinct argmax cells among
-    its vectors. The scenes are 3x3 grids of 28 px cells: one visual token a cell."""
-    rows = {}
+    its vectors. The scenes are 3x3 grids of 28 px cells: one visual token a cell. Beside each,
+    what attention spread evenly would give: ln 9, the squares' share of the cells, and the
+    distinct cells of as many argmaxes drawn at random, 9 (1 - (8/9)^k)."""
+    rows, squares = {}, 0.0
     for i in range(n_scenes):
         scene = data.synthetic_scene("eval", i, seed)
         res = explain(model, data.render(scene))
         full = torch.zeros(9, dtype=torch.bool)
         full[[cell for cell, _ in scene]] = True
+        squares += float(full.float().mean()) / n_scenes
         maps = res["maps"].flatten(1)                                     # (R_c, 9)
         lo = 0
-        for rq, rc in model.config.groups:
+        for rq, rc in paper_groups(model):
             m = maps[lo:rc]
             p = m / m.sum(1, keepdim=True)
-            r = rows.setdefault(f"{rq}x{rc}", {"entropy": 0.0, "on_squares": 0.0, "cells": 0.0})
+            r = rows.setdefault(f"{rq}x{rc}", {"on_image": 0.0, "entropy": 0.0, "on_squares": 0.0, "cells": 0.0,
+                                               "cells_at_random": 9 * (1 - (8 / 9) ** (rc - lo))})
+            r["on_image"] += float(m.sum(1).mean()) / n_scenes
             r["entropy"] += float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()) / n_scenes
             r["on_squares"] += float((m[:, full].sum(1) / m.sum(1)).mean()) / n_scenes
             r["cells"] += len(set(m.argmax(1).tolist())) / n_scenes
             lo = rc
+    for r in rows.values():
+        r["squares_share_of_cells"] = squares
     return rows
 
 
 def print_study(name, rows):
-    print(f"\n{name}: per group, mean over scenes (entropy max {math.log(9):.2f} nats = uniform over the 9 cells)")
-    print(f"{'group':>7} {'entropy':>8} {'on squares':>11} {'distinct cells':>15}")
+    even = next(iter(rows.values()))["squares_share_of_cells"]
+    print(f"\n{name}: per group, mean over scenes (spread evenly: entropy {math.log(9):.2f} nats, "
+          f"{even:.3f} on squares)")
+    print(f"{'group':>7} {'on image':>9} {'entropy':>8} {'on squares':>11} {'distinct cells':>15} {'at random':>10}")
     for g, r in rows.items():
-        print(f"{g:>7} {r['entropy']:8.3f} {r['on_squares']:11.3f} {r['cells']:15.2f}")
+        print(f"{g:>7} {r['on_image']:9.3f} {r['entropy']:8.3f} {r['on_squares']:11.3f} {r['cells']:15.2f} "
+              f"{r['cells_at_random']:10.2f}")
 
 
 def main(argv=None):

@@ -35,9 +35,10 @@ def test_grid_follows_the_models_own_positions(tiny):
 def test_maps_are_the_backbones_output_attentions(tiny, monkeypatch):
     """Each map = the last layer's attention (mean over heads) from a candidate meta token to the
     visual tokens, read here from the backbone's own output_attentions; its sum is at most 1."""
-    before = tiny.base_model().config._attn_implementation
+    language = tiny.base_model().language_model
+    before = language.config._attn_implementation
     res = explain.explain(tiny, wide_scene())
-    assert tiny.base_model().config._attn_implementation == before            # restored
+    assert language.config._attn_implementation == before == "sdpa"          # restored
     seen, forward = [], tiny.backbone.forward
 
     def with_attentions(*a, **k):
