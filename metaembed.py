@@ -187,6 +187,9 @@ class MetaEmbed(nn.Module):
         meta = self.meta_tokens[:R].to(embeds.dtype).expand(B, -1, -1)     # (B, R, H)
         embeds = torch.cat([embeds[:, :-R], meta], 1)
         pixels = inputs.get("pixel_values")
+        # Qwen2/2.5-VL take input_ids beside inputs_embeds (the ids place the image); Qwen3-VL and
+        # Qwen3.5 refuse both and find the image placeholders by their embedding
+        ids = None if backbones.family_of(self.base_model()).embeds_only else ids
         out = self.backbone(input_ids=ids, inputs_embeds=embeds, attention_mask=mask,
                             position_ids=position_ids, mm_token_type_ids=types,
                             pixel_values=pixels.to(dev) if pixels is not None else None,
@@ -257,7 +260,7 @@ class MetaEmbed(nn.Module):
         """Backbone by alias / hub id / folder, with fresh meta tokens (seeded)."""
         config = MetaEmbedConfig(backbone=name, **kwargs)
         if config.offline:
-            backbone, processor = backbones.build_tiny_backbone(seed=seed, **config.tiny)
+            backbone, processor = backbones.build_tiny_backbone(seed, backbones.OFFLINE[name], **config.tiny)
         else:
             backbone, processor = backbones.load_backbone(name, config.dtype, config.attn_implementation)
         return cls._from_parts(config, backbone, processor, seed)

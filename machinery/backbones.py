@@ -2,6 +2,7 @@
 images and processor they take."""
 import os
 import warnings
+from dataclasses import dataclass
 
 import torch
 from transformers.models.qwen2_vl import Qwen2VLProcessor
@@ -12,13 +13,52 @@ BACKBONES = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
     "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
     "qwen2.5-vl-32b": "Qwen/Qwen2.5-VL-32B-Instruct",
+    **{f"qwen3-vl-{s}": f"Qwen/Qwen3-VL-{s.upper()}-Instruct" for s in ("2b", "4b", "8b", "32b")},
+    **{f"qwen3.5-{s}": f"Qwen/Qwen3.5-{s.upper()}" for s in ("0.8b", "2b", "4b", "9b", "27b")},
 }
-OFFLINE = "tiny"     # the one backbone built in code: random weights, no hub access
+# the backbones built in code (random weights, no hub access), by family: `tiny` is the default
+OFFLINE = {"tiny": "qwen2_vl", "tiny-qwen3-vl": "qwen3_vl", "tiny-qwen3.5": "qwen3_5"}
 
 
 def is_offline(name):
-    """The one place that decides whether a backbone is the offline `tiny` one."""
-    return name == OFFLINE
+    """The one place that decides whether a backbone is an offline one, built in code."""
+    return name in OFFLINE
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the supported families; adding one is one entry in FAMILIES."""
+    model: str             # the base model's transformers class (the hub repos hold *ForConditionalGeneration)
+    patch: int             # pixels of a patch edge: a visual token is (patch x 2)^2 pixels (2 x 2 merge)
+    lora_language: str     # the language model's LoRA targets (a regex over module names)
+    lora_vision: str       # the vision tower's, with --lora-vision
+    embeds_only: bool      # the forward takes inputs_embeds alone (input_ids with it is refused)
+
+
+ATTENTION_MLP = r"self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj"
+FAMILIES = {
+    "qwen2_vl": Family("Qwen2VLModel", 14, rf"layers\.\d+\.({ATTENTION_MLP})",
+                       r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))", False),
+    "qwen2_5_vl": Family("Qwen2_5_VLModel", 14, rf"layers\.\d+\.({ATTENTION_MLP})",
+                         r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate_proj|up_proj|down_proj))", False),
+    "qwen3_vl": Family("Qwen3VLModel", 16, rf"layers\.\d+\.({ATTENTION_MLP})",
+                       r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))", True),
+    # Qwen3.5: Gated DeltaNet layers (linear_attn) between full-attention ones
+    "qwen3_5": Family("Qwen3_5Model", 16,
+                      rf"layers\.\d+\.({ATTENTION_MLP}|linear_attn\.(in_proj_qkv|in_proj_z|in_proj_a|in_proj_b|out_proj))",
+                      r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.linear_fc(1|2))", True),
+}
+
+
+def family_of(backbone):
+    """The Family of a loaded backbone (with or without its LoRA wrapper), or one line naming
+    what is supported."""
+    kind = getattr(backbone.config, "model_type", "")
+    if kind not in FAMILIES:
+        moe = " (mixture-of-experts variants are not supported: LoRA and FSDP are untested on them)" \
+            if "moe" in kind else ""
+        raise ValueError(f"a {kind} backbone{moe}; MetaEmbed here supports {', '.join(FAMILIES)}")
+    return FAMILIES[kind]
 
 
 # The official config caps an image at 1,024 visual tokens (max_num_visual_tokens): a visual
@@ -42,46 +82,75 @@ top bottom left right center middle
 """
 
 
-def build_tiny_backbone(seed=0, **overrides):
-    """Random Qwen2-VL + byte-level BPE tokenizer + image processor, built in code (no hub)."""
+def tiny_tokenizer(vocab_size):
+    """A byte-level BPE trained on TINY_CORPUS, with the Qwen special tokens, padding on the left."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen2VLModel
-    t = {**TINY, **overrides}
+    from transformers import PreTrainedTokenizerFast
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=t["vocab_size"], special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     bpe.train_from_iterator(TINY_CORPUS.split("\n") * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>",
-                                        pad_token="<|endoftext|>", padding_side="left")
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side="left")
+
+
+def tiny_config(family, t, tokenizer):
+    """The config of a small random model of a family, sized by t (TINY and its overrides)."""
+    import transformers
+    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
     head_dim = t["hidden_size"] // t["num_attention_heads"]
     half = head_dim // 2  # M-RoPE: mrope_section (temporal, height, width) sums to head_dim / 2
     section = [half - 2 * (half // 3), half // 3, half // 3]
-    ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPECIAL_TOKENS}
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"],
-                         intermediate_size=t["intermediate_size"],
-                         num_hidden_layers=t["num_hidden_layers"],
-                         num_attention_heads=t["num_attention_heads"],
-                         num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=4096,
-                         rope_parameters=dict(rope_type="default", rope_theta=t["rope_theta"],
-                                              mrope_section=section),
-                         bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"], tie_word_embeddings=False),
-        vision_config=dict(depth=t["vision_depth"], embed_dim=t["vision_embed_dim"],
-                           hidden_size=t["hidden_size"], num_heads=t["vision_heads"], mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+    text = dict(vocab_size=len(tokenizer), hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+                num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+                num_key_value_heads=t["num_key_value_heads"], max_position_embeddings=4096,
+                rope_parameters=dict(rope_type="default", rope_theta=t["rope_theta"], mrope_section=section),
+                bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+                tie_word_embeddings=False)
+    tokens = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+                  tie_word_embeddings=False)
+    if family == "qwen2_vl":
+        vision = dict(depth=t["vision_depth"], embed_dim=t["vision_embed_dim"], hidden_size=t["hidden_size"],
+                      num_heads=t["vision_heads"], mlp_ratio=2, patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+        return transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+    if family == "qwen2_5_vl":   # windowed vision attention, one full-attention block
+        vision = dict(depth=t["vision_depth"], hidden_size=t["vision_embed_dim"], out_hidden_size=t["hidden_size"],
+                      intermediate_size=2 * t["vision_embed_dim"], num_heads=t["vision_heads"], patch_size=14,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+        return transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, **tokens)
+    # Qwen3-VL / Qwen3.5: 16 px patches, interleaved M-RoPE; Qwen3.5 alternates Gated DeltaNet
+    # (linear attention) and full-attention layers
+    text.update(head_dim=head_dim)
+    text["rope_parameters"].update(mrope_interleaved=True, partial_rotary_factor=1.0)
+    vision = dict(depth=t["vision_depth"], hidden_size=t["vision_embed_dim"], intermediate_size=2 * t["vision_embed_dim"],
+                  num_heads=t["vision_heads"], out_hidden_size=t["hidden_size"], patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, num_position_embeddings=64)
+    if family == "qwen3_vl":
+        return transformers.Qwen3VLConfig(text_config=text, vision_config={**vision, "deepstack_visual_indexes": [0]},
+                                          **tokens)
+    text.update(layer_types=["linear_attention", "full_attention"] * (t["num_hidden_layers"] // 2),
+                linear_num_key_heads=2, linear_num_value_heads=t["num_attention_heads"], linear_key_head_dim=head_dim,
+                linear_value_head_dim=head_dim)
+    return transformers.Qwen3_5Config(text_config=text, vision_config=vision, **tokens)
+
+
+def build_tiny_backbone(seed=0, family="qwen2_vl", **overrides):
+    """A small random model of a family + byte-level BPE tokenizer + image processor, built in code (no hub)."""
+    import transformers
+    t = {**TINY, **overrides}
+    tokenizer = tiny_tokenizer(t["vocab_size"])
+    config = tiny_config(family, t, tokenizer)
     config._attn_implementation = "sdpa"
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        backbone = Qwen2VLModel(config)
-    image_processor = image_processor_class()(min_pixels=t["min_pixels"], max_pixels=t["max_pixels"],
-                                              patch_size=14, merge_size=2, temporal_patch_size=2)
+        backbone = getattr(transformers, FAMILIES[family].model)(config)
+    patch = FAMILIES[family].patch
+    lo, hi = (t["min_pixels"], t["max_pixels"]) if patch == 14 else (32 * 32, 128 * 128)
+    image_processor = image_processor_class()(min_pixels=lo, max_pixels=hi, patch_size=patch, merge_size=2,
+                                              temporal_patch_size=2)
     return backbone, ImageTextProcessor(image_processor, tokenizer)
 
 
@@ -104,7 +173,7 @@ def looks_like_hub_id(path):
 def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
     from transformers import AutoModel, AutoTokenizer
-    aliases = ", ".join([OFFLINE, *BACKBONES])
+    aliases = ", ".join([*OFFLINE, *BACKBONES])
     name = BACKBONES.get(name, name)
     if not os.path.isdir(name) and not looks_like_hub_id(name):
         raise ValueError(f"unknown backbone {name!r}: not an alias ({aliases}), not a local folder, "
@@ -117,19 +186,22 @@ def load_backbone(name, dtype=None, attn_implementation="sdpa"):
         image_processor = image_processor_class().from_pretrained(name)
     except OSError as e:
         raise FileNotFoundError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
-                                f"folder holding its files, or an alias ({aliases}; 'tiny' is offline)") from None
-    if getattr(backbone.config, "model_type", "") not in ("qwen2_vl", "qwen2_5_vl"):
-        raise ValueError(f"backbone '{name}' is a {backbone.config.model_type}; MetaEmbed here supports "
-                         f"Qwen2-VL and Qwen2.5-VL backbones")
+                                f"folder holding its files, or an alias ({aliases}; the tiny ones are offline)") from None
+    try:
+        family_of(backbone)
+    except ValueError as e:
+        raise ValueError(f"backbone '{name}' is {e}") from None
     return backbone, ImageTextProcessor(image_processor, tokenizer)
 
 
 def load_saved(path, config):
     """The backbone and processor of a saved checkpoint: `tiny` rebuilt from its saved config (its
     weights are in the checkpoint), a real one reloaded by name; the processor as saved."""
-    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLModel
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
     if is_offline(config.backbone):
-        backbone = Qwen2VLModel(Qwen2VLConfig.from_pretrained(path))
+        saved = AutoConfig.from_pretrained(path)
+        backbone = getattr(transformers, FAMILIES[saved.model_type].model)(saved)
         backbone.config._attn_implementation = "sdpa"
     else:
         backbone, _ = load_backbone(config.backbone, config.dtype, config.attn_implementation)
@@ -145,15 +217,13 @@ def max_text_tokens(model):
 
 
 # LoRA as the official config: gaussian init (B = 0, so training starts from the base model) on the
-# language model's attention and MLP projections; lora_vision adds the vision tower's (Qwen2-VL
-# names them qkv, proj, fc1, fc2; Qwen2.5-VL gate/up/down_proj).
-LORA_LANGUAGE = r"layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-LORA_VISION = r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2|gate_proj|up_proj|down_proj))"
-
+# language model's attention and MLP projections (and Qwen3.5's linear-attention ones);
+# lora_vision adds the vision tower's. The names are each family's (FAMILIES).
 
 def add_lora(backbone, config):
     from peft import LoraConfig, get_peft_model
-    targets = f".*({LORA_LANGUAGE}|{LORA_VISION})" if config.lora_vision else f".*language_model.*{LORA_LANGUAGE}"
+    f = family_of(backbone)
+    targets = rf".*language_model.*({f.lora_language})" + (rf"|.*visual.*({f.lora_vision})" if config.lora_vision else "")
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets, init_lora_weights="gaussian")
     return get_peft_model(backbone, lora)

@@ -320,7 +320,7 @@ def test_incomplete_checkpoint_is_named_before_anything_is_built(tmp_path):
 
 
 def test_unknown_backbone_lists_the_aliases(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown backbone 'qwen-vl-9000': not an alias \(tiny, qwen2-vl-2b"):
+    with pytest.raises(ValueError, match=r"unknown backbone 'qwen-vl-9000': not an alias \(tiny, tiny-qwen3-vl, tiny-qwen3.5, qwen2-vl-2b"):
         MetaEmbed.from_backbone("qwen-vl-9000")
     with pytest.raises(ValueError, match="not a local folder"):
         MetaEmbed.from_backbone(str(tmp_path / "no-such-folder"))

@@ -116,22 +116,9 @@ def test_cli_json_figure_and_bad_input(tiny_checkpoint, tmp_path, capsys):
 def test_a_hub_layout_qwen2_5_vl_folder(tmp_path):
     """A tiny random Qwen2.5-VL saved as a hub repo is laid out (the real class, its weight names,
     the hub's pixel bound), loaded by path through the real-backbone code (bf16, LoRA)."""
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    from machinery.backbones import build_tiny_backbone, image_processor_class
+    from conftest import save_hub_layout_backbone
     from metaembed import MetaEmbed
-    base, processor = build_tiny_backbone(seed=0)
-    text = base.config.text_config.to_dict()
-    ids = {k: getattr(base.config, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                                 "vision_end_token_id")}
-    config = Qwen2_5_VLConfig(text_config=text, vision_config=dict(
-        depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
-        spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **ids)
-    torch.manual_seed(0)
-    Qwen2_5_VLForConditionalGeneration(config).save_pretrained(tmp_path / "q25")
-    processor.tokenizer.save_pretrained(tmp_path / "q25")
-    image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
-                            temporal_patch_size=2).save_pretrained(tmp_path / "q25")
+    save_hub_layout_backbone(tmp_path / "q25", "qwen2_5_vl")
     model = MetaEmbed.from_backbone(str(tmp_path / "q25"), num_query_tokens=4, num_candidate_tokens=8)
     assert model.base_model().config.model_type == "qwen2_5_vl" and model.config.lora
     res = explain.explain(model, wide_scene(), query="red", budget=(2, 4))

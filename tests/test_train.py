@@ -193,7 +193,7 @@ def test_bad_flags_stop_before_training(tmp_path, capsys):
         with pytest.raises(SystemExit, match=rf"^train.py: error: cannot write --log-file {re.escape(str(log))}"):
             train.main(SMALL + ["--out", str(tmp_path / "o2"), "--steps", "1", "--log-file", str(log)])
     assert not (tmp_path / "o2" / "latest").exists()                       # refused before any training
-    with pytest.raises(SystemExit, match=r"^train.py: error: unknown backbone 'qwen-vl-9000': not an alias \(tiny, qwen2-vl-2b"):
+    with pytest.raises(SystemExit, match=r"^train.py: error: unknown backbone 'qwen-vl-9000': not an alias \(tiny, tiny-qwen3-vl, tiny-qwen3.5, qwen2-vl-2b"):
         train.main(SMALL + ["--backbone", "qwen-vl-9000", "--out", str(tmp_path / "o"), "--steps", "1"])
 
 
