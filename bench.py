@@ -336,7 +336,8 @@ def random_index(path, N, D, R_c=64, seed=0):
         vectors[j:j + 1000] = unit_vectors(min(1000, N - j), R_c, D, torch.device("cpu"), torch.float32, seed + j)
     on_disk.write_meta(path, vectors.meta)
     with open(os.path.join(path, "items.jsonl"), "w") as f:
-        f.writelines(json.dumps({"id": i}) + "\n" for i in range(N))
+        f.writelines(json.dumps({"n": i, "id": str(i), "source": f"random vector {i}", "kind": "text"}) + "\n"
+                     for i in range(N))
     return search.Index(path)
 
 
@@ -370,6 +371,43 @@ def cascade_bench(index_path=None, random_size=None, queries=300, depths=(100, 3
     if tmp:
         tmp.cleanup()
     return dict(candidates=index.N, dim=index.D, queries=len(q), k=k, random=bool(random_size), rows=rows)
+
+
+def serve_bench(N=20_000, D=1536, requests=30, k=10):
+    """search.py serve's latency: p50 / p95 of whole HTTP search requests (encode + search + JSON)
+    on N random candidates at D, against the same search in-process (what `search.py query`
+    times), at 1x1, 8x16, 16x64 and the cascade 1x1 -> 16x64 at depth 300."""
+    import tempfile
+    import threading
+    import urllib.request
+
+    from machinery import serve
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_backbone("tiny", proj_dim=D)            # a query encoder of the index's D
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        index = random_index(tmp, N, D)
+        index.meta.update(model_groups=GROUPS, checkpoint="(random vectors)")
+        server = serve.make_server(serve.Searcher(index, model), "127.0.0.1", 0)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/api/search?q=red+top+left&k={k}"
+        for name, budget, first in (("1x1", (1, 1), None), ("8x16", (8, 16), None), ("16x64", (16, 64), None),
+                                    ("cascade 1x1 -> 16x64, depth 300", (16, 64), (1, 1))):
+            query = f"&budget={budget[0]}x{budget[1]}" + (f"&first={first[0]}x{first[1]}&depth=300" if first else "")
+            http, cli = [], []
+            for _ in range(requests + 2):                          # the first two warm up
+                t = time.perf_counter()
+                urllib.request.urlopen(url + query, timeout=120).read()
+                http.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                q = model.encode_queries(["red top left"])
+                index.search(q, budget, k, first, 300)
+                cli.append(time.perf_counter() - t)
+            http, cli = sorted(http[2:]), sorted(cli[2:])
+            rows.append(dict(search=name, http_p50_ms=1e3 * http[len(http) // 2], http_p95_ms=1e3 * http[int(0.95 * len(http))],
+                             in_process_p50_ms=1e3 * cli[len(cli) // 2]))
+        server.shutdown()
+    return dict(candidates=N, dim=D, requests=requests, k=k, rows=rows)
 
 
 def cascade_plot(results, path):
@@ -424,9 +462,20 @@ def main():
     p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
                    "(e.g. 20000x1536)")
     p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
+    p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
+                   "20,000 random candidates at D = 1536, against the same search in-process")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
+    if args.serve:
+        r = serve_bench()
+        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; search.py serve, {r['candidates']} random "
+              f"candidates x D={r['dim']}, k={r['k']}, {r['requests']} requests each, one at a time:")
+        for row in r["rows"]:
+            print(f"  {row['search']:<34} HTTP p50 {row['http_p50_ms']:7.1f} ms  p95 {row['http_p95_ms']:7.1f} ms   "
+                  f"in-process p50 {row['in_process_p50_ms']:7.1f} ms")
+        write_json(args.json, {**r, "device": cpu_name()})
+        return
     if args.dispatch:
         from machinery import cpu_kernel
         if cpu_kernel.library() is None:

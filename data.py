@@ -63,6 +63,14 @@ def caption(scene):
     return ", ".join(f"{colour} {CELLS[cell]}" for cell, colour in scene)
 
 
+def scene_of(text):
+    """caption's inverse: 'red top left, blue center' -> the scene ((0, 'red'), (4, 'blue'))."""
+    try:
+        return tuple(sorted((CELLS.index(part.split(" ", 1)[1]), part.split(" ", 1)[0]) for part in text.split(", ")))
+    except (ValueError, IndexError):
+        raise ValueError(f"not a synthetic caption: {text[:60]!r}") from None
+
+
 def render(scene):
     """84x84 RGB image of a scene, drawn with Pillow."""
     im = Image.new("RGB", (3 * CELL, 3 * CELL), (20, 20, 20))

@@ -218,13 +218,24 @@ class _PdfPage:
             raise ValueError(f"page {self.page + 1} of {self.file} cannot be rendered ({e})") from None
 
 
+def item_kind(image):
+    """What an item is, for showing it later (search.py serve's thumbnails): an image file or a PDF
+    page (their real paths, as indexed), a text, or a synthetic scene (redrawn from its caption)."""
+    if isinstance(image, str):
+        return {"kind": "image", "file": os.path.realpath(image)}
+    if isinstance(image, _PdfPage):
+        return {"kind": "pdf", "file": os.path.realpath(image.file), "page": image.page}
+    return {"kind": "text"} if image is None else {"kind": "synthetic"}
+
+
 def build_index(model, items, out, batch_size=32, progress=True):
     """Encode items into the index folder `out`, resumably (shards marked done in progress.json).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
     os.makedirs(out, exist_ok=True)
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
-    listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s)} for n, (i, _, _, s) in enumerate(items)]
+    listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s), **item_kind(im)}
+               for n, (i, _, im, s) in enumerate(items)]
     state_file = os.path.join(out, "progress.json")
     state = json.load(open(state_file)) if os.path.isfile(state_file) else None
     if state and state.get("fingerprint") != model.fingerprint:
@@ -431,6 +442,12 @@ def get_args(argv=None):
     q.add_argument("--json", action="store_true", help="print the results as JSON")
     q.add_argument("--qdrant", help="search Qdrant instead (a local folder or a URL) with the index's model")
     q.add_argument("--collection", default="metaembed")
+    w = sub.add_parser("serve", help="a local search page over an index (the budget as a slider)")
+    w.add_argument("--index", default="index/scenes", help="an index folder (default index/scenes: build it with "
+                   "`python search.py index --out index/scenes`, the synthetic scenes)")
+    w.add_argument("--checkpoint", help="the checkpoint the index was built with, if it has moved")
+    w.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)")
+    w.add_argument("--port", type=int, default=8765)
     v = sub.add_parser("verify", help="check an index's files against their checksums, and its vectors for NaN / inf")
     v.add_argument("index", help="an index folder")
     u = sub.add_parser("push", help="upload an index into Qdrant, or complete an upload cut short")
@@ -485,7 +502,11 @@ def push(index, where, collection, overwrite):
     print(f"wrote {index.N - len(index.skipped)} points to Qdrant at {where}, collection {collection}")
 
 
-def query_cmd(args):
+def open_for_search(args):
+    """The index and its model, the model checked against the index's fingerprint."""
+    if not os.path.isfile(os.path.join(args.index, "index.json")) and not os.path.exists(args.index):
+        raise FileNotFoundError(f"no index at {args.index}: build one with `python search.py index --out {args.index}` "
+                                f"(the synthetic scenes; --images, --texts or --pdf for your own corpus)")
     index = Index(args.index)
     model = load_model(args.checkpoint or index.meta["checkpoint"])
     if model.fingerprint != index.meta.get("fingerprint"):
@@ -493,6 +514,11 @@ def query_cmd(args):
                          f"{model.fingerprint}, the index's {index.meta.get('fingerprint')}): rebuild the index with "
                          f"`search.py index --checkpoint {model.source} --out ...`, or pass --checkpoint the one it was "
                          f"built with")
+    return index, model
+
+
+def query_cmd(args):
+    index, model = open_for_search(args)
     groups = tuple(tuple(g) for g in index.meta["model_groups"])
     budget = parse_budgets(args.budget, groups, index.meta["num_query_tokens"], index.R_c)[0]
     first = parse_budgets(args.first, groups, index.meta["num_query_tokens"], index.R_c)[0] if args.first else None
@@ -539,6 +565,10 @@ def main(argv=None):
                 sys.exit(f"search.py: {args.index} failed verification ({len(problems)} problem(s))")
             print(f"{args.index}: ok (sizes, items, checksums, every value finite)")
             return []
+        if args.command == "serve":
+            from machinery import serve
+            index, model = open_for_search(args)
+            return serve.run(serve.Searcher(index, model), args.host, args.port)
         if args.command == "push":
             return push(Index(args.index), args.qdrant, args.collection, args.overwrite)
         return index_cmd(args) if args.command == "index" else query_cmd(args)

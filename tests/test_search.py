@@ -71,7 +71,7 @@ def test_cli_query_json_and_errors(scenes, ckpt, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert [r["id"] for r in printed["results"]] == [r["id"] for r in res] and len(res) == 3
     assert printed["budget"] == "2x4" and all("source" in r for r in res)
-    for argv, said in ((["query", "--index", str(tmp_path / "none"), "x"], "not a finished index"),
+    for argv, said in ((["query", "--index", str(tmp_path / "none"), "x"], "no index at .*none: build one with"),
                        (["query", "--index", out, "x", "--budget", "3x5"], "r_c=5 is not stored .* holds r_c in 1, 4, 8, 16, 64"),
                        (["query", "--index", out, "x", "--budget", "32x64"], "exceeds the trained meta tokens"),
                        (["query", "--index", out], "needs a text or an --image"),
