@@ -442,114 +442,105 @@ def write_json(path, obj):
         print(f"wrote {path}")
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="fewer repeats")
-    p.add_argument("--json", help="write all rows here")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--eval-memory", type=int, metavar="N",
-                   help="instead: peak host memory of evaluating N candidates at (16, 64), D = 3584 (stub "
-                   "encoder), against the bf16 index's size")
-    p.add_argument("--index-dir", help="with --eval-memory: put the index on disk in this folder")
-    p.add_argument("--grad-cache", type=int, metavar="B", help="instead: peak host memory of one training step at "
-                   "batch B, plain and with GradCache chunks (--chunks), each in a fresh process")
-    p.add_argument("--chunks", default="4,16", help="with --grad-cache: the chunk sizes to measure (default 4,16)")
-    p.add_argument("--grad-cache-one", nargs=2, type=int, help=argparse.SUPPRESS)   # B chunk, in a child process
-    p.add_argument("--layout", action="store_true", help="instead: 32 x 10k at (1, 1), D = 1536, from search.py's "
-                   "grouped layout against prefix views of full embeddings")
-    p.add_argument("--cascade", nargs="+", metavar="INDEX", help="instead: the cascade's recall on search.py "
-                   "indexes of the synthetic scenes, and its speed on random ones (--random)")
-    p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
-                   "(e.g. 20000x1536)")
-    p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
-    p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
-                   "20,000 random candidates at D = 1536, against the same search in-process")
-    p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
-                   "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
-    args = p.parse_args()
-    if args.serve:
-        r = serve_bench()
-        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; search.py serve, {r['candidates']} random "
-              f"candidates x D={r['dim']}, k={r['k']}, {r['requests']} requests each, one at a time:")
+def mode_serve(args):
+    """search.py serve's latency."""
+    r = serve_bench()
+    print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; search.py serve, {r['candidates']} random "
+          f"candidates x D={r['dim']}, k={r['k']}, {r['requests']} requests each, one at a time:")
+    for row in r["rows"]:
+        print(f"  {row['search']:<34} HTTP p50 {row['http_p50_ms']:7.1f} ms  p95 {row['http_p95_ms']:7.1f} ms   "
+              f"in-process p50 {row['in_process_p50_ms']:7.1f} ms")
+    write_json(args.json, {**r, "device": cpu_name()})
+
+
+def mode_dispatch(args):
+    """the CPU dispatch, measured afresh for every regime."""
+    from machinery import cpu_kernel
+    if cpu_kernel.library() is None:
+        print("the C kernel does not build here: maxsim always takes the torch path")
+        return
+    cpu_kernel.choices.clear()
+    if cpu_kernel.dispatch_file() and cpu_kernel.dispatch_file().exists():
+        cpu_kernel.dispatch_file().unlink()
+    print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; "
+          f"kept in {cpu_kernel.dispatch_file()}")
+    for one in ("one-query", "many-queries"):
+        for rc in ("rc1", "multi"):
+            for d in ("D<=256", "D>256"):
+                for dt in ("fp32", "16bit"):
+                    name = f"{one}/{rc}/{d}/{dt}"
+                    win, t = cpu_kernel.measured_choice(name)
+                    widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in cpu_kernel.widths())
+                    pick = f"C kernel, {t['width']}-wide" if win == "c" else "torch"
+                    print(f"  {name:<34} {widths}  torch {t['torch_ms']:7.2f} ms  -> {pick}   ({t['probe']})")
+    write_json(args.json, cpu_kernel.choices)
+
+
+def mode_layout(args):
+    """the grouped on-disk layout at 1x1."""
+    r = layout_bench()
+    print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; peaks "
+          f"{r['peaks'][0] / 1e9:.0f} GFLOP/s, {r['peaks'][1] / 1e9:.1f} GB/s; {r['Nq']} x {r['N']} at 1x1, D={r['D']}")
+    for row in r["rows"]:
+        print(f"  {row['layout']:<26} {row['backend']:<6} {row['ms']:7.1f} ms  limit {row['limit_ms']:5.1f} ms  "
+              f"{row['x_limit']:.2f}x the limit  (max err {row['max_err']:.1e})")
+    print("  bytes read per budget r_c (fraction of the index): " +
+          ", ".join(f"{b}: {f:.4f}" for b, f in r["bytes_read_fraction"].items()))
+    write_json(args.json, {**r, "device": cpu_name()})
+
+
+def mode_cascade(args):
+    """the cascade's recall and speed."""
+    results = [cascade_bench(path) for path in args.cascade]
+    results += [cascade_bench(random_size=tuple(int(x) for x in s.split("x")), queries=20) for s in args.random]
+    print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
+    for r in results:
+        print(f"cascade 1x1 -> 16x64, {r['candidates']} candidates x D={r['dim']}"
+              f"{' (random: speed only)' if r['random'] else ''}, {r['queries']} queries one at a time, top-{r['k']}:")
         for row in r["rows"]:
-            print(f"  {row['search']:<34} HTTP p50 {row['http_p50_ms']:7.1f} ms  p95 {row['http_p95_ms']:7.1f} ms   "
-                  f"in-process p50 {row['in_process_p50_ms']:7.1f} ms")
-        write_json(args.json, {**r, "device": cpu_name()})
-        return
-    if args.dispatch:
-        from machinery import cpu_kernel
-        if cpu_kernel.library() is None:
-            print("the C kernel does not build here: maxsim always takes the torch path")
-            return
-        cpu_kernel.choices.clear()
-        if cpu_kernel.dispatch_file() and cpu_kernel.dispatch_file().exists():
-            cpu_kernel.dispatch_file().unlink()
-        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; "
-              f"kept in {cpu_kernel.dispatch_file()}")
-        for one in ("one-query", "many-queries"):
-            for rc in ("rc1", "multi"):
-                for d in ("D<=256", "D>256"):
-                    for dt in ("fp32", "16bit"):
-                        name = f"{one}/{rc}/{d}/{dt}"
-                        win, t = cpu_kernel.measured_choice(name)
-                        widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in cpu_kernel.widths())
-                        pick = f"C kernel, {t['width']}-wide" if win == "c" else "torch"
-                        print(f"  {name:<34} {widths}  torch {t['torch_ms']:7.2f} ms  -> {pick}   ({t['probe']})")
-        write_json(args.json, cpu_kernel.choices)
-        return
-    if args.layout:
-        r = layout_bench()
-        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; peaks "
-              f"{r['peaks'][0] / 1e9:.0f} GFLOP/s, {r['peaks'][1] / 1e9:.1f} GB/s; {r['Nq']} x {r['N']} at 1x1, D={r['D']}")
-        for row in r["rows"]:
-            print(f"  {row['layout']:<26} {row['backend']:<6} {row['ms']:7.1f} ms  limit {row['limit_ms']:5.1f} ms  "
-                  f"{row['x_limit']:.2f}x the limit  (max err {row['max_err']:.1e})")
-        print("  bytes read per budget r_c (fraction of the index): " +
-              ", ".join(f"{b}: {f:.4f}" for b, f in r["bytes_read_fraction"].items()))
-        write_json(args.json, {**r, "device": cpu_name()})
-        return
-    if args.cascade:
-        results = [cascade_bench(path) for path in args.cascade]
-        results += [cascade_bench(random_size=tuple(int(x) for x in s.split("x")), queries=20) for s in args.random]
-        print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads")
-        for r in results:
-            print(f"cascade 1x1 -> 16x64, {r['candidates']} candidates x D={r['dim']}"
-                  f"{' (random: speed only)' if r['random'] else ''}, {r['queries']} queries one at a time, top-{r['k']}:")
-            for row in r["rows"]:
-                print(f"  depth {str(row['depth']):>10}: recall@{r['k']} {100 * row['recall']:5.1f}%  "
-                      f"{row['ms_per_query']:7.2f} ms a query  {row['speedup']:5.1f}x")
-        if args.plot:
-            cascade_plot(results, args.plot)
-        write_json(args.json, results)
-        return
-    if args.grad_cache_one:
-        print(json.dumps(grad_cache_step_memory(*args.grad_cache_one)))
-        return
-    if args.grad_cache:
-        import subprocess
-        import sys
-        rows = []
-        for chunk in [0] + [int(c) for c in args.chunks.split(",")]:
-            out = subprocess.run([sys.executable, __file__, "--grad-cache-one", str(args.grad_cache), str(chunk)],
-                                 capture_output=True, text=True, check=True).stdout
-            rows.append(json.loads(out.strip().splitlines()[-1]))
-        base = rows[0]
-        print(f"one training step, tiny backbone, batch {args.grad_cache} (+1 hard negative each), "
-              f"{base['visual_tokens_per_image']} visual tokens per image:")
-        for r in rows:
-            print(f"  {'plain' if not r['chunk'] else 'GradCache chunk ' + str(r['chunk']):<18} process peak "
-                  f"{r['peak_bytes'] / 2**20:6.0f} MiB ({r['peak_bytes'] / base['peak_bytes']:.2f}x; "
-                  f"{r['rss_before_bytes'] / 2**20:.0f} MiB before the step), {r['seconds']:.1f} s, loss {r['loss']:.6f}")
-        write_json(args.json, rows)
-        return
-    if args.eval_memory:
-        r = eval_memory(args.eval_memory, args.index_dir)
-        where = f"on disk ({args.index_dir})" if args.index_dir else "in memory"
-        print(f"{r['candidates']} candidates x 64 x {r['D']}, bf16 index {where}: {r['index_bytes'] / 2**30:.2f} GiB; "
-              f"peak host memory beyond the model {r['peak_extra_bytes'] / 2**30:.2f} GiB = "
-              f"{r['ratio']:.2f}x the index ({r['seconds']:.0f} s)")
-        write_json(args.json, r)
-        return
+            print(f"  depth {str(row['depth']):>10}: recall@{r['k']} {100 * row['recall']:5.1f}%  "
+                  f"{row['ms_per_query']:7.2f} ms a query  {row['speedup']:5.1f}x")
+    if args.plot:
+        cascade_plot(results, args.plot)
+    write_json(args.json, results)
+
+
+def mode_grad_cache_one(args):
+    """one GradCache measurement (in a child process)."""
+    print(json.dumps(grad_cache_step_memory(*args.grad_cache_one)))
+
+
+def mode_grad_cache(args):
+    """GradCache memory, each chunk size in a fresh process."""
+    import subprocess
+    import sys
+    rows = []
+    for chunk in [0] + [int(c) for c in args.chunks.split(",")]:
+        out = subprocess.run([sys.executable, __file__, "--grad-cache-one", str(args.grad_cache), str(chunk)],
+                             capture_output=True, text=True, check=True).stdout
+        rows.append(json.loads(out.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"one training step, tiny backbone, batch {args.grad_cache} (+1 hard negative each), "
+          f"{base['visual_tokens_per_image']} visual tokens per image:")
+    for r in rows:
+        print(f"  {'plain' if not r['chunk'] else 'GradCache chunk ' + str(r['chunk']):<18} process peak "
+              f"{r['peak_bytes'] / 2**20:6.0f} MiB ({r['peak_bytes'] / base['peak_bytes']:.2f}x; "
+              f"{r['rss_before_bytes'] / 2**20:.0f} MiB before the step), {r['seconds']:.1f} s, loss {r['loss']:.6f}")
+    write_json(args.json, rows)
+
+
+def mode_eval_memory(args):
+    """evaluation memory against the index's size."""
+    r = eval_memory(args.eval_memory, args.index_dir)
+    where = f"on disk ({args.index_dir})" if args.index_dir else "in memory"
+    print(f"{r['candidates']} candidates x 64 x {r['D']}, bf16 index {where}: {r['index_bytes'] / 2**30:.2f} GiB; "
+          f"peak host memory beyond the model {r['peak_extra_bytes'] / 2**30:.2f} GiB = "
+          f"{r['ratio']:.2f}x the index ({r['seconds']:.0f} s)")
+    write_json(args.json, r)
+
+
+def mode_speed(args):
+    """The default: MaxSim speed on this device against the naive einsum and the peers."""
     dev = torch.device(args.device)
     repeats = 3 if args.quick else 7
     if dev.type == "cpu":
@@ -600,6 +591,37 @@ def main():
             json.dump({"device": name, "peaks": {"flops": peaks[0], "bytes_per_s": peaks[1]}, "rows": rows}, f,
                       indent=2)
         print(f"wrote {args.json}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="fewer repeats")
+    p.add_argument("--json", help="write all rows here")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--eval-memory", type=int, metavar="N",
+                   help="instead: peak host memory of evaluating N candidates at (16, 64), D = 3584 (stub "
+                   "encoder), against the bf16 index's size")
+    p.add_argument("--index-dir", help="with --eval-memory: put the index on disk in this folder")
+    p.add_argument("--grad-cache", type=int, metavar="B", help="instead: peak host memory of one training step at "
+                   "batch B, plain and with GradCache chunks (--chunks), each in a fresh process")
+    p.add_argument("--chunks", default="4,16", help="with --grad-cache: the chunk sizes to measure (default 4,16)")
+    p.add_argument("--grad-cache-one", nargs=2, type=int, help=argparse.SUPPRESS)   # B chunk, in a child process
+    p.add_argument("--layout", action="store_true", help="instead: 32 x 10k at (1, 1), D = 1536, from search.py's "
+                   "grouped layout against prefix views of full embeddings")
+    p.add_argument("--cascade", nargs="+", metavar="INDEX", help="instead: the cascade's recall on search.py "
+                   "indexes of the synthetic scenes, and its speed on random ones (--random)")
+    p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
+                   "(e.g. 20000x1536)")
+    p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
+    p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
+                   "20,000 random candidates at D = 1536, against the same search in-process")
+    p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
+                   "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
+    args = p.parse_args()
+    for name in ("serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory"):
+        if getattr(args, name):
+            return globals()[f"mode_{name}"](args)
+    return mode_speed(args)
 
 
 if __name__ == "__main__":
