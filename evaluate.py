@@ -205,6 +205,10 @@ def get_args(argv=None):
                    "real backbones 1024 visual tokens = 802816)")
     p.add_argument("--min-pixels", type=int, help="floor on an image's pixels (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic eval set and untrained models")
+    p.add_argument("--mteb", metavar="NAME", help="instead: an mteb benchmark or task (e.g. 'ViDoRe(v1)'), scored by "
+                   "mteb's own evaluator at every budget from one encoding (pip install 'mteb>=2.26,<3')")
+    p.add_argument("--mteb-results", default="results/mteb", help="with --mteb: mteb's results folders, one a "
+                   "budget (default results/mteb)")
     p.add_argument("--output", help="write every number as JSON here")
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
     args = p.parse_args(argv)
@@ -267,6 +271,8 @@ def evaluate(args):
     # (16, 64) alone is still evaluated at budget 1 = (1, 1))
     groups = tuple(cfg.groups) + tuple(g for g in GROUPS if g not in cfg.groups)
     budgets = parse_budgets(args.budgets, groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    if args.mteb:
+        return evaluate_mteb(args, model, source, budgets, dtype)
     headline, tasks = load_tasks(args, train_args)
     model.to(device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
@@ -287,6 +293,47 @@ def evaluate(args):
     results["summary"] = summarise(results, budgets, headline, model.dim, dtype.itemsize,
                                    n_candidates=max((t[results["budgets"][0]].get("num_candidates", 0)
                                                      for t in results["tasks"].values()), default=0))
+    return results
+
+
+def mteb_model(checkpoint_or_model, budget=(16, 64)):
+    """An object mteb.evaluate(model, tasks) accepts (mteb 2.x's encoder protocol; MaxSim through
+    kernels.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
+    from machinery import mteb_adapter
+    if isinstance(checkpoint_or_model, MetaEmbed):
+        return mteb_adapter.MetaEmbedEncoder(checkpoint_or_model, budget)
+    model, found = load_model(checkpoint_or_model, "evaluate.py")
+    return mteb_adapter.MetaEmbedEncoder(model, budget, name=f"metaembed/{os.path.basename(found)}",
+                                         training_datasets=mteb_adapter.training_datasets(found))
+
+
+def evaluate_mteb(args, model, source, budgets, dtype):
+    """--mteb NAME: mteb's own evaluator at every budget from one encoding; its results layout under
+    --mteb-results/<budget>/, the project's table and plot over them (headline NDCG@5)."""
+    try:
+        import mteb
+    except ImportError:
+        raise ValueError("--mteb needs mteb: pip install 'mteb>=2.26,<3'") from None
+    from machinery import mteb_adapter
+    try:
+        tasks = list(mteb.get_benchmark(args.mteb).tasks)
+    except (KeyError, ValueError):
+        try:
+            tasks = list(mteb.get_tasks(tasks=[args.mteb]))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--mteb {args.mteb}: neither an mteb benchmark nor a task ({str(e)[:200]})") from None
+    t = time.time()
+    trained = mteb_adapter.training_datasets(source if os.path.isdir(str(source)) else None)
+    scores = mteb_adapter.run(model, tasks, budgets, args.mteb_results, f"metaembed/{os.path.basename(str(source))}",
+                              trained)
+    results = {"model": source, "benchmark": f"mteb {args.mteb}", "device": str(model.device), "dim": model.dim,
+               "index_dtype": "float32", "budgets": [f"{a}x{b}" for a, b in budgets], "headline": "NDCG@5",
+               "mteb_results": args.mteb_results,
+               "tasks": {name: {b: {"NDCG@5": scores[b][name]["ndcg_at_5"], "main_score": scores[b][name]["main_score"],
+                                    "score_seconds": 0.0} for b in scores} for name in scores[next(iter(scores))]}}
+    for task in results["tasks"].values():
+        task["encode_seconds"] = (time.time() - t) / len(results["tasks"])
+    results["summary"] = summarise(results, budgets, "NDCG@5", model.dim, 4, n_candidates=0)
     return results
 
 

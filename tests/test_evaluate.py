@@ -162,7 +162,7 @@ def test_vidore_v1_layout(tmp_path):
     task = data.load_vidore(repo)
     assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png"}
     assert list(task["queries"]) == ["q1", "q2"]                         # de-duplicated, None dropped
-    assert task["qrels"] == {"q1": {"p1.png": 1, "p3.png": 1}, "q2": {"p2.png": 1}}
+    assert task["qrels"] == {"q1": {"p3.png": 1}, "q2": {"p2.png": 1}}      # q1's last row (the official rule)
     page = task["corpus"]["p3.png"][1]                                   # decoded only when called
     assert isinstance(page, data.LazyImage) and page().size == (20, 20)
 

@@ -1,0 +1,95 @@
+"""MetaEmbed as an mteb 2.x encoder (late interaction, MaxSim through kernels.maxsim), so mteb's own
+evaluator scores it the way the ViDoRe and MTEB leaderboards do, at any budget.
+
+mteb's ModelMeta.load_model wants torchvision for image models (the mteb[image] extra), and
+torchvision from PyPI does not import beside this project's CPU torch: the encoder object is
+built directly and carries its mteb_model_meta, which mteb.evaluate accepts as it is.
+"""
+import hashlib
+import json
+import os
+
+import torch
+
+from kernels import maxsim, maxsim_pairwise
+
+
+def _key(text, image):
+    """What makes two inputs the same: the text and the image's pixels."""
+    if image is None:
+        return (text, None)
+    return (text, hashlib.sha1(image.tobytes()).hexdigest() + str(image.size))
+
+
+class MetaEmbedEncoder:
+    """mteb's EncoderProtocol: encode() -> (N, r, D) at the budget (queries r_q vectors, documents
+    r_c), similarity() = MaxSim. `cache` (shared between encoders of other budgets) holds each
+    input's full (R, D) embedding, so every budget is served by one encoding."""
+
+    def __init__(self, model, budget=(16, 64), cache=None, name=None, training_datasets=None, batch_size=16):
+        from mteb.models.model_meta import ModelMeta, ScoringFunction
+        self.model, self.budget, self.batch_size = model, tuple(budget), batch_size
+        self.cache = {} if cache is None else cache
+        self.encoded = 0                                # inputs actually run through the model
+        self.mteb_model_meta = ModelMeta(
+            loader=None, name=name or "metaembed/offline-tiny", revision=f"budget-{budget[0]}x{budget[1]}",
+            release_date=None, languages=None, n_parameters=sum(p.numel() for p in model.parameters()),
+            memory_usage_mb=None, max_tokens=None, embed_dim=model.dim, license=None, open_weights=True,
+            public_training_code=None, public_training_data=None, framework=["PyTorch"], reference=None,
+            similarity_fn_name=ScoringFunction.MAX_SIM, use_instructions=False,
+            training_datasets=training_datasets, model_type=["late-interaction"], modalities=["image", "text"],
+            experiment_kwargs={"budget": f"{budget[0]}x{budget[1]}"})
+
+    def encode(self, inputs, *, task_metadata=None, hf_split=None, hf_subset=None, prompt_type=None, **kwargs):
+        query = getattr(prompt_type, "value", prompt_type) == "query"
+        texts, images = [], []
+        for batch in inputs:
+            n = len(batch["text"] if "text" in batch else batch["image"])
+            texts += list(batch["text"]) if "text" in batch else [""] * n
+            images += [im.convert("RGB") for im in batch["image"]] if "image" in batch else [None] * n
+        side = "query" if query else "candidate"
+        keys = [(side, *_key(t, im)) for t, im in zip(texts, images)]
+        todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
+        if todo:
+            where = {k: i for i, k in enumerate(keys)}
+            sub_t = [texts[where[k]] for k in todo]
+            sub_i = [images[where[k]] for k in todo]
+            enc = self.model.encode_queries if query else self.model.encode_candidates
+            out = enc(sub_t, sub_i if any(im is not None for im in sub_i) else None, batch_size=self.batch_size)
+            self.cache.update(zip(todo, out))
+            self.encoded += len(todo)
+        r = self.budget[0] if query else self.budget[1]
+        return torch.stack([self.cache[k][:r] for k in keys])           # (N, r, D)
+
+    def similarity(self, a, b):
+        return maxsim(torch.as_tensor(a).float(), torch.as_tensor(b).float())
+
+    def similarity_pairwise(self, a, b):
+        return maxsim_pairwise(torch.as_tensor(a).float(), torch.as_tensor(b).float()[:, None])[:, 0]
+
+
+def training_datasets(checkpoint):
+    """What the checkpoint was trained on, from its train_args.json, as mteb wants it (a set of
+    names); the synthetic scenes and unknown sources are named as they are."""
+    path = os.path.join(checkpoint, "train_args.json") if checkpoint else None
+    if not path or not os.path.isfile(path):
+        return None
+    args = json.load(open(path))
+    if args.get("mixture"):
+        import yaml
+        return set(yaml.safe_load(open(args["mixture"])))
+    return {"MMEB-train/" + s for s in args.get("subsets") or []} or {args.get("data", "synthetic")}
+
+
+def run(model, tasks, budgets, out_dir, name=None, trained_on=None):
+    """mteb.evaluate at every budget from one encoding; each budget's results in mteb's own layout
+    under out_dir/<budget>/. -> {budget: {task name: {main score and ndcg_at_5 ...}}}."""
+    import mteb
+    from mteb.cache import ResultCache
+    cache, out = {}, {}
+    for rq, rc in budgets:
+        enc = MetaEmbedEncoder(model, (rq, rc), cache, name, trained_on)
+        result = mteb.evaluate(enc, tasks, cache=ResultCache(os.path.join(out_dir, f"{rq}x{rc}")),
+                               overwrite_strategy="always", show_progress_bar=False)
+        out[f"{rq}x{rc}"] = {r.task_name: next(iter(r.scores.values()))[0] for r in result.task_results}
+    return out
