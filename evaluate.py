@@ -118,7 +118,13 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
             torch.cuda.synchronize()
         score_s = time.time() - t1
         scores, idx = scores.tolist(), idx.tolist()
-        run = {qids[a]: {d: s for s, u in zip(scores[a], idx[a]) for d in docs_of[u]} for a in range(len(qids))}
+        same = task.get("same_doc", {})                                 # rows of one document: merged by max
+        run = {q: {} for q in qids}
+        for a in range(len(qids)):
+            for s, u in zip(scores[a], idx[a]):
+                for d in docs_of[u]:
+                    doc = same.get(d, d)
+                    run[qids[a]][doc] = max(s, run[qids[a]].get(doc, s))
         qrels = task["qrels"]
         out[f"{rq}x{rc}"] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
                              "Recall@1": recall(run, qrels, 1), "Recall@5": recall(run, qrels, 5),

@@ -350,7 +350,8 @@ def load_vidore(path, max_queries=None):
     """A ViDoRe data set -> retrieval task. BEIR layout (configs corpus / queries / qrels) or the
     v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped,
     a query on several rows relevant to the last row's page, as the official evaluator).
-    Page images are LazyImage: decoded when encoded, not here."""
+    Page images are LazyImage: decoded when encoded, not here. Rows sharing an image_filename are
+    scored each and merged by max (the task's same_doc maps a row's corpus id to its filename)."""
     configs = _configs(path, "ViDoRe")
     name = os.path.basename(os.path.normpath(path))
     if {"corpus", "queries", "qrels"} <= set(configs):
@@ -371,9 +372,11 @@ def load_vidore(path, max_queries=None):
     else:
         ds = _load(path, None, "test", f"ViDoRe {name}")
         _require(ds, ["query", "image", "image_filename"], f"ViDoRe {name}")
-        corpus, queries, qrels = {}, {}, {}
+        corpus, queries, qrels, same_doc = {}, {}, {}, {}
         for i, r in enumerate(ds.select_columns(["query", "image_filename"])):
-            corpus[r["image_filename"]] = ("", LazyImage(ds, i))
+            page = r["image_filename"]            # rows sharing a filename: each page scored, merged by max
+            key = page if page not in corpus else f"{page}#row{i}"
+            corpus[key], same_doc[key] = ("", LazyImage(ds, i)), page
             if r["query"] is None:
                 continue
             queries.setdefault(r["query"], (r["query"], None))
@@ -383,6 +386,9 @@ def load_vidore(path, max_queries=None):
     if max_queries:
         keep = list(queries)[:max_queries]
         queries, qrels = {q: queries[q] for q in keep}, {q: qrels[q] for q in keep}
-    return dict(queries=queries, corpus=corpus, qrels=qrels)
+    task = dict(queries=queries, corpus=corpus, qrels=qrels)
+    if not {"corpus", "queries", "qrels"} <= set(configs) and any(k != v for k, v in same_doc.items()):
+        task["same_doc"] = same_doc                   # corpus id -> the document it scores for
+    return task
 
 

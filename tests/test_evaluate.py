@@ -160,7 +160,8 @@ def test_vidore_v1_layout(tmp_path):
             dict(query="q2", image=Image.new("RGB", (20, 20)), image_filename="p2.png")]
     repo = write_hub_repo(tmp_path / "docvqa_test_subsampled", {"default": {"test": rows}}, features=feats)
     task = data.load_vidore(repo)
-    assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png"}
+    assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png", "p2.png#row3"}          # p2.png on two rows
+    assert task["same_doc"]["p2.png#row3"] == "p2.png"
     assert list(task["queries"]) == ["q1", "q2"]                         # de-duplicated, None dropped
     assert task["qrels"] == {"q1": {"p3.png": 1}, "q2": {"p2.png": 1}}      # q1's last row (the official rule)
     page = task["corpus"]["p3.png"][1]                                   # decoded only when called
@@ -313,3 +314,16 @@ def test_maxsim_path_from_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("METAEMBED_MAXSIM", "bogus")
     with pytest.raises(SystemExit, match=r"^evaluate.py: error: unknown maxsim backend 'bogus'"):
         evaluate.main(argv)
+
+
+def test_pages_sharing_a_filename_merge_by_max():
+    """ViDoRe v1 rows sharing an image_filename (the official evaluator): each page is scored and the
+    document takes the best of them, whichever row came first."""
+    table = {"q": e([1, 0]), "x": e([0, 1]), "y": e([1, 0]), "z": e([0.6, 0.8])}
+    task = dict(queries={"q": ("q", None)}, corpus={"p": ("x", None), "p#row1": ("y", None), "o": ("z", None)},
+                qrels={"q": {"p": 1}}, same_doc={"p": "p", "p#row1": "p", "o": "o"})
+    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
+    assert out["1x1"]["P@1"] == 1.0 and out["1x1"]["NDCG@5"] == 1.0       # p scores 1.0 (row y), not 0.0 (row x)
+    del task["same_doc"]
+    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
+    assert out["1x1"]["P@1"] == 0.0                                        # without the merge, "p#row1" wins
