@@ -410,6 +410,86 @@ def serve_bench(N=20_000, D=1536, requests=30, k=10):
     return dict(candidates=N, dim=D, requests=requests, k=k, rows=rows)
 
 
+# full-size configs (random weights), numbers from the hub's config.json of each model
+REHEARSAL_CONFIGS = {
+    # Qwen/Qwen2-VL-2B-Instruct config.json
+    "qwen2-vl-2b": dict(family="qwen2_vl", text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                                     num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+                                                     max_position_embeddings=32768, tie_word_embeddings=True,
+                                                     rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                          mrope_section=[16, 24, 24])),
+                        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                                    spatial_merge_size=2, temporal_patch_size=2)),
+}
+
+
+def rehearse(name, dtype=torch.bfloat16):
+    """A full-size backbone with random weights, on this CPU: encode a 2000 x 3000 page and a query,
+    one LoRA step with gradient checkpointing on 1 query + its page + 1 hard-negative page, save and
+    reload the checkpoint (the base from a local hub-layout folder). -> times and peak memory."""
+    import tempfile
+
+    import transformers
+    from PIL import Image
+
+    import train
+    from machinery import backbones
+    from metaembed import MetaEmbed
+    spec = REHEARSAL_CONFIGS[name]
+    tokenizer = backbones.tiny_tokenizer(backbones.TINY["vocab_size"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS}
+    config = transformers.Qwen2VLConfig(text_config=spec["text"], vision_config=spec["vision"],
+                                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                                        vision_start_token_id=ids["<|vision_start|>"],
+                                        vision_end_token_id=ids["<|vision_end|>"])
+    out, t0 = {"name": name, "dtype": str(dtype).removeprefix("torch."), "cpu": cpu_name()}, time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        full = transformers.Qwen2VLForConditionalGeneration(config).to(dtype)
+        full.save_pretrained(f"{tmp}/base")
+        tokenizer.save_pretrained(f"{tmp}/base")
+        backbones.image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
+                                          temporal_patch_size=2).save_pretrained(f"{tmp}/base")
+        del full
+        out["build_s"] = time.perf_counter() - t0
+        base = rss_peak_reset()
+        model = MetaEmbed.from_backbone(f"{tmp}/base", dtype=out["dtype"])
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+        out["trained_parameters"] = sum(p.numel() for p in model.trained_parameters().values())
+        out["weights_GiB"] = (_status("VmRSS") - base) / 2**30
+        page = Image.fromarray(torch.randint(0, 255, (3000, 2000, 3), dtype=torch.uint8).numpy())
+        neg = Image.fromarray(torch.randint(0, 255, (3000, 2000, 3), dtype=torch.uint8).numpy())
+        t = time.perf_counter()
+        model.encode_candidates([""], [page])
+        out["encode_page_s"], out["visual_tokens"] = time.perf_counter() - t, int(
+            (model.prepare([""], [page], "candidate")["input_ids"] == model.backbone.config.image_token_id).sum())
+        t = time.perf_counter()
+        model.encode_queries(["a query about the page"])
+        out["encode_query_s"] = time.perf_counter() - t
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        import data
+        rows = [dict(qry_text="a query about the page", qry_image=None, pos_text="", pos_image=page,
+                     negs=[("", neg)], source="rehearsal")]
+        q_in, c_in, neg_mask = data.collate(rows, model.processor, query_suffix=True)
+        before = rss_peak_reset()
+        t = time.perf_counter()
+        q, cand = model(q_in, c_in)
+        loss, _ = train.mmr_loss(model.config, q, cand, neg_mask, 1, 0)
+        loss.backward()
+        out["train_step_s"], out["train_step_peak_extra_GiB"] = time.perf_counter() - t, (_status("VmHWM") - before) / 2**30
+        out["loss"] = loss.item()
+        model.save_pretrained(f"{tmp}/ck")
+        back = MetaEmbed.from_pretrained(f"{tmp}/ck")
+        model.eval()
+        torch.testing.assert_close(back.encode_candidates([""], [page]), model.encode_candidates([""], [page]))
+        out["checkpoint_MiB"] = os.path.getsize(f"{tmp}/ck/model.safetensors") / 2**20
+        out["save_reload_identical"] = True
+        out["process_peak_GiB"] = _status("VmHWM") / 2**30
+    out["total_s"] = time.perf_counter() - t0
+    return out
+
+
 def cascade_plot(results, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -440,6 +520,13 @@ def write_json(path, obj):
         with open(path, "w") as f:
             json.dump(obj, f, indent=2)
         print(f"wrote {path}")
+
+
+def mode_rehearse(args):
+    """a full-size backbone with random weights, rehearsed on this CPU."""
+    r = rehearse(args.rehearse)
+    print(json.dumps(r, indent=1))
+    write_json(args.json, r)
 
 
 def mode_serve(args):
@@ -613,12 +700,14 @@ def main():
     p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
                    "(e.g. 20000x1536)")
     p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
+    p.add_argument("--rehearse", choices=sorted(REHEARSAL_CONFIGS), help="instead: a full-size backbone with random "
+                   "weights on this CPU (bf16): encode a 2000x3000 page, one LoRA training step, save and reload")
     p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
                    "20,000 random candidates at D = 1536, against the same search in-process")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
-    for name in ("serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory"):
+    for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory"):
         if getattr(args, name):
             return globals()[f"mode_{name}"](args)
     return mode_speed(args)

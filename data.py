@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 
 from machinery.backbones import load_image
 from machinery.hub import (LazyImage, Mixture, load_colpali_train, load_mixture, load_mmeb_eval,  # noqa: F401
-                           load_mmeb_train, load_source, load_vidore)
+                           load_mmeb_train, load_source, load_vidore, unique_names)
 from metaembed import prepare
 
 # -----------------------------------------------------------------------------

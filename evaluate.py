@@ -232,17 +232,6 @@ def get_args(argv=None):
     return args
 
 
-def unique_names(paths):
-    """A result key per data set: its folder's name, or as many trailing path parts as make it
-    unique (a/docvqa and b/docvqa are two sets, not one column)."""
-    parts = [os.path.normpath(p).split(os.sep) for p in paths]
-    for n in range(1, max(len(p) for p in parts) + 1):
-        names = ["/".join(p[-n:]) for p in parts]
-        if len(set(names)) == len(names):
-            return names
-    raise ValueError(f"--vidore names the same data set twice: {paths}")
-
-
 def load_tasks(args, train_args):
     """The benchmark's tasks -> (headline metric, {name: (scorer, task)}), every data set checked
     before anything is encoded."""
@@ -252,7 +241,7 @@ def load_tasks(args, train_args):
         return "P@1", {name: (score_retrieval, task) for name, task in tasks.items()}
     if args.benchmark == "vidore":
         return "NDCG@5", {name: (score_retrieval, data.load_vidore(path, args.max_rows))
-                          for name, path in zip(unique_names(args.vidore), args.vidore)}
+                          for name, path in zip(data.unique_names(args.vidore), args.vidore)}
     subsets = args.subsets or data.MMEB_SUBSETS
     unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
     if unknown:
@@ -314,31 +303,13 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
 
 
 def evaluate_mteb(args, model, source, budgets, dtype):
-    """--mteb NAME: mteb's own evaluator at every budget from one encoding; its results layout under
-    --mteb-results/<budget>/, the project's table and plot over them (headline NDCG@5)."""
+    """--mteb NAME: mteb's own evaluator at every budget from one encoding (machinery/mteb_adapter.py),
+    its results layout under --mteb-results/<budget>/; the project's table and plot over them."""
     try:
-        import mteb
+        from machinery import mteb_adapter
     except ImportError:
         raise ValueError("--mteb needs mteb: pip install 'mteb>=2.26,<3'") from None
-    from machinery import mteb_adapter
-    try:
-        tasks = list(mteb.get_benchmark(args.mteb).tasks)
-    except (KeyError, ValueError):
-        try:
-            tasks = list(mteb.get_tasks(tasks=[args.mteb]))
-        except (KeyError, ValueError) as e:
-            raise ValueError(f"--mteb {args.mteb}: neither an mteb benchmark nor a task ({str(e)[:200]})") from None
-    t = time.time()
-    trained = mteb_adapter.training_datasets(source if os.path.isdir(str(source)) else None)
-    scores = mteb_adapter.run(model, tasks, budgets, args.mteb_results, f"metaembed/{os.path.basename(str(source))}",
-                              trained)
-    results = {"model": source, "benchmark": f"mteb {args.mteb}", "device": str(model.device), "dim": model.dim,
-               "index_dtype": "float32", "budgets": [f"{a}x{b}" for a, b in budgets], "headline": "NDCG@5",
-               "mteb_results": args.mteb_results,
-               "tasks": {name: {b: {"NDCG@5": scores[b][name]["ndcg_at_5"], "main_score": scores[b][name]["main_score"],
-                                    "score_seconds": 0.0} for b in scores} for name in scores[next(iter(scores))]}}
-    for task in results["tasks"].values():
-        task["encode_seconds"] = (time.time() - t) / len(results["tasks"])
+    results = mteb_adapter.evaluate_for_table(model, source, args.mteb, budgets, args.mteb_results)
     results["summary"] = summarise(results, budgets, "NDCG@5", model.dim, 4, n_candidates=0)
     return results
 

@@ -346,6 +346,17 @@ class LazyImage:
         return self.ds.select_columns([self.column])[self.i][self.column]
 
 
+def unique_names(paths):
+    """A result key per data set: its folder's name, or as many trailing path parts as make it
+    unique (a/docvqa and b/docvqa are two sets, not one column)."""
+    parts = [os.path.normpath(p).split(os.sep) for p in paths]
+    for n in range(1, max(len(p) for p in parts) + 1):
+        names = ["/".join(p[-n:]) for p in parts]
+        if len(set(names)) == len(names):
+            return names
+    raise ValueError(f"--vidore names the same data set twice: {paths}")
+
+
 def load_vidore(path, max_queries=None):
     """A ViDoRe data set -> retrieval task. BEIR layout (configs corpus / queries / qrels) or the
     v1 QA layout (split 'test': query, image, image_filename; queries de-duplicated, None dropped,

@@ -8,7 +8,9 @@ built directly and carries its mteb_model_meta, which mteb.evaluate accepts as i
 import hashlib
 import json
 import os
+import time
 
+import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
 from kernels import maxsim, maxsim_pairwise
@@ -84,7 +86,6 @@ def training_datasets(checkpoint):
 def run(model, tasks, budgets, out_dir, name=None, trained_on=None):
     """mteb.evaluate at every budget from one encoding; each budget's results in mteb's own layout
     under out_dir/<budget>/. -> {budget: {task name: {main score and ndcg_at_5 ...}}}."""
-    import mteb
     from mteb.cache import ResultCache
     cache, out = {}, {}
     for rq, rc in budgets:
@@ -93,3 +94,26 @@ def run(model, tasks, budgets, out_dir, name=None, trained_on=None):
                                overwrite_strategy="always", show_progress_bar=False)
         out[f"{rq}x{rc}"] = {r.task_name: next(iter(r.scores.values()))[0] for r in result.task_results}
     return out
+
+
+def evaluate_for_table(model, source, name, budgets, out_dir):
+    """evaluate.py --mteb: an mteb benchmark or task by name, at every budget -> evaluate.py's
+    results dict (tasks x budgets, headline NDCG@5)."""
+    try:
+        tasks = list(mteb.get_benchmark(name).tasks)
+    except (KeyError, ValueError):
+        try:
+            tasks = list(mteb.get_tasks(tasks=[name]))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"--mteb {name}: neither an mteb benchmark nor a task ({str(e)[:200]})") from None
+    t = time.time()
+    folder = source if os.path.isdir(str(source)) else None
+    scores = run(model, tasks, budgets, out_dir, f"metaembed/{os.path.basename(str(source))}", training_datasets(folder))
+    results = {"model": source, "benchmark": f"mteb {name}", "device": str(model.device), "dim": model.dim,
+               "index_dtype": "float32", "budgets": [f"{a}x{b}" for a, b in budgets], "headline": "NDCG@5",
+               "mteb_results": out_dir,
+               "tasks": {task: {b: {"NDCG@5": scores[b][task]["ndcg_at_5"], "main_score": scores[b][task]["main_score"],
+                                    "score_seconds": 0.0} for b in scores} for task in scores[next(iter(scores))]}}
+    for task in results["tasks"].values():
+        task["encode_seconds"] = (time.time() - t) / len(results["tasks"])
+    return results
