@@ -7,5 +7,7 @@
     triton_kernel the fused Triton MaxSim kernel (CUDA; TRITON_INTERPRET=1 on the CPU for tests)
     hub           MMEB / ViDoRe / training sets through `datasets`, the official mixture
     index         the one on-disk index format (search.py and evaluate.py --index-dir)
+    serve         search.py serve: the HTTP server and its page (search_page.html)
+    mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model)
     checks        argument, path and input checks: one line that names the problem
 """
