@@ -84,11 +84,11 @@ def main():
             json.dump({"seeds": args.seeds, "extra_train_args": extra, "table": table, "bytes_per_candidate": bytes_per,
                        "seconds": secs}, f, indent=2)
     if args.plot:
-        plot(table, bytes_per, budgets, args.plot)
+        plot(table, bytes_per, budgets, args.plot, results[0][2].get("index_dtype", "bfloat16"))
         print(f"wrote {args.plot}")
 
 
-def plot(table, bytes_per, budgets, path):
+def plot(table, bytes_per, budgets, path, dtype="bfloat16"):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -109,7 +109,7 @@ def plot(table, bytes_per, budgets, path):
     axes[1].set_xticks(x, budgets)
     axes[1].set_yscale("log", base=2)
     axes[1].set_xlabel("budget r_q x r_c")
-    axes[1].set_ylabel("index bytes per candidate (bf16)")
+    axes[1].set_ylabel(f"index bytes per candidate ({dtype})")
     fig.suptitle("MetaEmbed, tiny Qwen2-VL on synthetic scenes: one model, every budget (min..max over seeds)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
