@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data
 import evaluate
 from machinery import checkpoints, checks, distributed
-from machinery.backbones import is_offline
+from machinery.backbones import image_key, is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 
 # -----------------------------------------------------------------------------
@@ -169,19 +169,11 @@ def heldout_task(source):
     rows = [source[i] for i in range(len(source))]
     corpus, doc_of = {}, {}
     for r in rows:
-        key = (r["pos_text"], content_key(r["pos_image"]))
+        key = (r["pos_text"], image_key(r["pos_image"]))
         doc_of.setdefault(key, len(doc_of))
         corpus[doc_of[key]] = (r["pos_text"], r["pos_image"])
     return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)}, corpus=corpus,
-                qrels={i: {doc_of[(r["pos_text"], content_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
-
-
-def content_key(image):
-    """What makes two images the same: a path's text, or a decoded image's pixels."""
-    if image is None or isinstance(image, str):
-        return image
-    import hashlib
-    return hashlib.sha1(image.tobytes()).hexdigest() + str(image.size)
+                qrels={i: {doc_of[(r["pos_text"], image_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
 
 
 # -----------------------------------------------------------------------------

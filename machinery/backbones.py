@@ -279,6 +279,14 @@ MIN_EDGE = 28        # an image must cover one visual token (2x2 merged 14 px pa
 MAX_ASPECT = 200     # the Qwen2-VL processor refuses longer strips
 
 
+def image_key(image):
+    """What makes two images the same: a path's text, or a decoded image's pixels (and size)."""
+    if image is None or isinstance(image, str):
+        return image
+    import hashlib
+    return hashlib.sha1(image.tobytes()).hexdigest() + str(image.size)
+
+
 def to_rgb(im):
     """8-bit RGB. 16- and 32-bit integer images are scaled from their bit depth and float images
     from [0, 1] (PIL's own convert("RGB") clips them: a 16-bit scan turns white, a [0, 1] float

@@ -76,15 +76,24 @@ def checksums(vectors, chunk=1 << 24):
 
 
 def non_finite_rows(vectors, rows=4096):
-    """The candidates holding a NaN or inf in any stored vector (read a group and a block of rows
-    at a time)."""
+    """The candidates holding a NaN or inf in any stored vector (each group file read once, a block
+    of rows at a time)."""
     bad = set()
-    for a, b, _ in vectors.budget(vectors.R_c).parts:
-        view = vectors.budget(b)
+    for (a, b), f in zip(vectors.bounds, vectors.files):
         for j in range(0, vectors.N, rows):
-            x = view[j:j + rows][:, a:b]
+            x = read_range(vectors, f, b - a, j, min(rows, vectors.N - j))          # (n, b - a, D)
             bad.update((j + torch.nonzero(~torch.isfinite(x.float()).flatten(1).all(1)).flatten()).tolist())
     return sorted(bad)
+
+
+def read_range(vectors, file, width, start, n):
+    """Rows start..start + n of one group file holding `width` vectors a candidate, with one plain
+    read -> (n, width, D) in the index dtype."""
+    out = torch.empty(n, width, vectors.D, dtype=vectors.dtype)
+    with open(file, "rb") as fh:
+        fh.seek(start * width * vectors.vector_bytes)
+        fh.readinto(out.view(torch.uint8).numpy())
+    return out
 
 
 class Vectors:
@@ -155,13 +164,7 @@ class Budget:
             if ids.step != 1:
                 rows = list(ids)
         if isinstance(rows, slice):                               # one plain read a group
-            parts = []
-            for a, b, f in self.parts:
-                out = torch.empty(len(ids), b - a, v.D, dtype=v.dtype)
-                with open(f, "rb") as fh:
-                    fh.seek(ids.start * (b - a) * v.vector_bytes)
-                    fh.readinto(out.view(torch.uint8).numpy())
-                parts.append(out)
+            parts = [read_range(v, f, b - a, ids.start, len(ids)) for a, b, f in self.parts]
         else:                                                     # rows gathered through a memory map
             rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
             store = np.float32 if v.dtype == torch.float32 else np.uint16

@@ -5,7 +5,6 @@ mteb's ModelMeta.load_model wants torchvision for image models (the mteb[image] 
 torchvision from PyPI does not import beside this project's CPU torch: the encoder object is
 built directly and carries its mteb_model_meta, which mteb.evaluate accepts as it is.
 """
-import hashlib
 import json
 import os
 import time
@@ -14,13 +13,7 @@ import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
 from kernels import maxsim, maxsim_pairwise
-
-
-def _key(text, image):
-    """What makes two inputs the same: the text and the image's pixels."""
-    if image is None:
-        return (text, None)
-    return (text, hashlib.sha1(image.tobytes()).hexdigest() + str(image.size))
+from machinery.backbones import image_key
 
 
 class MetaEmbedEncoder:
@@ -50,7 +43,7 @@ class MetaEmbedEncoder:
             texts += list(batch["text"]) if "text" in batch else [""] * n
             images += [im.convert("RGB") for im in batch["image"]] if "image" in batch else [None] * n
         side = "query" if query else "candidate"
-        keys = [(side, *_key(t, im)) for t, im in zip(texts, images)]
+        keys = [(side, t, image_key(im)) for t, im in zip(texts, images)]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
         if todo:
             where = {k: i for i, k in enumerate(keys)}

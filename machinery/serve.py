@@ -96,8 +96,9 @@ class Searcher:
 
     def thumbnail(self, n):
         """-> JPEG bytes of item n: its file as indexed (a regular file at the same real path), a PDF
-        page, or a synthetic scene redrawn from its caption; text items have none."""
-        from PIL import Image
+        page, or a synthetic scene redrawn from its caption; text items have none. Images are read
+        as the encoder reads them (16-bit and float images scaled, bombs refused)."""
+        from machinery.backbones import load_image, to_rgb
         item = self.index.items[n]
         kind = item.get("kind")
         if kind == "synthetic":
@@ -111,10 +112,10 @@ class Searcher:
                 import pypdfium2 as pdfium
                 im = pdfium.PdfDocument(f)[item["page"]].render(scale=1.0).to_pil()
             else:
-                im = Image.open(f)
+                im = load_image(f)
         else:
             raise BadRequest("not found", 404)
-        im = im.convert("RGB")
+        im = to_rgb(im)
         im.thumbnail((THUMB, THUMB))
         out = io.BytesIO()
         im.save(out, "JPEG", quality=85)
