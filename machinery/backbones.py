@@ -229,6 +229,17 @@ def add_lora(backbone, config):
     return get_peft_model(backbone, lora)
 
 
+def checkpoint_activations(backbone):
+    """Gradient checkpointing on every vision block and decoder layer, non-reentrant. transformers
+    also hooks each input embedding (the vision tower's patch embedding too) to make its output
+    require grad, which only reentrant checkpointing needs; with a frozen vision tower that hook
+    builds a graph through it, keeps each block's input and recomputes the tower in backward, all
+    for no gradient (Qwen2-VL-2B, 2 pages: 0.56 GiB kept, docs/training.md). The hooks go: the
+    Meta Tokens and the LoRA weights make the states that need a gradient require one."""
+    backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    backbone.disable_input_require_grads()
+
+
 # -----------------------------------------------------------------------------
 # images and the processor
 

@@ -4,6 +4,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from machinery import backbones
+
 
 def setup():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: one process per GPU (NCCL), or gloo on the CPU.
@@ -22,7 +24,7 @@ def setup():
 def distribute(model, ddp, local, device, fsdp=False, grad_checkpointing=False):
     """Gradient checkpointing, then FSDP2 (fsdp) or DDP. -> (the module to call, trained params)."""
     if grad_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbones.checkpoint_activations(model.backbone)
     if fsdp and ddp:  # FSDP2: shard each decoder layer, then the rest; parameters become DTensors.
         # Sharding moves each piece to this rank's device as it goes: no GPU ever holds the whole model.
         from torch.distributed.fsdp import fully_shard

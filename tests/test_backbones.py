@@ -79,6 +79,42 @@ def test_the_hub_layout_folder_takes_the_real_path(hub_folder, tmp_path):
     torch.testing.assert_close(back.encode_queries(["red top left"]), m.encode_queries(["red top left"]))
 
 
+def step_gradients(m, checkpointing):
+    """One training step's gradients; -> ({name: grad}, whether the vision tower's output needed grad)."""
+    import data
+    from machinery import backbones
+    if checkpointing:
+        backbones.checkpoint_activations(m.backbone)
+    m.train()
+    seen = []
+    hook = m.base_model().visual.register_forward_hook(
+        lambda mod, i, o: seen.append((o[0] if isinstance(o, tuple) else getattr(o, "pooler_output", o)).requires_grad))
+    rows = [dict(qry_text="a red circle", qry_image=None, pos_text="", pos_image=Image.new("RGB", (96, 64), "red"),
+                 negs=[("", Image.new("RGB", (64, 96), "blue"))], source="t")]
+    q_in, c_in, mask = data.collate(rows, m.processor, query_suffix=True)
+    torch.manual_seed(0)                                                       # the same LoRA dropout
+    q, c = m(q_in, c_in)
+    loss, _ = train.mmr_loss(m.config, q, c, mask, 1, 0)
+    loss.backward()
+    hook.remove()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return grads, any(seen)
+
+
+@pytest.mark.parametrize("lora_vision", [False, True])
+def test_checkpointing_leaves_a_frozen_vision_tower_out_of_the_graph(hub_folder, lora_vision):
+    family, folder = hub_folder
+    m = MetaEmbed.from_backbone(folder, num_query_tokens=4, num_candidate_tokens=8, lora_vision=lora_vision)
+    plain, _ = step_gradients(m, checkpointing=False)
+    checked, vision_in_graph = step_gradients(m, checkpointing=True)
+    assert vision_in_graph == lora_vision             # frozen: no graph, nothing kept or recomputed there
+    assert plain.keys() == checked.keys() and any("visual" in n for n in plain) == lora_vision
+    for n in plain:                                   # the same gradients, vision LoRA included
+        torch.testing.assert_close(checked[n], plain[n], atol=1e-3, rtol=1e-2, msg=n)
+    assert all(checked[n].abs().sum() > 0 for n in checked if "lora_B" in n)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_train_and_evaluate_on_a_folder(family, tmp_path):
     folder = save_hub_layout_backbone(tmp_path / family, family)
