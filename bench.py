@@ -410,53 +410,133 @@ def serve_bench(N=20_000, D=1536, requests=30, k=10):
     return dict(candidates=N, dim=D, requests=requests, k=k, rows=rows)
 
 
-# full-size configs (random weights), numbers from the hub's config.json of each model
+# Full-size configs (random weights): the numbers of each model's config.json on the hub, as copied
+# in public code (found with the search tool; no hub here). Each is checked by its parameter count
+# against the hub's safetensors total (`published`): a wrong width or depth would not match.
 REHEARSAL_CONFIGS = {
-    # Qwen/Qwen2-VL-2B-Instruct config.json
-    "qwen2-vl-2b": dict(family="qwen2_vl", text=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                                     num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                                     max_position_embeddings=32768, tie_word_embeddings=True,
-                                                     rope_parameters=dict(rope_type="default", rope_theta=1e6,
-                                                                          mrope_section=[16, 24, 24])),
-                        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
-                                    spatial_merge_size=2, temporal_patch_size=2)),
+    # Qwen/Qwen2-VL-2B-Instruct: 2,208,985,600 parameters
+    "qwen2-vl-2b": dict(family="qwen2_vl", published=2_208_985_600, text=dict(
+        vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, max_position_embeddings=32768, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2)),
+    # Qwen/Qwen3-VL-2B-Instruct: 2,127,532,032 (the text MLP is 6,144 wide; 5,632 and 8,192, also
+    # seen in third-party code, give 2,039M and 2,480M)
+    "qwen3-vl-2b": dict(family="qwen3_vl", published=2_127_532_032, text=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=5e6, mrope_section=[24, 20, 20], mrope_interleaved=True)),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[5, 11, 17], hidden_act="gelu_pytorch_tanh")),
+    # Qwen/Qwen3.5-2B: 2,274,069,824 on the hub, of which 60,828,160 are the multi-token-prediction
+    # layer that transformers does not build: 2,213,241,664. Gated DeltaNet in 3 of every 4 layers.
+    "qwen3.5-2b": dict(family="qwen3_5", published=2_213_241_664, text=dict(
+        vocab_size=248320, hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=256, max_position_embeddings=262144, tie_word_embeddings=True,
+        attn_output_gate=True, layer_types=(["linear_attention"] * 3 + ["full_attention"]) * 6,
+        linear_num_key_heads=16, linear_num_value_heads=16, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, rope_parameters=dict(rope_type="default", rope_theta=1e7, partial_rotary_factor=0.25,
+                                                       mrope_section=[11, 11, 10], mrope_interleaved=True)),
+        vision=dict(depth=24, hidden_size=1024, intermediate_size=4096, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    hidden_act="gelu_pytorch_tanh")),
 }
+
+
+def save_full_size(name, path, dtype):
+    """REHEARSAL_CONFIGS[name] with random weights, saved as its hub repo is laid out (the
+    *ForConditionalGeneration class, the tiny tokenizer's special-token ids, the hub's pixel bound)."""
+    import transformers
+
+    from machinery import backbones
+    spec = REHEARSAL_CONFIGS[name]
+    family = backbones.FAMILIES[spec["family"]]
+    tokenizer = backbones.tiny_tokenizer(backbones.TINY["vocab_size"])
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS}
+    config = getattr(transformers, family.model.replace("Model", "Config"))(
+        text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=True,
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    full = getattr(transformers, family.model.replace("Model", "ForConditionalGeneration"))(config).to(dtype)
+    full.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    token = (2 * family.patch) ** 2
+    backbones.image_processor_class()(min_pixels=4 * token, max_pixels=token * 16384, patch_size=family.patch,
+                                      merge_size=2, temporal_patch_size=2).save_pretrained(path)
+
+
+class AnonPeak:
+    """Peak anonymous memory (RssAnon: tensors, not the safetensors files that transformers maps
+    and pages in as they are read) while the block runs, sampled every 2 ms; glibc is told to
+    give large blocks back to the system when they are freed, so RssAnon follows live tensors."""
+
+    def __enter__(self):
+        import ctypes
+        import threading
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)   # M_MMAP_THRESHOLD: 64 KiB
+        except (OSError, AttributeError):
+            pass
+        self.start = self.peak = _status("RssAnon")
+        self.done = threading.Event()
+        def sample():
+            while not self.done.wait(0.002):
+                self.peak = max(self.peak, _status("RssAnon"))
+        self.thread = threading.Thread(target=sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+        self.end = _status("RssAnon")
+        self.peak = max(self.peak, self.end)
+
+
+def kept_for_backward(fn, model):
+    """-> (fn(), bytes that autograd keeps for backward when fn returns: the unique storages saved
+    in the graph and still alive, the model's own parameters not counted)."""
+    import weakref
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+    def pack(x):
+        s = x.untyped_storage()
+        if s.data_ptr() not in params:
+            saved.setdefault(s.data_ptr(), []).append((weakref.ref(x), s.nbytes()))
+        return x
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = fn()
+    return out, sum(refs[0][1] for refs in saved.values() if any(r() is not None for r, _ in refs))
 
 
 def rehearse(name, dtype=torch.bfloat16):
     """A full-size backbone with random weights, on this CPU: encode a 2000 x 3000 page and a query,
     one LoRA step with gradient checkpointing on 1 query + its page + 1 hard-negative page, save and
-    reload the checkpoint (the base from a local hub-layout folder). -> times and peak memory."""
+    reload the checkpoint (the base from a local hub-layout folder). -> times, parameters, and the
+    step's memory: what autograd keeps per row, the forward and backward peaks above the start."""
     import tempfile
 
-    import transformers
     from PIL import Image
 
+    import data
     import train
     from machinery import backbones
     from metaembed import MetaEmbed
     spec = REHEARSAL_CONFIGS[name]
-    tokenizer = backbones.tiny_tokenizer(backbones.TINY["vocab_size"])
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS}
-    config = transformers.Qwen2VLConfig(text_config=spec["text"], vision_config=spec["vision"],
-                                        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                                        vision_start_token_id=ids["<|vision_start|>"],
-                                        vision_end_token_id=ids["<|vision_end|>"])
     out, t0 = {"name": name, "dtype": str(dtype).removeprefix("torch."), "cpu": cpu_name()}, time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        full = transformers.Qwen2VLForConditionalGeneration(config).to(dtype)
-        full.save_pretrained(f"{tmp}/base")
-        tokenizer.save_pretrained(f"{tmp}/base")
-        backbones.image_processor_class()(min_pixels=56 * 56, max_pixels=28 * 28 * 16384, patch_size=14, merge_size=2,
-                                          temporal_patch_size=2).save_pretrained(f"{tmp}/base")
-        del full
+        save_full_size(name, f"{tmp}/base", dtype)
         out["build_s"] = time.perf_counter() - t0
-        base = rss_peak_reset()
         model = MetaEmbed.from_backbone(f"{tmp}/base", dtype=out["dtype"])
+        trained = model.trained_parameters()
         out["parameters"] = sum(p.numel() for p in model.parameters())
-        out["trained_parameters"] = sum(p.numel() for p in model.trained_parameters().values())
-        out["weights_GiB"] = (_status("VmRSS") - base) / 2**30
+        out["trained_parameters"] = sum(p.numel() for p in trained.values())
+        out["base_parameters"] = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_" not in n)
+        out["published_parameters"] = spec["published"]
+        out["weights_GiB"] = sum(p.numel() * p.element_size() for p in model.backbone.parameters()) / 2**30
         page = Image.fromarray(torch.randint(0, 255, (3000, 2000, 3), dtype=torch.uint8).numpy())
         neg = Image.fromarray(torch.randint(0, 255, (3000, 2000, 3), dtype=torch.uint8).numpy())
         t = time.perf_counter()
@@ -466,19 +546,30 @@ def rehearse(name, dtype=torch.bfloat16):
         t = time.perf_counter()
         model.encode_queries(["a query about the page"])
         out["encode_query_s"] = time.perf_counter() - t
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbones.checkpoint_activations(model.backbone)
         model.train()
-        import data
         rows = [dict(qry_text="a query about the page", qry_image=None, pos_text="", pos_image=page,
                      negs=[("", neg)], source="rehearsal")]
         q_in, c_in, neg_mask = data.collate(rows, model.processor, query_suffix=True)
-        before = rss_peak_reset()
+        R = model.config.num_query_tokens + model.config.num_candidate_tokens
+        out["page_row_tokens"] = c_in["input_ids"].shape[1] + R
+        layers = model.base_model().config.get_text_config().num_hidden_layers
         t = time.perf_counter()
-        q, cand = model(q_in, c_in)
-        loss, _ = train.mmr_loss(model.config, q, cand, neg_mask, 1, 0)
-        loss.backward()
-        out["train_step_s"], out["train_step_peak_extra_GiB"] = time.perf_counter() - t, (_status("VmHWM") - before) / 2**30
-        out["loss"] = loss.item()
+        with AnonPeak() as fwd:
+            (q, _), kept_q = kept_for_backward(lambda: model(q_in, None), model)
+            (_, cand), kept_c = kept_for_backward(lambda: model(None, c_in), model)
+            loss, _ = train.mmr_loss(model.config, q, cand, neg_mask, 1, 0)
+        with AnonPeak() as bwd:
+            loss.backward()
+        out["train_step_s"], out["loss"] = time.perf_counter() - t, loss.item()
+        out["kept_query_row_MiB"], out["kept_page_row_MiB"] = kept_q / 2**20, kept_c / 2 / 2**20
+        # a checkpointed layer keeps its input hidden state: tokens x H x 2 bytes (bf16)
+        out["kept_bytes_per_token_per_layer"] = kept_c / 2 / out["page_row_tokens"] / layers
+        out["hidden_size"] = model.base_model().config.get_text_config().hidden_size
+        out["forward_peak_GiB"] = (fwd.peak - fwd.start) / 2**30       # above the start: the vision tower, one layer
+        out["backward_peak_GiB"] = (bwd.peak - fwd.start) / 2**30      # above the start: kept + one layer's recompute
+        out["backward_recompute_GiB"] = (bwd.peak - bwd.start) / 2**30  # above the forward's end
+        del q, cand, loss
         model.save_pretrained(f"{tmp}/ck")
         back = MetaEmbed.from_pretrained(f"{tmp}/ck")
         model.eval()
@@ -701,7 +792,8 @@ def main():
                    "(e.g. 20000x1536)")
     p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
     p.add_argument("--rehearse", choices=sorted(REHEARSAL_CONFIGS), help="instead: a full-size backbone with random "
-                   "weights on this CPU (bf16): encode a 2000x3000 page, one LoRA training step, save and reload")
+                   "weights on this CPU (bf16): encode a 2000x3000 page, one LoRA training step (memory kept per row, "
+                   "forward and backward peaks), save and reload")
     p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
                    "20,000 random candidates at D = 1536, against the same search in-process")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
