@@ -421,6 +421,14 @@ REHEARSAL_CONFIGS = {
         rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
         vision=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2)),
+    # Qwen/Qwen2.5-VL-3B-Instruct, the paper's smallest: windowed vision attention, 4 full blocks
+    "qwen2.5-vl-3b": dict(family="qwen2_5_vl", published=3_754_622_976, text=dict(
+        vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+        num_key_value_heads=2, max_position_embeddings=128000, tie_word_embeddings=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[16, 24, 24])),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")),
     # Qwen/Qwen3-VL-2B-Instruct: 2,127,532,032 (the text MLP is 6,144 wide; 5,632 and 8,192, also
     # seen in third-party code, give 2,039M and 2,480M)
     "qwen3-vl-2b": dict(family="qwen3_vl", published=2_127_532_032, text=dict(
@@ -443,6 +451,80 @@ REHEARSAL_CONFIGS = {
                     patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
                     hidden_act="gelu_pytorch_tanh")),
 }
+
+
+def layer_bytes_per_token(text):
+    """What autograd keeps for one Qwen2 / Qwen3 decoder layer per token without checkpointing,
+    bf16 weights and float32 LoRA with dropout: 14 H-wide float32 tensors (RMSNorm inputs, the LoRA
+    inputs cast to float32 and their dropout), 3 bf16 and 2 float32 I-wide ones (the MLP), q, k, v
+    and the attention output in bf16, and Qwen3's QK-norm inputs in float32. Counted from the saved
+    tensors of Qwen2-VL-2B and Qwen3-VL-2B (both within 0.5%). None for Qwen3.5, whose Gated
+    DeltaNet layers keep what their kernel keeps (the PyTorch reference here: 1.8x a full layer)."""
+    if text.model_type.startswith("qwen3_5"):
+        return None
+    H, I, heads, kv = text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads
+    hd = getattr(text, "head_dim", None) or H // heads
+    return 56 * H + 14 * I + 4 * hd * (heads + kv) * (2 if text.model_type.startswith("qwen3") else 1)
+
+
+# The per-device memory of the official recipe, by arithmetic (python bench.py --memory-table):
+# language-model sizes from each hub config.json, parameter counts the hub's totals.
+MEMORY_SIZES = {
+    "Qwen2-VL-2B": dict(rehearsal="qwen2-vl-2b", params=2_208_985_600, layers=28, hidden=1536, mlp=8960, heads=12, kv=2, model_type="qwen2_vl"),
+    "Qwen3-VL-2B": dict(rehearsal="qwen3-vl-2b", params=2_127_532_032, layers=28, hidden=2048, mlp=6144, heads=16, kv=8, model_type="qwen3_vl"),
+    "Qwen2.5-VL-3B": dict(rehearsal="qwen2.5-vl-3b", params=3_754_622_976, layers=36, hidden=2048, mlp=11008, heads=16, kv=2, model_type="qwen2_5_vl"),
+    "Qwen2.5-VL-7B": dict(params=8_292_166_656, layers=28, hidden=3584, mlp=18944, heads=28, kv=4, model_type="qwen2_5_vl"),
+    "Qwen2.5-VL-32B": dict(params=33_452_718_336, layers=64, hidden=5120, mlp=27648, heads=40, kv=8, model_type="qwen2_5_vl"),
+}
+
+
+def trained_parameters(m, lora_r=32, head_dim=128, meta_tokens=80):
+    """LoRA r on q, k, v, o, gate, up, down of every layer (r x (in + out) each), + the Meta Tokens."""
+    H, I = m["hidden"], m["mlp"]
+    per_layer = 2 * (H + m["heads"] * head_dim) + 2 * (H + m["kv"] * head_dim) + 3 * (H + I)
+    return lora_r * m["layers"] * per_layer + meta_tokens * H
+
+
+def memory_table(measured, query_tokens, candidate_tokens=1116, query_images=False, batch=48, negatives=1,
+                 lora_r=32, chunk=None, fsdp=1):
+    """Per-device GiB of one training step: bf16 weights; LoRA (r = 32 on q, k, v, o and the MLP of
+    every layer) + Meta Tokens in float32 with their gradient and AdamW's two moments (16 bytes
+    each); the checkpointed hidden state of every row at every layer (the rehearsals' bytes per
+    token per layer); and the largest transient: one layer recomputed in backward for the rows of
+    one forward (layer_bytes_per_token x the rehearsals' measured ratio), or the frozen vision
+    tower's forward over the candidate images (the rehearsals' bytes per patch, 4,096 patches an
+    image at 1,024 visual tokens) on top of the query rows' checkpoints. Candidate rows are
+    candidate_tokens long (1,024 visual, the prompt, the 80 Meta Tokens). chunk: GradCache, at most
+    `chunk` rows through the model with a graph at a time. fsdp: FSDP2 over that many GPUs (weights,
+    LoRA and AdamW sharded; one decoder layer gathered whole). `measured`: bench.py --rehearse results."""
+    import types
+    kept = max(r["kept_bytes_per_token_per_layer"] / r["hidden_size"] for r in measured)        # x H
+    recompute = max(r["recompute_bytes_per_token"] / r["layer_bytes_per_token"] for r in measured
+                    if r.get("layer_bytes_per_token"))
+    vision = max(r["vision_peak_per_patch_KiB"] for r in measured) * 2**10
+    rows_q, rows_c = batch, batch * (1 + negatives)
+    if chunk:   # one chunk's graph at a time, of whichever rows are longer
+        rows_q, rows_c = 0, chunk
+        candidate_tokens = max(candidate_tokens, query_tokens)
+    table = []
+    for name, m in MEMORY_SIZES.items():
+        H, I, hd, L = m["hidden"], m["mlp"], 128, m["layers"]
+        lora = trained_parameters(m, lora_r, hd)
+        kept_q, kept_c = rows_q * query_tokens * L * kept * H, rows_c * candidate_tokens * L * kept * H
+        text = types.SimpleNamespace(hidden_size=H, intermediate_size=I, num_attention_heads=m["heads"],
+                                     num_key_value_heads=m["kv"], head_dim=hd, model_type=m["model_type"])
+        layer = max(rows_q * query_tokens, rows_c * candidate_tokens) * layer_bytes_per_token(text) * recompute
+        tower = rows_c * 4096 * vision
+        gathered = 0 if fsdp == 1 else 2 * (2 * H * (m["heads"] + m["kv"]) * hd + 3 * H * I)   # one layer, bf16
+        row = dict(model=name, weights=m["params"] * 2 / fsdp + gathered, trained=lora * 16 / fsdp, kept=kept_q + kept_c,
+                   transient=max(layer, tower - kept_c))
+        row["total"] = row["weights"] + row["trained"] + row["kept"] + row["transient"]
+        row = {k: v / 2**30 if k != "model" else v for k, v in row.items()}
+        row["transient_is"] = "vision tower" if tower - kept_c > layer else "layer recompute"
+        table.append(row)
+    return dict(batch=batch, negatives=negatives, query_tokens=query_tokens, candidate_tokens=candidate_tokens,
+                chunk=chunk, fsdp=fsdp, kept_x_hidden=kept, recompute_ratio=recompute, vision_KiB_per_patch=vision / 2**10,
+                rows=table)
 
 
 def save_full_size(name, path, dtype):
@@ -570,6 +652,13 @@ def rehearse(name, dtype=torch.bfloat16):
         out["backward_peak_GiB"] = (bwd.peak - fwd.start) / 2**30      # above the start: kept + one layer's recompute
         out["backward_recompute_GiB"] = (bwd.peak - bwd.start) / 2**30  # above the forward's end
         del q, cand, loss
+        with AnonPeak() as vis:        # the frozen vision tower alone, in training mode: no graph
+            model.base_model().visual(c_in["pixel_values"].to(dtype), grid_thw=c_in["image_grid_thw"])
+        patches = c_in["pixel_values"].shape[0]
+        out["vision_peak_per_patch_KiB"] = (vis.peak - vis.start) / patches / 2**10
+        text = model.base_model().config.get_text_config()
+        out["layer_bytes_per_token"] = layer_bytes_per_token(text)             # the formula, no checkpointing
+        out["recompute_bytes_per_token"] = (bwd.peak - bwd.start) / (2 * out["page_row_tokens"])
         model.save_pretrained(f"{tmp}/ck")
         back = MetaEmbed.from_pretrained(f"{tmp}/ck")
         model.eval()
@@ -618,6 +707,44 @@ def mode_rehearse(args):
     r = rehearse(args.rehearse)
     print(json.dumps(r, indent=1))
     write_json(args.json, r)
+
+
+def mode_memory_table(args):
+    """the official recipe's per-device memory, by arithmetic from the rehearsals' measurements."""
+    import glob
+    paths = args.memory_table or sorted(glob.glob(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                "docs", "rehearse-*.json")))
+    measured = []
+    for path in paths:
+        with open(path) as f:
+            r = json.load(f)
+        if "vision_peak_per_patch_KiB" not in r:
+            raise SystemExit(f"{path}: no vision_peak_per_patch_KiB; rerun python bench.py --rehearse {r.get('name')}")
+        measured.append(r)
+    if not measured:
+        raise SystemExit("no rehearsal results: run python bench.py --rehearse qwen2-vl-2b --json docs/rehearse-qwen2-vl-2b.json")
+    cases = {"document batch: text queries (64 tokens), page candidates": dict(query_tokens=64),
+             "every row an image (the worst case)": dict(query_tokens=1070),
+             "every row an image, GradCache chunk 8": dict(query_tokens=1070, chunk=8),
+             "every row an image, GradCache chunk 8, FSDP over 8 GPUs": dict(query_tokens=1070, chunk=8, fsdp=8)}
+    out = {"from": [r["name"] + " on " + r["cpu"] for r in measured],
+           "cases": {case: memory_table(measured, **kw) for case, kw in cases.items()}}
+    card = 80e9 / 2**30
+    built = {r["name"]: r["trained_parameters"] for r in measured}
+    for name, m in MEMORY_SIZES.items():        # the arithmetic's trained count against a built model's
+        if m.get("rehearsal") in built:
+            print(f"{name}: LoRA + Meta Tokens {trained_parameters(m):,} by arithmetic, {built[m['rehearsal']]:,} built")
+    for case, t in out["cases"].items():
+        print(f"\n{case}; batch {t['batch']} per device, {t['negatives']} hard negative; GiB:")
+        print(f"{'model':<15}{'weights':>9}{'LoRA+Adam':>11}{'kept':>8}{'transient':>11}  {'(of)':<16}{'total':>7}"
+              f"{'left of 80 GB':>15}")
+        for row in t["rows"]:
+            print(f"{row['model']:<15}{row['weights']:>9.1f}{row['trained']:>11.1f}{row['kept']:>8.1f}"
+                  f"{row['transient']:>11.1f}  {row['transient_is']:<16}{row['total']:>7.1f}"
+                  f"{card - row['total']:>15.1f}")
+    print(f"\n80 GB = {card:.1f} GiB; CUDA's context and the allocator's slack are not counted; from the "
+          "rehearsals of " + ", ".join(out["from"]))
+    write_json(args.json, out)
 
 
 def mode_serve(args):
@@ -794,11 +921,16 @@ def main():
     p.add_argument("--rehearse", choices=sorted(REHEARSAL_CONFIGS), help="instead: a full-size backbone with random "
                    "weights on this CPU (bf16): encode a 2000x3000 page, one LoRA training step (memory kept per row, "
                    "forward and backward peaks), save and reload")
+    p.add_argument("--memory-table", nargs="*", metavar="JSON", help="instead: the official recipe's per-device "
+                   "memory (batch 48, 1,024 visual tokens, checkpointing, bf16) for 2B / 3B / 7B / 32B, by arithmetic "
+                   "from rehearsal results (default: docs/rehearse-*.json)")
     p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
                    "20,000 random candidates at D = 1536, against the same search in-process")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
+    if args.memory_table is not None:
+        return mode_memory_table(args)
     for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory"):
         if getattr(args, name):
             return globals()[f"mode_{name}"](args)

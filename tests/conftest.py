@@ -69,7 +69,7 @@ HUB_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwe
                "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
 
 
-def save_hub_layout_backbone(path, family="qwen2_vl"):
+def save_hub_layout_backbone(path, family="qwen2_vl", **sizes):
     """A tiny random model of a family saved the way a hub repo like Qwen/Qwen2-VL-2B-Instruct is
     laid out: the *ForConditionalGeneration class (config.json with nested configs,
     model.safetensors with its weight names), the tokenizer files, and the image processor with
@@ -78,7 +78,7 @@ def save_hub_layout_backbone(path, family="qwen2_vl"):
     import transformers
 
     from machinery.backbones import FAMILIES, build_tiny_backbone, image_processor_class
-    base, processor = build_tiny_backbone(seed=0, family=family)
+    base, processor = build_tiny_backbone(seed=0, family=family, **sizes)
     full = getattr(transformers, HUB_CLASSES[family])(base.config)
     full.model.load_state_dict(base.state_dict())
     full.save_pretrained(path)

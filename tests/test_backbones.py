@@ -115,6 +115,30 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_the_graph(hub_folder,
     assert all(checked[n].abs().sum() > 0 for n in checked if "lora_B" in n)
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_the_memory_tables_layer_formula_counts_what_autograd_keeps(family, tmp_path):
+    """bench.layer_bytes_per_token (the per-device memory table's recompute term) against the bytes
+    a LoRA'd bf16 decoder layer really saves for backward, without checkpointing: one layer more."""
+    import bench
+    import data
+    kept = []
+    for layers in (1, 2):
+        folder = save_hub_layout_backbone(tmp_path / f"{family}-{layers}", family, hidden_size=256, intermediate_size=1024,
+                                          num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=layers)
+        m = MetaEmbed.from_backbone(folder, num_query_tokens=4, num_candidate_tokens=8)
+        m.train()
+        rows = [dict(qry_text="q", qry_image=None, pos_text="a long caption " * 40, pos_image=None, negs=[], source="t")]
+        _, c_in, _ = data.collate(rows, m.processor, query_suffix=True)
+        _, nbytes = bench.kept_for_backward(lambda: m(None, c_in), m)
+        kept.append(nbytes)
+    tokens = c_in["input_ids"].shape[1] + 12
+    formula = bench.layer_bytes_per_token(m.base_model().config.get_text_config())
+    sizes = dict(hidden=256, mlp=1024, heads=4, kv=2, layers=2)                  # the table's trained term too
+    assert bench.trained_parameters(sizes, head_dim=64, meta_tokens=12) == sum(
+        p.numel() for p in m.trained_parameters().values())
+    assert abs((kept[1] - kept[0]) / tokens - formula) < 0.05 * formula, ((kept[1] - kept[0]) / tokens, formula)
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_5"])
 def test_train_and_evaluate_on_a_folder(family, tmp_path):
     folder = save_hub_layout_backbone(tmp_path / family, family)
