@@ -154,6 +154,25 @@ def build_tiny_backbone(seed=0, family="qwen2_vl", **overrides):
     return backbone, ImageTextProcessor(image_processor, tokenizer)
 
 
+def save_hub_layout(config, tokenizer, path, dtype=None, base_state=None):
+    """A model of `config` saved the way its hub repo is laid out: the *ForConditionalGeneration
+    class (config.json with nested configs, model.safetensors with the hub's weight names), the
+    tokenizer, and the image processor with the hub's own pixel bounds (up to 16,384 visual
+    tokens). Random weights, or the base model's `base_state`. Loaded by folder name, it takes
+    the real-backbone path (AutoModel, LoRA, bf16), with no hub access."""
+    import transformers
+    family = FAMILIES[config.model_type]
+    full = getattr(transformers, family.model.replace("Model", "ForConditionalGeneration"))(config)
+    if base_state is not None:
+        full.model.load_state_dict(base_state)
+    full.to(dtype or full.dtype).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    token = (2 * family.patch) ** 2
+    image_processor_class()(min_pixels=4 * token, max_pixels=token * 16384, patch_size=family.patch, merge_size=2,
+                            temporal_patch_size=2).save_pretrained(path)
+    return str(path)
+
+
 def image_processor_class():
     # The PIL image processor needs no torchvision (the default one does).
     try:
@@ -231,12 +250,16 @@ def add_lora(backbone, config):
 
 def checkpoint_activations(backbone):
     """Gradient checkpointing on every vision block and decoder layer, non-reentrant. transformers
-    also hooks each input embedding (the vision tower's patch embedding too) to make its output
-    require grad, which only reentrant checkpointing needs; with a frozen vision tower that hook
-    builds a graph through it, keeps each block's input and recomputes the tower in backward, all
-    for no gradient (Qwen2-VL-2B, 2 pages: 0.56 GiB kept, docs/training.md). The hooks go: the
-    Meta Tokens and the LoRA weights make the states that need a gradient require one."""
-    backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    also hooks each input embedding to make its output require grad, which only reentrant
+    checkpointing needs; Qwen2/2.5-VL's vision tower reports its patch embedding as one, so a
+    frozen tower got a graph through every block, kept their inputs and was recomputed in backward
+    for no gradient (measured in docs/training.md). The hooks go: the Meta Tokens and the LoRA
+    weights make the states that need a gradient need one."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(backbone, "activation_checkpointing_enable"):     # the newer name of the same call
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     backbone.disable_input_require_grads()
 
 

@@ -65,28 +65,12 @@ def write_hub_repo(root, configs, features=None):
     return str(root)
 
 
-HUB_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-               "qwen3_vl": "Qwen3VLForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}
-
-
 def save_hub_layout_backbone(path, family="qwen2_vl", **sizes):
-    """A tiny random model of a family saved the way a hub repo like Qwen/Qwen2-VL-2B-Instruct is
-    laid out: the *ForConditionalGeneration class (config.json with nested configs,
-    model.safetensors with its weight names), the tokenizer files, and the image processor with
-    the hub's own pixel bounds (up to 16,384 visual tokens). Loaded by folder name, it takes the
-    real-backbone path (AutoModel, LoRA, bf16), with no hub access."""
-    import transformers
-
-    from machinery.backbones import FAMILIES, build_tiny_backbone, image_processor_class
+    """A tiny random model of a family (sizes: TINY overrides) saved as a hub repo like
+    Qwen/Qwen2-VL-2B-Instruct is laid out (machinery.backbones.save_hub_layout)."""
+    from machinery.backbones import build_tiny_backbone, save_hub_layout
     base, processor = build_tiny_backbone(seed=0, family=family, **sizes)
-    full = getattr(transformers, HUB_CLASSES[family])(base.config)
-    full.model.load_state_dict(base.state_dict())
-    full.save_pretrained(path)
-    processor.tokenizer.save_pretrained(path)
-    token = (2 * FAMILIES[family].patch) ** 2
-    image_processor_class()(min_pixels=4 * token, max_pixels=token * 16384, patch_size=FAMILIES[family].patch,
-                            merge_size=2, temporal_patch_size=2).save_pretrained(path)
-    return str(path)
+    return save_hub_layout(base.config, processor.tokenizer, path, base_state=base.state_dict())
 
 
 @pytest.fixture(scope="session")
