@@ -411,7 +411,7 @@ def serve_bench(N=20_000, D=1536, requests=30, k=10):
 
 
 # Full-size configs (random weights): the numbers of each model's config.json on the hub, as copied
-# in public code (found with the search tool; no hub here). Each is checked by its parameter count
+# in public code. Each is checked by its parameter count
 # against the hub's safetensors total (`published`): a wrong width or depth would not match.
 REHEARSAL_CONFIGS = {
     # Qwen/Qwen2-VL-2B-Instruct: 2,208,985,600 parameters
@@ -453,51 +453,65 @@ REHEARSAL_CONFIGS = {
 }
 
 
-def layer_bytes_per_token(text):
+def head_dim(text):
+    return text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+
+
+def layer_parameters(text, family):
+    """One Qwen2 / Qwen3 decoder layer: q, k, v, o, the MLP, two norms; Qwen2's q, k, v biases or
+    Qwen3's QK-norms."""
+    H, I, hd = text["hidden_size"], text["intermediate_size"], head_dim(text)
+    q, kv = text["num_attention_heads"] * hd, text["num_key_value_heads"] * hd
+    return 2 * H * q + 2 * H * kv + 3 * H * I + 2 * H + (2 * hd if family == "qwen3_vl" else q + 2 * kv)
+
+
+def trained_parameters(text, lora_r=32, meta_tokens=80):
+    """LoRA r on q, k, v, o, gate, up, down of every layer (r x (in + out) each), + the Meta Tokens."""
+    H, I, hd = text["hidden_size"], text["intermediate_size"], head_dim(text)
+    q, kv = text["num_attention_heads"] * hd, text["num_key_value_heads"] * hd
+    return lora_r * text["num_hidden_layers"] * (2 * (H + q) + 2 * (H + kv) + 3 * (H + I)) + meta_tokens * H
+
+
+def layer_bytes_per_token(text, family):
     """What autograd keeps for one Qwen2 / Qwen3 decoder layer per token without checkpointing,
     bf16 weights and float32 LoRA with dropout: 14 H-wide float32 tensors (RMSNorm inputs, the LoRA
     inputs cast to float32 and their dropout), 3 bf16 and 2 float32 I-wide ones (the MLP), q, k, v
     and the attention output in bf16, and Qwen3's QK-norm inputs in float32. Counted from the saved
     tensors of Qwen2-VL-2B and Qwen3-VL-2B (both within 0.5%). None for Qwen3.5, whose Gated
     DeltaNet layers keep what their kernel keeps (the PyTorch reference here: 1.8x a full layer)."""
-    if text.model_type.startswith("qwen3_5"):
+    if family == "qwen3_5":
         return None
-    H, I, heads, kv = text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads
-    hd = getattr(text, "head_dim", None) or H // heads
-    return 56 * H + 14 * I + 4 * hd * (heads + kv) * (2 if text.model_type.startswith("qwen3") else 1)
+    H, I, hd = text["hidden_size"], text["intermediate_size"], head_dim(text)
+    heads, kv = text["num_attention_heads"], text["num_key_value_heads"]
+    return 56 * H + 14 * I + 4 * hd * (heads + kv) * (2 if family == "qwen3_vl" else 1)
 
 
-# The per-device memory of the official recipe, by arithmetic (python bench.py --memory-table):
-# language-model sizes from each hub config.json, parameter counts the hub's totals.
-MEMORY_SIZES = {
-    "Qwen2-VL-2B": dict(rehearsal="qwen2-vl-2b", params=2_208_985_600, layers=28, hidden=1536, mlp=8960, heads=12, kv=2, model_type="qwen2_vl"),
-    "Qwen3-VL-2B": dict(rehearsal="qwen3-vl-2b", params=2_127_532_032, layers=28, hidden=2048, mlp=6144, heads=16, kv=8, model_type="qwen3_vl"),
-    "Qwen2.5-VL-3B": dict(rehearsal="qwen2.5-vl-3b", params=3_754_622_976, layers=36, hidden=2048, mlp=11008, heads=16, kv=2, model_type="qwen2_5_vl"),
-    "Qwen2.5-VL-7B": dict(params=8_292_166_656, layers=28, hidden=3584, mlp=18944, heads=28, kv=4, model_type="qwen2_5_vl"),
-    "Qwen2.5-VL-32B": dict(params=33_452_718_336, layers=64, hidden=5120, mlp=27648, heads=40, kv=8, model_type="qwen2_5_vl"),
+# The models of the per-device memory table (python bench.py --memory-table): the rehearsed ones
+# by name, the paper's larger two by their language model's config.json and the hub's total.
+MEMORY_MODELS = {
+    "Qwen2-VL-2B": "qwen2-vl-2b", "Qwen3-VL-2B": "qwen3-vl-2b", "Qwen2.5-VL-3B": "qwen2.5-vl-3b",
+    "Qwen2.5-VL-7B": dict(family="qwen2_5_vl", published=8_292_166_656, text=dict(
+        vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+        num_key_value_heads=4, tie_word_embeddings=False)),
+    "Qwen2.5-VL-32B": dict(family="qwen2_5_vl", published=33_452_718_336, text=dict(
+        vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+        num_key_value_heads=8, tie_word_embeddings=False)),
 }
 
 
-def trained_parameters(m, lora_r=32, head_dim=128, meta_tokens=80):
-    """LoRA r on q, k, v, o, gate, up, down of every layer (r x (in + out) each), + the Meta Tokens."""
-    H, I = m["hidden"], m["mlp"]
-    per_layer = 2 * (H + m["heads"] * head_dim) + 2 * (H + m["kv"] * head_dim) + 3 * (H + I)
-    return lora_r * m["layers"] * per_layer + meta_tokens * H
-
-
-def memory_table(measured, query_tokens, candidate_tokens=1116, query_images=False, batch=48, negatives=1,
-                 lora_r=32, chunk=None, fsdp=1):
-    """Per-device GiB of one training step: bf16 weights; LoRA (r = 32 on q, k, v, o and the MLP of
-    every layer) + Meta Tokens in float32 with their gradient and AdamW's two moments (16 bytes
-    each); the checkpointed hidden state of every row at every layer (the rehearsals' bytes per
-    token per layer); and the largest transient: one layer recomputed in backward for the rows of
+def memory_table(measured, query_tokens, candidate_tokens=1116, batch=48, negatives=1, chunk=None, fsdp=1):
+    """Per-device GiB of one training step. weights: bf16, without an untied lm_head (the base model
+    is loaded, not the LM head); with FSDP2 the decoder layers sharded, the root (vision tower,
+    embeddings) whole, two layers gathered (this one, the next prefetched). trained: LoRA r = 32 +
+    Meta Tokens in float32 with the gradient and AdamW's two moments, 16 bytes each, sharded with
+    FSDP. kept: every row's checkpointed hidden state at every layer (the rehearsals' bytes per
+    token per layer). transient, the larger of: one layer recomputed in backward for the rows of
     one forward (layer_bytes_per_token x the rehearsals' measured ratio), or the frozen vision
     tower's forward over the candidate images (the rehearsals' bytes per patch, 4,096 patches an
-    image at 1,024 visual tokens) on top of the query rows' checkpoints. Candidate rows are
-    candidate_tokens long (1,024 visual, the prompt, the 80 Meta Tokens). chunk: GradCache, at most
-    `chunk` rows through the model with a graph at a time. fsdp: FSDP2 over that many GPUs (weights,
-    LoRA and AdamW sharded; one decoder layer gathered whole). `measured`: bench.py --rehearse results."""
-    import types
+    image at 1,024 visual tokens) while only the query rows' checkpoints are kept. Rows are
+    query_tokens / candidate_tokens long (1,024 visual tokens, the prompt, the 16 / 80 Meta
+    Tokens). chunk: GradCache, at most `chunk` rows with a graph at a time. `measured`: the
+    results of bench.py --rehearse."""
     kept = max(r["kept_bytes_per_token_per_layer"] / r["hidden_size"] for r in measured)        # x H
     recompute = max(r["recompute_bytes_per_token"] / r["layer_bytes_per_token"] for r in measured
                     if r.get("layer_bytes_per_token"))
@@ -507,17 +521,18 @@ def memory_table(measured, query_tokens, candidate_tokens=1116, query_images=Fal
         rows_q, rows_c = 0, chunk
         candidate_tokens = max(candidate_tokens, query_tokens)
     table = []
-    for name, m in MEMORY_SIZES.items():
-        H, I, hd, L = m["hidden"], m["mlp"], 128, m["layers"]
-        lora = trained_parameters(m, lora_r, hd)
+    for name, spec in MEMORY_MODELS.items():
+        spec = REHEARSAL_CONFIGS[spec] if isinstance(spec, str) else spec
+        text, family = spec["text"], spec["family"]
+        H, L = text["hidden_size"], text["num_hidden_layers"]
+        base = spec["published"] - (0 if text["tie_word_embeddings"] else text["vocab_size"] * H)
+        layers = L * layer_parameters(text, family)
+        weights = base if fsdp == 1 else layers / fsdp + (base - layers) + 2 * layer_parameters(text, family)
         kept_q, kept_c = rows_q * query_tokens * L * kept * H, rows_c * candidate_tokens * L * kept * H
-        text = types.SimpleNamespace(hidden_size=H, intermediate_size=I, num_attention_heads=m["heads"],
-                                     num_key_value_heads=m["kv"], head_dim=hd, model_type=m["model_type"])
-        layer = max(rows_q * query_tokens, rows_c * candidate_tokens) * layer_bytes_per_token(text) * recompute
+        layer = max(rows_q * query_tokens, rows_c * candidate_tokens) * layer_bytes_per_token(text, family) * recompute
         tower = rows_c * 4096 * vision
-        gathered = 0 if fsdp == 1 else 2 * (2 * H * (m["heads"] + m["kv"]) * hd + 3 * H * I)   # one layer, bf16
-        row = dict(model=name, weights=m["params"] * 2 / fsdp + gathered, trained=lora * 16 / fsdp, kept=kept_q + kept_c,
-                   transient=max(layer, tower - kept_c))
+        row = dict(model=name, weights=2 * weights, trained=16 * trained_parameters(text) / fsdp,
+                   kept=kept_q + kept_c, transient=max(layer, tower - kept_c))
         row["total"] = row["weights"] + row["trained"] + row["kept"] + row["transient"]
         row = {k: v / 2**30 if k != "model" else v for k, v in row.items()}
         row["transient_is"] = "vision tower" if tower - kept_c > layer else "layer recompute"
@@ -528,32 +543,27 @@ def memory_table(measured, query_tokens, candidate_tokens=1116, query_images=Fal
 
 
 def save_full_size(name, path, dtype):
-    """REHEARSAL_CONFIGS[name] with random weights, saved as its hub repo is laid out (the
-    *ForConditionalGeneration class, the tiny tokenizer's special-token ids, the hub's pixel bound)."""
+    """REHEARSAL_CONFIGS[name] with random weights, saved as its hub repo is laid out (the tiny
+    tokenizer's special-token ids in the config)."""
     import transformers
 
     from machinery import backbones
     spec = REHEARSAL_CONFIGS[name]
-    family = backbones.FAMILIES[spec["family"]]
     tokenizer = backbones.tiny_tokenizer(backbones.TINY["vocab_size"])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS}
-    config = getattr(transformers, family.model.replace("Model", "Config"))(
+    config = getattr(transformers, backbones.FAMILIES[spec["family"]].model.replace("Model", "Config"))(
         text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=True,
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
-    full = getattr(transformers, family.model.replace("Model", "ForConditionalGeneration"))(config).to(dtype)
-    full.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    token = (2 * family.patch) ** 2
-    backbones.image_processor_class()(min_pixels=4 * token, max_pixels=token * 16384, patch_size=family.patch,
-                                      merge_size=2, temporal_patch_size=2).save_pretrained(path)
+    backbones.save_hub_layout(config, tokenizer, path, dtype)
 
 
 class AnonPeak:
     """Peak anonymous memory (RssAnon: tensors, not the safetensors files that transformers maps
-    and pages in as they are read) while the block runs, sampled every 2 ms; glibc is told to
-    give large blocks back to the system when they are freed, so RssAnon follows live tensors."""
+    and pages in as they are read) while the block runs, sampled every 2 ms. glibc is told, for the
+    rest of the process, to give blocks from 64 KiB up back when they are freed, so RssAnon follows
+    the live tensors."""
 
     def __enter__(self):
         import ctypes
@@ -634,7 +644,7 @@ def rehearse(name, dtype=torch.bfloat16):
                      negs=[("", neg)], source="rehearsal")]
         q_in, c_in, neg_mask = data.collate(rows, model.processor, query_suffix=True)
         R = model.config.num_query_tokens + model.config.num_candidate_tokens
-        out["page_row_tokens"] = c_in["input_ids"].shape[1] + R
+        pages, out["page_row_tokens"] = c_in["input_ids"].shape[0], c_in["input_ids"].shape[1] + R
         layers = model.base_model().config.get_text_config().num_hidden_layers
         t = time.perf_counter()
         with AnonPeak() as fwd:
@@ -644,9 +654,9 @@ def rehearse(name, dtype=torch.bfloat16):
         with AnonPeak() as bwd:
             loss.backward()
         out["train_step_s"], out["loss"] = time.perf_counter() - t, loss.item()
-        out["kept_query_row_MiB"], out["kept_page_row_MiB"] = kept_q / 2**20, kept_c / 2 / 2**20
+        out["kept_query_row_MiB"], out["kept_page_row_MiB"] = kept_q / 2**20, kept_c / pages / 2**20
         # a checkpointed layer keeps its input hidden state: tokens x H x 2 bytes (bf16)
-        out["kept_bytes_per_token_per_layer"] = kept_c / 2 / out["page_row_tokens"] / layers
+        out["kept_bytes_per_token_per_layer"] = kept_c / pages / out["page_row_tokens"] / layers
         out["hidden_size"] = model.base_model().config.get_text_config().hidden_size
         out["forward_peak_GiB"] = (fwd.peak - fwd.start) / 2**30       # above the start: the vision tower, one layer
         out["backward_peak_GiB"] = (bwd.peak - fwd.start) / 2**30      # above the start: kept + one layer's recompute
@@ -656,9 +666,8 @@ def rehearse(name, dtype=torch.bfloat16):
             model.base_model().visual(c_in["pixel_values"].to(dtype), grid_thw=c_in["image_grid_thw"])
         patches = c_in["pixel_values"].shape[0]
         out["vision_peak_per_patch_KiB"] = (vis.peak - vis.start) / patches / 2**10
-        text = model.base_model().config.get_text_config()
-        out["layer_bytes_per_token"] = layer_bytes_per_token(text)             # the formula, no checkpointing
-        out["recompute_bytes_per_token"] = (bwd.peak - bwd.start) / (2 * out["page_row_tokens"])
+        out["layer_bytes_per_token"] = layer_bytes_per_token(spec["text"], spec["family"])   # no checkpointing
+        out["recompute_bytes_per_token"] = (bwd.peak - bwd.start) / (pages * out["page_row_tokens"])
         model.save_pretrained(f"{tmp}/ck")
         back = MetaEmbed.from_pretrained(f"{tmp}/ck")
         model.eval()
@@ -723,17 +732,19 @@ def mode_memory_table(args):
         measured.append(r)
     if not measured:
         raise SystemExit("no rehearsal results: run python bench.py --rehearse qwen2-vl-2b --json docs/rehearse-qwen2-vl-2b.json")
+    # a text query: about 48 tokens + 16 Meta Tokens; an image query: 1,024 visual tokens, the prompt, 16
     cases = {"document batch: text queries (64 tokens), page candidates": dict(query_tokens=64),
              "every row an image (the worst case)": dict(query_tokens=1070),
              "every row an image, GradCache chunk 8": dict(query_tokens=1070, chunk=8),
+             "every row an image, GradCache chunk 48 (one GPU, 384 rows)": dict(query_tokens=1070, chunk=48),
              "every row an image, GradCache chunk 8, FSDP over 8 GPUs": dict(query_tokens=1070, chunk=8, fsdp=8)}
     out = {"from": [r["name"] + " on " + r["cpu"] for r in measured],
            "cases": {case: memory_table(measured, **kw) for case, kw in cases.items()}}
     card = 80e9 / 2**30
-    built = {r["name"]: r["trained_parameters"] for r in measured}
-    for name, m in MEMORY_SIZES.items():        # the arithmetic's trained count against a built model's
-        if m.get("rehearsal") in built:
-            print(f"{name}: LoRA + Meta Tokens {trained_parameters(m):,} by arithmetic, {built[m['rehearsal']]:,} built")
+    for r in measured:        # the arithmetic's trained count against a built model's (not Qwen3.5's layers)
+        if REHEARSAL_CONFIGS[r["name"]]["family"] != "qwen3_5":
+                print(f"{r['name']}: LoRA + Meta Tokens {trained_parameters(REHEARSAL_CONFIGS[r['name']]['text']):,} by "
+                  f"arithmetic, {r['trained_parameters']:,} built")
     for case, t in out["cases"].items():
         print(f"\n{case}; batch {t['batch']} per device, {t['negatives']} hard negative; GiB:")
         print(f"{'model':<15}{'weights':>9}{'LoRA+Adam':>11}{'kept':>8}{'transient':>11}  {'(of)':<16}{'total':>7}"

@@ -116,9 +116,10 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_the_graph(hub_folder,
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
-def test_the_memory_tables_layer_formula_counts_what_autograd_keeps(family, tmp_path):
+def test_the_memory_tables_formulas_count_what_is_built_and_kept(family, tmp_path):
     """bench.layer_bytes_per_token (the per-device memory table's recompute term) against the bytes
-    a LoRA'd bf16 decoder layer really saves for backward, without checkpointing: one layer more."""
+    a LoRA'd bf16 decoder layer really saves for backward, without checkpointing (one layer more);
+    the trained and per-layer parameter counts against the model's."""
     import bench
     import data
     kept = []
@@ -132,10 +133,12 @@ def test_the_memory_tables_layer_formula_counts_what_autograd_keeps(family, tmp_
         _, nbytes = bench.kept_for_backward(lambda: m(None, c_in), m)
         kept.append(nbytes)
     tokens = c_in["input_ids"].shape[1] + 12
-    formula = bench.layer_bytes_per_token(m.base_model().config.get_text_config())
-    sizes = dict(hidden=256, mlp=1024, heads=4, kv=2, layers=2)                  # the table's trained term too
-    assert bench.trained_parameters(sizes, head_dim=64, meta_tokens=12) == sum(
-        p.numel() for p in m.trained_parameters().values())
+    text = m.base_model().config.get_text_config().to_dict()
+    formula = bench.layer_bytes_per_token(text, family)
+    # the table's other terms: the trained parameters and (for FSDP) one layer's
+    assert bench.trained_parameters(text, meta_tokens=12) == sum(p.numel() for p in m.trained_parameters().values())
+    layer = m.base_model().language_model.layers[0]
+    assert bench.layer_parameters(text, family) == sum(p.numel() for n, p in layer.named_parameters() if "lora_" not in n)
     assert abs((kept[1] - kept[0]) / tokens - formula) < 0.05 * formula, ((kept[1] - kept[0]) / tokens, formula)
 
 
