@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data
 import evaluate
 from machinery import checkpoints, checks, distributed
-from machinery.backbones import image_key, is_offline
+from machinery.backbones import BACKBONES, OFFLINE, image_key, is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 
 # -----------------------------------------------------------------------------
@@ -52,9 +52,8 @@ def get_args(argv=None):
                    "mixture, LoRA, lr, warmup, steps, per-device batch, negatives, image cap, prompts); printed; "
                    "flags given explicitly still win")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", default="tiny", help="tiny, tiny-qwen3-vl, tiny-qwen3.5 (offline); "
-                   "qwen2.5-vl-3b/7b/32b (the paper's), qwen2-vl-2b/7b, qwen3-vl-2b/4b/8b/32b, qwen3.5-0.8b/2b/4b/9b/27b; "
-                   "a hub id or a local folder of those types (default: tiny)")
+    g.add_argument("--backbone", default="tiny", help=f"offline: {', '.join(OFFLINE)}; an alias: "
+                   f"{', '.join(BACKBONES)}; or a hub id or local folder of those types (default: tiny)")
     g.add_argument("--proj-dim", type=int, help="per-vector projection size, 0 = none (default: 4 for tiny, "
                    "none otherwise)")
     g.add_argument("--query-tokens", type=int, default=16, help="R_q (default 16)")
