@@ -336,24 +336,27 @@ def to_rgb(im):
 
 
 def load_image(image, where=""):
-    """PIL image, path, or a zero-argument callable returning one (a lazily decoded data set row)
-    -> RGB PIL image. A missing, unreadable or unusable file is named in the error; an image under
-    28 px on an edge is upsized to 28 (the processor cannot take less than one visual token)."""
+    """PIL image, path, a file's bytes (an upload), or a zero-argument callable returning one (a
+    lazily decoded data set row) -> RGB PIL image. A missing, unreadable or unusable file is named
+    in the error; an image under 28 px on an edge is upsized to 28 (the processor cannot take less
+    than one visual token)."""
+    import io
+
     from PIL import Image
     if callable(image) and not isinstance(image, Image.Image):
         try:                                          # a lazily decoded data set row
             image = image()
         except (OSError, ValueError, Image.DecompressionBombError) as e:
             raise ValueError(f"cannot decode image{where}: {e}") from None
-    if isinstance(image, (str, os.PathLike)):
+    if isinstance(image, (str, os.PathLike, bytes)):
+        name = f" of {len(image):,} bytes" if isinstance(image, bytes) else f" {str(image)!r}"
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)   # one line, not PIL's warning
-                with Image.open(image) as im:
+                with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
                     im = to_rgb(im)
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise FileNotFoundError(f"cannot read image {str(image)!r}{where}: {e}") from None
-        name = f" {str(image)!r}"
+            raise FileNotFoundError(f"cannot read image{name}{where}: {e}") from None
     elif isinstance(image, Image.Image):
         im, name = to_rgb(image), ""
     else:

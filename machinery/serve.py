@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -123,17 +122,12 @@ class Searcher:
 
 
 def decode_upload(body):
-    from PIL import Image
+    """An uploaded file -> RGB image, by the encoder's own rules (machinery.backbones.load_image)."""
+    from machinery.backbones import load_image
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im = Image.open(io.BytesIO(body))
-            im.load()
-        return im
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadRequest("the uploaded image is too large in pixels (a decompression bomb?)") from None
-    except (OSError, ValueError, SyntaxError):
-        raise BadRequest("the body is not an image PIL can read (PNG, JPEG, WebP, ...)") from None
+        return load_image(bytes(body), " (the upload)")
+    except (FileNotFoundError, ValueError) as e:
+        raise BadRequest(f"the body is not an image the encoder can take: {e}") from None
 
 
 def handler_for(searcher):

@@ -283,6 +283,8 @@ def test_odd_images_are_upsized_or_named(tiny, tmp_path):
     try:
         with pytest.raises(FileNotFoundError, match=r"bomb.png.*\(item 1\).*decompression bomb"):
             tiny.encode_candidates(["", ""], [Image.new("RGB", (28, 28)), str(big)])
+        with pytest.raises(FileNotFoundError, match=r"image of [\d,]+ bytes \(the upload\).*decompression bomb"):
+            load_image(big.read_bytes(), " (the upload)")                   # a file's bytes: the same rules
     finally:
         PILImage.MAX_IMAGE_PIXELS = old_limit
 
