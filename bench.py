@@ -552,7 +552,7 @@ def save_full_size(name, path, dtype):
     tokenizer = backbones.tiny_tokenizer(backbones.TINY["vocab_size"])
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in backbones.SPECIAL_TOKENS}
     config = getattr(transformers, backbones.FAMILIES[spec["family"]].model.replace("Model", "Config"))(
-        text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=True,
+        text_config=spec["text"], vision_config=spec["vision"], tie_word_embeddings=spec["text"]["tie_word_embeddings"],
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
@@ -623,9 +623,8 @@ def rehearse(name, dtype=torch.bfloat16):
         save_full_size(name, f"{tmp}/base", dtype)
         out["build_s"] = time.perf_counter() - t0
         model = MetaEmbed.from_backbone(f"{tmp}/base", dtype=out["dtype"])
-        trained = model.trained_parameters()
         out["parameters"] = sum(p.numel() for p in model.parameters())
-        out["trained_parameters"] = sum(p.numel() for p in trained.values())
+        out["trained_parameters"] = sum(p.numel() for p in model.trained_parameters().values())
         out["base_parameters"] = sum(p.numel() for n, p in model.backbone.named_parameters() if "lora_" not in n)
         out["published_parameters"] = spec["published"]
         out["weights_GiB"] = sum(p.numel() * p.element_size() for p in model.backbone.parameters()) / 2**30
@@ -645,7 +644,6 @@ def rehearse(name, dtype=torch.bfloat16):
         q_in, c_in, neg_mask = data.collate(rows, model.processor, query_suffix=True)
         R = model.config.num_query_tokens + model.config.num_candidate_tokens
         pages, out["page_row_tokens"] = c_in["input_ids"].shape[0], c_in["input_ids"].shape[1] + R
-        layers = model.base_model().config.get_text_config().num_hidden_layers
         t = time.perf_counter()
         with AnonPeak() as fwd:
             (q, _), kept_q = kept_for_backward(lambda: model(q_in, None), model)
@@ -656,8 +654,8 @@ def rehearse(name, dtype=torch.bfloat16):
         out["train_step_s"], out["loss"] = time.perf_counter() - t, loss.item()
         out["kept_query_row_MiB"], out["kept_page_row_MiB"] = kept_q / 2**20, kept_c / pages / 2**20
         # a checkpointed layer keeps its input hidden state: tokens x H x 2 bytes (bf16)
-        out["kept_bytes_per_token_per_layer"] = kept_c / pages / out["page_row_tokens"] / layers
-        out["hidden_size"] = model.base_model().config.get_text_config().hidden_size
+        out["kept_bytes_per_token_per_layer"] = kept_c / pages / out["page_row_tokens"] / spec["text"]["num_hidden_layers"]
+        out["hidden_size"] = spec["text"]["hidden_size"]
         out["forward_peak_GiB"] = (fwd.peak - fwd.start) / 2**30       # above the start: the vision tower, one layer
         out["backward_peak_GiB"] = (bwd.peak - fwd.start) / 2**30      # above the start: kept + one layer's recompute
         out["backward_recompute_GiB"] = (bwd.peak - bwd.start) / 2**30  # above the forward's end
@@ -743,7 +741,7 @@ def mode_memory_table(args):
     card = 80e9 / 2**30
     for r in measured:        # the arithmetic's trained count against a built model's (not Qwen3.5's layers)
         if REHEARSAL_CONFIGS[r["name"]]["family"] != "qwen3_5":
-                print(f"{r['name']}: LoRA + Meta Tokens {trained_parameters(REHEARSAL_CONFIGS[r['name']]['text']):,} by "
+            print(f"{r['name']}: LoRA + Meta Tokens {trained_parameters(REHEARSAL_CONFIGS[r['name']]['text']):,} by "
                   f"arithmetic, {r['trained_parameters']:,} built")
     for case, t in out["cases"].items():
         print(f"\n{case}; batch {t['batch']} per device, {t['negatives']} hard negative; GiB:")
