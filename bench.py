@@ -1,5 +1,5 @@
 """
-Speed of MaxSim late interaction: kernels.maxsim against the naive einsum (colpali-engine's
+Speed of MaxSim late interaction: maxsim.maxsim against the naive einsum (colpali-engine's
 score_multi_vector: one einsum over (N_q, N_c, R_q, R_c), then max and sum), measured in the
 same run, with the machine's own measured peaks. On the CPU both of maxsim's paths are timed:
 'torch' (chunked BLAS) and 'C' (the fused kernel, maxsim.c); on a GPU 'torch' and 'triton'.
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from kernels import maxsim, maxsim_chunked
+from maxsim import maxsim, maxsim_chunked
 from metaembed import GROUPS
 
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 import data
-from kernels import maxsim, maxsim_topk
+from maxsim import maxsim, maxsim_topk
 from machinery import checks, index
 from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
 from metaembed import GROUPS, MetaEmbed, parse_budgets
@@ -135,7 +135,7 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
 
 def first_call(q, c, backend):
     """Scores one candidate before a budget is timed: on the CPU the first call of a class of
-    shapes may measure the dispatch (kernels.measured_choice), which is not scoring time."""
+    shapes may measure the dispatch (maxsim.measured_choice), which is not scoring time."""
     maxsim(q, c[0:1].to(q.device), backend=backend)
 
 
@@ -279,7 +279,7 @@ def evaluate(args):
     if run_dir:
         results["index_dir"] = run_dir
     for name, (scorer, task) in tasks.items():
-        # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: kernels.maxsim's choice)
+        # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: maxsim.maxsim's choice)
         res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
                           index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
                           backend=os.environ.get("METAEMBED_MAXSIM"))
@@ -293,7 +293,7 @@ def evaluate(args):
 
 def mteb_model(checkpoint_or_model, budget=(16, 64)):
     """An object mteb.evaluate(model, tasks) accepts (mteb 2.x's encoder protocol; MaxSim through
-    kernels.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
+    maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
     from machinery import mteb_adapter
     if isinstance(checkpoint_or_model, MetaEmbed):
         return mteb_adapter.MetaEmbedEncoder(checkpoint_or_model, budget)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 import torch
 
 import data
-from kernels import maxsim
+from maxsim import maxsim
 from machinery import checks
 from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
 from metaembed import matryoshka_groups, parse_budgets

@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import maxsim_pairwise, maxsim_reference
+from maxsim import maxsim_pairwise, maxsim_reference
 from machinery import backbones, checkpoints
 from machinery.checks import check_encode_inputs, check_groups
 

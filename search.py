@@ -29,7 +29,7 @@ import uuid
 
 import torch
 
-from kernels import maxsim, maxsim_topk
+from maxsim import maxsim, maxsim_topk
 from machinery import checks
 from machinery.backbones import max_text_tokens
 from machinery import index as on_disk

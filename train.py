@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data
 import evaluate
 from machinery import checkpoints, checks, distributed
-from machinery.backbones import BACKBONES, OFFLINE, image_key, is_offline
+from machinery.backbones import BACKBONES, OFFLINE, check_backbone, image_key, is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 
 # -----------------------------------------------------------------------------
@@ -35,7 +35,7 @@ from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 RECIPES = {
     # the offline default: tiny backbone, synthetic scenes, a few minutes on a laptop CPU
     "tiny": dict(steps=1200, batch_size=32, lr=2e-3, warmup=100, proj_dim=4, out="out/tiny-synthetic"),
-    # any real backbone: the paper's optimisation (--out must be given)
+    # any real backbone: the paper's optimisation (--out defaults to out/<backbone>-<data>)
     "real": dict(steps=4000, batch_size=48, lr=1e-4, warmup=500, proj_dim=0, out=None),
     # --recipe paper: what the official 7b_mrl.yaml sets (batch is per device: 48 x GPUs in all)
     "paper": dict(backbone="qwen2.5-vl-7b", mixture=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -107,7 +107,8 @@ def get_args(argv=None):
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--fsdp", action="store_true", help="shard the backbone across ranks (FSDP2)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", help="checkpoint folder (default: out/tiny-synthetic for tiny)")
+    g.add_argument("--out", help="checkpoint folder (default: out/tiny-synthetic for the offline default, "
+                   "out/metaembed-paper for --recipe paper, else out/<backbone>-<data>)")
     g.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (and at the end)")
     g.add_argument("--keep", type=int, default=2, help="checkpoints kept (older ones removed)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/latest")
@@ -125,8 +126,10 @@ def get_args(argv=None):
         given = [k for k, v in RECIPES[recipe].items() if getattr(args, k) != v]
         print(f"--recipe {recipe}: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in RECIPES[recipe].items()
                                                  if k not in given) + (f" (given: {', '.join(given)})" if given else ""))
-    if args.out is None:
-        p.error(f"--out is required for backbone {args.backbone!r}")
+    if args.out is None:  # out/<backbone>-<data>: a folder's or hub id's last part names the backbone
+        name = os.path.basename(os.path.normpath(args.backbone)) or "backbone"
+        data_name = os.path.splitext(os.path.basename(args.mixture))[0] if args.mixture else args.data
+        args.out = os.path.join("out", f"{name}-{data_name}")
     if args.data == "mmeb-train" and not args.subsets:
         p.error("--data mmeb-train needs --subsets (e.g. --subsets ImageNet_1K CIRR)")
     # every check that can be made before training starts is made here, not at the first checkpoint
@@ -324,6 +327,9 @@ def train(args):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
+    say(f"train.py: checkpoints go to {args.out}")
+    if not args.resume:  # one line, before --out is written, if the backbone cannot be had (a resumed run's
+        check_backbone(args.backbone)  # backbone is checked against the checkpoint's first)
     resume_from, used = checkpoints.prepare_out(args, world, master, say, ddp)
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp

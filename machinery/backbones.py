@@ -189,14 +189,56 @@ def looks_like_hub_id(path):
     return not (os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1)
 
 
+def hub_reachable(timeout=5.0):
+    """-> (reachable, host): whether the hub answers a connection (HF_HUB_OFFLINE=1: never asked)."""
+    import socket
+    from urllib.parse import urlparse
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host = url.hostname or "huggingface.co"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return False, host
+    try:
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=timeout).close()
+        return True, host
+    except OSError:
+        return False, host
+
+
+def require_hub(repo_id, kind="model"):
+    """A hub repo neither in the local cache nor reachable -> one line naming it and what to do
+    (instead of a minute of retries and a traceback from deep inside the hub client)."""
+    from huggingface_hub import try_to_load_from_cache
+    cached = try_to_load_from_cache(repo_id, "config.json" if kind == "model" else "README.md",
+                                    repo_type=kind)
+    if isinstance(cached, str):
+        return
+    reachable, host = hub_reachable()
+    if not reachable:
+        flag = "--backbone" if kind == "model" else "the same argument"
+        raise FileNotFoundError(f"{kind} '{repo_id}' is not in the local cache and the hub ({host}) cannot be "
+                                f"reached to fetch it: download it where the hub is reachable (hf download "
+                                f"{repo_id}{' --repo-type dataset' if kind == 'dataset' else ''} --local-dir DIR) "
+                                f"and pass {flag} DIR")
+
+
+def check_backbone(name):
+    """An alias, local folder or hub id -> what transformers loads; one line if it cannot be had
+    (called before anything is written, and by load_backbone)."""
+    if is_offline(name):
+        return name
+    name = BACKBONES.get(name, name)
+    if not os.path.isdir(name):
+        if not looks_like_hub_id(name):
+            raise ValueError(f"unknown backbone {name!r}: not an alias ({', '.join([*OFFLINE, *BACKBONES])}), "
+                             f"not a local folder, and not a hub id (owner/name)")
+        require_hub(name)
+    return name
+
+
 def load_backbone(name, dtype=None, attn_implementation="sdpa"):
     """A hub id or local folder -> (Qwen2-VL / Qwen2.5-VL base model, processor)."""
     from transformers import AutoModel, AutoTokenizer
-    aliases = ", ".join([*OFFLINE, *BACKBONES])
-    name = BACKBONES.get(name, name)
-    if not os.path.isdir(name) and not looks_like_hub_id(name):
-        raise ValueError(f"unknown backbone {name!r}: not an alias ({aliases}), not a local folder, "
-                         f"and not a hub id (owner/name)")
+    name = check_backbone(name)
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:
         backbone = AutoModel.from_pretrained(name, dtype=dtype or torch.bfloat16,

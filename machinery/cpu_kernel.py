@@ -108,7 +108,7 @@ def measured_choice(name):
         except ValueError:
             pass                                       # a damaged file is measured again
     if name not in choices:
-        from kernels import maxsim_chunked            # the torch path, timed against the kernel
+        from maxsim import maxsim_chunked            # the torch path, timed against the kernel
         q, c = _probe(name)
         fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths() if library(w) is not None}
         t_c = _time({**fns, "torch": functools.partial(maxsim_chunked, q, c)})
@@ -126,7 +126,7 @@ def measured_choice(name):
 
 
 def choose(q, c):
-    """-> (backend, width) for kernels.maxsim's auto path on the CPU: 'c' (with its measured
+    """-> (backend, width) for maxsim.maxsim's auto path on the CPU: 'c' (with its measured
     register width) or 'torch', where the kernel cannot take the input or did not build."""
     if not (can_take(q, c) and library() is not None):
         return "torch", None

@@ -3,15 +3,15 @@
 
        out[a, n] = sum_{i real} max_{j real} <q[a, i], c[n, j]>
 
-   Built and loaded by kernels.py (cc -O3 -march=native -fopenmp, ctypes). OpenMP threads split
-   the candidates (without OpenMP, kernels.py's Python threads do: ctypes drops the GIL).
+   Built and loaded by maxsim.py (cc -O3 -march=native -fopenmp, ctypes). OpenMP threads split
+   the candidates (without OpenMP, maxsim.py's Python threads do: ctypes drops the GIL).
 
    One source for both instruction sets: the kernel is written with GCC vector types of
    W = MAXSIM_W floats (8: one AVX2 register; 16: one AVX-512 register). Built with W = 16 on a
    CPU without AVX-512, the compiler runs each 16-float vector as two 8-float ones: the same
    code, so the tests check the AVX-512 kernel's logic on any x86 machine.
 
-   No score tensor is ever stored. kernels.py packs the real query vectors of all queries into
+   No score tensor is ever stored. maxsim.py packs the real query vectors of all queries into
    blocks of ROWS = 2W rows (nr rows in all) laid out (nr/ROWS, D, ROWS), so that one D step of
    a block is two registers, and gives each row its query (owner, -1 for padding). Per candidate the kernel
    walks its real vectors NB at a time (then NS = 4): for every d, broadcast c[j][d] for the NB
@@ -184,7 +184,7 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t nr, int64
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
     int lazy = ctype && nr == ROWS;
-    const float *col[4096 + NS];  /* r_c <= 4096: kernels._MAX_RC, checked there */
+    const float *col[4096 + NS];  /* r_c <= 4096: maxsim._MAX_RC, checked there */
     int64_t off[4096 + NS];
     for (int64_t n = n0; n < n1; n++) {
         int64_t J = 0;
@@ -232,7 +232,7 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t nr, int64
     return 0;
 }
 
-/* Query rows per packed block, for kernels.py's packing: 2 W. */
+/* Query rows per packed block, for maxsim.py's packing: 2 W. */
 int maxsim_rows(void) { return ROWS; }
 
 /* One piece of candidates [n0, n1) (see maxsim_c). */

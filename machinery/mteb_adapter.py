@@ -1,4 +1,4 @@
-"""MetaEmbed as an mteb 2.x encoder (late interaction, MaxSim through kernels.maxsim), so mteb's own
+"""MetaEmbed as an mteb 2.x encoder (late interaction, MaxSim through maxsim.maxsim), so mteb's own
 evaluator scores it the way the ViDoRe and MTEB leaderboards do, at any budget.
 
 mteb's ModelMeta.load_model wants torchvision for image models (the mteb[image] extra), and
@@ -12,7 +12,7 @@ import time
 import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
-from kernels import maxsim, maxsim_pairwise
+from maxsim import maxsim, maxsim_pairwise
 from machinery.backbones import image_key
 
 

@@ -4,7 +4,7 @@ import torch
 from PIL import Image
 
 from conftest import brute_maxsim
-from kernels import maxsim_reference
+from maxsim import maxsim_reference
 from metaembed import GROUPS, MetaEmbed, MetaEmbedConfig, format_prompt, matryoshka_loss, parse_budgets
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 import data
 import evaluate
-from kernels import maxsim
+from maxsim import maxsim
 from conftest import write_hub_repo
 
 
@@ -300,10 +300,10 @@ def test_corrupt_page_in_a_dataset_is_named(tmp_path, tiny):
 def test_maxsim_path_from_the_environment(monkeypatch, tmp_path):
     """METAEMBED_MAXSIM on the command line forces a MaxSim path (passed down as backend=), and a
     path that does not exist is one line, not a traceback."""
-    import kernels
+    import maxsim as maxsim_module
     from machinery import cpu_kernel
-    used, chunked, fused = [], kernels.maxsim_chunked, cpu_kernel.maxsim_c
-    monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
+    used, chunked, fused = [], maxsim_module.maxsim_chunked, cpu_kernel.maxsim_c
+    monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
     monkeypatch.setattr(cpu_kernel, "maxsim_c", lambda *a, **k: used.append("c") or fused(*a, **k))
     argv = ["--backbone", "tiny", "--synthetic-scenes", "4", "--budgets", "1,64", "--batch-size", "16"]
     for path in ("torch", "c") if cpu_kernel.library() is not None else ("torch",):

@@ -8,7 +8,7 @@ from PIL import Image
 
 import data
 import explain
-from kernels import maxsim
+from maxsim import maxsim
 
 
 def wide_scene():

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 import search
-from kernels import maxsim, maxsim_topk
+from maxsim import maxsim, maxsim_topk
 from metaembed import MetaEmbed
 
 

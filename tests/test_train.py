@@ -279,7 +279,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     assert abs((src[:60] == 1).mean() - 0.75) < 0.15
     # held-out P@1 at step 4, recomputed from the saved model: each source's 8 held-out queries
     # against its 8 positives, the argmax of the prefix MaxSim (then the mean over the two sources)
-    from kernels import maxsim_reference
+    from maxsim import maxsim_reference
     from metaembed import MetaEmbed
     model = MetaEmbed.from_pretrained(path)
     want = {}
@@ -313,3 +313,25 @@ def test_recipe_paper_sets_the_official_settings(capsys):
     with pytest.raises(ValueError, match="no path for ArxivQA, InfoSeek_it2it, InfoSeek_it2t, TAT-DQA, "
                                          "tevatron_colpali, visrag_ind"):
         train.data.load_mixture(args.mixture)
+
+
+def test_a_real_backbone_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
+    """The design card's `python train.py --backbone qwen2-vl-2b` on a machine with no hub: a default
+    --out (out/<backbone>-<data>), said at the start, and one line naming the model id and how to point
+    --backbone at a local folder, before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--backbone", "qwen2-vl-2b"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert "checkpoints go to out/qwen2-vl-2b-synthetic" in r.stdout
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and "Qwen/Qwen2-VL-2B-Instruct" in err[0] and "--backbone DIR" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_default_out_names_backbone_and_data():
+    assert train.get_args(["--backbone", "Qwen/Qwen2-VL-2B-Instruct", "--data", "colpali-train"]).out == \
+        os.path.join("out", "Qwen2-VL-2B-Instruct-colpali-train")
+    assert train.get_args(["--backbone", "/models/q2b/", "--mixture", "mixtures/paper.yaml"]).out == \
+        os.path.join("out", "q2b-paper")
+    assert train.get_args([]).out == "out/tiny-synthetic"

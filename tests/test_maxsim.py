@@ -1,12 +1,12 @@
-"""kernels.py: MaxSim reference, chunking and masks, the fused C and Triton kernels."""
+"""maxsim.py: MaxSim reference, chunking and masks, the fused C and Triton kernels."""
 import json
 
 import pytest
 import torch
 
 from conftest import brute_maxsim
-import kernels
-from kernels import maxsim, maxsim_chunked, maxsim_reference
+import maxsim as maxsim_module
+from maxsim import maxsim, maxsim_chunked, maxsim_reference
 from machinery import cpu_kernel, triton_kernel
 
 
@@ -73,7 +73,7 @@ def test_triton_on_the_cpu_says_why(monkeypatch):
         maxsim(torch.zeros(1, 2, 8), torch.zeros(3, 2, 8), backend="triton")
 
 
-# -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by kernels.py on first use) --------
+# -- the fused C kernel (maxsim.c, x86 with AVX2: compiled by maxsim.py on first use) --------
 
 def c_kernel_builds():
     return cpu_kernel.library() is not None
@@ -150,8 +150,8 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: tmp_path / "dispatch-abc123.json")
     # the C kernel (at each width) takes 2 s, torch 1 s
     monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch" else 2.0 for k in fns})
-    used, chunked = [], kernels.maxsim_chunked
-    monkeypatch.setattr(kernels, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
+    used, chunked = [], maxsim_module.maxsim_chunked
+    monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
     assert used == ["torch"] and cpu_kernel.regime(q, c) == "many-queries/multi/D<=256/fp32"
@@ -209,7 +209,7 @@ def fresh_build():
 
 
 def test_without_openmp_python_threads_split_the_work(monkeypatch, tmp_path, fresh_build):
-    """A compiler without OpenMP: the kernel is built without it and kernels.py's Python threads
+    """A compiler without OpenMP: the kernel is built without it and maxsim.py's Python threads
     split the candidates instead; the scores are the same."""
     c_kernel()
     cpu_kernel.library.cache_clear()
@@ -271,7 +271,7 @@ def test_triton_matches_reference(dtype, shape):
 
 
 def test_dispatch_and_topk(monkeypatch):
-    from kernels import maxsim_topk
+    from maxsim import maxsim_topk
     q, _ = ragged(3, 4, 8, 12)
     c, cm = ragged(40, 8, 8, 13)
     want = maxsim_reference(q, c, c_mask=cm)
@@ -346,7 +346,7 @@ def test_triton_casts_the_query_never_the_index(monkeypatch):
 
 
 def test_topk_with_k_larger_than_a_chunk():
-    from kernels import maxsim_topk
+    from maxsim import maxsim_topk
     q, _ = ragged(3, 4, 8, 35)
     c, _ = ragged(40, 8, 8, 36)
     want = maxsim_reference(q, c).topk(25, dim=1)
@@ -400,7 +400,7 @@ def test_c_kernel_covers_every_candidate_of_a_tile(width):
 def test_pairwise_scores_each_query_against_its_own_candidates():
     """maxsim_pairwise (the loss's hard negatives): s[b, k] = MaxSim(q_b, c_{b,k}), the diagonal
     blocks of the full B x B K matrix, computed without the rest."""
-    from kernels import maxsim_pairwise
+    from maxsim import maxsim_pairwise
     q, c = ragged(5, 3, 8, 70)[0], ragged(5 * 2, 4, 8, 71)[0].view(5, 2, 4, 8)
     want = torch.stack([brute_maxsim(q[b:b + 1], c[b])[0] for b in range(5)]).float()     # (B, K)
     torch.testing.assert_close(maxsim_pairwise(q, c), want, atol=1e-6, rtol=0)
