@@ -21,10 +21,10 @@ import time
 import torch
 
 import data
-from maxsim import maxsim, maxsim_topk
+from maxsim import maxsim, maxsim_pairwise, maxsim_topk
 from machinery import checks, index
-from machinery.checkpoints import DEFAULT_CHECKPOINT, load_model
-from metaembed import GROUPS, MetaEmbed, parse_budgets
+from machinery.checkpoints import DEFAULT_CHECKPOINT
+from metaembed import GROUPS, MetaEmbed, load_model, parse_budgets
 
 
 # -----------------------------------------------------------------------------
@@ -296,20 +296,20 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
     maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
     from machinery import mteb_adapter
     if isinstance(checkpoint_or_model, MetaEmbed):
-        return mteb_adapter.MetaEmbedEncoder(checkpoint_or_model, budget)
+        return mteb_adapter.MetaEmbedEncoder(checkpoint_or_model, (maxsim, maxsim_pairwise), budget)
     model, found = load_model(checkpoint_or_model, "evaluate.py")
-    return mteb_adapter.MetaEmbedEncoder(model, budget, name=f"metaembed/{os.path.basename(found)}",
+    return mteb_adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, name=f"metaembed/{os.path.basename(found)}",
                                          training_datasets=mteb_adapter.training_datasets(found))
 
 
 def evaluate_mteb(args, model, source, budgets, dtype):
-    """--mteb NAME: mteb's own evaluator at every budget from one encoding (machinery/mteb_adapter.py),
+    """--mteb NAME: mteb's own evaluator at every budget from one encoding (machinery/mteb_adapter.py, given maxsim),
     its results layout under --mteb-results/<budget>/; the project's table and plot over them."""
     try:
         from machinery import mteb_adapter
     except ImportError:
         raise ValueError("--mteb needs mteb: pip install 'mteb>=2.26,<3'") from None
-    results = mteb_adapter.evaluate_for_table(model, source, args.mteb, budgets, args.mteb_results)
+    results = mteb_adapter.evaluate_for_table(model, (maxsim, maxsim_pairwise), source, args.mteb, budgets, args.mteb_results)
     results["summary"] = summarise(results, budgets, "NDCG@5", model.dim, 4, n_candidates=0)
     return results
 

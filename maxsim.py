@@ -130,7 +130,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
     command-line tools pass METAEMBED_MAXSIM here)."""
     width = None
     if backend is None:
-        backend, width = ("triton", None) if q.is_cuda else cpu_kernel.choose(q, c)
+        backend, width = ("triton", None) if q.is_cuda else cpu_kernel.choose(q, c, maxsim_chunked)
     if backend == "torch":
         return maxsim_chunked(q, c, q_mask, c_mask)
     if backend == "c":

@@ -12,6 +12,7 @@ Interaction", arXiv 2509.18095. Read top to bottom, in the paper's order:
 Backbones, images, checkpoints' files and input checks live in machinery/.
 """
 import functools
+import os
 import re
 from dataclasses import asdict, dataclass, field
 
@@ -353,3 +354,13 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
         losses.append(F.cross_entropy(logits / temperature, labels))      # InfoNCE_g
     total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
     return (total, torch.stack(losses)) if return_groups else total
+
+
+def load_model(path, tool, hint=""):
+    """A command-line tool's model: the checkpoint at `path` (or the newest in a train.py --out
+    folder) -> (MetaEmbed, the checkpoint folder). Fallbacks are said on stderr as `tool`."""
+    import sys
+
+    hint = f": run `python train.py` first{hint}" if os.path.normpath(path) == os.path.normpath(checkpoints.DEFAULT_CHECKPOINT) else ""
+    found = checkpoints.resolve_checkpoint(path, log=lambda m: print(f"{tool}: {m}", file=sys.stderr), hint=hint)
+    return MetaEmbed.from_pretrained(found), found

@@ -322,6 +322,64 @@ class Log:
                 x.close()
 
 
+# -----------------------------------------------------------------------------
+# the output folder: resume, refuse changed settings, overwrite
+
+# Settings a resumed run may change (they decide where and how things run, not what is computed);
+# any other must match the checkpoint's train_args.json.
+# GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
+# LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
+SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk"}
+
+
+def check_resume(settings, path):
+    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
+    order; settings: this run's, world_size included. -> the settings actually in force (the
+    checkpoint's, plus what may change)."""
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("world_size", settings["world_size"])        # checkpoints from before it was recorded
+    diff = {k: (saved[k], settings[k]) for k in saved
+            if k in settings and k not in SAFE_TO_CHANGE and saved[k] != settings[k]}
+    if diff:
+        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
+                         for k, (a, b) in diff.items())
+        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
+                         f"resume with the same ones (only "
+                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"may change), or train afresh into another --out")
+    if saved.get("grad_cache_chunk", 0) != settings.get("grad_cache_chunk", 0):
+        print(f"--resume: --grad-cache-chunk {saved.get('grad_cache_chunk', 0)} -> {settings['grad_cache_chunk']}: the "
+              f"same gradients; with LoRA, dropout masks are drawn per chunk, so the run will not repeat an "
+              f"uninterrupted one exactly")
+    return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
+
+
+def prepare_out(args, world, master, say, ddp=False):
+    """train.py's set-up of --out: check --out and --log-file, find the checkpoint to resume from, clear old ones on
+    --overwrite. -> (checkpoint or None, the settings in force)."""
+    checks.writable_dir(checks.refuse, "--out", args.out)
+    if args.log_file:
+        checks.writable_file(checks.refuse, "--log-file", args.log_file)
+    resume_from = checkpoints.latest_checkpoint(args.out, checkpoints.TRAIN_FILES, log=say) if args.resume else None
+    settings = {**vars(args), "world_size": world}
+    used = check_resume(settings, resume_from) if resume_from else settings
+    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
+    distributed.barrier(ddp)  # every rank has looked before anything is removed
+    if stale:
+        if not args.overwrite:
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
+                             f"--overwrite to start afresh, or another --out")
+        if master:
+            checkpoints.clear_checkpoints(args.out)
+        distributed.barrier(ddp)
+    if args.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
+    return resume_from, used
+
+
+
 def train(args):
     ddp, rank, world, local, device = distributed.setup()
     master = rank == 0
@@ -330,7 +388,7 @@ def train(args):
     say(f"train.py: checkpoints go to {args.out}")
     if not args.resume:  # one line, before --out is written, if the backbone cannot be had (a resumed run's
         check_backbone(args.backbone)  # backbone is checked against the checkpoint's first)
-    resume_from, used = checkpoints.prepare_out(args, world, master, say, ddp)
+    resume_from, used = prepare_out(args, world, master, say, ddp)
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp
     net, params = distributed.distribute(model, ddp, local, device, fsdp, args.grad_checkpointing)

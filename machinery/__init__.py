@@ -1,4 +1,5 @@
-"""The machinery beside the paper's files: what MetaEmbed needs to run, but not what it is.
+"""The machinery, below the paper's files: what MetaEmbed needs to run, but not what it is. It
+imports nothing from the layers above (the paper at the root, the applications in apps/ and bench/).
 
     backbones     aliases, the offline `tiny` Qwen2-VL built in code, loading, LoRA, images
     checkpoints   integrity checks, latest / resolve, atomic writes, optimizer state, pruning, resume
@@ -6,8 +7,7 @@
     cpu_kernel    the fused C MaxSim kernel (maxsim.c): build, self-check, measured dispatch
     triton_kernel the fused Triton MaxSim kernel (CUDA; TRITON_INTERPRET=1 on the CPU for tests)
     hub           MMEB / ViDoRe / training sets through `datasets`, the official mixture
-    index         the one on-disk index format (search.py and evaluate.py --index-dir)
-    serve         search.py serve: the HTTP server and its page (search_page.html)
-    mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model)
+    index         the one on-disk index format (evaluate.py --index-dir and apps/search_index.py)
+    mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model; MaxSim given by the caller)
     checks        argument, path and input checks: one line that names the problem
 """

@@ -247,7 +247,8 @@ def load_backbone(name, dtype=None, attn_implementation="sdpa"):
         image_processor = image_processor_class().from_pretrained(name)
     except OSError as e:
         raise FileNotFoundError(f"could not load backbone '{name}': {e}. Use a hub id you can reach, a local "
-                                f"folder holding its files, or an alias ({aliases}; the tiny ones are offline)") from None
+                                f"folder holding its files, or an alias ({', '.join([*OFFLINE, *BACKBONES])}; the tiny ones "
+                                f"are offline)") from None
     try:
         family_of(backbone)
     except ValueError as e:

@@ -99,19 +99,22 @@ def _time(fns, repeats=3):
 choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "width": 8 or 16, ...}
 
 
-def measured_choice(name):
+def measured_choice(name, torch_path=None):
     """The fastest CPU path for a regime, measured once per machine and kept on disk;
-    -> (backend 'c' or 'torch', the record: timings, the C kernel's register width, the probe)."""
+    -> (backend 'c' or 'torch', the record: timings, the C kernel's register width, the probe).
+    torch_path: the torch path timed against the kernel (maxsim.maxsim_chunked, given by maxsim.py:
+    the machinery imports nothing above it); needed only when the regime is not measured yet."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
             choices.update(json.loads(dispatch_file().read_text()))
         except ValueError:
             pass                                       # a damaged file is measured again
     if name not in choices:
-        from maxsim import maxsim_chunked            # the torch path, timed against the kernel
+        if torch_path is None:
+            raise ValueError(f"regime {name} is not measured yet: pass the torch path to time the kernel against")
         q, c = _probe(name)
         fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths() if library(w) is not None}
-        t_c = _time({**fns, "torch": functools.partial(maxsim_chunked, q, c)})
+        t_c = _time({**fns, "torch": functools.partial(torch_path, q, c)})
         t_torch = t_c.pop("torch")
         width = min(t_c, key=t_c.get)
         choices[name] = {"C_ms": 1e3 * t_c[width], "torch_ms": 1e3 * t_torch, "width": width,
@@ -125,12 +128,12 @@ def measured_choice(name):
     return choices[name]["winner"], choices[name]
 
 
-def choose(q, c):
+def choose(q, c, torch_path):
     """-> (backend, width) for maxsim.maxsim's auto path on the CPU: 'c' (with its measured
     register width) or 'torch', where the kernel cannot take the input or did not build."""
     if not (can_take(q, c) and library() is not None):
         return "torch", None
-    backend, record = measured_choice(regime(q, c))
+    backend, record = measured_choice(regime(q, c), torch_path)
     return backend, record.get("width")
 
 

@@ -12,18 +12,19 @@ import time
 import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
-from maxsim import maxsim, maxsim_pairwise
 from machinery.backbones import image_key
 
 
 class MetaEmbedEncoder:
     """mteb's EncoderProtocol: encode() -> (N, r, D) at the budget (queries r_q vectors, documents
     r_c), similarity() = MaxSim. `cache` (shared between encoders of other budgets) holds each
-    input's full (R, D) embedding, so every budget is served by one encoding."""
+    input's full (R, D) embedding, so every budget is served by one encoding. maxsim: the pair
+    (maxsim, maxsim_pairwise) of maxsim.py, given by the caller (the machinery imports nothing above it)."""
 
-    def __init__(self, model, budget=(16, 64), cache=None, name=None, training_datasets=None, batch_size=16):
+    def __init__(self, model, maxsim, budget=(16, 64), cache=None, name=None, training_datasets=None, batch_size=16):
         from mteb.models.model_meta import ModelMeta, ScoringFunction
         self.model, self.budget, self.batch_size = model, tuple(budget), batch_size
+        self.maxsim, self.maxsim_pairwise = maxsim
         self.cache = {} if cache is None else cache
         self.encoded = 0                                # inputs actually run through the model
         self.mteb_model_meta = ModelMeta(
@@ -57,10 +58,10 @@ class MetaEmbedEncoder:
         return torch.stack([self.cache[k][:r] for k in keys])           # (N, r, D)
 
     def similarity(self, a, b):
-        return maxsim(torch.as_tensor(a).float(), torch.as_tensor(b).float())
+        return self.maxsim(torch.as_tensor(a).float(), torch.as_tensor(b).float())
 
     def similarity_pairwise(self, a, b):
-        return maxsim_pairwise(torch.as_tensor(a).float(), torch.as_tensor(b).float()[:, None])[:, 0]
+        return self.maxsim_pairwise(torch.as_tensor(a).float(), torch.as_tensor(b).float()[:, None])[:, 0]
 
 
 def training_datasets(checkpoint):
@@ -76,20 +77,20 @@ def training_datasets(checkpoint):
     return {"MMEB-train/" + s for s in args.get("subsets") or []} or {args.get("data", "synthetic")}
 
 
-def run(model, tasks, budgets, out_dir, name=None, trained_on=None):
+def run(model, maxsim, tasks, budgets, out_dir, name=None, trained_on=None):
     """mteb.evaluate at every budget from one encoding; each budget's results in mteb's own layout
     under out_dir/<budget>/. -> {budget: {task name: {main score and ndcg_at_5 ...}}}."""
     from mteb.cache import ResultCache
     cache, out = {}, {}
     for rq, rc in budgets:
-        enc = MetaEmbedEncoder(model, (rq, rc), cache, name, trained_on)
+        enc = MetaEmbedEncoder(model, maxsim, (rq, rc), cache, name, trained_on)
         result = mteb.evaluate(enc, tasks, cache=ResultCache(os.path.join(out_dir, f"{rq}x{rc}")),
                                overwrite_strategy="always", show_progress_bar=False)
         out[f"{rq}x{rc}"] = {r.task_name: next(iter(r.scores.values()))[0] for r in result.task_results}
     return out
 
 
-def evaluate_for_table(model, source, name, budgets, out_dir):
+def evaluate_for_table(model, maxsim, source, name, budgets, out_dir):
     """evaluate.py --mteb: an mteb benchmark or task by name, at every budget -> evaluate.py's
     results dict (tasks x budgets, headline NDCG@5)."""
     try:
@@ -101,7 +102,7 @@ def evaluate_for_table(model, source, name, budgets, out_dir):
             raise ValueError(f"--mteb {name}: neither an mteb benchmark nor a task ({str(e)[:200]})") from None
     t = time.time()
     folder = source if os.path.isdir(str(source)) else None
-    scores = run(model, tasks, budgets, out_dir, f"metaembed/{os.path.basename(str(source))}", training_datasets(folder))
+    scores = run(model, maxsim, tasks, budgets, out_dir, f"metaembed/{os.path.basename(str(source))}", training_datasets(folder))
     results = {"model": source, "benchmark": f"mteb {name}", "device": str(model.device), "dim": model.dim,
                "index_dtype": "float32", "budgets": [f"{a}x{b}" for a, b in budgets], "headline": "NDCG@5",
                "mteb_results": out_dir,

@@ -120,7 +120,7 @@ def test_the_memory_tables_formulas_count_what_is_built_and_kept(family, tmp_pat
     """bench.layer_bytes_per_token (the per-device memory table's recompute term) against the bytes
     a LoRA'd bf16 decoder layer really saves for backward, without checkpointing (one layer more);
     the trained and per-layer parameter counts against the model's."""
-    import bench
+    from bench import memory as bench
     import data
     kept = []
     for layers in (1, 2):

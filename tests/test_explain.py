@@ -8,7 +8,9 @@ from PIL import Image
 
 import data
 import explain
+from apps import attention
 from maxsim import maxsim
+from metaembed import load_model
 
 
 def wide_scene():
@@ -22,7 +24,7 @@ def wide_scene():
 def test_grid_follows_the_models_own_positions(tiny):
     """Visual token k sits at (k // cols, k % cols): the same cell as its M-RoPE height and width."""
     inputs = tiny.prepare([""], [wide_scene()], "candidate")
-    positions, (rows, cols) = explain.visual_grid(tiny, inputs)
+    positions, (rows, cols) = attention.visual_grid(tiny, inputs)
     assert (rows, cols) == (2, 4) and len(positions) == 8
     mrope, _ = tiny.base_model().get_rope_index(inputs["input_ids"], mm_token_type_ids=inputs["mm_token_type_ids"],
                                                 image_grid_thw=inputs["image_grid_thw"],
@@ -37,7 +39,7 @@ def test_maps_are_the_backbones_output_attentions(tiny, monkeypatch):
     visual tokens, read here from the backbone's own output_attentions; its sum is at most 1."""
     language = tiny.base_model().language_model
     before = language.config._attn_implementation
-    res = explain.explain(tiny, wide_scene())
+    res = attention.explain(tiny, wide_scene())
     assert language.config._attn_implementation == before == "sdpa"          # restored
     seen, forward = [], tiny.backbone.forward
 
@@ -53,7 +55,7 @@ def test_maps_are_the_backbones_output_attentions(tiny, monkeypatch):
             tiny.embed(inputs, "candidate")
     finally:
         tiny.backbone.set_attn_implementation(before)
-    positions, _ = explain.visual_grid(tiny, inputs)
+    positions, _ = attention.visual_grid(tiny, inputs)
     want = seen[0][0, :, -tiny.config.num_candidate_tokens:][:, :, positions].float().mean(0).view(-1, 2, 4)
     torch.testing.assert_close(res["maps"], want, atol=1e-6, rtol=0)
     sums = res["maps"].flatten(1).sum(1)
@@ -72,7 +74,7 @@ def test_uniform_attention_is_a_flat_map_of_known_value():
         for proj in (attn.q_proj, attn.k_proj):
             proj.weight.zero_()
             proj.bias.zero_()
-    maps = explain.explain(m, wide_scene())["maps"]                           # (64, 2, 4)
+    maps = attention.explain(m, wide_scene())["maps"]                           # (64, 2, 4)
     flat = maps.flatten(1)
     torch.testing.assert_close(flat, flat[:, :1].expand_as(flat), atol=1e-7, rtol=0)
     inverse = 1 / flat[:, 0].double()
@@ -83,7 +85,7 @@ def test_attribution_sums_to_maxsim(tiny):
     scene = data.synthetic_scene("eval", 3)
     image = data.render(scene)
     for budget in ((1, 1), (2, 4), (16, 64)):
-        q = explain.explain(tiny, image, query=data.caption(scene), budget=budget)["query"]
+        q = attention.explain(tiny, image, query=data.caption(scene), budget=budget)["query"]
         E_q = tiny.encode_queries([data.caption(scene)])
         E_c = tiny.encode_candidates([""], [image])
         assert len(q["winner"]) == budget[0] and q["budget"] == list(budget)
@@ -110,7 +112,7 @@ def test_cli_json_figure_and_bad_input(tiny_checkpoint, tmp_path, capsys):
         with pytest.raises(SystemExit, match=said):
             explain.main(["--checkpoint", tiny_checkpoint, *argv])
     with pytest.raises(ValueError, match="has no image: there is nothing to map"):
-        explain.explain(explain.load_model(tiny_checkpoint, "t")[0], None, "a text-only candidate")
+        attention.explain(load_model(tiny_checkpoint, "t")[0], None, "a text-only candidate")
 
 
 def test_a_hub_layout_qwen2_5_vl_folder(tmp_path):
@@ -121,6 +123,6 @@ def test_a_hub_layout_qwen2_5_vl_folder(tmp_path):
     save_hub_layout_backbone(tmp_path / "q25", "qwen2_5_vl")
     model = MetaEmbed.from_backbone(str(tmp_path / "q25"), num_query_tokens=4, num_candidate_tokens=8)
     assert model.base_model().config.model_type == "qwen2_5_vl" and model.config.lora
-    res = explain.explain(model, wide_scene(), query="red", budget=(2, 4))
+    res = attention.explain(model, wide_scene(), query="red", budget=(2, 4))
     assert res["grid"] == [2, 4] and res["maps"].shape == (8, 2, 4)
     assert bool((res["maps"].flatten(1).sum(1) <= 1 + 1e-3).all())

@@ -12,6 +12,7 @@ from PIL import Image
 import data
 import evaluate
 import search
+from apps import search_index
 import train
 from conftest import write_hub_repo
 from metaembed import MetaEmbed
@@ -48,7 +49,7 @@ def fails(argv, said, tool=search.main):
 def test_a_resumed_index_refuses_another_checkpoint(two_checkpoints, tmp_path, monkeypatch):
     a, b = two_checkpoints
     pics = pictures(tmp_path / "pics")
-    monkeypatch.setattr(search, "SHARD", 4)
+    monkeypatch.setattr(search_index, "SHARD", 4)
     real, calls = MetaEmbed.encode_candidates, []
 
     def crash_on_second_shard(self, *args, **kw):
@@ -91,7 +92,7 @@ def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp
     search.main(["push", "--index", other, "--qdrant", where, "--overwrite"])
     fails(["query", "--index", scenes, "--qdrant", where, "red"], "holds another index")
     search.main(["push", "--index", scenes, "--qdrant", where, "--overwrite"])
-    client = search.qdrant_client(where)
+    client = search_index.qdrant_client(where)
     from qdrant_client import models
     client.delete("metaembed", models.PointIdsList(points=list(range(40))))      # an upload cut short
     client.close()
@@ -106,18 +107,18 @@ def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp
 
 
 def test_qdrant_batches_skipped_whole_and_first_budgets(scenes, tmp_path):
-    index = search.Index(scenes)
+    index = search_index.Index(scenes)
     index.skipped = set(range(4))                             # a whole batch of 4 skipped: nothing to send
-    client = search.qdrant_client(str(tmp_path / "q"))
-    search.to_qdrant(index, client, batch=4)
+    client = search_index.qdrant_client(str(tmp_path / "q"))
+    search_index.to_qdrant(index, client, batch=4)
     assert client.count("metaembed", exact=True).count == index.N - 4
-    index = search.Index(scenes)
+    index = search_index.Index(scenes)
     client.delete_collection("metaembed")
-    search.to_qdrant(index, client)
+    search_index.to_qdrant(index, client)
     model = search.load_model(index.meta["checkpoint"])
     q = model.encode_queries(["red top left, blue center"])
     for first in ((1, 1), (4, 8)):                            # 9. the cheap stage at the budget given
-        hits = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, first=first, depth=10)
+        hits = search_index.qdrant_search(client, q[0].numpy(), (16, 64), 3, first=first, depth=10)
         s, i = index.search(q, (16, 64), k=3, first=first, depth=10)
         assert [j for _, j in hits] == i[0].tolist(), first
         assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
@@ -151,7 +152,7 @@ def test_vidore_sets_with_one_folder_name_are_two_columns(tmp_path, tiny_checkpo
 
 # 6. index files are checked
 def test_damaged_index_files_are_named(scenes, tmp_path, capsys):
-    assert search.verify(scenes) == []
+    assert search_index.verify(scenes) == []
     bad = str(tmp_path / "nan")
     shutil.copytree(scenes, bad)
     group = np.memmap(os.path.join(bad, "group-0-1.bin"), dtype=np.float32, mode="r+")
@@ -160,7 +161,7 @@ def test_damaged_index_files_are_named(scenes, tmp_path, capsys):
     for budget in ("1x1", "16x64"):
         fails(["query", "--index", bad, "red", "--budget", budget, "-k", "48"], r"item\(s\) 5 .* NaN or inf .*verify")
     fails(["query", "--index", bad, "red", "--first", "1x1", "--depth", "48", "-k", "48"], r"item\(s\) 5 ")
-    problems = search.verify(bad)
+    problems = search_index.verify(bad)
     assert any("group-0-1.bin does not match its checksum" in p for p in problems)
     assert any("1 item(s) hold NaN or inf: 5 (" in p for p in problems)
     fails(["verify", bad], "failed verification")
@@ -225,7 +226,7 @@ def test_texts_inputs(two_checkpoints, tmp_path, capsys):
                                          + json.dumps({"id": "long", "text": "red blue " * 4000}).encode() + b"\n")
     search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "bom"), "--texts", str(tmp_path / "bom.jsonl")])
     assert "1 text(s) longer than the model's 3952 text tokens were cut to fit" in capsys.readouterr().err
-    assert [it["id"] for it in search.Index(tmp_path / "bom").items] == ["x", "long"]
+    assert [it["id"] for it in search_index.Index(tmp_path / "bom").items] == ["x", "long"]
 
 
 # 13. --pdf, --out, Ctrl-C
@@ -243,7 +244,7 @@ def test_pdf_inputs_and_out(two_checkpoints, tmp_path, capsys):
     search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "pdf"), "--pdf", str(docs)])
     said = capsys.readouterr().out
     assert "skipped " + str(docs / "fake.pdf") + ": not a readable PDF" in said
-    index = search.Index(tmp_path / "pdf")
+    index = search_index.Index(tmp_path / "pdf")
     assert "good.pdf#p1" in [it["id"] for it in index.items if not it.get("skipped")]
     assert f"skipped item 2 ({docs / 'short.pdf'} page 2): cannot decode image: page 2 of" in said   # the /Count's ghosts
     (tmp_path / "a-file").write_text("x")
@@ -263,14 +264,14 @@ def test_image_folders(two_checkpoints, tmp_path, capsys):
     g16 = np.linspace(0, 30000, 40 * 40).astype(np.uint16).reshape(40, 40)
     Image.fromarray(g16).save(pics / "scan16.png")
     Image.fromarray(np.full((40, 40), 0.5, dtype=np.float32)).save(pics / "half.tiff")
-    items = search.image_files(str(pics))
+    items = search_index.image_files(str(pics))
     assert [i for i, _, _, _ in items] == ["half.tiff", "linked/p0.png", "linked/p1.png", "p0.png", "p1.png", "p2.png",
                                            "scan16.png"]
     from machinery.backbones import load_image
     assert load_image(str(pics / "half.tiff")).getpixel((3, 3)) == (128, 128, 128)       # not black
     assert np.asarray(load_image(str(pics / "scan16.png"))).max() == round(30000 / 65535 * 255)   # not white
     search.main(["index", "--checkpoint", a, "--out", str(tmp_path / "idx"), "--images", str(pics)])
-    assert search.Index(tmp_path / "idx").N == 7
+    assert search_index.Index(tmp_path / "idx").N == 7
 
 
 # 16. messages

@@ -19,3 +19,63 @@ def test_no_root_module_shadows_an_installed_package():
     clashes = [f"{m}.py / {m}/ shadows the package of {', '.join(installed[m])}"
                for m in root_modules() if m in installed]
     assert not clashes, "; ".join(clashes)
+
+
+# -- three layers, each importing only downward ----------------------------------------------------
+# 0 the machinery (machinery/), 1 the paper (the card's five root files), 2 the applications (apps/,
+# bench/, and the command lines search.py and explain.py). A module may import its own layer or below.
+PAPER = ("metaembed", "maxsim", "train", "evaluate", "data")
+
+
+def layer_of(module):
+    top = module.split(".")[0]
+    return 0 if top == "machinery" else 1 if top in PAPER else 2 if top in ("apps", "bench", "search", "explain") \
+        else None
+
+
+def project_imports(root=ROOT):
+    """-> {module: {project modules it imports, at any depth of its code}} for every project file."""
+    import ast
+    found = {}
+    for folder in (".", "machinery", "apps", "bench"):
+        for f in sorted(os.listdir(os.path.join(root, folder))):
+            if not f.endswith(".py"):
+                continue
+            name = f[:-3] if folder == "." else f"{folder}.{f[:-3]}".replace(".__init__", "")
+            tree = ast.parse(open(os.path.join(root, folder, f)).read())
+            deps = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    deps |= {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    deps |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+            found[name] = {d for d in deps if layer_of(d) is not None and d != name}
+    return {m: {d for d in deps if d in found or d.split(".")[0] in PAPER} for m, deps in found.items()}
+
+
+def test_layers_import_only_downward():
+    ups = [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+           for m, deps in project_imports().items() for d in sorted(deps) if layer_of(d) > layer_of(m)]
+    assert not ups, "; ".join(ups)
+
+
+def test_no_import_cycles():
+    graph = project_imports()
+    def cycle_from(start):
+        stack = [(start, [start])]
+        while stack:
+            node, path = stack.pop()
+            for d in graph.get(node, ()):
+                if d == start:
+                    return path + [d]
+                if d not in path:
+                    stack.append((d, path + [d]))
+    cycles = [" -> ".join(c) for c in map(cycle_from, graph) if c]
+    assert not cycles, "; ".join(cycles)
+
+
+def test_the_layer_checks_can_fail():
+    """The checks above see a real upward import and a real cycle (not an empty graph)."""
+    graph = project_imports()
+    assert "maxsim" in graph["metaembed"] and "machinery.cpu_kernel" in graph["maxsim"]
+    assert layer_of("machinery.cpu_kernel") < layer_of("maxsim") < layer_of("apps.search_index")

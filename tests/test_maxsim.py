@@ -159,7 +159,7 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     assert kept["many-queries/multi/D<=256/fp32"]["winner"] == "torch"
     monkeypatch.setattr(cpu_kernel, "choices", {})
     monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: pytest.fail("measured again"))
-    assert cpu_kernel.measured_choice("many-queries/multi/D<=256/fp32")[0] == "torch"
+    assert cpu_kernel.measured_choice("many-queries/multi/D<=256/fp32", maxsim_chunked)[0] == "torch"
     used.clear()
     maxsim(q, c, backend="c")                  # backend= still forces a path
     assert used == []
@@ -176,7 +176,7 @@ def test_dispatch_picks_the_faster_register_width(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_kernel, "maxsim_c", lambda *a, width=None, **k: used.append(width) or real(*a, width=width, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
-    record = cpu_kernel.measured_choice(cpu_kernel.regime(q, c))[1]
+    record = cpu_kernel.measured_choice(cpu_kernel.regime(q, c), maxsim_chunked)[1]
     assert (record["winner"], record["width"], record["C16_ms"], record["C8_ms"]) == ("c", 8, 3e3, 1e3)
     assert used == [8]
 
@@ -420,5 +420,5 @@ def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
         f.write("5")
     status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])  # noqa: E731
     base = status("VmRSS")
-    cpu_kernel.measured_choice("one-query/rc1/D>256/16bit")
+    cpu_kernel.measured_choice("one-query/rc1/D>256/16bit", maxsim_chunked)
     assert (status("VmHWM") - base) * 1024 < 512 << 20

@@ -12,6 +12,8 @@ from mteb.abstasks.retrieval import AbsTaskRetrieval  # noqa: E402
 from mteb.abstasks.retrieval_dataset_loaders import RetrievalSplitData  # noqa: E402
 from mteb.abstasks.task_metadata import TaskMetadata  # noqa: E402
 
+from maxsim import maxsim, maxsim_pairwise  # noqa: E402
+
 TASK = data.synthetic_eval(10, n_variants=2)["t2i"]      # 10 captions against 30 scenes (and one-change variants)
 
 
@@ -39,7 +41,7 @@ def test_mteb_scores_as_evaluate_does_at_every_budget(tiny, tmp_path):
     cache = {}
     got = {}
     for rq, rc in budgets:
-        enc = mteb_adapter.MetaEmbedEncoder(tiny, (rq, rc), cache)
+        enc = mteb_adapter.MetaEmbedEncoder(tiny, (maxsim, maxsim_pairwise), (rq, rc), cache)
         result = mteb.evaluate(enc, [LocalScenes()], cache=mteb.cache.ResultCache(tmp_path / f"{rq}x{rc}"),
                                overwrite_strategy="always", show_progress_bar=False)
         got[f"{rq}x{rc}"] = next(iter(result.task_results[0].scores.values()))[0]["ndcg_at_5"]

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import search
+from apps import search_index
 from maxsim import maxsim, maxsim_topk
 from metaembed import MetaEmbed
 
@@ -24,14 +25,14 @@ def scenes(ckpt, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("idx") / "scenes")
     search.main(["index", "--checkpoint", ckpt, "--out", out, "--synthetic-scenes", "12"])
     model = search.load_model(ckpt)
-    items, _ = search.list_items(search.get_args(["index", "--out", out, "--synthetic-scenes", "12"]))
+    items, _ = search_index.list_items(search.get_args(["index", "--out", out, "--synthetic-scenes", "12"]))
     full = model.encode_candidates(["" for _ in items], [im for _, _, im, _ in items])   # D = 8: a float32 index
     return out, model, full
 
 
 def test_grouped_layout_reads_only_its_budget(scenes):
     out, model, full = scenes
-    index = search.Index(out)
+    index = search_index.Index(out)
     assert index.bounds == [(0, 1), (1, 4), (4, 8), (8, 16), (16, 64)] and index.N == len(full) == 48
     total = sum(os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) for a, b in index.bounds)
     assert index.meta["dtype"] == "float32"                                     # under D = 128 (machinery.index)
@@ -47,7 +48,7 @@ def test_grouped_layout_reads_only_its_budget(scenes):
 
 def test_search_equals_exhaustive_and_cascade(scenes):
     out, model, full = scenes
-    index = search.Index(out)
+    index = search_index.Index(out)
     q = model.encode_queries(["red top left, blue center", "green bottom right"])
     for budget in ((1, 1), (2, 4), (16, 64)):
         s, i = index.search(q, budget, k=5)
@@ -102,7 +103,7 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
     for i in range(10):
         Image.new("RGB", (40, 40), (25 * i, 0, 200 - 20 * i)).save(pics / ("sub" if i % 2 else ".") / f"p{i}.png")
     (pics / "broken.png").write_bytes(b"\x89PNG not really")
-    monkeypatch.setattr(search, "SHARD", 4)
+    monkeypatch.setattr(search_index, "SHARD", 4)
     real = MetaEmbed.encode_candidates
     calls = []
 
@@ -123,7 +124,7 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
     assert "skipped item 0 (" in capsys.readouterr().out and "broken.png" in (out / "skipped.jsonl").read_text()
     fresh = tmp_path / "fresh"
     search.main(["index", "--checkpoint", ckpt, "--out", str(fresh), "--images", str(pics)])
-    a, b = search.Index(out), search.Index(fresh)
+    a, b = search_index.Index(out), search_index.Index(fresh)
     assert torch.equal(a.budget(64)[0:11], b.budget(64)[0:11]) and a.skipped == b.skipped == {0}
     res = search.main(["query", "--index", str(out), "--image", str(pics / "p4.png"), "-k", "11", "--json"])
     assert len(res) == 10 and "broken.png" not in [r["id"] for r in res]      # never returned
@@ -134,7 +135,7 @@ def test_texts_and_pdf(ckpt, tmp_path):
     texts = tmp_path / "t.jsonl"
     texts.write_text("\n".join(json.dumps({"id": f"t{i}", "text": f"note number {i}"}) for i in range(5)) + "\n")
     search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "ti"), "--texts", str(texts)])
-    assert [it["id"] for it in search.Index(tmp_path / "ti").items] == [f"t{i}" for i in range(5)]
+    assert [it["id"] for it in search_index.Index(tmp_path / "ti").items] == [f"t{i}" for i in range(5)]
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\n')
     with pytest.raises(SystemExit, match="line 1: expected a JSON object with 'text'"):
         search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "tb"), "--texts", str(tmp_path / "bad.jsonl")])
@@ -143,29 +144,29 @@ def test_texts_and_pdf(ckpt, tmp_path):
     for w, h in ((612, 792), (842, 595)):
         pdf.new_page(w, h)
     pdf.save(str(tmp_path / "doc.pdf"))
-    items, _ = search.pdf_pages(str(tmp_path / "doc.pdf"), max_pixels=112 * 112)
+    items, _ = search_index.pdf_pages(str(tmp_path / "doc.pdf"), max_pixels=112 * 112)
     assert [i for i, _, _, _ in items] == ["doc.pdf#p1", "doc.pdf#p2"]
     page = items[1][2]()
     assert page.width > page.height and page.width * page.height <= 112 * 112 * 1.05   # fits the model's cap
     search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "pi"), "--pdf", str(tmp_path)])
-    assert search.Index(tmp_path / "pi").N == 2
+    assert search_index.Index(tmp_path / "pi").N == 2
 
 
 def test_qdrant_local_mode_matches_exhaustive_search(scenes, tmp_path):
     out, model, full = scenes
-    index = search.Index(out)
-    client = search.qdrant_client(str(tmp_path / "qdrant"))
-    search.to_qdrant(index, client)
+    index = search_index.Index(out)
+    client = search_index.qdrant_client(str(tmp_path / "qdrant"))
+    search_index.to_qdrant(index, client)
     q = model.encode_queries(["red top left, blue center"])
     for budget in ((1, 1), (2, 4), (16, 64)):
-        hits = search.qdrant_search(client, q[0].numpy(), budget, 5)
+        hits = search_index.qdrant_search(client, q[0].numpy(), budget, 5)
         s, i = index.search(q, budget, k=5)
         assert [j for _, j in hits] == i[0].tolist()
         assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
     # the prefetch: the 10 nearest by the first vector (the 1x1 score), re-scored at 16x64 = our cascade
-    pre = search.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)
+    pre = search_index.qdrant_search(client, q[0].numpy(), (16, 64), 3, depth=10)
     s, i = index.search(q, (16, 64), k=3, first=(1, 1), depth=10)
     assert [j for _, j in pre] == i[0].tolist()
     assert max(abs(x - y) for (x, _), y in zip(pre, s[0].tolist())) < 1e-3
     with pytest.raises(ValueError, match="no collection 'other'.*--qdrant"):
-        search.qdrant_search(client, q[0].numpy(), (16, 64), 3, collection="other")
+        search_index.qdrant_search(client, q[0].numpy(), (16, 64), 3, collection="other")

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 import search
-from machinery import serve
+from apps import serve
 from metaembed import MetaEmbed
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

@@ -166,7 +166,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     settings = {**vars(train.get_args(SMALL + ["--out", str(tmp_path / "r"), "--log-file", str(tmp_path / "r.jsonl"),
                                              *common, "--resume"])), "world_size": 2}
     with pytest.raises(ValueError, match="other settings than it was trained with .*processes 1 -> 2"):
-        train.checkpoints.check_resume(settings, str(tmp_path / "r" / "checkpoint-0000004"))
+        train.check_resume(settings, str(tmp_path / "r" / "checkpoint-0000004"))
     # what may change does, and is what the next checkpoint records
     import shutil
     shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")         # back to step 2, then steps 3-4 again

@@ -1,7 +1,7 @@
 """`search.py serve`: a local search page over an index, the standard library's HTTP server.
 
 Routes (nothing else is served; no path from a request is ever opened):
-    GET  /                      the page (machinery/search_page.html)
+    GET  /                      the page (apps/search_page.html)
     GET  /api/info              the index's size, budgets, model and dimension
     GET  /api/search?q=TEXT&budget=AxB&k=K[&first=AxB&depth=N]
     POST /api/search?...        an image as the body (with or without q)

@@ -6,8 +6,8 @@ For each seed, trains the default offline model (python train.py) and the ablati
 the synthetic eval split, and prints mean and spread (min..max) of Precision@1 per budget, then
 draws quality and index bytes per candidate against the budget.
 
-    python showcase.py --seeds 0 1 --jobs 2        # about 26 minutes on 2 CPU cores (4 runs)
-    python showcase.py --steps 200 --seeds 0       # a quick look
+    python -m bench.showcase --seeds 0 1 --jobs 2        # about 26 minutes on 2 CPU cores (4 runs)
+    python -m bench.showcase --steps 200 --seeds 0       # a quick look
 
 Extra arguments after -- go to train.py (e.g. -- --proj-dim 8).
 """
@@ -19,7 +19,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_one(variant, seed, args, extra):
