@@ -4,11 +4,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow
 def test_matryoshka_beats_the_ablation_at_1x1(tmp_path):
     """300 seeded steps of the tiny model (R_q = 4, R_c = 8, D = 16, scenes of 2-4 squares), with the
     groups (1,1), (2,4), (4,8) and, as the ablation (--no-matryoshka), with (4,8) alone; both run

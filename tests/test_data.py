@@ -9,6 +9,30 @@ import data
 from conftest import write_hub_repo
 
 
+# 10. and 11. the mixture file
+def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
+    from test_data import mmeb_train_copy, moca_copy, write_mixture
+    repo, images = mmeb_train_copy(tmp_path)
+    mix = data.load_mixture(write_mixture(tmp_path, {"ImageNet_1K": {"weight": 1.0, "num_samples": 50}}),
+                            images, holdout=1, mmeb_train=repo)
+    assert mix.names == ["ImageNet_1K"] and len(mix.sources[0]) == 3
+    assert mix.notes == ["mixture source ImageNet_1K: num_samples 50 is more than its 3 training rows (after 1 held "
+                         "out): all of them are used"]
+    a = moca_copy(tmp_path, "A", 150)
+    for spec, said in (({"A": 1.0}, r"source A: expected \{weight"), ({"A": a}, "source A: expected"),
+                       ({"A": [1, 2]}, "source A: expected"), ({"A": {"path": 123}}, "source A: path must be a string"),
+                       ({"A": {"path": a, "weight": float("inf")}}, "weight must be a finite number > 0, got inf"),
+                       ({"A": {"path": a, "weight": "heavy"}}, "weight must be a finite number > 0, got 'heavy'"),
+                       ({"A": {"path": a, "weight": 1e308}, "B": {"path": a, "weight": 1e308}}, "add up to more than"),
+                       ({"A": {"path": a, "num_samples": 2.7}}, "num_samples must be a whole number >= 1, got 2.7")):
+        with pytest.raises(ValueError, match=said):
+            data.load_mixture(write_mixture(tmp_path, spec))
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(f"A: {{path: {a}, weight: 1}}\nA: {{path: {a}, weight: 3}}\n")
+    with pytest.raises(ValueError, match="A appear"):
+        data.load_mixture(str(dup))
+
+
 def test_synthetic_is_deterministic_and_seeded():
     a, b = data.SyntheticPairs(50, seed=1), data.SyntheticPairs(50, seed=1)
     for i in (0, 7, 49):

@@ -111,6 +111,7 @@ def test_twenty_parallel_searches_get_one_answer(server):
     assert all(a == answers[0] for a in answers) and len(answers[0]) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium is not installed (.ci/run installs it)")
 def test_the_page_in_a_real_browser(server, tmp_path):
     from playwright.sync_api import sync_playwright

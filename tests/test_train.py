@@ -2,11 +2,13 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -37,6 +39,30 @@ def crash_at_batch(monkeypatch, n, fn):
     with pytest.raises(KeyboardInterrupt):
         fn()
     monkeypatch.setattr(train.data, "collate", collate)
+
+
+# 8. held-out P@1 when candidates repeat
+def test_heldout_identical_candidates_count_once():
+    rows = [dict(qry_text=f"is this {i} fine?", qry_image=None, pos_text="yes" if i % 3 else "no", pos_image=None,
+                 negs=[], source=f"row {i}") for i in range(9)]
+    task = train.heldout_task(rows)
+    assert task["corpus"] == {0: ("no", None), 1: ("yes", None)}
+    assert task["qrels"] == {i: {1 if i % 3 else 0: 1} for i in range(9)}
+    img = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "blue")]
+    task = train.heldout_task([dict(qry_text=str(i), qry_image=None, pos_text="", pos_image=im, negs=[], source="")
+                               for i, im in enumerate(img)])
+    assert len(task["corpus"]) == 2 and task["qrels"][0] == task["qrels"][1] != task["qrels"][2]
+
+
+# 17. what a resume may change
+def test_resume_allows_grad_cache_and_eval_every(tmp_path, capsys):
+    common = ["--steps", "4", "--batch-size", "4", "--save-every", "2"]
+    run(tmp_path, "r", *common)
+    shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")
+    run(tmp_path, "r", *common, "--grad-cache-chunk", "2", "--eval-every", "3", "--resume")
+    assert "--grad-cache-chunk 0 -> 2: the same gradients" in capsys.readouterr().out
+    used = json.load(open(tmp_path / "r" / "checkpoint-0000004" / "train_args.json"))   # the settings in force
+    assert (used["grad_cache_chunk"], used["eval_every"], used["steps"]) == (2, 3, 4)
 
 
 def test_batch_order_is_a_function_of_step():
@@ -84,35 +110,6 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
     a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("mode", ["ddp", "fsdp", "gradcache"])
-def test_two_processes_match_one(tmp_path, mode):
-    """torchrun, 2 processes (gloo), batch 4 each == 1 process, batch 8: same losses, same weights.
-    DDP replicates the model; FSDP2 (--fsdp) shards it and gathers the full state to save;
-    gradcache: DDP with GradCache in chunks of 3 rows against the plain one-process batch."""
-    common = SMALL + ["--steps", "3", "--save-every", "3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
-    one = subprocess.run([sys.executable, "train.py", *common, "--batch-size", "8", "--out", str(tmp_path / "one"),
-                          "--log-file", str(tmp_path / "one.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "train.py", *common, "--batch-size", "4", "--out", str(tmp_path / "two"),
-                          *(["--fsdp"] if mode == "fsdp" else []),
-                          *(["--grad-cache-chunk", "3"] if mode == "gradcache" else []),
-                          "--log-file", str(tmp_path / "two.jsonl")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    l1 = [json.loads(x) for x in (tmp_path / "one.jsonl").read_text().splitlines()]
-    l2 = [json.loads(x) for x in (tmp_path / "two.jsonl").read_text().splitlines()]
-    for a, b in zip(l1, l2, strict=True):
-        for k in ("loss", "loss_1x1", "loss_4x8", "grad_norm"):
-            assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-4), (k, a, b)
-    w1 = load_file(str(tmp_path / "one" / "checkpoint-0000003" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "checkpoint-0000003" / "model.safetensors"))
-    for k in w1:  # 3 AdamW steps from the same gradients (Adam's g / sqrt(v) amplifies float noise
-        # on near-zero gradients for a rare element; the mean difference stays at rounding level)
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-3, rtol=0)
-        assert (w1[k] - w2[k]).abs().mean() < 1e-6, k
 
 
 def test_resume_falls_back_past_a_broken_checkpoint(tmp_path, capsys):

@@ -1,6 +1,6 @@
-"""Nothing silently wrong around the index: an index knows its model and checks its own files,
-nothing is shared by accident (Qdrant collections, --index-dir, data set names), every input
-problem is one named line. One test (or more) per finding of the issue, on small local data."""
+"""apps/search_index.py through search.py: an index knows its model and checks its own files, a
+Qdrant collection is tied to its index, every input problem (texts, PDFs, image folders, flags)
+is one named line."""
 import json
 import os
 import shutil
@@ -9,12 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import evaluate
 import search
 from apps import search_index
-import train
-from conftest import write_hub_repo
 from metaembed import MetaEmbed
 
 
@@ -124,32 +120,6 @@ def test_qdrant_batches_skipped_whole_and_first_budgets(scenes, tmp_path):
         assert max(abs(x - y) for (x, _), y in zip(hits, s[0].tolist())) < 1e-3
 
 
-# 4. --index-dir shared by two runs
-def test_runs_sharing_an_index_dir_get_their_own_folders(tmp_path):
-    argv = ["--backbone", "tiny", "--synthetic-scenes", "4", "--budgets", "1,64", "--index-dir", str(tmp_path / "idx")]
-    one, two = evaluate.main(argv), evaluate.main(argv)
-    assert one["index_dir"] != two["index_dir"] and os.path.dirname(one["index_dir"]) == str(tmp_path / "idx")
-    for run in (one, two):
-        assert sorted(os.listdir(run["index_dir"])) == ["i2t", "t2i"]
-    assert one["tasks"]["t2i"]["16x64"]["P@1"] == two["tasks"]["t2i"]["16x64"]["P@1"]
-
-
-# 5. two ViDoRe data sets whose folders share a name
-def test_vidore_sets_with_one_folder_name_are_two_columns(tmp_path, tiny_checkpoint):
-    import datasets
-    feats = datasets.Features({"query": datasets.Value("string"), "image": datasets.Image(),
-                               "image_filename": datasets.Value("string")})
-    for parent, colour in (("a", "red"), ("b", "blue")):
-        rows = [dict(query=f"{parent} q{i}", image=Image.new("RGB", (28, 28), colour), image_filename=f"p{i}.png")
-                for i in range(3)]
-        write_hub_repo(tmp_path / parent / "docvqa", {"default": {"test": rows}}, features=feats)
-    res = evaluate.main(["--checkpoint", tiny_checkpoint, "--benchmark", "vidore", "--budgets", "1",
-                         "--vidore", str(tmp_path / "a" / "docvqa"), str(tmp_path / "b" / "docvqa")])
-    assert list(res["tasks"]) == ["a/docvqa", "b/docvqa"]
-    assert res["summary"]["1x1"]["overall"] == pytest.approx(
-        (res["tasks"]["a/docvqa"]["1x1"]["NDCG@5"] + res["tasks"]["b/docvqa"]["1x1"]["NDCG@5"]) / 2)
-
-
 # 6. index files are checked
 def test_damaged_index_files_are_named(scenes, tmp_path, capsys):
     assert search_index.verify(scenes) == []
@@ -175,43 +145,6 @@ def test_damaged_index_files_are_named(scenes, tmp_path, capsys):
     lines = open(os.path.join(shuffled, "items.jsonl")).read().splitlines()
     open(os.path.join(shuffled, "items.jsonl"), "w").write("\n".join(lines[1:] + lines[:1]) + "\n")
     fails(["query", "--index", shuffled, "red"], "items.jsonl lists 48 items out of order")
-
-
-# 8. held-out P@1 when candidates repeat
-def test_heldout_identical_candidates_count_once():
-    rows = [dict(qry_text=f"is this {i} fine?", qry_image=None, pos_text="yes" if i % 3 else "no", pos_image=None,
-                 negs=[], source=f"row {i}") for i in range(9)]
-    task = train.heldout_task(rows)
-    assert task["corpus"] == {0: ("no", None), 1: ("yes", None)}
-    assert task["qrels"] == {i: {1 if i % 3 else 0: 1} for i in range(9)}
-    img = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "blue")]
-    task = train.heldout_task([dict(qry_text=str(i), qry_image=None, pos_text="", pos_image=im, negs=[], source="")
-                               for i, im in enumerate(img)])
-    assert len(task["corpus"]) == 2 and task["qrels"][0] == task["qrels"][1] != task["qrels"][2]
-
-
-# 10. and 11. the mixture file
-def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
-    from test_data import mmeb_train_copy, moca_copy, write_mixture
-    repo, images = mmeb_train_copy(tmp_path)
-    mix = data.load_mixture(write_mixture(tmp_path, {"ImageNet_1K": {"weight": 1.0, "num_samples": 50}}),
-                            images, holdout=1, mmeb_train=repo)
-    assert mix.names == ["ImageNet_1K"] and len(mix.sources[0]) == 3
-    assert mix.notes == ["mixture source ImageNet_1K: num_samples 50 is more than its 3 training rows (after 1 held "
-                         "out): all of them are used"]
-    a = moca_copy(tmp_path, "A", 150)
-    for spec, said in (({"A": 1.0}, r"source A: expected \{weight"), ({"A": a}, "source A: expected"),
-                       ({"A": [1, 2]}, "source A: expected"), ({"A": {"path": 123}}, "source A: path must be a string"),
-                       ({"A": {"path": a, "weight": float("inf")}}, "weight must be a finite number > 0, got inf"),
-                       ({"A": {"path": a, "weight": "heavy"}}, "weight must be a finite number > 0, got 'heavy'"),
-                       ({"A": {"path": a, "weight": 1e308}, "B": {"path": a, "weight": 1e308}}, "add up to more than"),
-                       ({"A": {"path": a, "num_samples": 2.7}}, "num_samples must be a whole number >= 1, got 2.7")):
-        with pytest.raises(ValueError, match=said):
-            data.load_mixture(write_mixture(tmp_path, spec))
-    dup = tmp_path / "dup.yaml"
-    dup.write_text(f"A: {{path: {a}, weight: 1}}\nA: {{path: {a}, weight: 3}}\n")
-    with pytest.raises(ValueError, match="A appear"):
-        data.load_mixture(str(dup))
 
 
 # 12. --texts
@@ -306,12 +239,3 @@ def test_messages(two_checkpoints, scenes, tmp_path, capsys):
         Image.MAX_IMAGE_PIXELS = old
 
 
-# 17. what a resume may change
-def test_resume_allows_grad_cache_and_eval_every(tmp_path, capsys):
-    from test_train import SMALL, run
-    common = ["--steps", "4", "--batch-size", "4", "--save-every", "2"]
-    run(tmp_path, "r", *common)
-    shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")
-    run(tmp_path, "r", *common, "--grad-cache-chunk", "2", "--eval-every", "3", "--resume")
-    assert "--grad-cache-chunk 0 -> 2: the same gradients" in capsys.readouterr().out
-    assert SMALL and (tmp_path / "r" / "checkpoint-0000004").is_dir()

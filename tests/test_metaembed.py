@@ -305,35 +305,3 @@ def test_encode_checks_its_inputs_up_front(tiny):
         tiny.encode_queries(["a", "b", "c"], out=out[:2])
 
 
-def test_incomplete_checkpoint_is_named_before_anything_is_built(tmp_path):
-    from machinery.checkpoints import checkpoint_problem
-    m = MetaEmbed.from_backbone("tiny")
-    for name, damage, said in (("config.json", "delete", "config.json is missing"),
-                               ("model.safetensors", "truncate", "model.safetensors is truncated"),
-                               ("metaembed.json", "truncate", "metaembed.json is corrupt"),
-                               ("tokenizer.json", "delete", "tokenizer.json is missing")):
-        ck = tmp_path / name
-        m.save_pretrained(ck)
-        assert checkpoint_problem(str(ck)) is None
-        f = ck / name
-        f.unlink() if damage == "delete" else f.write_bytes(f.read_bytes()[:len(f.read_bytes()) // 2])
-        with pytest.raises(FileNotFoundError, match=f"is incomplete: {said}"):
-            MetaEmbed.from_pretrained(ck)
-
-
-def test_unknown_backbone_lists_the_aliases(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown backbone 'qwen-vl-9000': not an alias \(tiny, tiny-qwen3-vl, tiny-qwen3.5, qwen2-vl-2b"):
-        MetaEmbed.from_backbone("qwen-vl-9000")
-    with pytest.raises(ValueError, match="not a local folder"):
-        MetaEmbed.from_backbone(str(tmp_path / "no-such-folder"))
-
-
-def test_tiny_tokenizer_corpus_holds_the_synthetic_vocabulary():
-    """The tiny tokenizer is trained on TINY_CORPUS: every word of the synthetic captions is in it
-    (so a caption is a few whole-word tokens, not bytes), and nothing the data never says."""
-    from data import CELLS, COLOURS
-    from machinery.backbones import TINY_CORPUS
-    caption_words = set(COLOURS) | {w for cell in CELLS for w in cell.split()}
-    lines = TINY_CORPUS.strip().split("\n")
-    assert caption_words <= set(TINY_CORPUS.split())
-    assert set(" ".join(lines[2:]).split()) == caption_words       # the lines after the prompts
