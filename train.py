@@ -398,7 +398,8 @@ def train(args):
             losses = distributed.mean_over_ranks(torch.cat([loss.detach().reshape(1), per_group.detach()]), ddp)
             rec = {"step": step + 1, "loss": losses[0].item(), "lr": lr,
                    **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, losses[1:])},
-                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
+                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt,
+                   "hard_negatives": 0 if neg_mask is None else int(neg_mask[:, 0].sum())}   # queries with one, this rank
             if isinstance(sampler, data.MixtureBatches):
                 rec["seen"] = sampler.seen(step + 1)                   # examples per source, this rank
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

@@ -277,6 +277,10 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
                                         for n in (4, 8, 12, 16)]
     # weights 1 : 3, drawn with replacement: B's share 0.75 over 600 examples (200 runs), within 0.1
     assert abs((src == 1).mean() - 0.75) < 0.1
+    # the log counts this step's queries that have a hard negative (moca_copy: row i has i % 3 of them)
+    assert [r["hard_negatives"] for r in log] == [
+        sum(bool(order[(int(k), int(i))]["negs"]) for k, i in zip(*train.data.MixtureBatches(
+            order, 4, 1, 0, 0, 0, 4, 3).examples(range(4 * s, 4 * s + 4)))) for s in range(4)]
     # held-out P@1 at step 4, recomputed from the saved model: each source's 8 held-out queries
     # against its 8 positives, the argmax of the prefix MaxSim (then the mean over the two sources)
     from maxsim import maxsim_reference
