@@ -223,12 +223,17 @@ class MixtureBatches(torch.utils.data.Sampler):
       order (pass e of source k: permutation (seed, k, e)), so shares follow the weights however long
       the run, and a pass never repeats a row;
     - rank r takes runs r, r + world, r + 2 world, ...: no two ranks see the same example of a pass;
-      its step-s batch is examples [s B, (s + 1) B) of its runs, laid end to end."""
+      its step-s batch is examples [s B, (s + 1) B) of its runs, laid end to end;
+    - buffer > 0: that stream first passes through a shuffle buffer of `buffer` examples (the
+      official IterableDataset.shuffle(seed=42) after the split: each output is a seeded-random
+      pick from the buffer, replaced by the next example), which mixes the runs of a batch."""
 
-    BLOCK = 4096  # runs whose source is drawn by one seeded generator
+    BLOCK = 4096  # runs whose source is drawn by one seeded generator (and buffer picks per generator)
 
-    def __init__(self, mixture, batch, world, rank, seed, start, steps, run):
-        self.mixture, self.args = mixture, (batch, world, rank, seed, start, steps, run)
+    def __init__(self, mixture, batch, world, rank, seed, start, steps, run, buffer=0):
+        self.mixture, self.args, self.buffer = mixture, (batch, world, rank, seed, start, steps, run), buffer
+        self.order = np.zeros(0, dtype=np.int64)    # buffer > 0: output j -> stream position
+        self.buf, self.next = np.arange(buffer, dtype=np.int64), buffer
         self.sizes = np.array([len(s) for s in mixture.sources])
         w = np.array(mixture.weights, dtype=float)
         self.cdf = np.cumsum(w / w.sum())
@@ -256,10 +261,26 @@ class MixtureBatches(torch.utils.data.Sampler):
             self.perms[(k, e)] = np.random.default_rng([self.args[3], 104729 + k, e]).permutation(self.sizes[k])
         return self.perms[(k, e)]
 
+    def _stream(self, positions):
+        """Output positions -> positions of the rank's stream of runs (the same without a buffer)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not self.buffer or not len(positions):
+            return positions
+        seed, rank = self.args[3], self.args[2]
+        while len(self.order) <= positions.max():    # replayed from the start: a function of the position
+            b = len(self.order) // self.BLOCK
+            picks = np.random.default_rng([seed, rank, 65537, b]).integers(0, self.buffer, self.BLOCK)
+            out = np.empty(self.BLOCK, dtype=np.int64)
+            for j, i in enumerate(picks.tolist()):
+                out[j], self.buf[i] = self.buf[i], self.next
+                self.next += 1
+            self.order = np.concatenate([self.order, out])
+        return self.order[positions]
+
     def examples(self, positions):
-        """Rank-local stream positions (array) -> (source, row) arrays."""
+        """Rank-local output positions (array) -> (source, row) arrays."""
         B, world, rank, seed, start, steps, run = self.args
-        i, o = np.divmod(np.asarray(positions, dtype=np.int64), run)
+        i, o = np.divmod(self._stream(positions), run)
         g = i * world + rank                          # the global run each position falls in
         if len(g) and g.max() >= len(self.src):
             self._runs(int(g.max()) + 1)
@@ -277,7 +298,7 @@ class MixtureBatches(torch.utils.data.Sampler):
     def seen(self, step):
         """Examples of each source this rank has trained on after `step` steps (for the log)."""
         B, world, rank, seed, start, steps, run = self.args
-        p = np.arange(step * B)
+        p = self._stream(np.arange(step * B))
         g = (p // run) * world + rank
         if len(g) and g.max() >= len(self.src):
             self._runs(int(g.max()) + 1)

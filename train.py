@@ -40,8 +40,8 @@ RECIPES = {
     # --recipe paper: what the official 7b_mrl.yaml sets (batch is per device: 48 x GPUs in all)
     "paper": dict(backbone="qwen2.5-vl-7b", mixture=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                   "mixtures", "paper.yaml"), lora=True, lr=1e-4, warmup=500, steps=4000, batch_size=48,
-                  num_negatives=1, source_run=32, holdout=100, max_visual_tokens=1024, query_suffix=True,
-                  grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16, candidate_tokens=64,
+                  num_negatives=1, source_run=32, shuffle_buffer=1000, holdout=100, max_visual_tokens=1024,
+                  query_suffix=True, grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16, candidate_tokens=64,
                   proj_dim=0, out="out/metaembed-paper"),
 }
 
@@ -91,6 +91,9 @@ def get_args(argv=None):
                    "overrides --data. mixtures/paper.yaml is the paper's")
     g.add_argument("--source-run", type=int, default=32, help="with --mixture: consecutive examples from one "
                    "source (same-task in-batch negatives; official interleaved_batch_size 32)")
+    g.add_argument("--shuffle-buffer", type=int, default=0, metavar="N", help="with --mixture: pass each rank's "
+                   "stream through a shuffle buffer of N examples, which mixes the runs of a batch (the official "
+                   "run's shuffle(seed=42) after the split: --recipe paper sets 1000; 0 = batches of whole runs)")
     g.add_argument("--holdout", type=int, default=100, help="rows held out per source for --eval-every (the last "
                    "ones of each mixture source; synthetic: this many eval scenes)")
     g.add_argument("--num-negatives", type=int, default=1, help="hard negatives per query, K (rows with fewer "
@@ -140,7 +143,7 @@ def get_args(argv=None):
     # every check that can be made before training starts is made here, not at the first checkpoint
     checks.at_least(p.error, args, steps=1, batch_size=1, save_every=1, keep=1, query_tokens=1, candidate_tokens=1,
                     synthetic_size=1, workers=0, warmup=0, proj_dim=0, source_run=1, holdout=1, num_negatives=0,
-                    grad_cache_chunk=0, eval_every=0)
+                    grad_cache_chunk=0, eval_every=0, shuffle_buffer=0)
     checks.positive(p.error, args, "lr", "temperature", "clip", "max_pixels", "min_pixels", "max_per_subset",
                     "max_visual_tokens")
     if args.weight_decay < 0:
@@ -175,7 +178,8 @@ def load_mixture(args, say):
 def build_data(args, world, rank, start, mix=None):
     """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
     if mix is not None:
-        sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run)
+        sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run,
+                                      args.shuffle_buffer)
         return mix, sampler, {n: heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
     if args.data == "synthetic":
         lo, hi = data.parse_objects(args.objects)

@@ -243,7 +243,8 @@ def clear_checkpoints(out):
 # GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
 # LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
 SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
-                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk"}
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
+                  "require_negatives"}
 
 
 def check_resume(settings, path):

@@ -232,6 +232,24 @@ def test_mixture_passes_never_repeat_a_row_across_ranks(tmp_path):
     assert data.MixtureBatches(mix, 8, 2, 1, seed=6, start=0, steps=100, run=4).batch(77) != orders[1].batch(77)
 
 
+def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_path):
+    """--shuffle-buffer N (the official shuffle(seed=42) after the split): every output is a different
+    example of the rank's stream, drawn from at most N ahead; batches mix runs; shares still follow
+    the weights; a fresh sampler gives the same batch at any step."""
+    mix = toy_mixture(tmp_path)
+    plain = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4)
+    mixed = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    pos = mixed._stream(np.arange(20000))
+    assert len(set(pos.tolist())) == 20000 and (pos < np.arange(20000) + 100).all()   # no example twice, none skipped ahead
+    assert sorted(pos[:5000].tolist())[:4000] == list(range(4000))               # nothing left behind for long
+    k = mixed.examples(np.arange(2000 * 16))[0]
+    assert np.abs(np.bincount(k, minlength=3) / len(k) - [0.25, 0.25, 0.5]).max() < 0.02
+    assert np.mean([len(set(b)) > 1 for b in k.reshape(-1, 16).tolist()]) > 0.9   # most batches mix sources
+    assert np.mean([len(set(b)) > 1 for b in plain.examples(np.arange(2000 * 16))[0].reshape(-1, 4).tolist()]) == 0
+    fresh = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    assert fresh.batch(1234) == mixed.batch(1234) and fresh.seen(1500) == mixed.seen(1500)
+
+
 def test_mixture_errors(tmp_path):
     a = moca_copy(tmp_path, "A", 150)
     with pytest.raises(ValueError, match="source A: unknown key.*weigth"):

@@ -306,7 +306,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
 def test_recipe_paper_sets_the_official_settings(capsys):
     args = train.get_args(["--recipe", "paper", "--lr", "2e-4"])
     assert (args.backbone, args.batch_size, args.steps, args.warmup, args.lr) == ("qwen2.5-vl-7b", 48, 4000, 500, 2e-4)
-    assert (args.lora, args.num_negatives, args.source_run, args.holdout) == (True, 1, 32, 100)
+    assert (args.lora, args.num_negatives, args.source_run, args.holdout, args.shuffle_buffer) == (True, 1, 32, 100, 1000)
     assert (args.max_visual_tokens, args.max_pixels) == (1024, None)     # pixels follow from the family
     assert args.query_suffix and args.grad_checkpointing and args.proj_dim == 0
     said = capsys.readouterr().out
