@@ -41,8 +41,8 @@ RECIPES = {
     "paper": dict(backbone="qwen2.5-vl-7b", mixture=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                   "mixtures", "paper.yaml"), lora=True, lr=1e-4, warmup=500, steps=4000, batch_size=48,
                   num_negatives=1, source_run=32, shuffle_buffer=1000, holdout=100, max_visual_tokens=1024,
-                  query_suffix=True, grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16, candidate_tokens=64,
-                  proj_dim=0, out="out/metaembed-paper"),
+                  query_suffix=True, grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16,
+                  candidate_tokens=64, proj_dim=0, out="out/metaembed-paper"),
 }
 
 

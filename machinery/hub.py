@@ -75,7 +75,7 @@ def _image_path(images_dir, path, what):
 LAYOUTS = {
     # MoCa's training data as the official loader reads it (MoCa_train_with_image): images in the rows,
     # each column present only where the subset has that image; neg_text a list; *_path columns ignored
-    "moca": ("qry", "pos_text"),                                       # + qry_image, pos_image, neg_text, neg_image_0..K-1
+    "moca": ("qry", "pos_text"),                                       # + qry_image, pos_image, neg_text, neg_image_k
     "mmeb": ("qry", "qry_image_path", "pos_text", "pos_image_path"),   # MMEB-train [+ neg_text, neg_image_path]
     "colpali": ("query", "image"),                                     # ViDoRe's training set: the page is the positive
 }
@@ -86,8 +86,10 @@ def detect_layout(columns, what):
     for name, needed in LAYOUTS.items():
         if all(c in columns for c in needed) and (name != "moca" or any(c in columns for c in MOCA_IMAGES)):
             return name
+    need = {k: ", ".join(v) + (f" and one of {', '.join(MOCA_IMAGES)}" if k == "moca" else "")
+            for k, v in LAYOUTS.items()}
     raise ValueError(f"{what}: columns {sorted(columns)} match no training layout; one of: "
-                     + "; ".join(f"{k}: {', '.join(v)}" for k, v in LAYOUTS.items()) + f" and one of {', '.join(MOCA_IMAGES)}")
+                     + "; ".join(f"{k}: {v}" for k, v in need.items()))
 
 
 def _image_columns(ds, layout):
@@ -150,7 +152,7 @@ def negatives_in(source):
     cols = _negative_columns(source.ds, source.layout)
     if not cols or not len(source):
         return 0
-    rows = source.ds.select(list(source.rows)).select_columns(cols).with_format("arrow")[:]
+    rows = source.ds.select(source.rows).select_columns(cols).with_format("arrow")[:]
     has = None
     for c in cols:
         col, kind = rows.column(c), str(rows.column(c).type)
