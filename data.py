@@ -214,40 +214,103 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 class MixtureBatches(torch.utils.data.Sampler):
-    """This rank's batches of a data.Mixture: B consecutive examples of its own stream per step
-    (runs of `run` examples from one source), epoch after epoch; a pure function of the step."""
+    """This rank's batches of a data.Mixture, the official interleaving (interleave_datasets with
+    stopping_strategy="all_exhausted", then split_dataset_by_node), as a pure function of the step:
 
-    def __init__(self, mixture, batch, rank, seed, start, steps, run):
-        self.mixture, self.args, self.cached = mixture, (batch, rank, seed, start, steps, run), (None, None)
+    - one global stream of runs: run g is `run` consecutive examples of one source, drawn WITH
+      replacement with probability weight / sum(weights) (a seeded uniform per run, in blocks);
+    - a source's examples are its rows in a seeded order; an exhausted source restarts with a new
+      order (pass e of source k: permutation (seed, k, e)), so shares follow the weights however long
+      the run, and a pass never repeats a row;
+    - rank r takes runs r, r + world, r + 2 world, ...: no two ranks see the same example of a pass;
+      its step-s batch is examples [s B, (s + 1) B) of its runs, laid end to end;
+    - buffer > 0: that stream first passes through a shuffle buffer of `buffer` examples (the
+      official IterableDataset.shuffle(seed=42) after the split: each output is a seeded-random
+      pick from the buffer, replaced by the next example), which mixes the runs of a batch."""
 
-    def _epoch(self, e):
-        if self.cached[0] != e:
-            batch, rank, seed, start, steps, run = self.args
-            self.cached = (e, self.mixture.epoch(seed, rank, e, run))
-        return self.cached[1]
+    BLOCK = 4096  # runs whose source is drawn by one seeded generator (and buffer picks per generator)
+
+    def __init__(self, mixture, batch, world, rank, seed, start, steps, run, buffer=0):
+        self.mixture, self.args, self.buffer = mixture, (batch, world, rank, seed, start, steps, run), buffer
+        self.order = np.zeros(0, dtype=np.int64)    # buffer > 0: output j -> stream position
+        self.buf, self.next = np.arange(buffer, dtype=np.int64), buffer
+        self.sizes = np.array([len(s) for s in mixture.sources])
+        w = np.array(mixture.weights, dtype=float)
+        self.cdf = np.cumsum(w / w.sum())
+        self.src = np.zeros(0, dtype=np.int64)      # (G,) the source of each global run drawn so far
+        self.nth = np.zeros(0, dtype=np.int64)      # (G,) how many runs of that source came before it
+        self.perms = {}
+
+    def _runs(self, G):
+        """Draw the sources of global runs [0, G) (block by block, each block its own generator)."""
+        seed = self.args[3]
+        while len(self.src) < G:
+            b = len(self.src) // self.BLOCK
+            u = np.random.default_rng([seed, 7919, b]).random(self.BLOCK)
+            k = np.minimum(np.searchsorted(self.cdf, u, side="right"), len(self.cdf) - 1)
+            self.src = np.concatenate([self.src, k])
+        nth = np.empty(len(self.src), dtype=np.int64)
+        for k in range(len(self.cdf)):                # the i-th run of source k has nth = i
+            mask = self.src == k
+            nth[mask] = np.arange(mask.sum())
+        self.nth = nth
+
+    def _perm(self, k, e):
+        if (k, e) not in self.perms:
+            self.perms.pop((k, e - 2), None)          # passes are consumed in order
+            self.perms[(k, e)] = np.random.default_rng([self.args[3], 104729 + k, e]).permutation(self.sizes[k])
+        return self.perms[(k, e)]
+
+    def _stream(self, positions):
+        """Output positions -> positions of the rank's stream of runs (the same without a buffer)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not self.buffer or not len(positions):
+            return positions
+        seed, rank = self.args[3], self.args[2]
+        while len(self.order) <= positions.max():    # replayed from the start: a function of the position
+            b = len(self.order) // self.BLOCK
+            picks = np.random.default_rng([seed, rank, 65537, b]).integers(0, self.buffer, self.BLOCK)
+            out = np.empty(self.BLOCK, dtype=np.int64)
+            for j, i in enumerate(picks.tolist()):
+                out[j], self.buf[i] = self.buf[i], self.next
+                self.next += 1
+            self.order = np.concatenate([self.order, out])
+        return self.order[positions]
+
+    def examples(self, positions):
+        """Rank-local output positions (array) -> (source, row) arrays."""
+        B, world, rank, seed, start, steps, run = self.args
+        i, o = np.divmod(self._stream(positions), run)
+        g = i * world + rank                          # the global run each position falls in
+        if len(g) and g.max() >= len(self.src):
+            self._runs(int(g.max()) + 1)
+        k = self.src[g]
+        t = self.nth[g] * run + o                     # position in source k's own endless stream
+        e, r = np.divmod(t, self.sizes[k])
+        rows = np.array([self._perm(int(kk), int(ee))[rr] for kk, ee, rr in zip(k, e, r)], dtype=np.int64)
+        return k, rows
 
     def batch(self, step):
-        B, L = self.args[0], len(self.mixture)
-        out = []
-        for p in range(step * B, (step + 1) * B):
-            src, rows = self._epoch(p // L)
-            out.append((int(src[p % L]), int(rows[p % L])))
-        return out
+        B = self.args[0]
+        k, rows = self.examples(np.arange(step * B, (step + 1) * B))
+        return list(zip(k.tolist(), rows.tolist()))
 
     def seen(self, step):
         """Examples of each source this rank has trained on after `step` steps (for the log)."""
-        end, L = step * self.args[0], len(self.mixture)
-        full, off = divmod(end, L)
-        sizes = np.array([len(s) for s in self.mixture.sources])
-        part = np.bincount(self._epoch(full)[0][:off], minlength=len(sizes)) if off else 0
-        return dict(zip(self.mixture.names, (full * sizes + part).tolist()))
+        B, world, rank, seed, start, steps, run = self.args
+        p = self._stream(np.arange(step * B))
+        g = (p // run) * world + rank
+        if len(g) and g.max() >= len(self.src):
+            self._runs(int(g.max()) + 1)
+        counts = np.bincount(self.src[g], minlength=len(self.sizes)) if len(g) else np.zeros(len(self.sizes), int)
+        return dict(zip(self.mixture.names, counts.tolist()))
 
     def __iter__(self):
-        for step in range(self.args[3], self.args[4]):
+        for step in range(self.args[4], self.args[5]):
             yield self.batch(step)
 
     def __len__(self):
-        return self.args[4] - self.args[3]
+        return self.args[5] - self.args[4]
 
 
 # -----------------------------------------------------------------------------

@@ -56,6 +56,7 @@ class MetaEmbedConfig:
     dtype: str | None = None         # backbone weights; None: float32 for `tiny`, bfloat16 otherwise
     min_pixels: int | None = None    # image bounds in pixels; None: the backbone's own minimum,
     max_pixels: int | None = None    # and at most MAX_VISUAL_TOKENS visual tokens (tiny: its own)
+    max_visual_tokens: int | None = None  # a cap in visual tokens instead: max_pixels = it x the family's token pixels
     attn_implementation: str = "sdpa"  # or "flash_attention_2" where installed
     query_suffix: bool | None = None  # the official <|endoftext|> x 10 query suffix; None: on for real backbones
     tiny: dict = field(default_factory=dict)  # overrides of backbones.TINY (hidden_size, layers, ...)
@@ -268,8 +269,9 @@ class MetaEmbed(nn.Module):
 
     @classmethod
     def _from_parts(cls, config, backbone, processor, seed=0):
-        if config.max_pixels is None and not config.offline:  # resolved once, then saved
-            config.max_pixels = backbones.MAX_VISUAL_TOKENS * backbones.visual_token_pixels(processor)
+        if config.max_pixels is None and (config.max_visual_tokens or not config.offline):  # resolved once, saved
+            tokens = config.max_visual_tokens or backbones.MAX_VISUAL_TOKENS   # 1024 x 28 x 28 or x 32 x 32 pixels
+            config.max_pixels = tokens * backbones.visual_token_pixels(processor)
         backbones.set_image_bounds(processor, config.min_pixels, config.max_pixels)
         if config.offline:  # built in float32 with sdpa
             if config.attn_implementation != "sdpa":

@@ -40,9 +40,9 @@ RECIPES = {
     # --recipe paper: what the official 7b_mrl.yaml sets (batch is per device: 48 x GPUs in all)
     "paper": dict(backbone="qwen2.5-vl-7b", mixture=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                   "mixtures", "paper.yaml"), lora=True, lr=1e-4, warmup=500, steps=4000, batch_size=48,
-                  num_negatives=1, source_run=32, holdout=100, max_pixels=1024 * 28 * 28, query_suffix=True,
-                  grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16, candidate_tokens=64,
-                  proj_dim=0, out="out/metaembed-paper"),
+                  num_negatives=1, source_run=32, shuffle_buffer=1000, holdout=100, max_visual_tokens=1024,
+                  query_suffix=True, grad_checkpointing=True, temperature=TEMPERATURE, query_tokens=16,
+                  candidate_tokens=64, proj_dim=0, out="out/metaembed-paper"),
 }
 
 
@@ -68,6 +68,9 @@ def get_args(argv=None):
     g.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
     g.add_argument("--max-pixels", type=int, help="cap on an image's pixels, so its visual tokens (default: "
                    "1024 tokens = 802816 for real backbones, as the official config; tiny: its own bound)")
+    g.add_argument("--max-visual-tokens", type=int, help="cap on an image's visual tokens, in the backbone family's "
+                   "pixels (a token is 28x28 px on Qwen2/2.5-VL, 32x32 on Qwen3-VL/3.5); --max-pixels wins "
+                   "(--recipe paper: 1024)")
     g.add_argument("--min-pixels", type=int, help="floor on an image's pixels (default: the backbone's)")
     g.add_argument("--query-suffix", action=argparse.BooleanOptionalAction, default=None,
                    help="the official query augmentation: <|endoftext|> x 10 after every query's prompt "
@@ -88,10 +91,15 @@ def get_args(argv=None):
                    "overrides --data. mixtures/paper.yaml is the paper's")
     g.add_argument("--source-run", type=int, default=32, help="with --mixture: consecutive examples from one "
                    "source (same-task in-batch negatives; official interleaved_batch_size 32)")
+    g.add_argument("--shuffle-buffer", type=int, default=0, metavar="N", help="with --mixture: pass each rank's "
+                   "stream through a shuffle buffer of N examples, which mixes the runs of a batch (the official "
+                   "run's shuffle(seed=42) after the split: --recipe paper sets 1000; 0 = batches of whole runs)")
     g.add_argument("--holdout", type=int, default=100, help="rows held out per source for --eval-every (the last "
                    "ones of each mixture source; synthetic: this many eval scenes)")
     g.add_argument("--num-negatives", type=int, default=1, help="hard negatives per query, K (rows with fewer "
                    "repeat their last; 0 = in-batch negatives only)")
+    g.add_argument("--require-negatives", action="store_true", help="with --mixture: refuse to start unless every "
+                   "training row of every source has a hard negative")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, help="optimizer steps (default: 1200 tiny, 4000 real)")
@@ -135,8 +143,9 @@ def get_args(argv=None):
     # every check that can be made before training starts is made here, not at the first checkpoint
     checks.at_least(p.error, args, steps=1, batch_size=1, save_every=1, keep=1, query_tokens=1, candidate_tokens=1,
                     synthetic_size=1, workers=0, warmup=0, proj_dim=0, source_run=1, holdout=1, num_negatives=0,
-                    grad_cache_chunk=0, eval_every=0)
-    checks.positive(p.error, args, "lr", "temperature", "clip", "max_pixels", "min_pixels", "max_per_subset")
+                    grad_cache_chunk=0, eval_every=0, shuffle_buffer=0)
+    checks.positive(p.error, args, "lr", "temperature", "clip", "max_pixels", "min_pixels", "max_per_subset",
+                    "max_visual_tokens")
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be at least 0, got {args.weight_decay}")
     try:
@@ -146,13 +155,31 @@ def get_args(argv=None):
     return args
 
 
-def build_data(args, world, rank, start):
+def load_mixture(args, say):
+    """--mixture: every source opened and its first row read (one error naming every source that
+    cannot be), before the backbone is built; what each source lacks said once, here."""
+    mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
+    for note in mix.notes:
+        say(f"train.py: {note}")
+    if args.num_negatives:
+        short = []
+        for name, src, n in zip(mix.names, mix.sources, mix.negatives):
+            if n == 0:
+                say(f"train.py: {name}: no hard negatives in this copy: in-batch negatives only")
+            elif n < len(src):
+                say(f"train.py: {name}: hard negatives on {n} of {len(src)} training rows; the rest: in-batch only")
+            if n < len(src):
+                short.append(f"{name} ({n} of {len(src)} rows)")
+        if args.require_negatives and short:
+            raise ValueError(f"--require-negatives: source(s) without a hard negative on every row: {', '.join(short)}")
+    return mix
+
+
+def build_data(args, world, rank, start, mix=None):
     """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
-    if args.mixture:
-        mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
-        for note in mix.notes:
-            print(f"train.py: {note}")
-        sampler = data.MixtureBatches(mix, args.batch_size, rank, args.seed, start, args.steps, args.source_run)
+    if mix is not None:
+        sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run,
+                                      args.shuffle_buffer)
         return mix, sampler, {n: heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
     if args.data == "synthetic":
         lo, hi = data.parse_objects(args.objects)
@@ -280,6 +307,7 @@ def build_model(args, resume_from):
                                    num_query_tokens=R_q, num_candidate_tokens=R_c,
                                    groups=((R_q, R_c),) if args.no_matryoshka else None,
                                    temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
+                                   max_visual_tokens=args.max_visual_tokens,
                                    min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
                                    query_suffix=args.query_suffix, lora_vision=args.lora_vision)
 
@@ -330,7 +358,8 @@ class Log:
 # GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
 # LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
 SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
-                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk"}
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
+                  "require_negatives"}
 
 
 def check_resume(settings, path):
@@ -388,12 +417,13 @@ def train(args):
     say(f"train.py: checkpoints go to {args.out}")
     if not args.resume:  # one line, before --out is written, if the backbone cannot be had (a resumed run's
         check_backbone(args.backbone)  # backbone is checked against the checkpoint's first)
+    mix = load_mixture(args, say) if args.mixture else None   # every source checked before the backbone is built
     resume_from, used = prepare_out(args, world, master, say, ddp)
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp
     net, params = distributed.distribute(model, ddp, local, device, fsdp, args.grad_checkpointing)
     opt, sched, start = make_optimizer(model, params, args, resume_from, fsdp)
-    dataset, sampler, heldout = build_data(args, world, rank, start)
+    dataset, sampler, heldout = build_data(args, world, rank, start, mix)
     B = args.batch_size
     # the loader's own generator: creating its iterator must not draw from the global RNG, which
     # drives dropout and was just restored on --resume
@@ -431,7 +461,8 @@ def train(args):
             losses = distributed.mean_over_ranks(torch.cat([loss.detach().reshape(1), per_group.detach()]), ddp)
             rec = {"step": step + 1, "loss": losses[0].item(), "lr": lr,
                    **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, losses[1:])},
-                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt}
+                   "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt,
+                   "hard_negatives": 0 if neg_mask is None else int(neg_mask[:, 0].sum())}   # queries with one, this rank
             if isinstance(sampler, data.MixtureBatches):
                 rec["seen"] = sampler.seen(step + 1)                   # examples per source, this rank
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):

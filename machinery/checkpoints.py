@@ -225,5 +225,3 @@ def clear_checkpoints(out):
             shutil.rmtree(os.path.join(out, d))
         elif d == "latest":
             os.remove(os.path.join(out, d))
-
-

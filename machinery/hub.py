@@ -73,26 +73,42 @@ def _image_path(images_dir, path, what):
 
 # Training layouts, by their columns (images are in the rows, or paths relative to an images folder):
 LAYOUTS = {
+    # MoCa's training data as the official loader reads it (MoCa_train_with_image): images in the rows,
+    # each column present only where the subset has that image; neg_text a list; *_path columns ignored
+    "moca": ("qry", "pos_text"),                                       # + qry_image, pos_image, neg_text, neg_image_k
     "mmeb": ("qry", "qry_image_path", "pos_text", "pos_image_path"),   # MMEB-train [+ neg_text, neg_image_path]
-    "moca": ("qry", "qry_image", "pos_text", "pos_image"),             # + neg_text (list), neg_image_0..K-1
     "colpali": ("query", "image"),                                     # ViDoRe's training set: the page is the positive
 }
+MOCA_IMAGES = ("qry_image", "pos_image", "neg_image_0")               # a MoCa copy has at least one of these
 
 
 def detect_layout(columns, what):
     for name, needed in LAYOUTS.items():
-        if all(c in columns for c in needed):
+        if all(c in columns for c in needed) and (name != "moca" or any(c in columns for c in MOCA_IMAGES)):
             return name
+    need = {k: ", ".join(v) + (f" and one of {', '.join(MOCA_IMAGES)}" if k == "moca" else "")
+            for k, v in LAYOUTS.items()}
     raise ValueError(f"{what}: columns {sorted(columns)} match no training layout; one of: "
-                     + "; ".join(f"{k}: {', '.join(v)}" for k, v in LAYOUTS.items()))
+                     + "; ".join(f"{k}: {v}" for k, v in need.items()))
 
 
 def _image_columns(ds, layout):
     if layout == "mmeb":
         return [c for c in ("qry_image_path", "pos_image_path", "neg_image_path") if c in ds.column_names]
     if layout == "moca":
-        return [c for c in ds.column_names if c in ("qry_image", "pos_image") or c.startswith("neg_image_")]
+        return [c for c in ds.column_names if c in ("qry_image", "pos_image") or _neg_image(c)]
     return ["image"]
+
+
+def _neg_image(column):
+    """MoCa's neg_image_0, neg_image_1, ... (not neg_image_path)."""
+    return column.startswith("neg_image_") and column[len("neg_image_"):].isdigit()
+
+
+def _negative_columns(ds, layout):
+    if layout == "mmeb":
+        return [c for c in ("neg_text", "neg_image_path") if c in ds.column_names]
+    return [c for c in ds.column_names if c == "neg_text" or _neg_image(c)] if layout == "moca" else []
 
 
 class Source(torch.utils.data.Dataset):
@@ -114,14 +130,41 @@ class Source(torch.utils.data.Dataset):
             return dict(qry_text=r["query"], qry_image=None, pos_text="", pos_image=r["image"], negs=[], source=src)
         if self.layout == "mmeb":
             negs = [(r.get("neg_text") or "", img(r.get("neg_image_path")))]
-        else:  # moca: neg_text a list, images in neg_image_0, neg_image_1, ...
-            texts = list(r.get("neg_text") or [])
-            K = max([len(texts)] + [int(c.rsplit("_", 1)[1]) + 1 for c in r if c.startswith("neg_image_")
-                                    and r[c] not in (None, "")])
-            negs = [(texts[k] if k < len(texts) else "", img(r.get(f"neg_image_{k}"))) for k in range(K)]
+            negs = [(t, im) for t, im in negs if t or im is not None]
+            return dict(qry_text=r["qry"], qry_image=img(r["qry_image_path"]), pos_text=r["pos_text"],
+                        pos_image=img(r["pos_image_path"]), negs=negs, source=src)
+        # moca, as the official collator reads it: "<|image_1|>\n" dropped from every text, an absent image
+        # column is no image; negative k = (neg_text[k], neg_image_k), a short neg_text list repeats its last
+        strip = lambda t: (t or "").replace("<|image_1|>\n", "")  # noqa: E731
+        texts = r.get("neg_text") or []
+        texts = [strip(t) for t in ([texts] if isinstance(texts, str) else texts)]
+        K = max([len(texts)] + [int(c.rsplit("_", 1)[1]) + 1 for c in r if _neg_image(c) and r[c] not in (None, "")])
+        negs = [(texts[min(k, len(texts) - 1)] if texts else "", img(r.get(f"neg_image_{k}"))) for k in range(K)]
         negs = [(t, im) for t, im in negs if t or im is not None]
-        return dict(qry_text=r["qry"], qry_image=img(r[LAYOUTS[self.layout][1]]), pos_text=r["pos_text"],
-                    pos_image=img(r[LAYOUTS[self.layout][3]]), negs=negs, source=src)
+        return dict(qry_text=strip(r["qry"]), qry_image=img(r.get("qry_image")), pos_text=strip(r["pos_text"]),
+                    pos_image=img(r.get("pos_image")), negs=negs, source=src)
+
+
+def negatives_in(source):
+    """-> how many of a Source's rows carry at least one hard negative, read from the columns (no image
+    is decoded). A source whose copy has none trains with in-batch negatives only."""
+    import pyarrow.compute as pc
+    cols = _negative_columns(source.ds, source.layout)
+    if not cols or not len(source):
+        return 0
+    rows = source.ds.select(source.rows).select_columns(cols).with_format("arrow")[:]
+    has = None
+    for c in cols:
+        col, kind = rows.column(c), str(rows.column(c).type)
+        if kind in ("string", "large_string"):         # a text, or an image path: present when not ""
+            ok = pc.greater(pc.utf8_length(col), 0)
+        elif kind.startswith(("list", "large_list")):  # MoCa's neg_text: a list of texts
+            ok = pc.greater(pc.list_value_length(col), 0)
+        else:                                          # an image in the row: present when not null
+            ok = pc.is_valid(col)
+        ok = pc.fill_null(ok, False)
+        has = ok if has is None else pc.or_(has, ok)
+    return int(pc.sum(has).as_py() or 0)
 
 
 def load_source(path, subset, split, name, images_dir=None):
@@ -187,12 +230,8 @@ MMEB_TRAIN_SUBSETS = ["ImageNet_1K", "N24News", "HatefulMemes", "VOC2007", "SUN3
 
 
 class Mixture(torch.utils.data.Dataset):
-    """Training sources, each with a weight and a row cap; an example is addressed (source, row).
-
-    The order (official "interleaved" sampling): pick a source with probability proportional to its
-    weight among those not yet exhausted, take its next `run` examples (its rows in a seeded
-    order), repeat until every source is exhausted; then the next epoch. Each rank has its own
-    order (seed, rank, epoch), a pure function of them, so a resumed run sees the same batches."""
+    """Training sources, each with a weight (its sampling probability, once normalised) and its rows;
+    an example is addressed (source, row). The order they are drawn in is data.MixtureBatches."""
 
     def __init__(self, names, sources, weights, heldout):
         self.names, self.sources, self.weights, self.heldout = names, sources, weights, heldout
@@ -203,26 +242,6 @@ class Mixture(torch.utils.data.Dataset):
     def __getitem__(self, key):
         s, i = key
         return self.sources[s][i]
-
-    def epoch(self, seed, rank, epoch, run):
-        """-> (source of each example, row within the source), numpy arrays of len(self)."""
-        import numpy as np
-        rng = np.random.default_rng([seed, rank, epoch])
-        left = [list(rng.permutation(len(s))) for s in self.sources]
-        pos = [0] * len(left)
-        w = np.array(self.weights, dtype=float)
-        src, rows = [], []
-        while True:
-            alive = [k for k in range(len(left)) if pos[k] < len(left[k])]
-            if not alive:
-                break
-            p = w[alive] / w[alive].sum()
-            k = alive[rng.choice(len(alive), p=p)]
-            take = left[k][pos[k]:pos[k] + run]
-            pos[k] += len(take)
-            src += [k] * len(take)
-            rows += take
-        return np.array(src, dtype=np.int64), np.array(rows, dtype=np.int64)
 
 
 def read_mixture(file):
@@ -269,42 +288,51 @@ def read_mixture(file):
 def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRAIN):
     """A mixture file (YAML, the official form), one entry per source:
 
-        ImageNet_1K: {weight: 1.0, num_samples: 100000}       # an MMEB-train subset
-        ArxivQA: {weight: 1.0, num_samples: 50000, path: DIR_OR_HUB_ID, split: train}
+        ImageNet_1K: {weight: 1.0, num_samples: 100000}       # an MMEB-train subset (path: mmeb_train)
+        CIRR: {weight: 1.0, num_samples: 50000, path: DIR_OR_HUB_ID}
         tevatron_colpali: {weight: 5.0, path: ...}           # num_samples absent: every row
 
-    path defaults to mmeb_train (train.py's --mmeb-train) for its 20 subsets (subset = the name,
-    split 'original'); elsewhere path is needed, subset optional, split 'train' by default; images
-    (a folder for path columns) defaults to --images. The last `holdout` rows of each source are
-    held out (for --eval-every); num_samples caps the rest by a seeded choice (a cap above the
-    rows is noted in mixture.notes). -> Mixture."""
-    import numpy as np
+    path: a hub id or a folder laid out like the hub repo (a relative folder is read from the current
+    directory, as the official DATA_DIR); absent, the 20 MMEB-train subsets read mmeb_train (--mmeb-train).
+    subset: the source's name where the data set has a config of that name; split 'original' (the
+    official one); images: the folder for image path columns, default images_dir (--images).
+    A cap takes the FIRST num_samples rows (the official split f"original[:{num_samples}]") and the last
+    `holdout` rows of that prefix are held out (for --eval-every). Every source is opened and its first
+    row read before this returns; one ValueError names every source that cannot be. -> Mixture, with
+    .notes (what to tell the user) and .negatives (rows with a hard negative, per source)."""
     spec = read_mixture(file)
-    names, sources, weights, heldout, notes = [], [], [], [], []
-    no_path = [n for n, s in spec.items() if not s.get("path") and n not in MMEB_TRAIN_SUBSETS]
-    if no_path:
-        raise ValueError(f"mixture {file}: no path for {', '.join(no_path)} (only the MMEB-train subsets have a "
-                         f"default): set `path:` to a hub id or a local folder in one of the layouts "
-                         f"({', '.join(LAYOUTS)}), or remove the source")
+    names, sources, weights, heldout, notes, bad = [], [], [], [], [], []
     for name, s in spec.items():
-        cap, mmeb = s.get("num_samples"), not s.get("path")
-        src = load_source(s.get("path") or mmeb_train, s.get("subset", name if mmeb else None),
-                          s.get("split", "original" if mmeb else "train"), name, s.get("images", images_dir))
-        n = len(src)
-        if n <= holdout:
-            raise ValueError(f"mixture {file}: source {name} has {n} rows, not more than the {holdout} held out")
-        train_rows = np.arange(n - holdout)
-        if cap is not None and cap < len(train_rows):
-            train_rows = np.sort(np.random.default_rng([seed, len(names)]).choice(train_rows, cap, replace=False))
-        elif cap is not None:
-            notes.append(f"mixture source {name}: num_samples {cap} is more than its {len(train_rows)} training rows "
+        path, cap = s.get("path") or (mmeb_train if name in MMEB_TRAIN_SUBSETS else None), s.get("num_samples")
+        try:
+            if path is None:
+                raise ValueError(f"{name}: no path (only the MMEB-train subsets have a default): set `path:` to a "
+                                 f"hub id or a local folder in one of the layouts ({', '.join(LAYOUTS)})")
+            subset = s.get("subset") or (name if name in _configs(path, name) else None)
+            src = load_source(path, subset, s.get("split", "original"), name, s.get("images", images_dir))
+            n = min(len(src), cap or len(src))                    # the prefix: original[:num_samples]
+            if n <= holdout:
+                raise ValueError(f"{name}: {n} rows{' (num_samples)' if n == cap else ''}, not more than the "
+                                 f"{holdout} held out")
+            src[0]                                                # the first row reads (images, columns)
+        except (ValueError, FileNotFoundError) as e:
+            bad.append((name, str(e)))
+            continue
+        if cap is not None and cap > len(src):
+            notes.append(f"mixture source {name}: num_samples {cap} is more than its {n - holdout} training rows "
                          f"(after {holdout} held out): all of them are used")
         names.append(name)
         weights.append(float(s["weight"]))
-        sources.append(Source(src.ds, src.layout, name, src.images_dir, train_rows.tolist()))
-        heldout.append(Source(src.ds, src.layout, name, src.images_dir, list(range(n - holdout, n))))
+        sources.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout)))
+        heldout.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout, n)))
+    if bad:  # one line: sources failing alike are named together
+        said = {}
+        for name, e in bad:
+            said.setdefault(e.split(": ", 1)[1] if e.startswith(f"{name}: ") else e, []).append(name)
+        raise ValueError(f"mixture {file}: {len(bad)} of {len(spec)} source(s) cannot be read: "
+                         + "; ".join(f"{', '.join(names)}: {e}" for e, names in said.items()))
     mixture = Mixture(names, sources, weights, heldout)
-    mixture.notes = notes
+    mixture.notes, mixture.negatives = notes, [negatives_in(s) for s in sources]
     return mixture
 
 

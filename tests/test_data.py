@@ -190,7 +190,7 @@ def moca_copy(root, name, n, K=2, in_row_images=True):
     rows = [dict(qry=f"{name} query {i}", qry_image=None, pos_text=f"{name} doc {i}", pos_image=None,
                  neg_text=[f"{name} neg {i}.{k}" for k in range(i % (K + 1))],
                  **{f"neg_image_{k}": None for k in range(K)}) for i in range(n)]
-    return write_hub_repo(root / name, {"default": {"train": rows}}, features=feats)
+    return write_hub_repo(root / name, {"default": {"original": rows}}, features=feats)
 
 
 def write_mixture(tmp_path, sources):
@@ -200,53 +200,98 @@ def write_mixture(tmp_path, sources):
     return str(f)
 
 
-def test_mixture_weights_runs_caps_and_holdout(tmp_path):
-    a, b, c = (moca_copy(tmp_path, n, rows) for n, rows in (("A", 3000), ("B", 3000), ("C", 400)))
-    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": a}, "B": {"weight": 3.0, "path": b},
-                                                     "C": {"weight": 1.0, "num_samples": 150, "path": c}}),
-                            holdout=100, seed=0)
-    assert [len(s) for s in mix.sources] == [2900, 2900, 150] and [len(h) for h in mix.heldout] == [100] * 3
-    assert list(mix.heldout[0].rows) == list(range(2900, 3000))      # the last 100 rows of each source
-    assert list(mix.heldout[2].rows) == list(range(300, 400)) and all(r < 300 for r in mix.sources[2].rows)
-    src, rows = mix.epoch(seed=0, rank=0, epoch=0, run=32)
-    assert len(src) == len(mix) and sorted(zip(src.tolist(), rows.tolist())) == \
-        sorted((s, r) for s in range(3) for r in range(len(mix.sources[s])))       # every example once
-    starts = [0] + [i for i in range(1, len(src)) if src[i] != src[i - 1]]
-    runs = [j - i for i, j in zip(starts, starts[1:] + [len(src)])]
-    # runs of exactly 32 from one source, but where a source ran out (its last, shorter run)
-    sizes = [len(s) for s in mix.sources]
-    short = [(src[i], r) for i, r in zip(starts, runs) if r % 32]
-    assert len(short) <= 3 and all(r % 32 == sizes[s] % 32 for s, r in short)
-    # while all three are live, sources are drawn in proportion to weight (1 : 3 : 1), within 3 points
-    first = src[:2000].tolist()
-    for s, w in ((0, 0.2), (1, 0.6), (2, 0.2)):
-        if s == 2:
-            continue                                    # C (150 rows) is exhausted early by design
-        assert abs(first.count(s) / 2000 - w / 0.8 * (1 - first.count(2) / 2000)) < 0.03, (s, first.count(s))
-    other = mix.epoch(seed=0, rank=1, epoch=0, run=32)[0]
-    assert other.tolist() != src.tolist()               # each rank its own order
-    assert mix.epoch(0, 0, 0, 32)[0].tolist() == src.tolist()        # a pure function of (seed, rank, epoch)
+def test_mixture_caps_take_the_first_rows_and_hold_out_the_end_of_that_prefix(tmp_path):
+    """Official: split=f"original[:{num_samples}]", then the last 100 rows of that prefix held out."""
+    a, c = moca_copy(tmp_path, "A", 300), moca_copy(tmp_path, "C", 400)
+    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": a},
+                                                     "C": {"weight": 1.0, "num_samples": 250, "path": c}}), holdout=100)
+    assert [list(s.rows) for s in mix.sources] == [list(range(200)), list(range(150))]
+    assert [list(h.rows) for h in mix.heldout] == [list(range(200, 300)), list(range(150, 250))]
+    assert mix.heldout[1][0]["qry_text"] == "C query 150" and mix.sources[1][149]["qry_text"] == "C query 149"
+    assert mix.notes == [] and mix.negatives == [200 * 2 // 3, 150 * 2 // 3]   # row i has i % 3 negatives
 
 
-def test_mixture_proportions_over_2000_examples(tmp_path):
-    """Sources with room to spare: drawn in proportion to weight, within 3 points over 2,000."""
-    paths = {n: moca_copy(tmp_path, n, 2200) for n in ("A", "B", "C")}
-    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": paths["A"]},
-                                                     "B": {"weight": 2.0, "path": paths["B"]},
-                                                     "C": {"weight": 5.0, "path": paths["C"]}}), holdout=100)
-    src = mix.epoch(seed=3, rank=0, epoch=0, run=8)[0][:2000].tolist()
-    for s, w in enumerate((1 / 8, 2 / 8, 5 / 8)):
-        assert abs(src.count(s) / 2000 - w) < 0.03, (s, src.count(s))
+def toy_mixture(tmp_path, sizes=(10, 100, 1000), weights=(1, 1, 2)):
+    names = "ABC"[:len(sizes)]
+    spec = {n: {"weight": w, "path": moca_copy(tmp_path, n, size + 1)} for n, size, w in zip(names, sizes, weights)}
+    return data.load_mixture(write_mixture(tmp_path, spec), holdout=1)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_mixture_shares_follow_the_weights_with_replacement(tmp_path, world):
+    """Sizes 10 / 100 / 1,000, weights 1 / 1 / 2, 2,000 steps: every source's share of the examples is
+    within 2 points of 25 / 25 / 50% on each rank (a source that runs out restarts), and batches are
+    runs of one source."""
+    mix = toy_mixture(tmp_path)
+    for rank in range(world):
+        order = data.MixtureBatches(mix, 16, world, rank, seed=0, start=0, steps=2000, run=4)
+        k, rows = order.examples(np.arange(2000 * 16))
+        shares = np.bincount(k, minlength=3) / len(k)
+        assert np.abs(shares - [0.25, 0.25, 0.5]).max() < 0.02, shares
+        assert order.seen(2000) == dict(zip("ABC", np.bincount(k, minlength=3).tolist()))
+        runs = k.reshape(-1, 4)
+        assert (runs == runs[:, :1]).all()                                   # runs of 4 from one source
+        if world == 1:                # A (10 rows, ~8,000 draws) restarts pass after pass: each row as often
+            a = np.bincount(rows[k == 0], minlength=10)
+            assert a.max() - a.min() <= 1, a
+
+
+def test_mixture_passes_never_repeat_a_row_across_ranks(tmp_path):
+    """The stream split across 2 ranks: within one pass of a source no row is seen twice, on either rank;
+    the next pass is a new order; a pure function of the step (a fresh sampler agrees)."""
+    mix = toy_mixture(tmp_path)
+    orders = [data.MixtureBatches(mix, 8, 2, rank, seed=5, start=0, steps=100, run=4) for rank in range(2)]
+    # the global stream: rank r's run i is global run 2 i + r
+    ex = [o.examples(np.arange(4000)) for o in orders]                     # 1000 runs each
+    k = np.stack([e[0].reshape(-1, 4) for e in ex], 1).reshape(-1)
+    rows = np.stack([e[1].reshape(-1, 4) for e in ex], 1).reshape(-1)
+    for s, n in enumerate((10, 100, 1000)):
+        seq = rows[k == s]
+        passes = [seq[i:i + n] for i in range(0, len(seq) - n + 1, n)]
+        assert passes and all(sorted(p.tolist()) == list(range(n)) for p in passes), s
+        if len(passes) > 1:
+            assert passes[0].tolist() != passes[1].tolist()                  # a new order each pass
+    fresh = data.MixtureBatches(mix, 8, 2, 1, seed=5, start=0, steps=100, run=4)
+    assert fresh.batch(77) == orders[1].batch(77)
+    assert data.MixtureBatches(mix, 8, 2, 1, seed=6, start=0, steps=100, run=4).batch(77) != orders[1].batch(77)
+
+
+def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_path):
+    """--shuffle-buffer N (the official shuffle(seed=42) after the split): every output is a different
+    example of the rank's stream, drawn from at most N ahead; batches mix runs; shares still follow
+    the weights; a fresh sampler gives the same batch at any step."""
+    mix = toy_mixture(tmp_path)
+    plain = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4)
+    mixed = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    pos = mixed._stream(np.arange(20000))
+    assert len(set(pos.tolist())) == 20000 and (pos < np.arange(20000) + 100).all()   # no example twice, none ahead
+    assert sorted(pos[:5000].tolist())[:4000] == list(range(4000))               # nothing left behind for long
+    k = mixed.examples(np.arange(2000 * 16))[0]
+    assert np.abs(np.bincount(k, minlength=3) / len(k) - [0.25, 0.25, 0.5]).max() < 0.02
+    assert np.mean([len(set(b)) > 1 for b in k.reshape(-1, 16).tolist()]) > 0.9   # most batches mix sources
+    assert np.mean([len(set(b)) > 1 for b in plain.examples(np.arange(2000 * 16))[0].reshape(-1, 4).tolist()]) == 0
+    fresh = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    assert fresh.batch(1234) == mixed.batch(1234) and fresh.seen(1500) == mixed.seen(1500)
 
 
 def test_mixture_errors(tmp_path):
     a = moca_copy(tmp_path, "A", 150)
-    with pytest.raises(ValueError, match="no path for ArxivQA"):
-        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}, "ArxivQA": {"weight": 1.0}}))
     with pytest.raises(ValueError, match="source A: unknown key.*weigth"):
         data.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "weigth": 2}}))
-    with pytest.raises(ValueError, match="source A has 150 rows, not more than the 200 held out"):
+    with pytest.raises(ValueError, match="A: 150 rows, not more than the 200 held out"):
         data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}}), holdout=200)
+    with pytest.raises(ValueError, match=r"A: 50 rows \(num_samples\), not more than the 100 held out"):
+        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "num_samples": 50}}))
+    # every source that cannot be read, in one line: a missing folder, a missing subset, no path, bad columns
+    bad = write_hub_repo(tmp_path / "bad", {"default": {"original": [dict(question="q", answer="a")] * 3}})
+    with pytest.raises(ValueError) as e:
+        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}, "B": {"path": str(tmp_path / "gone")},
+                                                   "C": {"path": str(tmp_path / "gone")}, "ArxivQA": {"weight": 1.0},
+                                                   "D": {"path": a, "subset": "nope"}, "E": {"path": bad}}))
+    said = str(e.value)
+    assert "\n" not in said and said.startswith("mixture ") and "5 of 6 source(s) cannot be read" in said
+    assert "B, C: the folder" in said and "ArxivQA: no path" in said and "D: no subset 'nope'" in said
+    assert "E: columns ['answer', 'question'] match no training layout" in said
     with pytest.raises(ValueError, match="mixture .*nope.yaml: cannot read it"):
         data.load_mixture(str(tmp_path / "nope.yaml"))
 
@@ -266,6 +311,55 @@ def test_collate_k_negatives_repeat_the_last(tmp_path, tiny):
 
 def test_two_local_copies_with_one_name_are_not_confused(tmp_path):
     """datasets caches a local folder by its name alone; the loaders key the cache by path and files."""
-    x = data.load_source(moca_copy(tmp_path / "x", "A", 120), None, "train", "x")
-    y = data.load_source(moca_copy(tmp_path / "y", "A", 130), None, "train", "y")
+    x = data.load_source(moca_copy(tmp_path / "x", "A", 120), None, "original", "x")
+    y = data.load_source(moca_copy(tmp_path / "y", "A", 130), None, "original", "y")
     assert (len(x), len(y)) == (120, 130)
+
+
+def moca_official_copy(root, n=6):
+    """A small copy laid out like the official run's MoCa_train_with_image: one config per source, split
+    'original', images in the rows (a column only where the source has that image), neg_text a list,
+    neg_image_0.., and the *_path columns the official loader ignores. CIRR: image query, image positive,
+    image negatives (an empty first negative text, as VisDial's); DocVQA: image query, text answers, text
+    negatives; N24News: no negative columns at all."""
+    import datasets
+    img = lambda i: Image.new("RGB", (32 + i, 40), (40 * i % 255, 90, 0))   # noqa: E731
+    s, im, seq = datasets.Value("string"), datasets.Image(), datasets.Sequence(datasets.Value("string"))
+    cirr = [dict(qry=f"<|image_1|>\nGiven an image, find a similar one {i}\n", qry_image_path=f"cirr/{i}.png",
+                 qry_image=img(i), pos_text="<|image_1|>\nRepresent the given image.\n", pos_image_path="x.png",
+                 pos_image=img(i + 1), neg_text=["", "<|image_1|>\nRepresent the given image.\n"],
+                 neg_image_path="y.png", neg_image_0=img(i + 2), neg_image_1=img(i + 3)) for i in range(n)]
+    doc = [dict(qry=f"<|image_1|>\nRepresent the given image with the following question: q{i}\n",
+                qry_image_path="d.png", qry_image=img(i), pos_text=f"answer {i}", pos_image_path="",
+                neg_text=[f"wrong {i}", f"also wrong {i}"], neg_image_path="") for i in range(n)]
+    news = [dict(qry="<|image_1|>\nWhat news is this?\n", qry_image=img(i), pos_text=f"news {i}") for i in range(n)]
+    feats = {"CIRR": datasets.Features(dict(qry=s, qry_image_path=s, qry_image=im, pos_text=s, pos_image_path=s,
+                                            pos_image=im, neg_text=seq, neg_image_path=s, neg_image_0=im,
+                                            neg_image_1=im)),
+             "DocVQA": datasets.Features(dict(qry=s, qry_image_path=s, qry_image=im, pos_text=s, pos_image_path=s,
+                                              neg_text=seq, neg_image_path=s)),
+             "N24News": datasets.Features(dict(qry=s, qry_image=im, pos_text=s))}
+    return write_hub_repo(root / "MoCa_train_with_image", {"CIRR": {"original": cirr}, "DocVQA": {"original": doc},
+                                                          "N24News": {"original": news}}, features=feats)
+
+
+def test_moca_official_layout_is_read_as_the_official_collator_reads_it(tmp_path, tiny):
+    repo = moca_official_copy(tmp_path)
+    mix = data.load_mixture(write_mixture(tmp_path, {n: {"weight": 1.0, "num_samples": 5, "path": repo}
+                                                     for n in ("CIRR", "DocVQA", "N24News")}), holdout=1)
+    assert mix.names == ["CIRR", "DocVQA", "N24News"] and [len(s) for s in mix.sources] == [4, 4, 4]
+    assert mix.negatives == [4, 4, 0]                               # N24News: no hard negatives in this copy
+    cirr, doc, news = (mix[(k, 1)] for k in range(3))
+    # "<|image_1|>\n" dropped, images from the rows (no --images: the *_path columns are not read)
+    assert cirr["qry_text"] == "Given an image, find a similar one 1\n" and cirr["qry_image"].size == (33, 40)
+    assert cirr["pos_text"] == "Represent the given image.\n" and cirr["pos_image"].size == (34, 40)
+    assert [(t, im.size) for t, im in cirr["negs"]] == [("", (35, 40)), ("Represent the given image.\n", (36, 40))]
+    assert doc["pos_image"] is None and doc["negs"] == [("wrong 1", None), ("also wrong 1", None)]
+    assert news["negs"] == [] and news["qry_text"] == "What news is this?\n"
+    # one hard negative per query (K = 1): the first of each list; N24News's query is masked
+    q, c, neg_mask = data.collate([cirr, doc, news], tiny.processor, num_negatives=1)
+    assert neg_mask[:, 0].tolist() == [True, True, False] and c["input_ids"].shape[0] == 6
+    img_rows = (c["input_ids"] == tiny.backbone.config.image_token_id).any(1).tolist()
+    assert img_rows == [True, False, False, True, False, False]    # CIRR's positive and its image negative
+    texts = tiny.processor.tokenizer.batch_decode(c["input_ids"][3:5], skip_special_tokens=True)
+    assert texts[0].endswith("Describe the image.") and texts[1].endswith("wrong 1")

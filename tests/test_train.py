@@ -267,13 +267,17 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     common = ["--mixture", str(mix), "--holdout", "8", "--source-run", "3", "--num-negatives", "2",
               "--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "2"]
     path, log = run(tmp_path, "full", *common)
-    # the examples seen per source are those of the mixture's order (seed 0, rank 0, epoch 0, runs of 3)
+    # the examples seen per source are those of the mixture's order (seed 0, one rank, runs of 3)
     order = train.data.load_mixture(str(mix), holdout=8, seed=0)
-    src = order.epoch(0, 0, 0, 3)[0]
+    src = train.data.MixtureBatches(order, 4, 1, 0, 0, 0, 4, 3).examples(range(600))[0]
     assert [r["seen"] for r in log] == [{"A": int((src[:n] == 0).sum()), "B": int((src[:n] == 1).sum())}
                                         for n in (4, 8, 12, 16)]
-    # weights 1 : 3 over the 104 training examples' first 60 (both sources live): B's share 0.75, within 0.15
-    assert abs((src[:60] == 1).mean() - 0.75) < 0.15
+    # weights 1 : 3, drawn with replacement: B's share 0.75 over 600 examples (200 runs), within 0.1
+    assert abs((src == 1).mean() - 0.75) < 0.1
+    # the log counts this step's queries that have a hard negative (moca_copy: row i has i % 3 of them)
+    assert [r["hard_negatives"] for r in log] == [
+        sum(bool(order[(int(k), int(i))]["negs"]) for k, i in zip(*train.data.MixtureBatches(
+            order, 4, 1, 0, 0, 0, 4, 3).examples(range(4 * s, 4 * s + 4)))) for s in range(4)]
     # held-out P@1 at step 4, recomputed from the saved model: each source's 8 held-out queries
     # against its 8 positives, the argmax of the prefix MaxSim (then the mean over the two sources)
     from maxsim import maxsim_reference
@@ -299,16 +303,27 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
 def test_recipe_paper_sets_the_official_settings(capsys):
     args = train.get_args(["--recipe", "paper", "--lr", "2e-4"])
     assert (args.backbone, args.batch_size, args.steps, args.warmup, args.lr) == ("qwen2.5-vl-7b", 48, 4000, 500, 2e-4)
-    assert (args.lora, args.num_negatives, args.source_run, args.holdout, args.max_pixels) == (True, 1, 32, 100, 1024 * 28 * 28)
+    assert (args.lora, args.num_negatives, args.source_run, args.holdout, args.shuffle_buffer) == (True, 1, 32, 100, 1000)
+    assert (args.max_visual_tokens, args.max_pixels) == (1024, None)     # pixels follow from the family
     assert args.query_suffix and args.grad_checkpointing and args.proj_dim == 0
     said = capsys.readouterr().out
     assert "--recipe paper: --backbone qwen2.5-vl-7b" in said and "(given: lr)" in said
-    # the shipped mixture: 26 sources; the six outside MMEB-train need a path, named before any loading
+    # the shipped mixture: the official file's 26 weights and caps, every source a config of MoCa's data
     import yaml
     spec = yaml.safe_load(open(args.mixture))
-    assert len(spec) == 26 and spec["MSCOCO"]["weight"] == 2.0 and spec["tevatron_colpali"]["weight"] == 5.0
-    with pytest.raises(ValueError, match="no path for ArxivQA, InfoSeek_it2it, InfoSeek_it2t, TAT-DQA, "
-                                         "tevatron_colpali, visrag_ind"):
+    official = dict(HatefulMemes=(0.5, 10000), **{"OK-VQA": (0.5, 10000)}, SUN397=(0.5, 10000), VOC2007=(0.5, 10000),
+                    **{"A-OKVQA": (1.0, 50000)}, CIRR=(1.0, 50000), ChartQA=(1.0, 50000), DocVQA=(1.0, 50000),
+                    InfographicsVQA=(1.0, 50000), N24News=(1.0, 50000), NIGHTS=(0.5, 50000), VisDial=(1.0, 50000),
+                    Visual7W=(1.0, 50000), WebQA=(1.0, 50000), ImageNet_1K=(1.0, 100000), MSCOCO=(2.0, 100000),
+                    MSCOCO_i2t=(1.0, 100000), MSCOCO_t2i=(1.0, 100000), VisualNews_i2t=(1.0, 100000),
+                    VisualNews_t2i=(1.0, 100000), ArxivQA=(1.0, 50000), InfoSeek_it2it=(1.0, 50000),
+                    InfoSeek_it2t=(1.0, 50000), **{"TAT-DQA": (1.0, 50000)}, tevatron_colpali=(5.0, 999999),
+                    visrag_ind=(5.0, 999999))
+    assert {n: (e["weight"], e["num_samples"]) for n, e in spec.items()} == official
+    assert {e["path"] for e in spec.values()} == {"./data_dir/MoCa_train_with_image"}
+    # without the data: one line naming every source, before anything else
+    with pytest.raises(ValueError, match=r"26 of 26 source\(s\) cannot be read: ImageNet_1K, N24News, .*visrag_ind: "
+                                         r"the folder './data_dir/MoCa_train_with_image' does not exist"):
         train.data.load_mixture(args.mixture)
 
 
@@ -332,3 +347,40 @@ def test_default_out_names_backbone_and_data():
     assert train.get_args(["--backbone", "/models/q2b/", "--mixture", "mixtures/paper.yaml"]).out == \
         os.path.join("out", "q2b-paper")
     assert train.get_args([]).out == "out/tiny-synthetic"
+
+
+def test_recipe_paper_caps_images_at_1024_tokens_in_the_familys_pixels():
+    """A visual token is 32 x 32 pixels on Qwen3-VL: the cap is 1024 of them (1,048,576 pixels), not
+    1024 x 28 x 28. A 2000 x 3000 page gets more than 1,000 and at most 1,024 visual tokens."""
+    from PIL import Image
+    args = train.get_args(["--recipe", "paper", "--backbone", "tiny-qwen3-vl"])
+    model = train.build_model(args, None)
+    assert model.config.max_visual_tokens == 1024 and model.config.max_pixels == 1024 * 32 * 32
+    inputs = model.prepare([""], [Image.new("RGB", (2000, 3000), "white")], "candidate")
+    tokens = int((inputs["input_ids"] == model.backbone.config.image_token_id).sum())
+    assert 1000 < tokens <= 1024, tokens
+    assert train.get_args(["--recipe", "paper", "--max-pixels", "50176"]).max_pixels == 50176   # pixels given win
+
+
+def test_mixture_sources_are_checked_before_the_backbone_and_negatives_said_once(tmp_path, monkeypatch, capsys):
+    """Every source opened before the backbone is built (one line naming each that cannot be read); a
+    source without hard negatives is said once at the start; --require-negatives refuses to start."""
+    import yaml
+    from test_data import moca_official_copy
+    repo = moca_official_copy(tmp_path, n=12)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({n: {"weight": 1.0, "path": repo} for n in ("CIRR", "DocVQA", "N24News")}))
+    built = []
+    monkeypatch.setattr(train.MetaEmbed, "from_backbone", classmethod(lambda cls, *a, **k: built.append(1) or 1 / 0))
+    common = ["--mixture", str(mix), "--holdout", "2", "--steps", "2", "--batch-size", "4", "--no-progress"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"CIRR": {"path": repo}, "X": {"path": str(tmp_path / "gone")}, "ArxivQA": {}}))
+    with pytest.raises(ValueError, match=r"2 of 3 source\(s\) cannot be read: .*ArxivQA: no path") as e:
+        train.train(train.get_args(SMALL + ["--out", str(tmp_path / "a")] + common[:1] + [str(bad)] + common[2:]))
+    assert "X: the folder" in str(e.value) and "CIRR" not in str(e.value)
+    with pytest.raises(ValueError, match=r"--require-negatives: .*N24News \(0 of 10 rows\)"):
+        train.train(train.get_args(SMALL + ["--out", str(tmp_path / "b"), "--require-negatives"] + common))
+    assert not built and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    said = capsys.readouterr().out
+    assert said.count("N24News: no hard negatives in this copy: in-batch negatives only") == 1
+    assert "CIRR: no hard" not in said and "DocVQA: no hard" not in said
