@@ -21,8 +21,6 @@ import torch
 from PIL import Image, ImageDraw
 
 from machinery.backbones import load_image
-from machinery.hub import (LazyImage, Mixture, load_colpali_train, load_mixture, load_mmeb_eval,  # noqa: F401
-                           load_mmeb_train, load_source, load_vidore, unique_names)
 from metaembed import prepare
 
 # -----------------------------------------------------------------------------
@@ -214,7 +212,7 @@ class StepBatches(torch.utils.data.Sampler):
 
 
 class MixtureBatches(torch.utils.data.Sampler):
-    """This rank's batches of a data.Mixture, the official interleaving (interleave_datasets with
+    """This rank's batches of a machinery.hub.Mixture, the official interleaving (interleave_datasets with
     stopping_strategy="all_exhausted", then split_dataset_by_node), as a pure function of the step:
 
     - one global stream of runs: run g is `run` consecutive examples of one source, drawn WITH

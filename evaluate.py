@@ -22,7 +22,7 @@ import torch
 
 import data
 from maxsim import maxsim, maxsim_pairwise, maxsim_topk
-from machinery import checks, index
+from machinery import checks, hub, index
 from machinery.checkpoints import DEFAULT_CHECKPOINT
 from metaembed import GROUPS, MetaEmbed, load_model, parse_budgets
 
@@ -240,13 +240,13 @@ def load_tasks(args, train_args):
         tasks = data.synthetic_eval(args.synthetic_scenes, seed=args.seed, min_objects=lo, max_objects=hi)
         return "P@1", {name: (score_retrieval, task) for name, task in tasks.items()}
     if args.benchmark == "vidore":
-        return "NDCG@5", {name: (score_retrieval, data.load_vidore(path, args.max_rows))
-                          for name, path in zip(data.unique_names(args.vidore), args.vidore)}
+        return "NDCG@5", {name: (score_retrieval, hub.load_vidore(path, args.max_rows))
+                          for name, path in zip(hub.unique_names(args.vidore), args.vidore)}
     subsets = args.subsets or data.MMEB_SUBSETS
     unknown = [s for s in subsets if s not in data.MMEB_SUBSETS]
     if unknown:
         raise ValueError(f"unknown MMEB subset(s) {unknown}; the 36 are: {', '.join(data.MMEB_SUBSETS)}")
-    return "P@1", {s: (score_mmeb, data.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)) for s in subsets}
+    return "P@1", {s: (score_mmeb, hub.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)) for s in subsets}
 
 
 def evaluate(args):

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 import data
 import evaluate
-from machinery import checkpoints, checks, distributed
+from machinery import checkpoints, checks, distributed, hub
 from machinery.backbones import BACKBONES, OFFLINE, check_backbone, image_key, is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 
@@ -158,7 +158,7 @@ def get_args(argv=None):
 def load_mixture(args, say):
     """--mixture: every source opened and its first row read (one error naming every source that
     cannot be), before the backbone is built; what each source lacks said once, here."""
-    mix = data.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
+    mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
     for note in mix.notes:
         say(f"train.py: {note}")
     if args.num_negatives:
@@ -186,9 +186,9 @@ def build_data(args, world, rank, start, mix=None):
         ds = data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
         heldout = data.synthetic_eval(args.holdout, n_variants=1, seed=args.seed + 1, min_objects=lo, max_objects=hi)
     elif args.data == "mmeb-train":
-        ds, heldout = data.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset), {}
+        ds, heldout = hub.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset), {}
     else:
-        ds, heldout = data.load_colpali_train(args.colpali_train), {}
+        ds, heldout = hub.load_colpali_train(args.colpali_train), {}
     return ds, data.StepBatches(len(ds), args.batch_size, world, rank, args.seed, start, args.steps), heldout
 
 

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 import data
+from machinery import hub
 from conftest import write_hub_repo
 
 
@@ -13,7 +14,7 @@ from conftest import write_hub_repo
 def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
     from test_data import mmeb_train_copy, moca_copy, write_mixture
     repo, images = mmeb_train_copy(tmp_path)
-    mix = data.load_mixture(write_mixture(tmp_path, {"ImageNet_1K": {"weight": 1.0, "num_samples": 50}}),
+    mix = hub.load_mixture(write_mixture(tmp_path, {"ImageNet_1K": {"weight": 1.0, "num_samples": 50}}),
                             images, holdout=1, mmeb_train=repo)
     assert mix.names == ["ImageNet_1K"] and len(mix.sources[0]) == 3
     assert mix.notes == ["mixture source ImageNet_1K: num_samples 50 is more than its 3 training rows (after 1 held "
@@ -26,11 +27,11 @@ def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
                        ({"A": {"path": a, "weight": 1e308}, "B": {"path": a, "weight": 1e308}}, "add up to more than"),
                        ({"A": {"path": a, "num_samples": 2.7}}, "num_samples must be a whole number >= 1, got 2.7")):
         with pytest.raises(ValueError, match=said):
-            data.load_mixture(write_mixture(tmp_path, spec))
+            hub.load_mixture(write_mixture(tmp_path, spec))
     dup = tmp_path / "dup.yaml"
     dup.write_text(f"A: {{path: {a}, weight: 1}}\nA: {{path: {a}, weight: 3}}\n")
     with pytest.raises(ValueError, match="A appear"):
-        data.load_mixture(str(dup))
+        hub.load_mixture(str(dup))
 
 
 def test_synthetic_is_deterministic_and_seeded():
@@ -117,7 +118,7 @@ def mmeb_train_copy(tmp_path):
 
 def test_mmeb_train_local_copy(tmp_path, tiny):
     repo, images = mmeb_train_copy(tmp_path)
-    ds = data.load_mmeb_train(repo, ["ImageNet_1K", "CIRR"], images, max_per_subset=3)
+    ds = hub.load_mmeb_train(repo, ["ImageNet_1K", "CIRR"], images, max_per_subset=3)
     assert len(ds) == 6
     rows = [ds[i] for i in range(6)]                   # train.py's sampler shuffles (by seed and step)
     assert [r["source"] for r in rows] == [f"MMEB-train/ImageNet_1K row {i}" for i in range(3)] + \
@@ -137,24 +138,24 @@ def test_mmeb_train_local_copy(tmp_path, tiny):
 def test_mmeb_train_errors(tmp_path, tiny):
     repo, images = mmeb_train_copy(tmp_path)
     with pytest.raises(ValueError, match="no subset 'Nope'.*CIRR"):
-        data.load_mmeb_train(repo, ["Nope"], images)
+        hub.load_mmeb_train(repo, ["Nope"], images)
     bad = write_hub_repo(tmp_path / "bad", {"X": {"original": [dict(qry="a", pos_text="b")]}})
     with pytest.raises(ValueError, match=r"MMEB-train/X: missing column\(s\) \['qry_image_path'"):
-        data.load_mmeb_train(bad, ["X"], images)
+        hub.load_mmeb_train(bad, ["X"], images)
     with pytest.raises(FileNotFoundError, match="the folder .*absent' does not exist"):   # not tried on the hub
-        data.load_mmeb_train(str(tmp_path / "absent"), ["X"], images)
+        hub.load_mmeb_train(str(tmp_path / "absent"), ["X"], images)
     with pytest.raises(FileNotFoundError, match="cannot open 'nobody/absent'"):        # a hub id: tried, offline
-        data.load_mmeb_train("nobody/absent", ["X"], images)
+        hub.load_mmeb_train("nobody/absent", ["X"], images)
     # a wrong image folder is found before training starts, with the count and the first rows
     with pytest.raises(FileNotFoundError, match=r"MMEB-train/CIRR: \d+ of \d+ images are missing, e.g. row 0 "
                                                 r"(qry|pos)_image_path '.*elsewhere/.*png'"):
-        data.load_mmeb_train(repo, ["CIRR"], str(tmp_path / "elsewhere"))
+        hub.load_mmeb_train(repo, ["CIRR"], str(tmp_path / "elsewhere"))
     with pytest.raises(ValueError, match="row 0 refers to image .*give the folder"):
-        data.load_mmeb_train(repo, ["CIRR"], None)
+        hub.load_mmeb_train(repo, ["CIRR"], None)
     # one image deleted among many: named by its row
     (Path(images) / ds_image(repo)).unlink()
     with pytest.raises(FileNotFoundError, match=r"1 of \d+ images are missing, e.g. row \d+ \w+_image_path"):
-        data.load_mmeb_train(repo, ["CIRR"], images)
+        hub.load_mmeb_train(repo, ["CIRR"], images)
 
 
 def ds_image(repo):
@@ -169,7 +170,7 @@ def test_colpali_train_local_copy(tmp_path, tiny):
     rows = [dict(query=f"what is on page {i}?", image=Image.new("RGB", (40, 60), (0, 40 * i, 0)))
             for i in range(3)]
     repo = write_hub_repo(tmp_path / "colpali", {"default": {"train": rows}}, features=feats)
-    ds = data.load_colpali_train(repo)
+    ds = hub.load_colpali_train(repo)
     e = ds[1]
     assert e["qry_text"] == "what is on page 1?" and e["negs"] == []
     assert isinstance(e["pos_image"], Image.Image) and e["pos_image"].size == (40, 60)
@@ -203,7 +204,7 @@ def write_mixture(tmp_path, sources):
 def test_mixture_caps_take_the_first_rows_and_hold_out_the_end_of_that_prefix(tmp_path):
     """Official: split=f"original[:{num_samples}]", then the last 100 rows of that prefix held out."""
     a, c = moca_copy(tmp_path, "A", 300), moca_copy(tmp_path, "C", 400)
-    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": a},
+    mix = hub.load_mixture(write_mixture(tmp_path, {"A": {"weight": 1.0, "path": a},
                                                      "C": {"weight": 1.0, "num_samples": 250, "path": c}}), holdout=100)
     assert [list(s.rows) for s in mix.sources] == [list(range(200)), list(range(150))]
     assert [list(h.rows) for h in mix.heldout] == [list(range(200, 300)), list(range(150, 250))]
@@ -214,7 +215,7 @@ def test_mixture_caps_take_the_first_rows_and_hold_out_the_end_of_that_prefix(tm
 def toy_mixture(tmp_path, sizes=(10, 100, 1000), weights=(1, 1, 2)):
     names = "ABC"[:len(sizes)]
     spec = {n: {"weight": w, "path": moca_copy(tmp_path, n, size + 1)} for n, size, w in zip(names, sizes, weights)}
-    return data.load_mixture(write_mixture(tmp_path, spec), holdout=1)
+    return hub.load_mixture(write_mixture(tmp_path, spec), holdout=1)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -277,15 +278,15 @@ def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_
 def test_mixture_errors(tmp_path):
     a = moca_copy(tmp_path, "A", 150)
     with pytest.raises(ValueError, match="source A: unknown key.*weigth"):
-        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "weigth": 2}}))
+        hub.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "weigth": 2}}))
     with pytest.raises(ValueError, match="A: 150 rows, not more than the 200 held out"):
-        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}}), holdout=200)
+        hub.load_mixture(write_mixture(tmp_path, {"A": {"path": a}}), holdout=200)
     with pytest.raises(ValueError, match=r"A: 50 rows \(num_samples\), not more than the 100 held out"):
-        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "num_samples": 50}}))
+        hub.load_mixture(write_mixture(tmp_path, {"A": {"path": a, "num_samples": 50}}))
     # every source that cannot be read, in one line: a missing folder, a missing subset, no path, bad columns
     bad = write_hub_repo(tmp_path / "bad", {"default": {"original": [dict(question="q", answer="a")] * 3}})
     with pytest.raises(ValueError) as e:
-        data.load_mixture(write_mixture(tmp_path, {"A": {"path": a}, "B": {"path": str(tmp_path / "gone")},
+        hub.load_mixture(write_mixture(tmp_path, {"A": {"path": a}, "B": {"path": str(tmp_path / "gone")},
                                                    "C": {"path": str(tmp_path / "gone")}, "ArxivQA": {"weight": 1.0},
                                                    "D": {"path": a, "subset": "nope"}, "E": {"path": bad}}))
     said = str(e.value)
@@ -293,12 +294,12 @@ def test_mixture_errors(tmp_path):
     assert "B, C: the folder" in said and "ArxivQA: no path" in said and "D: no subset 'nope'" in said
     assert "E: columns ['answer', 'question'] match no training layout" in said
     with pytest.raises(ValueError, match="mixture .*nope.yaml: cannot read it"):
-        data.load_mixture(str(tmp_path / "nope.yaml"))
+        hub.load_mixture(str(tmp_path / "nope.yaml"))
 
 
 def test_collate_k_negatives_repeat_the_last(tmp_path, tiny):
     """K = 2: a row with 2 negatives uses both, one with 1 repeats it, one with none is masked."""
-    mix = data.load_mixture(write_mixture(tmp_path, {"A": {"path": moca_copy(tmp_path, "A", 110)}}), holdout=100)
+    mix = hub.load_mixture(write_mixture(tmp_path, {"A": {"path": moca_copy(tmp_path, "A", 110)}}), holdout=100)
     rows = [mix[(0, i)] for i in range(3)]                  # rows 0, 1, 2 have 0, 1, 2 negatives
     assert [len(r["negs"]) for r in rows] == [0, 1, 2]
     q, c, neg_mask = data.collate(rows, tiny.processor, num_negatives=2)
@@ -311,8 +312,8 @@ def test_collate_k_negatives_repeat_the_last(tmp_path, tiny):
 
 def test_two_local_copies_with_one_name_are_not_confused(tmp_path):
     """datasets caches a local folder by its name alone; the loaders key the cache by path and files."""
-    x = data.load_source(moca_copy(tmp_path / "x", "A", 120), None, "original", "x")
-    y = data.load_source(moca_copy(tmp_path / "y", "A", 130), None, "original", "y")
+    x = hub.load_source(moca_copy(tmp_path / "x", "A", 120), None, "original", "x")
+    y = hub.load_source(moca_copy(tmp_path / "y", "A", 130), None, "original", "y")
     assert (len(x), len(y)) == (120, 130)
 
 
@@ -345,7 +346,7 @@ def moca_official_copy(root, n=6):
 
 def test_moca_official_layout_is_read_as_the_official_collator_reads_it(tmp_path, tiny):
     repo = moca_official_copy(tmp_path)
-    mix = data.load_mixture(write_mixture(tmp_path, {n: {"weight": 1.0, "num_samples": 5, "path": repo}
+    mix = hub.load_mixture(write_mixture(tmp_path, {n: {"weight": 1.0, "num_samples": 5, "path": repo}
                                                      for n in ("CIRR", "DocVQA", "N24News")}), holdout=1)
     assert mix.names == ["CIRR", "DocVQA", "N24News"] and [len(s) for s in mix.sources] == [4, 4, 4]
     assert mix.negatives == [4, 4, 0]                               # N24News: no hard negatives in this copy

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 import data
+from machinery import hub
 import evaluate
 from maxsim import maxsim
 from conftest import write_hub_repo
@@ -129,7 +130,7 @@ def mmeb_eval_copy(tmp_path):
 
 def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
     repo, images = mmeb_eval_copy(tmp_path)
-    rows = data.load_mmeb_eval(repo, "VOC2007", images)
+    rows = hub.load_mmeb_eval(repo, "VOC2007", images)
     assert rows[0]["qry"][1].endswith("cat.png") and rows[0]["cands"] == [("cat", None), ("dog", None)]
 
     class ByImage(KnownEmbeddings):  # the query embedding depends on its image
@@ -149,12 +150,12 @@ def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
 def test_mmeb_errors(tmp_path):
     repo, images = mmeb_eval_copy(tmp_path)
     with pytest.raises(FileNotFoundError, match="image folder .*nowhere"):
-        data.load_mmeb_eval(repo, "VOC2007", str(tmp_path / "nowhere"))
+        hub.load_mmeb_eval(repo, "VOC2007", str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match="no subset 'GQA'"):
-        data.load_mmeb_eval(repo, "GQA", images)
+        hub.load_mmeb_eval(repo, "GQA", images)
     (tmp_path / "mmeb-images" / "dog.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"MMEB-eval/VOC2007 row 1: image .*dog.png"):
-        data.load_mmeb_eval(repo, "VOC2007", images)
+        hub.load_mmeb_eval(repo, "VOC2007", images)
 
 
 def test_mmeb_end_to_end_and_aggregation(tmp_path, capsys, tiny_checkpoint):
@@ -185,13 +186,13 @@ def test_vidore_v1_layout(tmp_path):
             dict(query="q1", image=Image.new("RGB", (20, 20)), image_filename="p3.png"),
             dict(query="q2", image=Image.new("RGB", (20, 20)), image_filename="p2.png")]
     repo = write_hub_repo(tmp_path / "docvqa_test_subsampled", {"default": {"test": rows}}, features=feats)
-    task = data.load_vidore(repo)
+    task = hub.load_vidore(repo)
     assert set(task["corpus"]) == {"p1.png", "p2.png", "p3.png", "p2.png#row3"}          # p2.png on two rows
     assert task["same_doc"]["p2.png#row3"] == "p2.png"
     assert list(task["queries"]) == ["q1", "q2"]                         # de-duplicated, None dropped
     assert task["qrels"] == {"q1": {"p3.png": 1}, "q2": {"p2.png": 1}}      # q1's last row (the official rule)
     page = task["corpus"]["p3.png"][1]                                   # decoded only when called
-    assert isinstance(page, data.LazyImage) and page().size == (20, 20)
+    assert isinstance(page, hub.LazyImage) and page().size == (20, 20)
 
 
 def test_vidore_beir_layout_and_cli(tmp_path, tiny_checkpoint):
@@ -202,7 +203,7 @@ def test_vidore_beir_layout_and_cli(tmp_path, tiny_checkpoint):
     root = tmp_path / "esg_reports_v2_beir"
     write_hub_repo(root, {"corpus": {"test": corpus}, "queries": {"test": queries}, "qrels": {"test": qrels}},
                    features={"corpus": datasets.Features({"corpus-id": datasets.Value("int64"), "image": datasets.Image()})})
-    task = data.load_vidore(str(root))
+    task = hub.load_vidore(str(root))
     assert task["qrels"] == {"7": {"2": 2}} and list(task["queries"]) == ["7"] and len(task["corpus"]) == 3
     ck = tiny_checkpoint
     res = evaluate.main(["--checkpoint", str(ck), "--benchmark", "vidore", "--vidore", str(root),
@@ -274,7 +275,7 @@ def test_mmeb_row_without_candidates_is_refused(tmp_path):
                                "tgt_img_path": datasets.Sequence(datasets.Value("string"))})
     repo = write_hub_repo(tmp_path / "MMEB-eval", {"OK-VQA": {"test": rows}}, features=feats)
     with pytest.raises(ValueError, match="MMEB-eval/OK-VQA row 1: no candidates"):
-        data.load_mmeb_eval(repo, "OK-VQA", str(images))
+        hub.load_mmeb_eval(repo, "OK-VQA", str(images))
 
 
 def test_corrupt_page_in_a_dataset_is_named(tmp_path, tiny):

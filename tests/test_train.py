@@ -12,6 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import train
+from machinery import hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--query-tokens", "4", "--candidate-tokens", "8", "--synthetic-size", "400", "--no-progress",
@@ -268,7 +269,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
               "--steps", "4", "--batch-size", "4", "--save-every", "2", "--eval-every", "2"]
     path, log = run(tmp_path, "full", *common)
     # the examples seen per source are those of the mixture's order (seed 0, one rank, runs of 3)
-    order = train.data.load_mixture(str(mix), holdout=8, seed=0)
+    order = hub.load_mixture(str(mix), holdout=8, seed=0)
     src = train.data.MixtureBatches(order, 4, 1, 0, 0, 0, 4, 3).examples(range(600))[0]
     assert [r["seen"] for r in log] == [{"A": int((src[:n] == 0).sum()), "B": int((src[:n] == 1).sum())}
                                         for n in (4, 8, 12, 16)]
@@ -324,7 +325,7 @@ def test_recipe_paper_sets_the_official_settings(capsys):
     # without the data: one line naming every source, before anything else
     with pytest.raises(ValueError, match=r"26 of 26 source\(s\) cannot be read: ImageNet_1K, N24News, .*visrag_ind: "
                                          r"the folder './data_dir/MoCa_train_with_image' does not exist"):
-        train.data.load_mixture(args.mixture)
+        hub.load_mixture(args.mixture)
 
 
 def test_a_real_backbone_offline_is_one_line_and_writes_nothing(tmp_path, monkeypatch):
