@@ -23,6 +23,7 @@ import torch
 import data
 from maxsim import maxsim, maxsim_pairwise, maxsim_topk
 from machinery import checks, hub, index
+from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
 from metaembed import GROUPS, MetaEmbed, load_model, parse_budgets
 
@@ -146,6 +147,20 @@ def retrieval_p_at_1(run, qrels):
 
 
 @torch.no_grad()
+def heldout_task(source):
+    """Held-out rows -> a retrieval task: each query against the held-out positives, identical
+    ones (same text, same image) counted once, so a query is a hit when its top candidate has its
+    positive's content (MMEB's tie rule; a classification source has a few labels among its rows)."""
+    rows = [source[i] for i in range(len(source))]
+    corpus, doc_of = {}, {}
+    for r in rows:
+        key = (r["pos_text"], image_key(r["pos_image"]))
+        doc_of.setdefault(key, len(doc_of))
+        corpus[doc_of[key]] = (r["pos_text"], r["pos_image"])
+    return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)}, corpus=corpus,
+                qrels={i: {doc_of[(r["pos_text"], image_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
+
+
 def heldout_p_at_1(model, tasks, groups, batch_size, device):
     """train.py --eval-every: P@1 on held-out rows at each Matryoshka group, mean over tasks (sources)."""
     if not tasks:

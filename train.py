@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data
 import evaluate
 from machinery import checkpoints, checks, distributed, hub
-from machinery.backbones import BACKBONES, OFFLINE, check_backbone, image_key, is_offline
+from machinery.backbones import BACKBONES, OFFLINE, check_backbone, is_offline
 from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
 
 # -----------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def build_data(args, world, rank, start, mix=None):
     if mix is not None:
         sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run,
                                       args.shuffle_buffer)
-        return mix, sampler, {n: heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
+        return mix, sampler, {n: evaluate.heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
     if args.data == "synthetic":
         lo, hi = data.parse_objects(args.objects)
         ds = data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
@@ -190,20 +190,6 @@ def build_data(args, world, rank, start, mix=None):
     else:
         ds, heldout = hub.load_colpali_train(args.colpali_train), {}
     return ds, data.StepBatches(len(ds), args.batch_size, world, rank, args.seed, start, args.steps), heldout
-
-
-def heldout_task(source):
-    """Held-out rows -> a retrieval task: each query against the held-out positives, identical
-    ones (same text, same image) counted once, so a query is a hit when its top candidate has its
-    positive's content (MMEB's tie rule; a classification source has a few labels among its rows)."""
-    rows = [source[i] for i in range(len(source))]
-    corpus, doc_of = {}, {}
-    for r in rows:
-        key = (r["pos_text"], image_key(r["pos_image"]))
-        doc_of.setdefault(key, len(doc_of))
-        corpus[doc_of[key]] = (r["pos_text"], r["pos_image"])
-    return dict(queries={i: (r["qry_text"], r["qry_image"]) for i, r in enumerate(rows)}, corpus=corpus,
-                qrels={i: {doc_of[(r["pos_text"], image_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
 
 
 # -----------------------------------------------------------------------------

@@ -16,6 +16,19 @@ from maxsim import maxsim
 from conftest import write_hub_repo
 
 
+# 8. held-out P@1 when candidates repeat
+def test_heldout_identical_candidates_count_once():
+    rows = [dict(qry_text=f"is this {i} fine?", qry_image=None, pos_text="yes" if i % 3 else "no", pos_image=None,
+                 negs=[], source=f"row {i}") for i in range(9)]
+    task = evaluate.heldout_task(rows)
+    assert task["corpus"] == {0: ("no", None), 1: ("yes", None)}
+    assert task["qrels"] == {i: {1 if i % 3 else 0: 1} for i in range(9)}
+    img = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "blue")]
+    task = evaluate.heldout_task([dict(qry_text=str(i), qry_image=None, pos_text="", pos_image=im, negs=[], source="")
+                               for i, im in enumerate(img)])
+    assert len(task["corpus"]) == 2 and task["qrels"][0] == task["qrels"][1] != task["qrels"][2]
+
+
 # 4. --index-dir shared by two runs
 def test_runs_sharing_an_index_dir_get_their_own_folders(tmp_path):
     argv = ["--backbone", "tiny", "--synthetic-scenes", "4", "--budgets", "1,64", "--index-dir", str(tmp_path / "idx")]

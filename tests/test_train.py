@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 import train
@@ -40,19 +39,6 @@ def crash_at_batch(monkeypatch, n, fn):
     with pytest.raises(KeyboardInterrupt):
         fn()
     monkeypatch.setattr(train.data, "collate", collate)
-
-
-# 8. held-out P@1 when candidates repeat
-def test_heldout_identical_candidates_count_once():
-    rows = [dict(qry_text=f"is this {i} fine?", qry_image=None, pos_text="yes" if i % 3 else "no", pos_image=None,
-                 negs=[], source=f"row {i}") for i in range(9)]
-    task = train.heldout_task(rows)
-    assert task["corpus"] == {0: ("no", None), 1: ("yes", None)}
-    assert task["qrels"] == {i: {1 if i % 3 else 0: 1} for i in range(9)}
-    img = [Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "red"), Image.new("RGB", (30, 30), "blue")]
-    task = train.heldout_task([dict(qry_text=str(i), qry_image=None, pos_text="", pos_image=im, negs=[], source="")
-                               for i, im in enumerate(img)])
-    assert len(task["corpus"]) == 2 and task["qrels"][0] == task["qrels"][1] != task["qrels"][2]
 
 
 # 17. what a resume may change
