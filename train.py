@@ -155,43 +155,6 @@ def get_args(argv=None):
     return args
 
 
-def load_mixture(args, say):
-    """--mixture: every source opened and its first row read (one error naming every source that
-    cannot be), before the backbone is built; what each source lacks said once, here."""
-    mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
-    for note in mix.notes:
-        say(f"train.py: {note}")
-    if args.num_negatives:
-        short = []
-        for name, src, n in zip(mix.names, mix.sources, mix.negatives):
-            if n == 0:
-                say(f"train.py: {name}: no hard negatives in this copy: in-batch negatives only")
-            elif n < len(src):
-                say(f"train.py: {name}: hard negatives on {n} of {len(src)} training rows; the rest: in-batch only")
-            if n < len(src):
-                short.append(f"{name} ({n} of {len(src)} rows)")
-        if args.require_negatives and short:
-            raise ValueError(f"--require-negatives: source(s) without a hard negative on every row: {', '.join(short)}")
-    return mix
-
-
-def build_data(args, world, rank, start, mix=None):
-    """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
-    if mix is not None:
-        sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run,
-                                      args.shuffle_buffer)
-        return mix, sampler, {n: evaluate.heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
-    if args.data == "synthetic":
-        lo, hi = data.parse_objects(args.objects)
-        ds = data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
-        heldout = data.synthetic_eval(args.holdout, n_variants=1, seed=args.seed + 1, min_objects=lo, max_objects=hi)
-    elif args.data == "mmeb-train":
-        ds, heldout = hub.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset), {}
-    else:
-        ds, heldout = hub.load_colpali_train(args.colpali_train), {}
-    return ds, data.StepBatches(len(ds), args.batch_size, world, rank, args.seed, start, args.steps), heldout
-
-
 # -----------------------------------------------------------------------------
 # the loss of one batch: this rank's queries against every rank's positives and its own negatives
 
@@ -258,142 +221,8 @@ def grad_cache_step(net, model, cfg, q_in, c_in, neg_mask, B, rank, chunk, amp, 
     return loss.detach(), per_group.detach()
 
 
-def rows_of(inputs, lo, hi, image_token_id):
-    """Rows lo:hi of a processor batch, with their images' patches (each row holds at most one
-    image, its patches in row order in pixel_values, its grid in image_grid_thw)."""
-    out = {k: inputs[k][lo:hi] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
-    if inputs.get("pixel_values") is not None:
-        has = (inputs["input_ids"] == image_token_id).any(1).long().cumsum(0)   # images up to each row
-        first, last = (int(has[lo - 1]) if lo else 0), int(has[hi - 1])
-        patches = torch.cat([torch.zeros(1, dtype=torch.long), inputs["image_grid_thw"].prod(1).cumsum(0)])
-        if last > first:
-            out["pixel_values"] = inputs["pixel_values"][patches[first]:patches[last]]
-            out["image_grid_thw"] = inputs["image_grid_thw"][first:last]
-    return out
-
-
-def _rng_state():
-    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
-
-
-def _set_rng_state(state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1])
-
-
 # -----------------------------------------------------------------------------
-# set-up, and the loop
-
-def build_model(args, resume_from):
-    if resume_from:
-        return MetaEmbed.from_pretrained(resume_from)
-    R_q, R_c = args.query_tokens, args.candidate_tokens
-    return MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
-                                   num_query_tokens=R_q, num_candidate_tokens=R_c,
-                                   groups=((R_q, R_c),) if args.no_matryoshka else None,
-                                   temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
-                                   max_visual_tokens=args.max_visual_tokens,
-                                   min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
-                                   query_suffix=args.query_suffix, lora_vision=args.lora_vision)
-
-
-def lr_lambda(warmup, steps):
-    """Linear warmup to the peak, then linear decay to 0 at `steps`."""
-    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
-
-
-def make_optimizer(model, params, args, resume_from, fsdp):
-    """AdamW, warmup then linear decay; on --resume its state and the RNG. -> (opt, sched, first step)."""
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
-    start = checkpoints.load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
-    # on resume the loaded param groups hold initial_lr and step `start`'s lr already
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1)
-    return opt, sched, start
-
-
-class Log:
-    """The master's JSON log (one object a step) and progress bar; other ranks log nothing."""
-
-    def __init__(self, args, start, master):
-        self.file = open(args.log_file, "a") if (args.log_file and master) else None
-        self.bar = None
-        if master and not args.no_progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
-
-    def step(self, rec):
-        if self.file:
-            self.file.write(json.dumps(rec) + "\n")
-            self.file.flush()
-        if self.bar:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
-
-    def close(self):
-        for x in (self.bar, self.file):
-            if x:
-                x.close()
-
-
-# -----------------------------------------------------------------------------
-# the output folder: resume, refuse changed settings, overwrite
-
-# Settings a resumed run may change (they decide where and how things run, not what is computed);
-# any other must match the checkpoint's train_args.json.
-# GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
-# LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
-SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
-                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
-                  "require_negatives"}
-
-
-def check_resume(settings, path):
-    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
-    order; settings: this run's, world_size included. -> the settings actually in force (the
-    checkpoint's, plus what may change)."""
-    with open(os.path.join(path, "train_args.json")) as f:
-        saved = json.load(f)
-    saved.setdefault("world_size", settings["world_size"])        # checkpoints from before it was recorded
-    diff = {k: (saved[k], settings[k]) for k in saved
-            if k in settings and k not in SAFE_TO_CHANGE and saved[k] != settings[k]}
-    if diff:
-        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
-                         for k, (a, b) in diff.items())
-        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
-                         f"resume with the same ones (only "
-                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
-                         f"may change), or train afresh into another --out")
-    if saved.get("grad_cache_chunk", 0) != settings.get("grad_cache_chunk", 0):
-        print(f"--resume: --grad-cache-chunk {saved.get('grad_cache_chunk', 0)} -> {settings['grad_cache_chunk']}: the "
-              f"same gradients; with LoRA, dropout masks are drawn per chunk, so the run will not repeat an "
-              f"uninterrupted one exactly")
-    return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
-
-
-def prepare_out(args, world, master, say, ddp=False):
-    """train.py's set-up of --out: check --out and --log-file, find the checkpoint to resume from, clear old ones on
-    --overwrite. -> (checkpoint or None, the settings in force)."""
-    checks.writable_dir(checks.refuse, "--out", args.out)
-    if args.log_file:
-        checks.writable_file(checks.refuse, "--log-file", args.log_file)
-    resume_from = checkpoints.latest_checkpoint(args.out, checkpoints.TRAIN_FILES, log=say) if args.resume else None
-    settings = {**vars(args), "world_size": world}
-    used = check_resume(settings, resume_from) if resume_from else settings
-    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
-    distributed.barrier(ddp)  # every rank has looked before anything is removed
-    if stale:
-        if not args.overwrite:
-            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
-                             f"--overwrite to start afresh, or another --out")
-        if master:
-            checkpoints.clear_checkpoints(args.out)
-        distributed.barrier(ddp)
-    if args.resume and resume_from is None:
-        say(f"--resume: no checkpoint in {args.out}, starting fresh")
-    return resume_from, used
-
-
+# the loop
 
 def train(args):
     ddp, rank, world, local, device = distributed.setup()
@@ -481,6 +310,182 @@ def train(args):
         del net, no_sync, loader     # every reference to DDP's reducer (the bound no_sync too), first
         distributed.teardown()
     return path
+
+
+# -----------------------------------------------------------------------------
+# set-up: data, model, optimizer, log
+
+def load_mixture(args, say):
+    """--mixture: every source opened and its first row read (one error naming every source that
+    cannot be), before the backbone is built; what each source lacks said once, here."""
+    mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
+    for note in mix.notes:
+        say(f"train.py: {note}")
+    if args.num_negatives:
+        short = []
+        for name, src, n in zip(mix.names, mix.sources, mix.negatives):
+            if n == 0:
+                say(f"train.py: {name}: no hard negatives in this copy: in-batch negatives only")
+            elif n < len(src):
+                say(f"train.py: {name}: hard negatives on {n} of {len(src)} training rows; the rest: in-batch only")
+            if n < len(src):
+                short.append(f"{name} ({n} of {len(src)} rows)")
+        if args.require_negatives and short:
+            raise ValueError(f"--require-negatives: source(s) without a hard negative on every row: {', '.join(short)}")
+    return mix
+
+
+def build_data(args, world, rank, start, mix=None):
+    """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
+    if mix is not None:
+        sampler = data.MixtureBatches(mix, args.batch_size, world, rank, args.seed, start, args.steps, args.source_run,
+                                      args.shuffle_buffer)
+        return mix, sampler, {n: evaluate.heldout_task(s) for n, s in zip(mix.names, mix.heldout)}
+    if args.data == "synthetic":
+        lo, hi = data.parse_objects(args.objects)
+        ds = data.SyntheticPairs(args.synthetic_size, seed=args.seed, min_objects=lo, max_objects=hi)
+        heldout = data.synthetic_eval(args.holdout, n_variants=1, seed=args.seed + 1, min_objects=lo, max_objects=hi)
+    elif args.data == "mmeb-train":
+        ds, heldout = hub.load_mmeb_train(args.mmeb_train, args.subsets, args.images, args.max_per_subset), {}
+    else:
+        ds, heldout = hub.load_colpali_train(args.colpali_train), {}
+    return ds, data.StepBatches(len(ds), args.batch_size, world, rank, args.seed, start, args.steps), heldout
+
+
+def build_model(args, resume_from):
+    if resume_from:
+        return MetaEmbed.from_pretrained(resume_from)
+    R_q, R_c = args.query_tokens, args.candidate_tokens
+    return MetaEmbed.from_backbone(args.backbone, seed=args.seed, proj_dim=args.proj_dim or None,
+                                   num_query_tokens=R_q, num_candidate_tokens=R_c,
+                                   groups=((R_q, R_c),) if args.no_matryoshka else None,
+                                   temperature=args.temperature, lora=args.lora, max_pixels=args.max_pixels,
+                                   max_visual_tokens=args.max_visual_tokens,
+                                   min_pixels=args.min_pixels, attn_implementation=args.attn_implementation,
+                                   query_suffix=args.query_suffix, lora_vision=args.lora_vision)
+
+
+def lr_lambda(warmup, steps):
+    """Linear warmup to the peak, then linear decay to 0 at `steps`."""
+    return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+
+
+def make_optimizer(model, params, args, resume_from, fsdp):
+    """AdamW, warmup then linear decay; on --resume its state and the RNG. -> (opt, sched, first step)."""
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    start = checkpoints.load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
+    # on resume the loaded param groups hold initial_lr and step `start`'s lr already
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.warmup, args.steps), last_epoch=start - 1)
+    return opt, sched, start
+
+
+class Log:
+    """The master's JSON log (one object a step) and progress bar; other ranks log nothing."""
+
+    def __init__(self, args, start, master):
+        self.file = open(args.log_file, "a") if (args.log_file and master) else None
+        self.bar = None
+        if master and not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, rec):
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+
+    def close(self):
+        for x in (self.bar, self.file):
+            if x:
+                x.close()
+
+
+# -----------------------------------------------------------------------------
+# GradCache's machinery: one chunk's rows of a batch, the RNG state replayed for its second pass
+
+def rows_of(inputs, lo, hi, image_token_id):
+    """Rows lo:hi of a processor batch, with their images' patches (each row holds at most one
+    image, its patches in row order in pixel_values, its grid in image_grid_thw)."""
+    out = {k: inputs[k][lo:hi] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
+    if inputs.get("pixel_values") is not None:
+        has = (inputs["input_ids"] == image_token_id).any(1).long().cumsum(0)   # images up to each row
+        first, last = (int(has[lo - 1]) if lo else 0), int(has[hi - 1])
+        patches = torch.cat([torch.zeros(1, dtype=torch.long), inputs["image_grid_thw"].prod(1).cumsum(0)])
+        if last > first:
+            out["pixel_values"] = inputs["pixel_values"][patches[first]:patches[last]]
+            out["image_grid_thw"] = inputs["image_grid_thw"][first:last]
+    return out
+
+
+def _rng_state():
+    return torch.get_rng_state(), (torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def _set_rng_state(state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1])
+
+
+# -----------------------------------------------------------------------------
+# the output folder: resume, refuse changed settings, overwrite
+
+# Settings a resumed run may change (they decide where and how things run, not what is computed);
+# any other must match the checkpoint's train_args.json.
+# GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
+# LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
+SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
+                  "require_negatives"}
+
+
+def check_resume(settings, path):
+    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
+    order; settings: this run's, world_size included. -> the settings actually in force (the
+    checkpoint's, plus what may change)."""
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("world_size", settings["world_size"])        # checkpoints from before it was recorded
+    diff = {k: (saved[k], settings[k]) for k in saved
+            if k in settings and k not in SAFE_TO_CHANGE and saved[k] != settings[k]}
+    if diff:
+        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
+                         for k, (a, b) in diff.items())
+        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
+                         f"resume with the same ones (only "
+                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"may change), or train afresh into another --out")
+    if saved.get("grad_cache_chunk", 0) != settings.get("grad_cache_chunk", 0):
+        print(f"--resume: --grad-cache-chunk {saved.get('grad_cache_chunk', 0)} -> {settings['grad_cache_chunk']}: the "
+              f"same gradients; with LoRA, dropout masks are drawn per chunk, so the run will not repeat an "
+              f"uninterrupted one exactly")
+    return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
+
+
+def prepare_out(args, world, master, say, ddp=False):
+    """train.py's set-up of --out: check --out and --log-file, find the checkpoint to resume from, clear old ones on
+    --overwrite. -> (checkpoint or None, the settings in force)."""
+    checks.writable_dir(checks.refuse, "--out", args.out)
+    if args.log_file:
+        checks.writable_file(checks.refuse, "--log-file", args.log_file)
+    resume_from = checkpoints.latest_checkpoint(args.out, checkpoints.TRAIN_FILES, log=say) if args.resume else None
+    settings = {**vars(args), "world_size": world}
+    used = check_resume(settings, resume_from) if resume_from else settings
+    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
+    distributed.barrier(ddp)  # every rank has looked before anything is removed
+    if stale:
+        if not args.overwrite:
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
+                             f"--overwrite to start afresh, or another --out")
+        if master:
+            checkpoints.clear_checkpoints(args.out)
+        distributed.barrier(ddp)
+    if args.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
+    return resume_from, used
 
 
 def _interrupt(signum, frame):
