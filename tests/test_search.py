@@ -39,11 +39,11 @@ def test_grouped_layout_reads_only_its_budget(scenes):
     assert total == 48 * 64 * 8 * 4                                             # no other copy
     for a, b in index.bounds:                                                   # bytes per budget = r_c / R_c
         assert os.path.getsize(os.path.join(out, f"group-{a}-{b}.bin")) == 48 * (b - a) * 8 * 4
-        view = index.budget(b)
+        view = index.prefix(b)
         assert len(view.parts) == len([x for x in index.bounds if x[1] <= b])
         assert torch.equal(view[0:48], full[:, :b]) and torch.equal(view[[5, 2]], full[[5, 2], :b])
     with pytest.raises(ValueError, match="r_c=5 is not stored"):
-        index.budget(5)
+        index.prefix(5)
 
 
 def test_search_equals_exhaustive_and_cascade(scenes):
@@ -125,7 +125,7 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
     fresh = tmp_path / "fresh"
     search.main(["index", "--checkpoint", ckpt, "--out", str(fresh), "--images", str(pics)])
     a, b = search_index.Index(out), search_index.Index(fresh)
-    assert torch.equal(a.budget(64)[0:11], b.budget(64)[0:11]) and a.skipped == b.skipped == {0}
+    assert torch.equal(a.prefix(64)[0:11], b.prefix(64)[0:11]) and a.skipped == b.skipped == {0}
     res = search.main(["query", "--index", str(out), "--image", str(pics / "p4.png"), "-k", "11", "--json"])
     assert len(res) == 10 and "broken.png" not in [r["id"] for r in res]      # never returned
     assert [r["score"] for r in res] == sorted((r["score"] for r in res), reverse=True)
