@@ -239,6 +239,26 @@ class Vectors:
         """Rows start..start + n as an (n, R_c, D) target for model.encode_candidates(out=...)."""
         return _Rows(self, start, n)
 
+    def low_bits(self):
+        """The int8 / binary groups as one view that slices like the (N, R_c, D) tensor:
+        lb[rows, :r] -> Quantized, lb[:, :r] -> a QuantizedPrefix."""
+        if not self.quantized:
+            raise ValueError(f"index {self.path} holds no low-bit groups (precision {self.precision})")
+        return _LowBits(self)
+
+
+class _LowBits:
+    def __init__(self, vectors):
+        self.vectors, self.shape = vectors, vectors.shape
+
+    def __len__(self):
+        return self.vectors.N
+
+    def __getitem__(self, key):
+        rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
+        view = self.vectors.prefix(len(range(self.vectors.R_c)[vecs]), self.vectors.precision)
+        return view if isinstance(rows, slice) and rows == slice(None) else view[rows]
+
 
 class _Rows:
     def __init__(self, vectors, start, n):
