@@ -77,28 +77,31 @@ def bf16_math_allowed(c, exact):
 
 def regime(q, c, exact=True):
     """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
-    query) or many; one candidate vector (a plain product) or several; D up to 256 or more; the
+    query) or many; one candidate vector (a plain product), up to 16 or more (the 16x64 budget,
+    where bf16 GEMMs read whole rows: measured apart); D up to 256 or more; the
     index's precision (fp32, 16bit, int8, binary); float32 math only, or bf16 math allowed."""
+    r_c = c.shape[1]
     return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
-                     "rc1" if c.shape[1] == 1 else "multi", "D<=256" if c.shape[2] <= 256 else "D>256",
+                     "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16", "D<=256" if c.shape[2] <= 256 else "D>256",
                      precision(c), *(("bf16math",) if bf16_math_allowed(c, exact) else ())))
 
 
 def _probe(name):
-    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product) or 16 x
-    16 prefix views of (16, 64) embeddings, as at serving time; enough candidates to amortise
+    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product), 16 x 16
+    prefix views of (16, 64) embeddings, as at serving time, or 16 x 64 (multi>16); enough candidates to amortise
     set-up (512 to 10,000, up to about 1 GFLOP)."""
     one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
     packed = next((p for p in ("int8", "binary") if p in name.split("/")), None)
     Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
-    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * r * D))))
+    rc = 64 if "multi>16" in name.split("/") else r                     # 16x64: whole rows
+    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * rc * D))))
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(Nq, 16, D, generator=g), dim=-1)[:, :r]
-    # the prefix view of a full (N_c, 64, D) index with only its first r vectors written: the
+    # the prefix view of a full (N_c, 64, D) index with only its first r_c vectors written: the
     # strides are serving time's, and only the pages it reads are ever committed (the whole
     # float32 index would be 3.9 GB at D = 1536)
-    c = torch.empty(Nc, 64, D, dtype=torch.float32 if fp32 else torch.bfloat16)[:, :r]
-    c.copy_(torch.nn.functional.normalize(torch.randn(Nc, r, D, generator=g), dim=-1))
+    c = torch.empty(Nc, 64, D, dtype=torch.float32 if fp32 else torch.bfloat16)[:, :rc]
+    c.copy_(torch.nn.functional.normalize(torch.randn(Nc, rc, D, generator=g), dim=-1))
     return q, (quantize(c, packed) if packed else c)
 
 
