@@ -151,7 +151,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
     width = None
     if backend is None:
         if q.is_cuda:
-            backend = "torch" if isinstance(c, Quantized) else "triton"
+            backend = "triton"
         else:
             paths = {"torch": maxsim_chunked, "torch-bf16": functools.partial(maxsim_chunked, bf16=True)}
             backend, width = cpu_kernel.choose(q, c, paths, exact)
@@ -162,9 +162,6 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
     if backend == "c":
         return cpu_kernel.maxsim_c(q, c, q_mask, c_mask, width=width)
     if backend == "triton":
-        if isinstance(c, Quantized):
-            raise ValueError("maxsim backend 'triton' takes float / 16-bit candidates, not an int8 / binary index: "
-                             "use 'torch' (dequantised chunk by chunk on the GPU)")
         if not (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise ValueError("maxsim backend 'triton' needs CUDA tensors and these are on the CPU: use 'torch' or "
                              "'c' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")

@@ -481,3 +481,22 @@ def test_quantized_index_scores_as_its_dequantised_vectors(precision, backend):
         want = brute_maxsim(q, deq[:, :rc], qm, cm[:, :rc])
         got = maxsim(q, packed[:, :rc], qm, cm[:, :rc], backend=backend)
         assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16])
+def test_triton_dequantises_in_the_kernel(monkeypatch, precision, qdtype):
+    """The Triton kernel scores an int8 / binary index (codes or sign bits expanded in the kernel,
+    each column scaled) as float64 MaxSim of the dequantised vectors; D = 21: a partial byte."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from machinery.index import quantize
+    q, qm = ragged(3, 4, 21, 64)
+    c, cm = ragged(6, 5, 21, 65)
+    packed = quantize(c, precision)
+    deq = packed.dequantize(torch.float64)
+    tol = 1e-5 if qdtype == torch.float32 else 4 * 2.0 ** -11 * float(deq.abs().max()) * 21
+    for rq, rc in ((1, 1), (4, 5), (2, 3)):
+        want = brute_maxsim(q[:, :rq].to(qdtype), deq[:, :rc], qm[:, :rq], cm[:, :rc])
+        got = triton_kernel.maxsim_triton(q[:, :rq].to(qdtype), packed[:, :rc], qm[:, :rq], cm[:, :rc])
+        assert (got.double() - want).abs().max() <= tol
