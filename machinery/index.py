@@ -51,8 +51,9 @@ def quantize(x, precision):
         codes = torch.round(x / scale.clamp_min(1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
     elif precision == "binary":
         scale = x.abs().mean(-1)                                                # (N, r)
-        bits = (x > 0).numpy().astype(np.uint8)
-        codes = torch.from_numpy(np.packbits(bits, axis=-1, bitorder="little"))   # (N, r, ceil(D/8))
+        bits = torch.nn.functional.pad((x > 0).to(torch.uint8), (0, -x.shape[-1] % 8))   # (N, r, 8 ceil(D/8))
+        shifts = torch.arange(8, device=x.device, dtype=torch.uint8)
+        codes = (bits.unflatten(-1, (-1, 8)) << shifts).sum(-1, dtype=torch.uint8)      # (N, r, ceil(D/8))
     else:
         raise ValueError(f"precision {precision!r}: quantized indexes are {' or '.join(QUANTIZED)}")
     return Quantized(precision, codes, scale.contiguous(), x.shape[-1])
