@@ -169,7 +169,7 @@ def mode_precision(args):
                  if "recall_rescored" in r else ""))
     out["bytes_per_candidate_D3584"] = bytes_table()
     print("\nbytes per candidate at D = 3584:", out["bytes_per_candidate_D3584"])
-    print("peers: fast-plaid not run (its wheel, fast_plaid-1.7.0.2110, is built against torch 2.11; this "
-          "environment has torch 2.13, and a torch extension must match it)")
+    print("peers: fast-plaid not run (its wheel, fast_plaid-1.7.0.2110, is built for torch 2.11 by its version "
+          "suffix; this environment has torch 2.13, and a torch extension must match it)")
     write_json(args.json, out)
     return out
