@@ -329,7 +329,8 @@ def summarise(results, budgets, headline, D, itemsize, n_candidates):
     bytes per candidate and index size in the index dtype, scoring time summed over tasks."""
     out, tasks = {}, results["tasks"]
     mean = lambda v: sum(v) / len(v)  # noqa: E731
-    vector = index.vector_bytes(D, results["precision"]) if results.get("precision") in index.QUANTIZED else D * itemsize
+    low = results.get("precision") in index.QUANTIZED
+    vector = index.vector_bytes(D, results["precision"]) if low else D * itemsize     # bytes a stored vector
     for rq, rc in budgets:
         key = f"{rq}x{rc}"
         vals = {t: r[key][headline] for t, r in tasks.items()}
@@ -357,8 +358,9 @@ def print_table(results, file=None):
         print("  ".join(c.rjust(max(8, len(col))) for c, col in zip(row, cols)), file=file)
     enc, dt = sum(t["encode_seconds"] for t in results["tasks"].values()), results["index_dtype"]
     if results.get("precision") in index.QUANTIZED:
-        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x {index.vector_bytes(results['dim'], results['precision'])} "
-              f"({results['precision']} index: codes and a float32 scale a vector)", file=file)
+        per = index.vector_bytes(results["dim"], results["precision"])
+        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x {per} ({results['precision']} index: codes and a "
+              f"float32 scale a vector)", file=file)
     else:
         print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
 

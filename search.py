@@ -168,9 +168,10 @@ def query_cmd(args):
                           "results": results,
                           "encode_ms": 1e3 * t_enc, "search_ms": 1e3 * t_search}, indent=2))
         return results
-    how = f"{first[0]}x{first[1]} {index.precision} over {index.N}, then {budget[0]}x{budget[1]} " \
-        f"{index.meta['dtype']} on the best {min(depth, index.N)}" if first else \
-        f"{budget[0]}x{budget[1]} {index.precision} over {index.N}"
+    how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
+        if first else f"{budget[0]}x{budget[1]} over {index.N}"
+    if index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
+        how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")
     for r in results:

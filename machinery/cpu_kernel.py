@@ -82,14 +82,15 @@ def regime(q, c, exact=True):
     index's precision (fp32, 16bit, int8, binary); float32 math only, or bf16 math allowed."""
     r_c = c.shape[1]
     return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
-                     "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16", "D<=256" if c.shape[2] <= 256 else "D>256",
+                     "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16",
+                     "D<=256" if c.shape[2] <= 256 else "D>256",
                      precision(c), *(("bf16math",) if bf16_math_allowed(c, exact) else ())))
 
 
 def _probe(name):
     """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product), 16 x 16
-    prefix views of (16, 64) embeddings, as at serving time, or 16 x 64 (multi>16); enough candidates to amortise
-    set-up (512 to 10,000, up to about 1 GFLOP)."""
+    prefix views of (16, 64) embeddings, as at serving time, or 16 x 64 (multi>16); enough
+    candidates to amortise set-up (512 to 10,000, up to about 1 GFLOP); int8 / binary: quantized."""
     one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
     packed = next((p for p in ("int8", "binary") if p in name.split("/")), None)
     Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)

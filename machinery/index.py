@@ -231,7 +231,8 @@ class Vectors:
         for i, ((a, b), f) in enumerate(zip(self.bounds, self.files)):
             writes = [(f, x[:, a:b], self.vector_bytes)]
             if q is not None:
-                writes += [(self.code_files[i], q.codes[:, a:b], self.code_width), (self.scale_files[i], q.scale[:, a:b], 4)]
+                writes += [(self.code_files[i], q.codes[:, a:b], self.code_width),
+                           (self.scale_files[i], q.scale[:, a:b], 4)]
             for file, part, width in writes:
                 with open(file, "r+b") as fh:
                     os.pwrite(fh.fileno(), part.contiguous().view(torch.uint8).numpy(), rows.start * (b - a) * width)
