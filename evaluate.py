@@ -72,9 +72,11 @@ def mmeb_p_at_1(scores):
 # -----------------------------------------------------------------------------
 # every budget from one encoding
 
-def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None, progress=True):
+def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None, progress=True,
+                  precision=None):
     """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items are
-    encoded once, straight into a buffer in `dtype` (or an on-disk index at `path`)."""
+    encoded once, straight into a buffer in `dtype` (or an on-disk index at `path`). precision
+    int8 / binary: returned in that precision (on disk: the index's low-bit groups)."""
     keys, which, unique = {}, [], []
     for text, image in items:
         key = (text, image if isinstance(image, str) or image is None else id(image))
@@ -86,15 +88,17 @@ def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0
     images = None if all(im is None for im in images) else images
     R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
     shape = (len(unique), R, model.dim)
-    out = index.create(path, *shape, model.config.groups, str(dtype).removeprefix("torch.")) if path else \
-        torch.empty(shape, dtype=dtype)
+    out = index.create(path, *shape, model.config.groups, str(dtype).removeprefix("torch."), precision) if path \
+        else torch.empty(shape, dtype=dtype)
     enc = model.encode_queries if side == "query" else model.encode_candidates
     enc(texts, images, batch_size=batch_size, progress=progress, out=out, workers=workers)
+    if precision in index.QUANTIZED:
+        out = out.low_bits() if path else index.quantize(out, precision)
     return out, torch.tensor(which, dtype=torch.long)
 
 
 def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
-                    index_path=None, progress=True, backend=None):
+                    index_path=None, progress=True, backend=None, precision=None):
     """One retrieval task (queries, corpus, qrels) at every budget. The corpus is encoded once
     into the index dtype (in memory, or on disk at index_path) and never copied whole: each
     budget streams prefix chunks of it to the scoring device."""
@@ -103,7 +107,7 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
     Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size, torch.float32, workers,
                           progress=progress)
     C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size, dtype, workers,
-                          index_path, progress)                         # (U, R_c, D), U unique candidates
+                          index_path, progress, precision)              # (U, R_c, D), U unique candidates
     Q = Q[qi].to(device)                                                # (N_q, R_q, D)
     docs_of = {}                                                        # unique row -> its doc ids
     for d, u in zip(dids, ci.tolist()):
@@ -175,13 +179,13 @@ def heldout_p_at_1(model, tasks, groups, batch_size, device):
 
 
 def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
-               index_path=None, backend=None):
+               index_path=None, backend=None, precision=None):
     """An MMEB subset: each row against its own candidates -> P@1 per budget. Candidates are held
     once each, in the index dtype; each row's are moved to the scoring device as it is scored."""
     t0 = time.time()
     Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size, torch.float32, workers)
     flat = [c for r in rows for c in r["cands"]]
-    C, ci = encode_unique(model, flat, "candidate", batch_size, dtype, workers, index_path)
+    C, ci = encode_unique(model, flat, "candidate", batch_size, dtype, workers, index_path, precision=precision)
     Q = Q.to(device)
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
@@ -220,6 +224,9 @@ def get_args(argv=None):
                    help="dtype the candidate embeddings are held and scored in (default: bfloat16, as the paper's "
                    "index; float32 for embeddings under 128 dimensions, such as the offline model's 4, where "
                    "bf16's 8 bits turn near-ties into reorderings: 2-4 points of P@1 there)")
+    p.add_argument("--precision", choices=index.PRECISIONS, default="bf16",
+                   help="bits per stored number: bf16 (the index dtype, default), int8 (a scale a vector) or binary "
+                   "(sign bits, a scale a vector); scored asymmetrically (the query in float)")
     p.add_argument("--index-dir", help="encode each corpus into an on-disk index in this folder (DIR/<task>/) and score it from there "
                    "chunk by chunk: host memory stays one chunk plus the model, for corpora larger than RAM")
     p.add_argument("--max-pixels", type=int, help="cap on an image's pixels (default: the checkpoint's; "
@@ -241,6 +248,8 @@ def get_args(argv=None):
             p.error(f"--{err}")
     if args.index_dir:
         checks.writable_dir(p.error, "--index-dir", args.index_dir)
+    if args.mteb and args.precision != "bf16":
+        p.error("--precision int8 / binary is for the project's own scoring, not --mteb (mteb scores its own way)")
     for flag, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
         if path:
             checks.writable_file(p.error, flag, path)
@@ -287,7 +296,8 @@ def evaluate(args):
     model.to(device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": model.dim,
-               "index_dtype": args.index_dtype, "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
+               "index_dtype": args.index_dtype, "precision": args.precision,
+               "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
     # --index-dir: this run's own folder in it, so runs sharing one --index-dir never mix files
     run_dir = tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=args.index_dir) \
         if args.index_dir else None
@@ -297,7 +307,7 @@ def evaluate(args):
         # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: maxsim.maxsim's choice)
         res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
                           index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
-                          backend=os.environ.get("METAEMBED_MAXSIM"))
+                          backend=os.environ.get("METAEMBED_MAXSIM"), precision=args.precision)
         results["tasks"][name] = {**res, "encode_seconds": enc}
     results["headline"] = headline
     results["summary"] = summarise(results, budgets, headline, model.dim, dtype.itemsize,
@@ -334,11 +344,13 @@ def summarise(results, budgets, headline, D, itemsize, n_candidates):
     bytes per candidate and index size in the index dtype, scoring time summed over tasks."""
     out, tasks = {}, results["tasks"]
     mean = lambda v: sum(v) / len(v)  # noqa: E731
+    low = results.get("precision") in index.QUANTIZED
+    vector = index.vector_bytes(D, results["precision"]) if low else D * itemsize     # bytes a stored vector
     for rq, rc in budgets:
         key = f"{rq}x{rc}"
         vals = {t: r[key][headline] for t, r in tasks.items()}
-        row = {"overall": mean(vals.values()), "bytes_per_candidate": rc * D * itemsize,
-               "index_bytes": rc * D * itemsize * n_candidates,
+        row = {"overall": mean(vals.values()), "bytes_per_candidate": rc * vector,
+               "index_bytes": rc * vector * n_candidates,
                "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()), "flops_per_pair": 2 * rq * rc * D}
         if results["benchmark"] == "mmeb":
             groups = {**data.MMEB_TASKS, "IND": [s for s in vals if s not in data.MMEB_OOD],
@@ -360,7 +372,12 @@ def print_table(results, file=None):
     for row in [cols, *rows]:
         print("  ".join(c.rjust(max(8, len(col))) for c, col in zip(row, cols)), file=file)
     enc, dt = sum(t["encode_seconds"] for t in results["tasks"].values()), results["index_dtype"]
-    print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
+    if results.get("precision") in index.QUANTIZED:
+        per = index.vector_bytes(results["dim"], results["precision"])
+        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x {per} ({results['precision']} index: codes and a "
+              f"float32 scale a vector)", file=file)
+    else:
+        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
 
 
 def plot(results, path):
@@ -379,7 +396,8 @@ def plot(results, path):
     for b in budgets:
         right.annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
     right.set_xscale("log", base=2)
-    right.set(xlabel=f"index bytes per candidate ({results['index_dtype']})", ylabel=f"overall {h} (%)")
+    shown = results["precision"] if results.get("precision") in index.QUANTIZED else results["index_dtype"]
+    right.set(xlabel=f"index bytes per candidate ({shown})", ylabel=f"overall {h} (%)")
     fig.suptitle(f"MetaEmbed, {results['benchmark']}: quality against budget")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -7,19 +7,24 @@ A budget is a pair of prefix views, q[:, :r_q] and c[:, :r_c]: one encoding serv
 
 maxsim_reference  dense, differentiable: the training loss's in-batch scores
 maxsim_pairwise   each query against its own candidates only: the loss's hard negatives
-maxsim_chunked    the reference over candidate chunks, in bounded memory (any device, any dtype)
+maxsim_chunked    the reference over candidate chunks, in bounded memory (any device, any dtype,
+                  int8 / binary indexes dequantised a chunk at a time); float32 math, or bf16
+                  math (bf16=True: the query rounded to bf16, the GEMM at the bf16 rate)
 maxsim            the inference entry point: the fused Triton kernel on CUDA; on the CPU the
                   fused C kernel or the chunked path, whichever was measured faster here
+                  (exact=True: float32 math only, for references and tests)
 maxsim_topk       the best k candidates of a corpus too large for one score matrix
 
 The fused kernels (their builds, self-check and measured dispatch) are in machinery/.
 """
+import functools
 import os
 
 import torch
 
 from machinery import cpu_kernel
 from machinery.checks import check_maxsim_inputs
+from machinery.index import Quantized
 
 
 def maxsim_reference(q, c, q_mask=None, c_mask=None):
@@ -68,11 +73,14 @@ def _max_over_rc(s, scratch):
     return m[:, 0]
 
 
-def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
+def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
-    over r_c on a view of it, then sum over r_q; float32 math. With few query vectors
+    over r_c on a view of it, then sum over r_q (in float32). float32 math; bf16=True: the query
+    and the candidates in bf16, the GEMM at the bf16 rate (AMX / AVX512_BF16 through torch),
+    float32 accumulation, each dot product rounded to bf16 on output (the official code's
+    scoring). c: a tensor or a Quantized index (each chunk dequantised). With few query vectors
     (N_q r_q < 64) the candidate chunk is the matmul's tall operand, (n r_c, D) @ (D, N_q r_q),
     which streams the corpus best, and the max is taken by halving; otherwise
     (N_q r_q, D) @ (D, n r_c)."""
@@ -80,25 +88,35 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
     M = Nq * r_q
-    tall = M < 64
+    tall = M < 64 and not bf16            # bf16 GEMMs (AMX tiles) are faster with the queries as rows
+    dt = torch.bfloat16 if bf16 else torch.float32                        # the math's dtype
+    packed = isinstance(c, Quantized)
+    in_place = not packed and c.dtype == dt and (c.is_contiguous() or r_c == 1)
     if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
         block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
+        if bf16 and q.device.type == "cpu":   # bf16 GEMMs (AMX tiles) pay a set-up per call: 16 MiB of
+            block = 1 << 23                   # scores a chunk (measured: 5x fewer ms than 1 MiB at D = 128)
         chunk = max(1, min(Nc, block // max(1, M * r_c)))
-        if not (c.dtype == torch.float32 and (c.is_contiguous() or r_c == 1)):   # each chunk is copied:
+        if not in_place and not bf16:                               # each chunk is copied:
             chunk = min(chunk, max(8, (1 << 20) // (r_c * D)))      # keep it in cache (4 MiB of float32)
+        elif not in_place:                                          # at most 64 MiB of copied bf16
+            chunk = min(chunk, max(8, (1 << 25) // (r_c * D)))
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
-    qf = q.reshape(M, D).float()                                          # (N_q r_q, D)
+    qf = q.reshape(M, D).to(dt)                                           # (N_q r_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q r_q)
     qm = ~q_mask.to(q.device, torch.bool)[:, :, None] if q_mask is not None else None   # True = padded
-    buf = torch.empty(M * chunk * r_c, dtype=torch.float32, device=q.device)
-    cbuf = torch.empty(chunk * r_c * D, dtype=torch.float32, device=q.device) \
-        if c.dtype != torch.float32 else None                              # a 16-bit chunk widened
-    scratch = torch.empty(M * chunk * ((r_c + 1) // 2), dtype=torch.float32, device=q.device) if tall else None
+    buf = torch.empty(M * chunk * r_c, dtype=dt, device=q.device)
+    cbuf = torch.empty(chunk * r_c * D, dtype=dt, device=q.device) \
+        if not in_place else None                                          # a chunk widened / dequantised
+    scratch = torch.empty(M * chunk * ((r_c + 1) // 2), dtype=dt, device=q.device) if tall else None
     with torch.no_grad():
         for j in range(0, Nc, chunk):
             n = min(chunk, Nc - j)
             cj = c[j:j + n]
-            if cj.dtype == torch.float32:
+            if packed:     # int8 / binary: dequantised in one pass into the reused buffer
+                cf = cbuf[:n * r_c * D].view(n * r_c, D)
+                cj.dequantize(dt, out=cf.view(n, r_c, D))
+            elif cj.dtype == dt:
                 cf = cj.reshape(n * r_c, D)                # (n r_c, D): a view, or one copy of a prefix view
             else:  # a 16-bit index widened in one pass into a reused buffer (no new pages each chunk)
                 cf = cbuf[:n * r_c * D].view(n * r_c, D)
@@ -118,21 +136,29 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None):
                 m = m.masked_fill(~cm.any(1), 0.0)
             if qm is not None:      # a padded query vector adds nothing, whatever it holds
                 m = m.masked_fill(qm, 0.0)
-            out[:, j:j + n] = m.sum(1)                                    # sum_i -> (N_q, n)
+            out[:, j:j + n] = m.sum(1, dtype=torch.float32)               # sum_i -> (N_q, n)
     return out
 
 
-def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
+def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
+    c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
-    shape on this machine, the C kernel 'c' or 'torch'), 'torch', 'c' or 'triton' (the
-    command-line tools pass METAEMBED_MAXSIM here)."""
+    shape on this machine), 'torch', 'torch-bf16' (bf16 math), 'c' or 'triton' (the command-line
+    tools pass METAEMBED_MAXSIM here). exact: the auto path keeps float32 math; otherwise, on a
+    bf16 or low-bit index, bf16 math (the query rounded to bf16) is a candidate of the dispatch."""
     width = None
     if backend is None:
-        backend, width = ("triton", None) if q.is_cuda else cpu_kernel.choose(q, c, maxsim_chunked)
+        if q.is_cuda:
+            backend = "triton"
+        else:
+            paths = {"torch": maxsim_chunked, "torch-bf16": functools.partial(maxsim_chunked, bf16=True)}
+            backend, width = cpu_kernel.choose(q, c, paths, exact)
     if backend == "torch":
         return maxsim_chunked(q, c, q_mask, c_mask)
+    if backend == "torch-bf16":
+        return maxsim_chunked(q, c, q_mask, c_mask, bf16=True)
     if backend == "c":
         return cpu_kernel.maxsim_c(q, c, q_mask, c_mask, width=width)
     if backend == "triton":
@@ -141,10 +167,11 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None):
                              "'c' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
         from machinery.triton_kernel import maxsim_triton
         return maxsim_triton(q, c, q_mask, c_mask)
-    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'c' (the fused C kernel) or 'triton'")
+    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'torch-bf16', 'c' (the fused C kernel) "
+                     f"or 'triton'")
 
 
-def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None):
+def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=False):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
     c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one
@@ -157,7 +184,7 @@ def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None):
     Nq, Nc = q.shape[0], c.shape[0]
     if chunk is None:
         in_place = isinstance(c, torch.Tensor) and c.device == q.device
-        row_bytes = getattr(c, "row_bytes", c.shape[1] * c.shape[2] * c.dtype.itemsize)
+        row_bytes = c.row_bytes if hasattr(c, "row_bytes") else c.shape[1] * c.shape[2] * c.dtype.itemsize
         chunk = 65536 if in_place else max(1, min(65536, (256 << 20) // row_bytes))
     k = min(k, Nc)
     best_s = torch.full((Nq, 0), float("-inf"), device=q.device)
@@ -165,7 +192,7 @@ def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None):
     for j in range(0, Nc, chunk):
         cj = c[j:j + chunk].to(q.device, non_blocking=True)
         cm = c_mask[j:j + chunk].to(q.device) if c_mask is not None else None
-        s = maxsim(q, cj, q_mask, cm, backend)                                # (N_q, chunk)
+        s = maxsim(q, cj, q_mask, cm, backend, exact)                         # (N_q, chunk)
         idx = torch.arange(j, j + s.shape[1], device=q.device).expand(Nq, -1)
         s, idx = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)                       # k may exceed a chunk

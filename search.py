@@ -21,6 +21,7 @@ import time
 from apps.search_index import (Index, build_index, check_collection, list_items, qdrant_client, qdrant_search,
                                 to_qdrant, verify)
 from machinery import checks
+from machinery.index import PRECISIONS
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
 from metaembed import load_model as load_model_at, parse_budgets
 
@@ -39,6 +40,10 @@ def get_args(argv=None):
     i.add_argument("--synthetic-scenes", type=int, default=300, help="with no corpus given: this many synthetic "
                    "eval scenes (and 3 variants of each)")
     i.add_argument("--batch-size", type=int, default=32)
+    i.add_argument("--precision", choices=PRECISIONS, default="bf16",
+                   help="bits per stored number: bf16 (default), int8 (a scale a vector: about half of bf16's bytes) "
+                   "or binary (sign bits and a scale: about a 16th); int8 / binary keep the float copy beside them "
+                   "for a cascade's rescoring (--first)")
     i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder, or a server's http(s) URL")
     i.add_argument("--collection", default="metaembed", help="the Qdrant collection (default metaembed)")
     i.add_argument("--overwrite", action="store_true", help="with --qdrant: replace a collection of another index")
@@ -96,11 +101,13 @@ def index_cmd(args):
     args.max_pixels = model.config.max_pixels or model.processor.image_processor.size["longest_edge"]
     items, unreadable = list_items(args, model)
     t = time.time()
-    skipped = build_index(model, items, args.out, args.batch_size)
+    skipped = build_index(model, items, args.out, args.batch_size, precision=args.precision)
     index = Index(args.out)
+    low = [f for f, _ in index.vectors.file_sizes() if f not in index.vectors.files]
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
-          f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}; "
-          f"budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
+          f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}"
+          + (f" + {sum(os.path.getsize(f) for f in low) / 2**20:.1f} MiB {index.precision}, searched" if low else "")
+          + f"; budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
     for r in unreadable:
         print(f"skipped {r['source']}: {r['error']}")
     for r in skipped:
@@ -148,7 +155,8 @@ def query_cmd(args):
     if args.qdrant:
         client = qdrant_client(args.qdrant)
         check_collection(client, index, args.collection)
-        hits = qdrant_search(client, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection)
+        hits = qdrant_search(client, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection,
+                             rescore=index.vectors.quantized)
     else:
         s, i = index.search(q, budget, args.k, first, depth, os.environ.get("METAEMBED_MAXSIM"))
         hits = list(zip(s[0].tolist(), i[0].tolist()))
@@ -156,11 +164,14 @@ def query_cmd(args):
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]
     if args.json:
         print(json.dumps({"query": args.text, "image": args.image, "budget": f"{budget[0]}x{budget[1]}",
-                          "first": f"{first[0]}x{first[1]}" if first else None, "results": results,
+                          "first": f"{first[0]}x{first[1]}" if first else None, "precision": index.precision,
+                          "results": results,
                           "encode_ms": 1e3 * t_enc, "search_ms": 1e3 * t_search}, indent=2))
         return results
     how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
         if first else f"{budget[0]}x{budget[1]} over {index.N}"
+    if index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
+        how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")
     for r in results:
@@ -177,7 +188,9 @@ def main(argv=None):
                 print(f"{args.index}: {line}")
             if problems:
                 sys.exit(f"search.py: {args.index} failed verification ({len(problems)} problem(s))")
-            print(f"{args.index}: ok (sizes, items, checksums, every value finite)")
+            meta = json.load(open(os.path.join(args.index, "index.json")))
+            print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision "
+                  f"{meta.get('precision', meta['dtype'])})")
             return []
         if args.command == "serve":
             from apps import serve

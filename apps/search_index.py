@@ -4,7 +4,10 @@ Search at any budget: an index of a corpus, the cascade, Qdrant.
 The index folder: index.json (the model, sizes, dtype), items.jsonl (id and source of each item),
 and the candidate vectors stored group by group, group-A-B.bin holding vectors A+1..B of every
 candidate (N x (B - A) x D, machinery/index.py's format: bf16 from D = 128, float32 below): a
-search at r_c reads exactly the first r_c / R_c of the bytes, each group contiguously. Indexing is resumable: shards are marked
+search at r_c reads exactly the first r_c / R_c of the bytes, each group contiguously. An int8 or
+binary index (--precision) holds each group once more in that precision: searches read those
+(a quarter / a sixteenth of bf16's bytes, plus a scale a vector), and a cascade rescores its best
+`depth` from the float copy kept beside them. Indexing is resumable: shards are marked
 done atomically, a rerun continues where it stopped, and index.json (which `query` needs) is
 written last, so an interrupted run never leaves an index that looks complete. A corrupt image
 among many is skipped, listed in skipped.jsonl and never returned.
@@ -33,8 +36,9 @@ SHARD = 256          # items encoded and marked done together
 class Index:
     """A budget-aware index of N candidates x R_c vectors of size D, grouped on disk (see above).
 
-    index.budget(r_c) (r_c a group boundary) slices like an (N, r_c, D) tensor, read from the
-    group files; index.search scores queries against it."""
+    index.prefix(r_c) (r_c a group boundary) slices like an (N, r_c, D) tensor, read from the
+    group files (index.prefix(r_c, index.precision): the int8 / binary ones); index.search scores
+    queries against it."""
 
     def __init__(self, path):
         self.path = os.fspath(path)
@@ -43,7 +47,7 @@ class Index:
                                     f"(again, to finish an interrupted one)")
         self.vectors = on_disk.open_vectors(self.path)
         self.meta, self.N, self.R_c, self.D = self.vectors.meta, self.vectors.N, self.vectors.R_c, self.vectors.D
-        self.bounds = self.vectors.bounds
+        self.bounds, self.precision = self.vectors.bounds, self.vectors.precision
         with open(os.path.join(self.path, "items.jsonl")) as f:
             self.items = [json.loads(line) for line in f]
         if len(self.items) != self.N or any(it.get("n", n) != n for n, it in enumerate(self.items)):
@@ -52,26 +56,33 @@ class Index:
                              f"labels would not match the vectors; rebuild the index")
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
 
-    def budget(self, r_c):
+    def prefix(self, r_c, precision=None):
+        """The first r_c vectors of every candidate: the float copy, or (precision = the index's
+        int8 / binary) the low-bit groups."""
         if r_c not in [b for _, b in self.bounds]:
-            raise ValueError(f"budget r_c={r_c} is not stored in {self.path}: the index holds r_c in "
+            raise ValueError(f"r_c={r_c} is not stored in {self.path}: the index holds r_c in "
                              f"{', '.join(str(b) for _, b in self.bounds)}")
-        return self.vectors.budget(r_c)
+        return self.vectors.prefix(r_c, precision)
 
-    def search(self, q, budget, k=10, first=None, depth=1000, backend=None):
+    def search(self, q, budget, k=10, first=None, depth=1000, backend=None, precision=None, exact=False):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
-        with first: score every candidate at `first`, then the best `depth` at `budget`."""
+        with first: score every candidate at `first`, then the best `depth` at `budget`.
+        precision: the vectors of the one stage, or the cascade's first (default: the index's own,
+        int8 / binary where it holds them); a cascade rescores from the float copy. exact: float32
+        math only (maxsim's exact)."""
         k_all = k + len(self.skipped)                  # skipped items are dropped from the results
+        precision = precision or self.precision
         if first is None:
-            s, i = maxsim_topk(q[:, :budget[0]], self.budget(budget[1]), min(k_all, self.N), backend=backend)
+            s, i = maxsim_topk(q[:, :budget[0]], self.prefix(budget[1], precision), min(k_all, self.N),
+                               backend=backend, exact=exact)
         else:
-            _, cand = maxsim_topk(q[:, :first[0]], self.budget(first[1]), min(max(depth, k_all), self.N),
-                                  backend=backend)
-            view, out_s, out_i = self.budget(budget[1]), [], []
+            _, cand = maxsim_topk(q[:, :first[0]], self.prefix(first[1], precision), min(max(depth, k_all), self.N),
+                                  backend=backend, exact=exact)
+            view, out_s, out_i = self.prefix(budget[1]), [], []
             for a in range(0, q.shape[0], 16):      # 16 queries at a time: their candidates read once
                 block = cand[a:a + 16]                                        # (n, depth)
                 rows, where = torch.unique(block, return_inverse=True)       # sorted: sequential reads
-                s = maxsim(q[a:a + 16, :budget[0]], view[rows.numpy()], backend=backend)   # (n, U)
+                s = maxsim(q[a:a + 16, :budget[0]], view[rows.numpy()], backend=backend, exact=exact)   # (n, U)
                 s = s.gather(1, where)                                        # (n, depth): each its own
                 s, pos = s.topk(min(k_all, s.shape[1]), dim=1)
                 out_s.append(s)
@@ -214,8 +225,9 @@ def item_kind(image):
     return {"kind": "text"} if image is None else {"kind": "synthetic"}
 
 
-def build_index(model, items, out, batch_size=32, progress=True):
-    """Encode items into the index folder `out`, resumably (shards marked done in progress.json).
+def build_index(model, items, out, batch_size=32, progress=True, precision=None):
+    """Encode items into the index folder `out`, resumably (shards marked done in progress.json);
+    precision int8 / binary: those groups too, beside the float copy (machinery/index.py).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
     os.makedirs(out, exist_ok=True)
@@ -230,10 +242,13 @@ def build_index(model, items, out, batch_size=32, progress=True):
                          f"resume with that checkpoint, or remove {out} to index afresh")
     if state and (state["items"] != listing or state["dim"] != D):
         raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
+    if state and state["vectors"].get("precision", "bf16") != (precision if precision in on_disk.QUANTIZED else "bf16"):
+        raise ValueError(f"{out} holds an unfinished index in precision {state['vectors'].get('precision', 'bf16')}: "
+                         f"resume it with that --precision, or remove {out}")
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
-        vectors = on_disk.create(out, N, R_c, D, model.config.groups, on_disk.default_dtype(D))
+        vectors = on_disk.create(out, N, R_c, D, model.config.groups, on_disk.default_dtype(D), precision)
         state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
@@ -352,8 +367,10 @@ def to_qdrant(index, client, collection="metaembed", batch=256, overwrite=False)
     if not client.collection_exists(collection):
         client.create_collection(collection, vectors_config={
             "first": models.VectorParams(size=index.D, distance=dot),
-            **{f"mv{b}": models.VectorParams(size=index.D, distance=dot, multivector_config=mv) for _, b in index.bounds}})
-    full, tag = index.budget(index.R_c), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
+            **{f"mv{b}": models.VectorParams(size=index.D, distance=dot, multivector_config=mv,
+                                             quantization_config=qdrant_quantization(index.precision))
+               for _, b in index.bounds}})
+    full, tag = index.prefix(index.R_c), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
     for s in range(0, index.N, batch):
         E = full[s:s + batch].float().numpy()                         # (n, R_c, D)
         points = [models.PointStruct(id=s + n, vector={"first": e[0].tolist(), **{f"mv{b}": e[:b].tolist()
@@ -362,6 +379,19 @@ def to_qdrant(index, client, collection="metaembed", batch=256, overwrite=False)
                   for n, e in enumerate(E) if s + n not in index.skipped]
         if points:                                 # a batch that was skipped whole has nothing to send
             client.upsert(collection, points)
+
+
+def qdrant_quantization(precision):
+    """Qdrant's own quantization of the multivectors for an int8 / binary index (None for bf16):
+    scalar int8, or binary (one bit a number); its search rescores with the originals it keeps
+    (qdrant_search asks for that), as the cascade rescores from the float copy here."""
+    from qdrant_client import models
+    if precision == "int8":
+        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8,
+                                                                                 always_ram=True))
+    if precision == "binary":
+        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
+    return None
 
 
 def check_collection(client, index, collection):
@@ -378,9 +408,10 @@ def check_collection(client, index, collection):
                          f"cut short): complete it with `search.py push --index {index.path} --qdrant ...`")
 
 
-def qdrant_search(client, q, budget, k, first=None, depth=None, collection="metaembed"):
+def qdrant_search(client, q, budget, k, first=None, depth=None, collection="metaembed", rescore=False):
     """q (R_q, D): MaxSim at budget over all points, or over the `depth` best at `first` (1x1:
-    the dense first vector, through HNSW; another budget: its multivector). -> [(score, point id)]."""
+    the dense first vector, through HNSW; another budget: its multivector). rescore: the collection is
+    quantized (an int8 / binary index): Qdrant rescores with the originals. -> [(score, point id)]."""
     from qdrant_client import models
     if not client.collection_exists(collection):
         raise ValueError(f"Qdrant has no collection {collection!r} there: write it with `search.py index ... --qdrant`")
@@ -389,6 +420,7 @@ def qdrant_search(client, q, budget, k, first=None, depth=None, collection="meta
         dense = first == (1, 1)
         prefetch = models.Prefetch(query=q[0].tolist() if dense else q[:first[0]].tolist(),
                                    using="first" if dense else f"mv{first[1]}", limit=depth)
+    params = models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True)) if rescore else None
     r = client.query_points(collection, prefetch=prefetch, query=q[:budget[0]].tolist(), using=f"mv{budget[1]}",
-                            limit=k, with_payload=False)
+                            limit=k, with_payload=False, search_params=params)
     return [(p.score, p.id) for p in r.points]

@@ -21,6 +21,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from machinery.index import vector_bytes
+
 MAX_UPLOAD = 20 << 20          # bytes of an uploaded query image
 THUMB = 256                    # pixels of a thumbnail's longer edge
 PAGE = Path(__file__).with_name("search_page.html")
@@ -42,7 +44,8 @@ class Searcher:
     def info(self):
         m = self.index.meta
         return {"count": self.index.N - len(self.index.skipped), "budgets": [f"{rq}x{rc}" for rq, rc in self.budgets()],
-                "model": m.get("checkpoint"), "backbone": m.get("backbone"), "dim": self.index.D, "dtype": m["dtype"]}
+                "model": m.get("checkpoint"), "backbone": m.get("backbone"), "dim": self.index.D, "dtype": m["dtype"],
+                "precision": self.index.precision}
 
     def budgets(self):
         """The budgets a search can take: the model's groups that the index stores."""
@@ -68,8 +71,9 @@ class Searcher:
             s, i = self.index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
         ms = 1e3 * (time.perf_counter() - t)
         items = self.index.items
-        vector = self.index.D * self.index.vectors.dtype.itemsize
-        read = self.index.N * (first or budget)[1] * vector + (min(depth, self.index.N) * budget[1] * vector if first else 0)
+        vector = self.index.D * self.index.vectors.dtype.itemsize                    # the float copy's
+        low = vector_bytes(self.index.D, self.index.precision)                       # what the first pass reads
+        read = self.index.N * (first or budget)[1] * low + (min(depth, self.index.N) * budget[1] * vector if first else 0)
         return {"results": [{"rank": r + 1, "n": j, "id": items[j]["id"], "score": x, "source": items[j]["source"],
                              "kind": items[j].get("kind", "image")} for r, (x, j) in enumerate(zip(s[0].tolist(), i[0].tolist()))],
                 "budget": f"{budget[0]}x{budget[1]}", "first": f"{first[0]}x{first[1]}" if first else None,

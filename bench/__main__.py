@@ -6,6 +6,7 @@ The benchmarks, one module per concern, run as `python -m bench [MODE]`:
     python -m bench --dispatch       # the CPU dispatch measured afresh; --layout: the grouped on-disk layout
     python -m bench --rehearse qwen2-vl-2b   # memory (bench/memory.py): a full-size backbone with random weights
     python -m bench --memory-table   # the official recipe's memory per device, by arithmetic
+    python -m bench --precision      # bf16 math, int8 and 1-bit indexes (bench/precision.py): S1-S5, recall@10
     python -m bench --cascade INDEX  # latency (bench/latency.py): the cascade's recall; --serve: the server's latency
     python -m bench.showcase         # the multi-seed Matryoshka claim (bench/showcase.py)
 
@@ -18,11 +19,12 @@ import argparse
 
 import torch
 
-from bench import latency, memory, speed
+from bench import latency, memory, precision, speed
 
 MODES = {"rehearse": memory.mode_rehearse, "serve": latency.mode_serve, "dispatch": speed.mode_dispatch,
          "layout": speed.mode_layout, "cascade": latency.mode_cascade, "grad_cache_one": memory.mode_grad_cache_one,
-         "grad_cache": memory.mode_grad_cache, "eval_memory": memory.mode_eval_memory}
+         "grad_cache": memory.mode_grad_cache, "eval_memory": memory.mode_eval_memory,
+         "precision": precision.mode_precision}
 
 
 def main():
@@ -54,12 +56,16 @@ def main():
                    "from rehearsal results (default: docs/rehearse-*.json)")
     p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
                    "20,000 random candidates at D = 1536, against the same search in-process")
+    p.add_argument("--precision", action="store_true", help="instead: a bf16 index at S1-S5 (maxsim's default, "
+                   "exact float32 math, the plain bf16 and float32 torch loops) against the measured bf16 GEMM peak; "
+                   "recall@10 of bf16 / int8 / binary on random D = 1536 vectors, alone and rescored")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
     if args.memory_table is not None:
         return memory.mode_memory_table(args)
-    for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory"):
+    for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory",
+                 "precision"):
         if getattr(args, name):
             return MODES[name](args)
     return speed.mode_speed(args)

@@ -118,11 +118,11 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
     rows = []
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         index = random_index(tmp, N, D)
-        full = index.budget(64)[0:N].float()                                          # (N, 64, D)
+        full = index.prefix(64)[0:N].float()                                          # (N, 64, D)
         sizes = {b: os.path.getsize(f) for (_, b), f in zip(index.bounds, index.vectors.files)}
         read = {b: sum(v for k, v in sizes.items() if k <= b) / sum(sizes.values()) for _, b in index.bounds}
         flops = 2 * Nq * N * D
-        cases = {"grouped bf16 (search.py)": lambda: index.budget(1)[0:N],
+        cases = {"grouped bf16 (search.py)": lambda: index.prefix(1)[0:N],
                  "prefix view, full fp32": lambda: full[:, :1],
                  "prefix view, full bf16": (lambda fb: (lambda: fb[:, :1]))(full.bfloat16())}
         for name, cands in cases.items():

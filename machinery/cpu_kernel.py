@@ -23,11 +23,12 @@ import numpy as np
 import torch
 
 from machinery.checks import check_maxsim_inputs
+from machinery.index import Quantized, quantize
 
 _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
 # query registers for every candidate vector (docs/NOTES.md has the measurements)
-_CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}   # maxsim.c's candidate types
+_CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "binary": 4}   # maxsim.c's types
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
 
 
@@ -43,9 +44,15 @@ def widths():
     return (16, 8) if " avx512f" in cpu_flags() else (8,)
 
 
+def ctype(c):
+    """maxsim.c's candidate type of c (a tensor or a Quantized index), or None."""
+    return _CTYPES.get(c.precision if isinstance(c, Quantized) else c.dtype)
+
+
 def can_take(q, c):
-    """What the C kernel takes: float32 / bf16 / fp16 candidates with at most _MAX_RC vectors."""
-    return c.dtype in _CTYPES and c.shape[1] <= _MAX_RC
+    """What the C kernel takes: float32 / bf16 / fp16 / int8 / binary candidates with at most
+    _MAX_RC vectors."""
+    return ctype(c) is not None and c.shape[1] <= _MAX_RC
 
 
 # -----------------------------------------------------------------------------
@@ -55,30 +62,48 @@ def can_take(q, c):
 # JSON file beside the compiled kernel (keyed like it: source, flags, CPU), so later processes
 # on the same machine read it instead of measuring.
 
-def regime(q, c):
+def precision(c):
+    """The index precision a dispatch decision holds for: fp32, 16bit, int8 or binary."""
+    if isinstance(c, Quantized):
+        return c.precision
+    return "fp32" if c.dtype == torch.float32 else "16bit"
+
+
+def bf16_math_allowed(c, exact):
+    """bf16 math (the query rounded to bf16) is a candidate path only where it loses nothing the
+    index holds: a bf16 or a low-bit index, and never with exact=True."""
+    return not exact and (isinstance(c, Quantized) or c.dtype == torch.bfloat16)
+
+
+def regime(q, c, exact=True):
     """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
-    query) or many; one candidate vector (a plain product) or several; D up to 256 or more; a
-    float32 or a 16-bit index."""
+    query) or many; one candidate vector (a plain product), up to 16 or more (the 16x64 budget,
+    where bf16 GEMMs read whole rows: measured apart); D up to 256 or more; the
+    index's precision (fp32, 16bit, int8, binary); float32 math only, or bf16 math allowed."""
+    r_c = c.shape[1]
     return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
-                     "rc1" if c.shape[1] == 1 else "multi", "D<=256" if c.shape[2] <= 256 else "D>256",
-                     "fp32" if c.dtype == torch.float32 else "16bit"))
+                     "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16",
+                     "D<=256" if c.shape[2] <= 256 else "D>256",
+                     precision(c), *(("bf16math",) if bf16_math_allowed(c, exact) else ())))
 
 
 def _probe(name):
-    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product) or 16 x
-    16 prefix views of (16, 64) embeddings, as at serving time; enough candidates to amortise
-    set-up (512 to 10,000, up to about 1 GFLOP)."""
+    """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product), 16 x 16
+    prefix views of (16, 64) embeddings, as at serving time, or 16 x 64 (multi>16); enough
+    candidates to amortise set-up (512 to 10,000, up to about 1 GFLOP); int8 / binary: quantized."""
     one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
+    packed = next((p for p in ("int8", "binary") if p in name.split("/")), None)
     Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
-    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * r * D))))
+    rc = 64 if "multi>16" in name.split("/") else r                     # 16x64: whole rows
+    Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * rc * D))))
     g = torch.Generator().manual_seed(0)
     q = torch.nn.functional.normalize(torch.randn(Nq, 16, D, generator=g), dim=-1)[:, :r]
-    # the prefix view of a full (N_c, 64, D) index with only its first r vectors written: the
+    # the prefix view of a full (N_c, 64, D) index with only its first r_c vectors written: the
     # strides are serving time's, and only the pages it reads are ever committed (the whole
     # float32 index would be 3.9 GB at D = 1536)
-    c = torch.empty(Nc, 64, D, dtype=torch.float32 if fp32 else torch.bfloat16)[:, :r]
-    c.copy_(torch.nn.functional.normalize(torch.randn(Nc, r, D, generator=g), dim=-1))
-    return q, c
+    c = torch.empty(Nc, 64, D, dtype=torch.float32 if fp32 else torch.bfloat16)[:, :rc]
+    c.copy_(torch.nn.functional.normalize(torch.randn(Nc, rc, D, generator=g), dim=-1))
+    return q, (quantize(c, packed) if packed else c)
 
 
 def _time(fns, repeats=3):
@@ -99,28 +124,37 @@ def _time(fns, repeats=3):
 choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torch", "width": 8 or 16, ...}
 
 
-def measured_choice(name, torch_path=None):
+def measured_choice(name, torch_paths=None):
     """The fastest CPU path for a regime, measured once per machine and kept on disk;
-    -> (backend 'c' or 'torch', the record: timings, the C kernel's register width, the probe).
-    torch_path: the torch path timed against the kernel (maxsim.maxsim_chunked, given by maxsim.py:
-    the machinery imports nothing above it); needed only when the regime is not measured yet."""
+    -> (backend 'c' or a torch path's name, the record: timings, the C kernel's register width,
+    the probe). torch_paths: {name: fn} the torch paths timed against the kernel (maxsim.py gives
+    'torch', float32 math, and 'torch-bf16', bf16 math, timed only in a bf16math regime: the
+    machinery imports nothing above it); needed only when the regime is not measured yet."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
             choices.update(json.loads(dispatch_file().read_text()))
         except ValueError:
             pass                                       # a damaged file is measured again
     if name not in choices:
-        if torch_path is None:
-            raise ValueError(f"regime {name} is not measured yet: pass the torch path to time the kernel against")
+        if torch_paths is None:
+            raise ValueError(f"regime {name} is not measured yet: pass the torch paths to time the kernel against")
+        if callable(torch_paths):
+            torch_paths = {"torch": torch_paths}
+        if "bf16math" not in name.split("/"):
+            torch_paths = {k: f for k, f in torch_paths.items() if k != "torch-bf16"}
         q, c = _probe(name)
-        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths() if library(w) is not None}
-        t_c = _time({**fns, "torch": functools.partial(torch_path, q, c)})
-        t_torch = t_c.pop("torch")
-        width = min(t_c, key=t_c.get)
-        choices[name] = {"C_ms": 1e3 * t_c[width], "torch_ms": 1e3 * t_torch, "width": width,
-                          "winner": "c" if t_c[width] <= t_torch else "torch",
+        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths()
+               if "no-c" not in name and library(w) is not None}
+        t_c = _time({**fns, **{k: functools.partial(f, q, c) for k, f in torch_paths.items()}})
+        t_torch = {k: t_c.pop(k) for k in torch_paths}
+        width = min(t_c, key=t_c.get) if t_c else None
+        fastest = min(t_torch, key=t_torch.get)
+        choices[name] = {"C_ms": 1e3 * t_c[width] if t_c else None, "width": width,
+                          **{f"{k}_ms": 1e3 * t for k, t in t_torch.items()},
+                          "winner": "c" if t_c and t_c[width] <= t_torch[fastest] else fastest,
                           **{f"C{w}_ms": 1e3 * t for w, t in t_c.items()},
-                          "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, {c.dtype}"}
+                          "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, "
+                                   f"{precision(c)}"}
         if dispatch_file():
             tmp = dispatch_file().with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(choices, indent=1))
@@ -128,12 +162,16 @@ def measured_choice(name, torch_path=None):
     return choices[name]["winner"], choices[name]
 
 
-def choose(q, c, torch_path):
+def choose(q, c, torch_paths, exact=True):
     """-> (backend, width) for maxsim.maxsim's auto path on the CPU: 'c' (with its measured
-    register width) or 'torch', where the kernel cannot take the input or did not build."""
+    register width) or a torch path ({name: fn}); 'torch' where the kernel cannot take the input
+    or did not build, unless bf16 math is allowed (then measured against float32 torch)."""
     if not (can_take(q, c) and library() is not None):
-        return "torch", None
-    backend, record = measured_choice(regime(q, c), torch_path)
+        if not bf16_math_allowed(c, exact):
+            return "torch", None
+        backend, record = measured_choice(regime(q, c, exact) + "/no-c", torch_paths)
+        return backend, None
+    backend, record = measured_choice(regime(q, c, exact), torch_paths)
     return backend, record.get("width")
 
 
@@ -162,7 +200,7 @@ def library(width=None):
         warnings.warn(f"the fused CPU MaxSim kernel is unavailable ({errors[-1]}); using the torch path")
         return None
     P, I = ctypes.c_void_p, ctypes.c_int64
-    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9 + [ctypes.c_int]
+    lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9 + [ctypes.c_int, P, I, I]
     lib.maxsim_c.restype = ctypes.c_int
     lib.rows, lib.openmp = lib.maxsim_rows(), bool(lib.maxsim_openmp())
     err = self_check(lib)
@@ -206,8 +244,22 @@ def self_check(lib):
         best[:, ~cm.any(1)] = 0.0                         # a candidate with no real vector scores 0
         ref = np.where(qm[:, None, :], best, 0.0).sum(-1)
         got = _run_c(lib, torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(qm), torch.from_numpy(cm))
-        worst = max(worst, float(np.abs(got.numpy() - ref).max()))
+        worst = max(worst, _error(got.numpy(), ref))
+    # int8 and binary candidates (D = 19: a partial byte of bits) against their dequantised values
+    q, c = g.standard_normal((3, 5, 19), np.float32), g.standard_normal((2 * 48 + 7, 3, 19), np.float32)
+    for r_c in (1, 3):
+        for kind in ("int8", "binary"):
+            packed = quantize(torch.from_numpy(c[:, :r_c]), kind)
+            ref = np.einsum("aid,njd->anij", q.astype(np.float64), packed.dequantize(torch.float64).numpy())
+            got = _run_c(lib, torch.from_numpy(q), packed, None, None)
+            worst = max(worst, _error(got.numpy(), ref.max(-1).sum(-1)))
     return worst
+
+
+def _error(got, want):
+    """Largest absolute difference; a NaN where the reference has none counts as infinite."""
+    with np.errstate(invalid="ignore"):
+        return float(np.nan_to_num(np.abs(got - want), nan=np.inf).max())
 
 
 _pool = None
@@ -216,7 +268,8 @@ _pool = None
 @torch.no_grad()
 def maxsim_c(q, c, q_mask=None, c_mask=None, width=None):
     """The fused C kernel on the CPU: float32 math, candidates float32, bfloat16 or float16 (a 16-bit
-    index halves the bytes read), no score tensor; same contract as maxsim. width: floats a
+    index halves the bytes read), or an int8 / binary index (Quantized: a quarter / a 32nd of the
+    float32 bytes, dequantised in L1), no score tensor; same contract as maxsim. width: floats a
     register, 16 (AVX-512) or 8 (AVX2); None: this CPU's widest.
 
     The real query vectors of all queries are packed into blocks of 2 x width rows; candidates
@@ -225,9 +278,9 @@ def maxsim_c(q, c, q_mask=None, c_mask=None, width=None):
     lib = library(width)
     if lib is None:
         raise RuntimeError("the fused CPU kernel did not build (see the warning); use backend='torch'")
-    if q.is_cuda or c.is_cuda or c.dtype not in _CTYPES:
-        raise ValueError(f"maxsim_c wants CPU candidates in float32, bfloat16 or float16, got {c.dtype} "
-                         f"on {c.device}")
+    if q.is_cuda or c.device.type != "cpu" or ctype(c) is None:
+        raise ValueError(f"maxsim_c wants CPU candidates in float32, bfloat16, float16, int8 or binary, got "
+                         f"{getattr(c, 'precision', c.dtype)} on {c.device}")
     if c.shape[1] > _MAX_RC:
         raise ValueError(f"maxsim_c takes at most {_MAX_RC} vectors a candidate, got r_c={c.shape[1]}")
     return _run_c(lib, q, c, q_mask, c_mask)
@@ -237,6 +290,11 @@ def _run_c(lib, q, c, q_mask, c_mask):
     global _pool
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
+    kind, scale, scale_strides = ctype(c), None, (0, 0)
+    if isinstance(c, Quantized):         # the codes, read in place; binary strides in bits
+        scale = c.scale if c.scale.dtype == torch.float32 else c.scale.float()
+        scale_strides = scale.stride()
+        c = c.codes
     if c.stride(2) != 1:
         c = c.contiguous()
     # Packing in numpy, not torch: a torch op here would start torch's OpenMP threads, which then
@@ -257,17 +315,19 @@ def _run_c(lib, q, c, q_mask, c_mask):
     owner = np.concatenate([owner, np.full(n_rows - owner.shape[0], -1, dtype=np.int64)])
     cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
     out = np.empty((Nq, Nc), dtype=np.float32)
-    args = (qp.ctypes.data, owner.ctypes.data, n_rows, Nq, c.data_ptr(), _CTYPES[c.dtype],
+    args = (qp.ctypes.data, owner.ctypes.data, n_rows, Nq, c.data_ptr(), kind,
             cm.ctypes.data if cm is not None else None, out.ctypes.data, r_c, D)
-    strides = (c.stride(0), c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
+    bits = 8 if kind == 4 else 1
+    strides = (bits * c.stride(0), bits * c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
+    scales = (scale.data_ptr() if scale is not None else None, *scale_strides)
     threads = torch.get_num_threads()
     if lib.openmp or threads == 1:             # OpenMP splits [0, N_c) into pieces inside the call
-        status = [lib.maxsim_c(*args, 0, Nc, *strides, threads)]
+        status = [lib.maxsim_c(*args, 0, Nc, *strides, threads, *scales)]
     else:                                      # Python threads, four pieces each, as maxsim.c does
         step = max(4, -(-Nc // (4 * threads)))
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1),
+        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1, *scales),
                                    range(0, Nc, step)))
     if any(status):
         raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({n_rows} query vectors, D={D})")

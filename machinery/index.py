@@ -2,11 +2,22 @@
 
 A folder holds the candidate vectors group by group: group-A-B.bin holds vectors A+1..B of every
 candidate, (N, B - A, D) in the index dtype, for the group boundaries B of the model's
-Matryoshka groups (0-1, 1-4, 4-8, 8-16, 16-64). A budget r_c reads only the groups up to r_c,
-each in one contiguous run: 1/64 of the bytes at 1x1. index.json records count, dim,
+Matryoshka groups (0-1, 1-4, 4-8, 8-16, 16-64). A prefix r_c (a budget's candidate side) reads
+only the groups up to r_c, each in one contiguous run: 1/64 of the bytes at 1x1. index.json records count, dim,
 num_candidate_tokens, groups and dtype (and whatever the writer adds; search.py adds the model
 and the items). Vectors are written with pwrite and read with plain reads (ranges of rows) or a
 memory map (lists of rows), so resident memory stays one chunk, whatever N is.
+
+Precision, the second budget axis (index.json's "precision"; absent = the float dtype): besides
+the float copy, an int8 or binary index stores each group once more in fewer bits, in the same
+layout: group-A-B.int8.bin (N, B - A, D) int8 codes, or group-A-B.binary.bin (N, B - A, ceil(D/8))
+uint8 sign bits (bit d % 8 of byte d // 8, 1 = positive), and group-A-B.scale.bin (N, B - A)
+float32, one scale a vector:
+
+    int8:   x ~ scale * code,   scale = max_d |x_d| / 127,  code = round(x / scale)
+    binary: x ~ scale * sign,   scale = mean_d |x_d|  (the least-squares scale of the signs)
+
+Search reads the low-bit groups; the float copy is read only to rescore a cascade's best few.
 """
 import hashlib
 import json
@@ -18,6 +29,72 @@ import torch
 from machinery.checkpoints import write_atomic
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+QUANTIZED = ("int8", "binary")
+PRECISIONS = ("bf16", *QUANTIZED)     # the command lines' --precision (bf16: the float index alone)
+
+
+def vector_bytes(D, precision):
+    """Bytes one stored vector takes at a precision (a dtype name or int8 / binary): the one rule
+    behind every bytes-per-candidate figure (r_c * vector_bytes)."""
+    if precision == "int8":
+        return D + 4                                   # codes + a float32 scale
+    if precision == "binary":
+        return -(-D // 8) + 4                          # sign bits + a float32 scale
+    return D * DTYPES["bfloat16" if precision == "bf16" else precision].itemsize
+
+
+def quantize(x, precision):
+    """x (N, r, D) float -> Quantized (see the module's docstring for the two rules)."""
+    x = x.detach().float()
+    if precision == "int8":
+        scale = x.abs().amax(-1) / 127                                          # (N, r)
+        codes = torch.round(x / scale.clamp_min(1e-30)[..., None]).clamp_(-127, 127).to(torch.int8)
+    elif precision == "binary":
+        scale = x.abs().mean(-1)                                                # (N, r)
+        bits = torch.nn.functional.pad((x > 0).to(torch.uint8), (0, -x.shape[-1] % 8))   # (N, r, 8 ceil(D/8))
+        shifts = torch.arange(8, device=x.device, dtype=torch.uint8)
+        codes = (bits.unflatten(-1, (-1, 8)) << shifts).sum(-1, dtype=torch.uint8)      # (N, r, ceil(D/8))
+    else:
+        raise ValueError(f"precision {precision!r}: quantized indexes are {' or '.join(QUANTIZED)}")
+    return Quantized(precision, codes, scale.contiguous(), x.shape[-1])
+
+
+class Quantized:
+    """Candidate vectors in fewer bits: codes (N, r, D) int8 or (N, r, ceil(D/8)) uint8 sign bits,
+    and scale (N, r) float32. Slices like an (N, r, D) tensor (rows, and prefix views c[:, :r]
+    through the codes' strides); maxsim scores it directly (dequantised chunk by chunk, or
+    expanded in the C kernel's registers)."""
+
+    def __init__(self, precision, codes, scale, D):
+        self.precision, self.codes, self.scale, self.D = precision, codes, scale, D
+        self.shape = (codes.shape[0], codes.shape[1], D)
+        self.row_bytes = codes.shape[1] * vector_bytes(D, precision)
+        self.device, self.dtype = codes.device, codes.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(rows, int):
+            rows = slice(rows, rows + 1)
+        return Quantized(self.precision, self.codes[rows, vecs], self.scale[rows, vecs], self.D)
+
+    def to(self, device, non_blocking=False):
+        return Quantized(self.precision, self.codes.to(device, non_blocking=non_blocking),
+                         self.scale.to(device, non_blocking=non_blocking), self.D)
+
+    def dequantize(self, dtype=torch.float32, out=None):
+        """-> (N, r, D) in dtype (into out, if given): scale * code, or scale * sign."""
+        N, r, D = self.shape
+        if self.precision == "int8":
+            x = self.codes.to(dtype)
+        else:   # bits -> +-1: bit d % 8 of byte d // 8
+            shifts = torch.arange(8, device=self.codes.device, dtype=torch.uint8)
+            bits = (self.codes[..., None] >> shifts) & 1                               # (N, r, D/8, 8)
+            x = (bits.view(N, r, -1)[..., :D].to(dtype) * 2 - 1)
+        out = torch.empty(N, r, D, dtype=dtype, device=self.codes.device) if out is None else out
+        return torch.mul(x, self.scale[..., None].to(dtype), out=out)
 
 
 def default_dtype(D):
@@ -32,14 +109,19 @@ def group_bounds(R_c, groups):
     return list(zip([0] + ends[:-1], ends))
 
 
-def create(path, N, R_c, D, groups, dtype):
-    """Empty group files for N candidates (sparse until written) -> Vectors to write into."""
+def create(path, N, R_c, D, groups, dtype, precision=None):
+    """Empty group files for N candidates (sparse until written) -> Vectors to write into.
+    precision int8 / binary: the low-bit groups too (beside the float copy, in dtype)."""
+    if precision not in (None, "bf16", *QUANTIZED):
+        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     os.makedirs(path, exist_ok=True)
     meta = dict(count=N, dim=D, num_candidate_tokens=R_c, groups=group_bounds(R_c, groups), dtype=dtype)
+    if precision in QUANTIZED:
+        meta["precision"] = precision
     vectors = Vectors(path, meta)
-    for (a, b), f in zip(vectors.bounds, vectors.files):
+    for f, size in vectors.file_sizes():
         with open(f, "wb") as fh:
-            fh.truncate(N * (b - a) * vectors.vector_bytes)
+            fh.truncate(size)
     return vectors
 
 
@@ -53,20 +135,19 @@ def open_vectors(path):
     count, a truncated or swapped file is named, never searched in part)."""
     with open(os.path.join(path, "index.json")) as f:
         vectors = Vectors(path, json.load(f))
-    for (a, b), f in zip(vectors.bounds, vectors.files):
-        want = vectors.N * (b - a) * vectors.vector_bytes
+    for f, want in vectors.file_sizes():
         have = os.path.getsize(f) if os.path.isfile(f) else None
         if have != want:
             raise ValueError(f"index {path}: {os.path.basename(f)} is {'missing' if have is None else f'{have} bytes'}, "
-                             f"but index.json says {vectors.N} candidates x {b - a} vectors x {vectors.D} "
-                             f"{vectors.meta['dtype']} = {want}: the index is damaged; rebuild it")
+                             f"but index.json says {vectors.N} candidates of {vectors.D} dimensions in "
+                             f"{vectors.precision} = {want}: the index is damaged; rebuild it")
     return vectors
 
 
 def checksums(vectors, chunk=1 << 24):
     """sha256 of each group file, read in 16 MiB pieces: written at build time, checked by verify."""
     out = {}
-    for f in vectors.files:
+    for f, _ in vectors.file_sizes():
         h = hashlib.sha256()
         with open(f, "rb") as fh:
             while block := fh.read(chunk):
@@ -98,7 +179,7 @@ def read_range(vectors, file, width, start, n):
 
 class Vectors:
     """N candidates x R_c vectors of size D in the group files. Slices like an (N, R_c, D) tensor:
-    v[:, :r] is a budget view that reads only the groups it needs; v[i:j] = x writes rows."""
+    v[:, :r] is a prefix view that reads only the groups it needs; v[i:j] = x writes rows."""
 
     def __init__(self, path, meta):
         self.path, self.meta = os.fspath(path), meta
@@ -108,30 +189,77 @@ class Vectors:
         self.vector_bytes = self.D * self.dtype.itemsize
         self.files = [os.path.join(self.path, f"group-{a}-{b}.bin") for a, b in self.bounds]
         self.shape = (self.N, self.R_c, self.D)
+        # int8 / binary: the low-bit codes and scales of each group, beside the float copy
+        self.precision = meta.get("precision", meta["dtype"])
+        self.quantized = self.precision in QUANTIZED
+        self.code_files = [os.path.join(self.path, f"group-{a}-{b}.{self.precision}.bin") for a, b in self.bounds] \
+            if self.quantized else []
+        self.scale_files = [os.path.join(self.path, f"group-{a}-{b}.scale.bin") for a, b in self.bounds] \
+            if self.quantized else []
+        self.code_width = (self.D if self.precision == "int8" else -(-self.D // 8)) if self.quantized else None
+
+    def file_sizes(self):
+        """[(file, bytes)] of every group file: the float copy, then codes and scales."""
+        out = [(f, self.N * (b - a) * self.vector_bytes) for (a, b), f in zip(self.bounds, self.files)]
+        for (a, b), fc, fs in zip(self.bounds, self.code_files, self.scale_files):
+            out += [(fc, self.N * (b - a) * self.code_width), (fs, self.N * (b - a) * 4)]
+        return out
 
     def __len__(self):
         return self.N
 
-    def budget(self, r_c):
-        return Budget(self, r_c)
+    def prefix(self, r_c, precision=None):
+        """The first r_c vectors of every candidate, in the float copy (precision None) or in the
+        index's low-bit precision ("int8" / "binary", as index.json says)."""
+        if precision in (None, "bf16", self.meta["dtype"]):
+            return Prefix(self, r_c)
+        if precision != self.precision:
+            raise ValueError(f"index {self.path} holds {self.precision} vectors (and the {self.meta['dtype']} copy), "
+                             f"not {precision}: rebuild it with --precision {precision}")
+        return QuantizedPrefix(self, r_c)
 
     def __getitem__(self, key):
         rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
         if vecs.start not in (None, 0) or vecs.step not in (None, 1):
-            raise ValueError("only prefix budgets v[:, :r] can be taken from an on-disk index")
-        view = self.budget(len(range(self.R_c)[vecs]))
+            raise ValueError("only prefixes v[:, :r] can be taken from an on-disk index")
+        view = self.prefix(len(range(self.R_c)[vecs]))
         return view if isinstance(rows, slice) and rows == slice(None) else view[rows]
 
     def __setitem__(self, rows, x):                              # rows: a slice, x (n, R_c, D)
+        q = quantize(x, self.precision) if self.quantized else None
         x = x.detach().to("cpu", self.dtype).contiguous()
-        for (a, b), f in zip(self.bounds, self.files):
-            part = x[:, a:b].contiguous().view(torch.uint8).numpy()
-            with open(f, "r+b") as fh:
-                os.pwrite(fh.fileno(), part, rows.start * (b - a) * self.vector_bytes)
+        for i, ((a, b), f) in enumerate(zip(self.bounds, self.files)):
+            writes = [(f, x[:, a:b], self.vector_bytes)]
+            if q is not None:
+                writes += [(self.code_files[i], q.codes[:, a:b], self.code_width),
+                           (self.scale_files[i], q.scale[:, a:b], 4)]
+            for file, part, width in writes:
+                with open(file, "r+b") as fh:
+                    os.pwrite(fh.fileno(), part.contiguous().view(torch.uint8).numpy(), rows.start * (b - a) * width)
 
     def rows(self, start, n):
         """Rows start..start + n as an (n, R_c, D) target for model.encode_candidates(out=...)."""
         return _Rows(self, start, n)
+
+    def low_bits(self):
+        """The int8 / binary groups as one view that slices like the (N, R_c, D) tensor:
+        lb[rows, :r] -> Quantized, lb[:, :r] -> a QuantizedPrefix."""
+        if not self.quantized:
+            raise ValueError(f"index {self.path} holds no low-bit groups (precision {self.precision})")
+        return _LowBits(self)
+
+
+class _LowBits:
+    def __init__(self, vectors):
+        self.vectors, self.shape = vectors, vectors.shape
+
+    def __len__(self):
+        return self.vectors.N
+
+    def __getitem__(self, key):
+        rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
+        view = self.vectors.prefix(len(range(self.vectors.R_c)[vecs]), self.vectors.precision)
+        return view if isinstance(rows, slice) and rows == slice(None) else view[rows]
 
 
 class _Rows:
@@ -142,13 +270,13 @@ class _Rows:
         self.vectors[self.start + rows.start:self.start + rows.stop] = x
 
 
-class Budget:
+class Prefix:
     """The first r_c vectors of every candidate: slices like an (N, r_c, D) tensor (a range, a
     list or a tensor of rows), reading only the group files that hold them."""
 
     def __init__(self, vectors, r_c):
         if not 1 <= r_c <= vectors.R_c:
-            raise ValueError(f"budget r_c={r_c} is outside the index's {vectors.R_c} vectors a candidate")
+            raise ValueError(f"prefix r_c={r_c} is outside the index's {vectors.R_c} vectors a candidate")
         self.vectors, self.r_c = vectors, r_c
         self.parts = [(a, b, f) for (a, b), f in zip(vectors.bounds, vectors.files) if a < r_c]
         self.shape, self.dtype = (vectors.N, r_c, vectors.D), vectors.dtype
@@ -173,3 +301,46 @@ class Budget:
                 for a, b, f in self.parts]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return x if x.shape[1] == self.r_c else x[:, :self.r_c]  # (n, r_c, D)
+
+
+def _read_rows(file, dtype, shape, rows):
+    """Rows of one group file (N, w, ...) of numpy dtype: a slice with one plain read, a list of
+    rows through a memory map."""
+    N, rest = shape[0], shape[1:]
+    if isinstance(rows, slice):
+        ids = range(N)[rows]
+        out = np.empty((len(ids), *rest), dtype=dtype)
+        with open(file, "rb") as fh:
+            fh.seek(ids.start * out[0:1].nbytes)
+            fh.readinto(out)
+        return torch.from_numpy(out)
+    return torch.from_numpy(np.ascontiguousarray(np.memmap(file, dtype=dtype, mode="r", shape=shape)[rows]))
+
+
+class QuantizedPrefix:
+    """The first r_c vectors of every candidate in the index's int8 / binary groups: slices like an
+    (N, r_c, D) tensor into Quantized, reading only the code and scale files that hold them."""
+
+    def __init__(self, vectors, r_c):
+        if not 1 <= r_c <= vectors.R_c:
+            raise ValueError(f"prefix r_c={r_c} is outside the index's {vectors.R_c} vectors a candidate")
+        self.vectors, self.r_c, self.precision = vectors, r_c, vectors.precision
+        self.parts = [(a, b, fc, fs) for (a, b), fc, fs in zip(vectors.bounds, vectors.code_files, vectors.scale_files)
+                      if a < r_c]
+        self.shape = (vectors.N, r_c, vectors.D)
+        self.row_bytes = r_c * vector_bytes(vectors.D, self.precision)
+
+    def __len__(self):
+        return self.vectors.N
+
+    def __getitem__(self, rows):
+        v = self.vectors
+        if isinstance(rows, slice) and range(v.N)[rows].step != 1:
+            rows = list(range(v.N)[rows])
+        if not isinstance(rows, slice):
+            rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
+        store = np.int8 if self.precision == "int8" else np.uint8
+        codes = [_read_rows(fc, store, (v.N, b - a, v.code_width), rows) for a, b, fc, _ in self.parts]
+        scale = [_read_rows(fs, np.float32, (v.N, b - a), rows) for a, b, _, fs in self.parts]
+        codes, scale = (x[0] if len(x) == 1 else torch.cat(x, 1) for x in (codes, scale))
+        return Quantized(self.precision, codes[:, :self.r_c], scale[:, :self.r_c], v.D)       # (n, r_c, D)

@@ -1,5 +1,6 @@
 /* Fused MaxSim on the CPU (AVX2 + FMA, or AVX-512F), float32 math; candidates float32,
-   bfloat16 or float16:
+   bfloat16, float16, int8 (a float32 scale a vector) or binary (sign bits, a scale a vector),
+   each widened to float32 in L1 just before use (the bytes read from memory stay the index's):
 
        out[a, n] = sum_{i real} max_{j real} <q[a, i], c[n, j]>
 
@@ -82,12 +83,39 @@ static inline void prefetch(const void *x, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch((const char *)x + b, _MM_HINT_T0);
 }
 
+/* Bytes of n elements of candidate type ctype (binary: n bits, n a multiple of 8). */
+static inline int64_t ebytes(int ctype, int64_t n) {
+    return ctype == 0 ? 4 * n : ctype <= 2 ? 2 * n : ctype == 3 ? n : n / 8;
+}
+
 /* The candidate vector at element offset off as float32: in place (ctype 0), or widened from
-   bfloat16 (1: the high half of a float32) or float16 (2: F16C) into dst. Exact either way. */
-static inline const float *cvec(const void *c, int ctype, int64_t off, int64_t D, float *dst) {
+   bfloat16 (1: the high half of a float32) or float16 (2: F16C) into dst, exact either way; or
+   dequantised into dst: int8 codes (3) or sign bits (4, off in bits, bit d % 8 of byte d / 8
+   set = positive) times the vector's scale. */
+static inline const float *cvec(const void *c, int ctype, int64_t off, int64_t D, float *dst, float scale) {
     if (ctype == 0) return (const float *)c + off;
-    const uint16_t *h = (const uint16_t *)c + off;
     int64_t d = 0;
+    if (ctype == 3) {
+        const int8_t *b = (const int8_t *)c + off;
+        __m256 s = _mm256_set1_ps(scale);
+        for (; d + 8 <= D; d += 8)
+            _mm256_storeu_ps(dst + d, _mm256_mul_ps(s, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                                            _mm_loadl_epi64((const __m128i *)(b + d))))));
+        for (; d < D; d++) dst[d] = scale * b[d];
+        return dst;
+    }
+    if (ctype == 4) {
+        const uint8_t *b = (const uint8_t *)c + off / 8;
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        const __m256 pos = _mm256_set1_ps(scale), neg = _mm256_set1_ps(-scale);
+        for (; d + 8 <= D; d += 8) {
+            __m256i on = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(b[d / 8]), bit), bit);
+            _mm256_storeu_ps(dst + d, _mm256_blendv_ps(neg, pos, _mm256_castsi256_ps(on)));
+        }
+        for (; d < D; d++) dst[d] = (b[d / 8] >> (d % 8)) & 1 ? scale : -scale;
+        return dst;
+    }
+    const uint16_t *h = (const uint16_t *)c + off;
     for (; d + 8 <= D; d += 8) {
         __m128i v = _mm_loadu_si128((const __m128i *)(h + d));
         _mm256_storeu_ps(dst + d, ctype == 1 ? _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16))
@@ -114,10 +142,9 @@ static inline void add_rows(const float *s, const int64_t *owner, float *out, in
    ROWS x NB sums carry over between slices in part (nr/ROWS x GT groups x 2 NB registers). */
 static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                       const uint8_t *cm, float *out, int64_t D, int64_t n0, int64_t n1, int64_t scn, int64_t scmn,
-                      int64_t son, float *wide) {
+                      int64_t son, float *wide, const float *sc, int64_t ssn) {
     enum { GT = TILE / NB };
     float s[ROWS];
-    int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     vf *part = aligned_alloc(64, sizeof(vf) * 2 * NB * GT * (nr / ROWS));
     if (!part) return -1;
     for (int64_t n = n0, next; n < n1; n = next) {
@@ -141,13 +168,14 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t nr, int64_t
                    so their lines fall in 2 of its 64 sets) and would push out the query rows */
                 if (g + 1 < G)
                     for (int64_t t = 0; t < ks[g + 1]; t++)
-                        prefetch((const char *)c + es * (cand[g + 1][t] * scn + d0), es * len);
+                        prefetch((const char *)c + ebytes(ctype, cand[g + 1][t] * scn + d0), ebytes(ctype, len));
                 else
                     for (int64_t m = pn; m < pn + NB && m < pe; m++)
-                        prefetch((const char *)c + es * (m * scn + pd), es * plen);
+                        prefetch((const char *)c + ebytes(ctype, m * scn + pd), ebytes(ctype, plen));
                 const float *b[NB];                              /* column t's slice [d0, d0 + len) */
                 for (int64_t t = 0; t < nbs[g]; t++)
-                    b[t] = t >= ks[g] ? b[ks[g] - 1] : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + t * DS);
+                    b[t] = t >= ks[g] ? b[ks[g] - 1] : cvec(c, ctype, cand[g][t] * scn + d0, len, wide + t * DS,
+                                                            sc ? sc[cand[g][t] * ssn] : 1.0f);
                 for (int64_t r0 = 0; r0 < nr; r0 += ROWS)
                     dot_blockn(qp + r0 * D + d0 * ROWS, b, nbs[g], len, part + 2 * NB * (GT * (r0 / ROWS) + g),
                                d0 > 0);
@@ -177,21 +205,23 @@ static int maxsim_rc1(const float *qp, const int64_t *owner, int64_t nr, int64_t
    its query's score. */
 static int maxsim_multi(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                         const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
-                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide) {
+                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son, float *wide, const float *sc,
+                        int64_t ssn, int64_t ssr) {
     vf acc[2 * NB];
     float s[ROWS];
-    int64_t es = ctype ? 2 : 4;                                  /* bytes per element */
     /* 16-bit candidates are widened as a whole for several row blocks, block by block (in L1)
        for a single one */
     int lazy = ctype && nr == ROWS;
     const float *col[4096 + NS];  /* r_c <= 4096: maxsim._MAX_RC, checked there */
     int64_t off[4096 + NS];
+    float scl[4096 + NS];         /* each vector's scale (int8 / binary; 1 otherwise) */
     for (int64_t n = n0; n < n1; n++) {
         int64_t J = 0;
         for (int64_t j = 0; j < r_c; j++)
             if (!cm || cm[n * scmn + j * scmr]) {
                 off[J] = n * scn + j * scr;
-                col[J] = lazy ? NULL : cvec(c, ctype, off[J], D, wide + J * D);
+                scl[J] = sc ? sc[n * ssn + j * ssr] : 1.0f;
+                col[J] = lazy ? NULL : cvec(c, ctype, off[J], D, wide + J * D, scl[J]);
                 J++;
             }
         for (int64_t a = 0; a < Nq; a++) out[a * son + n] = 0.0f;
@@ -202,17 +232,19 @@ static int maxsim_multi(const float *qp, const int64_t *owner, int64_t nr, int64
         while (Jb > 0 && (J - NB * Jb) % NS) Jb--;
         if ((J - NB * Jb) % NS) Jb = J / NB;  /* no exact split: pad the last block of NS */
         Jb *= NB;
-        while ((J - Jb) % NS) { col[J] = col[J - 1]; off[J] = off[J - 1]; J++; }
+        while ((J - Jb) % NS) { col[J] = col[J - 1]; off[J] = off[J - 1]; scl[J] = scl[J - 1]; J++; }
         for (int64_t r0 = 0; r0 < nr; r0 += ROWS) {
             vf m0 = (vf){0} - INFINITY, m1 = m0;
             vi nan0 = (vi){0}, nan1 = nan0;   /* all ones where a product was NaN */
             for (int64_t j = 0, nb; j < J; j += nb) {                    /* max_j, nb at a time */
                 nb = j < Jb ? NB : NS;
                 for (int64_t t = 0; r0 == 0 && t < nb; t++) {            /* the next nb vectors */
-                    if (j + nb + t < J) prefetch((const char *)c + es * off[j + nb + t], es * D);
-                    else if (n + 1 < n1 && t < r_c) prefetch((const char *)c + es * ((n + 1) * scn + t * scr), es * D);
+                    if (j + nb + t < J) prefetch((const char *)c + ebytes(ctype, off[j + nb + t]), ebytes(ctype, D));
+                    else if (n + 1 < n1 && t < r_c)
+                        prefetch((const char *)c + ebytes(ctype, (n + 1) * scn + t * scr), ebytes(ctype, D));
                 }
-                for (int64_t t = 0; lazy && t < nb; t++) col[j + t] = cvec(c, ctype, off[j + t], D, wide + t * D);
+                for (int64_t t = 0; lazy && t < nb; t++)
+                    col[j + t] = cvec(c, ctype, off[j + t], D, wide + t * D, scl[j + t]);
                 dot_blockn(qp + r0 * D, col + j, nb, D, acc, 0);
                 for (int64_t t = 0; t < nb; t++) {
                     vi g0 = acc[t] > m0, g1 = acc[nb + t] > m1;        /* max, lane by lane */
@@ -238,14 +270,15 @@ int maxsim_rows(void) { return ROWS; }
 /* One piece of candidates [n0, n1) (see maxsim_c). */
 static int maxsim_piece(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
                         const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
-                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son) {
+                        int64_t scr, int64_t scmn, int64_t scmr, int64_t son, const float *sc, int64_t ssn,
+                        int64_t ssr) {
     /* widened 16-bit candidates: a candidate's vectors (and the padding of its last block), or a
        tile's slice */
     float *wide = ctype ? malloc(sizeof(float) * (r_c == 1 ? NB * DS : (r_c + NS) * D)) : NULL;
     if (ctype && !wide) return -1;
-    int status = r_c == 1 ? maxsim_rc1(qp, owner, nr, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide)
+    int status = r_c == 1 ? maxsim_rc1(qp, owner, nr, Nq, c, ctype, cm, out, D, n0, n1, scn, scmn, son, wide, sc, ssn)
                           : maxsim_multi(qp, owner, nr, Nq, c, ctype, cm, out, r_c, D, n0, n1, scn, scr, scmn, scmr,
-                                         son, wide);
+                                         son, wide, sc, ssn, ssr);
     free(wide);
     return status;
 }
@@ -260,8 +293,10 @@ int maxsim_openmp(void) {
 }
 
 /* qp (nr/ROWS, D, ROWS) packed query rows, owner (nr,) their queries (-1 = padding), nr a multiple
-   of ROWS; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16) with stride 1 over
-   D, cm (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son; strides in elements.
+   of ROWS; c (N_c, r_c, D) of type ctype (0 float32, 1 bfloat16, 2 float16, 3 int8, 4 sign bits)
+   with stride 1 over D, cm (N_c, r_c) uint8 (1 = real) or NULL; out (Nq, N_c) row stride son;
+   strides in elements (bits for ctype 4); sc (N_c, r_c) float32 scales (ctype 3, 4) or NULL,
+   strides ssn, ssr.
    Scores candidates n0 <= n < n1 with `threads` OpenMP threads, in pieces, four a thread so that
    an uneven one is absorbed. Built with OpenMP in a process that has loaded torch, these are
    torch's own OpenMP threads (the same libgomp): two pools would spin on each other's cores.
@@ -269,13 +304,13 @@ int maxsim_openmp(void) {
 int maxsim_c(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq,
              const void *c, int ctype, const uint8_t *cm, float *out, int64_t r_c, int64_t D,
              int64_t n0, int64_t n1, int64_t scn, int64_t scr, int64_t scmn, int64_t scmr,
-             int64_t son, int threads) {
+             int64_t son, int threads, const float *sc, int64_t ssn, int64_t ssr) {
     int64_t step = (n1 - n0 + 4 * threads - 1) / (4 * threads);
     if (step < 4) step = 4;
     int status = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : status)
     for (int64_t p = n0; p < n1; p += step)
         status |= maxsim_piece(qp, owner, nr, Nq, c, ctype, cm, out, r_c, D, p, p + step < n1 ? p + step : n1, scn,
-                               scr, scmn, scmr, son);
+                               scr, scmn, scmr, son, sc, ssn, ssr);
     return status;
 }

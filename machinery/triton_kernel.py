@@ -4,10 +4,14 @@ One program scores QB queries x CB candidates. It streams D in BLOCK_D slices th
 tl.dot, S = Q (QB*RQ, D) @ C^T (D, CB*RC), then max over each candidate's RC vectors and sum
 over each query's RQ vectors, all in registers: the (N_q, N_c, r_q, r_c) tensor never exists.
 Budgets are prefixes (r_q, r_c) read through the full tensors' strides, so no copy is made.
+An int8 / binary index (machinery.index.Quantized) is dequantised in the kernel: its codes (or
+sign bits, expanded to +-1) are multiplied in the query's dtype, and each candidate vector's
+column of products is scaled by its scale before the max (scale * <q, code> = <q, scale * code>).
 """
 import torch
 
 from machinery.checks import check_maxsim_inputs
+from machinery.index import Quantized
 
 try:
     import triton
@@ -17,9 +21,9 @@ except ImportError:  # CPU-only installs without triton still have the reference
 
 if triton is not None:
     @triton.jit
-    def _maxsim_kernel(q_ptr, c_ptr, qm_ptr, cm_ptr, out_ptr, Nq, Nc, r_q, r_c, D,
-                       sqn, sqr, sqd, scn, scr, scd, sqmn, sqmr, scmn, scmr, son, soc,
-                       HAS_QM: tl.constexpr, HAS_CM: tl.constexpr, IEEE: tl.constexpr,
+    def _maxsim_kernel(q_ptr, c_ptr, qm_ptr, cm_ptr, out_ptr, s_ptr, Nq, Nc, r_q, r_c, D,
+                       sqn, sqr, sqd, scn, scr, scd, sqmn, sqmr, scmn, scmr, son, soc, ssn, ssr,
+                       HAS_QM: tl.constexpr, HAS_CM: tl.constexpr, IEEE: tl.constexpr, QUANT: tl.constexpr,
                        QB: tl.constexpr, RQ: tl.constexpr, CB: tl.constexpr, RC: tl.constexpr,
                        BLOCK_D: tl.constexpr):
         # candidate blocks on grid axis 0 (up to 2^31 - 1 blocks; axis 1 stops at 65,535)
@@ -44,12 +48,23 @@ if triton is not None:
             d = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
             qt = tl.load(q_base[:, None] + d[None, :] * sqd,
                          mask=q_ok[:, None] & (d[None, :] < D), other=0.0)     # (QB*RQ, BLOCK_D)
-            ct = tl.load(c_base[None, :] + d[:, None] * scd,
-                         mask=c_ok[None, :] & (d[:, None] < D), other=0.0)     # (BLOCK_D, CB*RC)
+            if QUANT == 0:
+                ct = tl.load(c_base[None, :] + d[:, None] * scd,
+                             mask=c_ok[None, :] & (d[:, None] < D), other=0.0)     # (BLOCK_D, CB*RC)
+            elif QUANT == 1:                                                       # int8 codes
+                ct = tl.load(c_base[None, :] + d[:, None] * scd,
+                             mask=c_ok[None, :] & (d[:, None] < D), other=0).to(qt.dtype)
+            else:                                                                  # sign bits -> +-1
+                byte = tl.load(c_base[None, :] + (d[:, None] // 8) * scd,
+                               mask=c_ok[None, :] & (d[:, None] < D), other=0).to(tl.int32)
+                bit = (byte >> (d[:, None] % 8).to(tl.int32)) & 1
+                ct = tl.where(c_ok[None, :] & (d[:, None] < D), bit * 2 - 1, 0).to(qt.dtype)
             if IEEE:
                 s = tl.dot(qt, ct, s, input_precision="ieee")
             else:
                 s = tl.dot(qt, ct, s)
+        if QUANT != 0:                                      # each candidate vector's scale
+            s = s * tl.load(s_ptr + cn * ssn + cr * ssr, mask=c_ok, other=0.0)[None, :]
         s = tl.where(c_ok[None, :], s, float("-inf"))
         s3 = tl.reshape(s, (QB * RQ, CB, RC))
         m = tl.max(s3, axis=2)                                                 # max_j over r_c
@@ -84,7 +99,10 @@ def maxsim_triton(q, c, q_mask=None, c_mask=None):
     Nc, r_c, _ = c.shape
     if Nq == 0 or Nc == 0:
         return torch.zeros(Nq, Nc, dtype=torch.float32, device=q.device)
-    if q.dtype != c.dtype:
+    quant, scale = 0, None
+    if isinstance(c, Quantized):                           # dequantised in the kernel, in q's dtype
+        quant, scale, c = (1 if c.precision == "int8" else 2), c.scale.float(), c.codes
+    elif q.dtype != c.dtype:
         q = q.to(c.dtype)                                  # (N_q, r_q, D): small
     RQ, RC = _pow2(r_q), _pow2(r_c)
     QB = max(1, 16 // RQ)              # tl.dot needs >= 16 rows: pack queries when r_q < 16
@@ -100,10 +118,13 @@ def maxsim_triton(q, c, q_mask=None, c_mask=None):
         n = min(step, Nq - a)
         qa, qma = q[a:a + n], (qm[a:a + n] if q_mask is not None else qm)
         grid = (triton.cdiv(Nc, CB), triton.cdiv(n, QB))
-        _maxsim_kernel[grid](qa, c, qma, cm, out[a:a + n], n, Nc, r_q, r_c, D,
+        sp = scale if scale is not None else out
+        _maxsim_kernel[grid](qa, c, qma, cm, out[a:a + n], sp, n, Nc, r_q, r_c, D,
                              *qa.stride(), *c.stride(), *qma.stride(), *cm.stride(), *out.stride(),
+                             *(scale.stride() if scale is not None else (0, 0)),
                              HAS_QM=q_mask is not None, HAS_CM=c_mask is not None,
-                             IEEE=c.dtype == torch.float32, QB=QB, RQ=RQ, CB=CB, RC=RC, BLOCK_D=block_d)
+                             IEEE=q.dtype == torch.float32, QUANT=quant, QB=QB, RQ=RQ, CB=CB, RC=RC,
+                             BLOCK_D=block_d)
     return out
 
 

@@ -262,6 +262,25 @@ def test_synthetic_end_to_end(tmp_path, tiny_checkpoint, tiny):
     assert res["tasks"]["t2i"]["2x4"]["P@1"] == pytest.approx(want)
 
 
+def test_low_bit_precisions_score_the_same_in_memory_and_on_disk(tmp_path):
+    """--precision int8 / binary: in memory and from --index-dir's low-bit groups alike (the same
+    numbers), bytes per candidate = r_c x (codes + a float32 scale); int8 stays near bf16."""
+    common = ["--backbone", "tiny", "--synthetic-scenes", "8", "--budgets", "1,64", "--batch-size", "16"]
+    ref = evaluate.main(common)
+    for precision in ("int8", "binary"):
+        mem = evaluate.main(common + ["--precision", precision])
+        disk = evaluate.main(common + ["--precision", precision, "--index-dir", str(tmp_path / precision)])
+        assert mem["precision"] == precision
+        for t in ("t2i", "i2t"):
+            for b in ("1x1", "16x64"):
+                assert mem["tasks"][t][b]["NDCG@10"] == disk["tasks"][t][b]["NDCG@10"]
+                if precision == "int8":
+                    assert abs(mem["tasks"][t][b]["NDCG@10"] - ref["tasks"][t][b]["NDCG@10"]) <= 0.15
+        per_vector = mem["dim"] + 4 if precision == "int8" else -(-mem["dim"] // 8) + 4
+        assert mem["summary"]["16x64"]["bytes_per_candidate"] == 64 * per_vector
+        assert any(p.name == f"group-16-64.{precision}.bin" for p in (tmp_path / precision).rglob("*.bin"))
+
+
 def test_bad_inputs_stop_before_work(tmp_path, capsys):
     (tmp_path / "r.json").write_text("{}")
     for argv, said in ((["--max-rows", "0"], "--max-rows must be at least 1"),

@@ -35,7 +35,7 @@ def test_maxsim_matches_brute_force_ragged(dtype, backend):
     q, qm = ragged(5, 4, 16, 0)
     c, cm = ragged(7, 6, 16, 1)
     want = brute_maxsim(q.to(dtype), c.to(dtype), qm, cm)
-    got = maxsim(q.to(dtype), c.to(dtype), qm, cm, backend=backend_here(backend))
+    got = maxsim(q.to(dtype), c.to(dtype), qm, cm, backend=backend_here(backend), exact=True)
     assert got.dtype == torch.float32 and got.shape == (5, 7)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
 
@@ -152,7 +152,7 @@ def test_c_kernel_refuses_what_it_cannot_do():
     assert not cpu_kernel.can_take(q, torch.randn(1, 5000, 16))
     with pytest.raises(ValueError, match="at most 4096 vectors a candidate, got r_c=5000"):
         maxsim_c(q, torch.randn(1, 5000, 16))
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16, got torch.float64"):
+    with pytest.raises(ValueError, match="float32, bfloat16, float16, int8 or binary, got torch.float64"):
         maxsim_c(q, c.double())
     torch.testing.assert_close(maxsim(q, c.double()), maxsim_reference(q, c.double()))  # -> the torch path
 
@@ -326,7 +326,8 @@ def test_offsets_past_2_31_elements(monkeypatch):
     cb.copy_(c.float().bfloat16())
     for rq, rc in budgets:
         want = maxsim_reference(q[:, :rq], cb.contiguous()[:, :rc], qm[:, :rq], cm[:, :rc])
-        torch.testing.assert_close(maxsim(q[:, :rq], cb[:, :rc], qm[:, :rq], cm[:, :rc]), want, atol=1e-5, rtol=0)
+        torch.testing.assert_close(maxsim(q[:, :rq], cb[:, :rc], qm[:, :rq], cm[:, :rc], exact=True), want,
+                                   atol=1e-5, rtol=0)
 
 
 @needs_triton
@@ -437,3 +438,80 @@ def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
     base = status("VmRSS")
     cpu_kernel.measured_choice("one-query/rc1/D>256/16bit", maxsim_chunked)
     assert (status("VmHWM") - base) * 1024 < 512 << 20
+
+
+# -----------------------------------------------------------------------------
+# bf16 math, and int8 / binary indexes
+
+def bf16_bound(q, r_q):
+    """The most bf16 math can move a score: each dot product rounded to bf16 on output (half an ulp,
+    2^-9 of its size) and the query rounded to bf16 (2^-9 of each element), summed over r_q."""
+    return r_q * 2 * 2.0 ** -9 * 1.01
+
+
+def test_bf16_math_is_bf16_rounding_and_exact_keeps_float32(monkeypatch):
+    """backend 'torch-bf16' (the query rounded to bf16, the GEMM in bf16) is within bf16 rounding
+    of float64 and NOT float32-exact (so the test can tell them apart); the auto path may choose it
+    on a bf16 index when it is measured fastest, but never with exact=True."""
+    q, qm = ragged(6, 16, 64, 60)
+    c, cm = ragged(40, 8, 64, 61)
+    c = c.bfloat16()
+    want = brute_maxsim(q, c, qm, cm)                                     # float64, query unrounded
+    got = maxsim(q, c, qm, cm, backend="torch-bf16")
+    assert (got.double() - want).abs().max() <= bf16_bound(q, 16)
+    assert (got.double() - want).abs().max() > 1e-5                      # it is bf16 math
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: None)
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch-bf16" else 2.0 for k in fns})
+    used, chunked = [], maxsim_module.maxsim_chunked
+    monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append(k.get("bf16", False)) or chunked(*a, **k))
+    maxsim(q, c, qm, cm)
+    assert used == [True] and cpu_kernel.regime(q, c, exact=False).endswith("16bit/bf16math")
+    used.clear()
+    torch.testing.assert_close(maxsim(q, c, qm, cm, exact=True).double(), want, atol=1e-5, rtol=0)
+    assert True not in used
+    used.clear()
+    maxsim(q, c.float(), qm, cm)          # a float32 index: bf16 math would lose bits it holds
+    assert True not in used
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("backend", ["torch", "c", "torch-bf16"])
+def test_quantized_index_scores_as_its_dequantised_vectors(precision, backend):
+    """int8 (a scale a vector) and binary (sign bits, a scale a vector; D = 21 leaves a partial
+    byte) score as float64 MaxSim of the dequantised vectors, at every prefix, with masks."""
+    if backend == "c" and not c_kernel_builds():
+        pytest.skip("the C kernel does not build here")
+    from machinery.index import quantize
+    q, qm = ragged(4, 5, 21, 62)
+    c, cm = ragged(103, 9, 21, 63)              # 103 candidates: a full r_c = 1 tile and a short one
+    packed = quantize(c, precision)
+    deq = packed.dequantize(torch.float64)
+    if precision == "int8":
+        assert (deq - c.double()).abs().max() <= c.abs().max() / 254 + 1e-7
+    else:
+        assert torch.equal(deq.sign(), torch.where(c > 0, 1.0, -1.0).double())
+    tol = bf16_bound(q, 5) * float(deq.abs().max() * 21 ** 0.5) if backend == "torch-bf16" else 1e-5
+    for rc in (1, 4, 9):
+        want = brute_maxsim(q, deq[:, :rc], qm, cm[:, :rc])
+        got = maxsim(q, packed[:, :rc], qm, cm[:, :rc], backend=backend)
+        assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= tol
+
+
+@needs_triton
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+@pytest.mark.parametrize("qdtype", [torch.float32, torch.float16])
+def test_triton_dequantises_in_the_kernel(monkeypatch, precision, qdtype):
+    """The Triton kernel scores an int8 / binary index (codes or sign bits expanded in the kernel,
+    each column scaled) as float64 MaxSim of the dequantised vectors; D = 21: a partial byte."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from machinery.index import quantize
+    q, qm = ragged(3, 4, 21, 64)
+    c, cm = ragged(6, 5, 21, 65)
+    packed = quantize(c, precision)
+    deq = packed.dequantize(torch.float64)
+    tol = 1e-5 if qdtype == torch.float32 else 4 * 2.0 ** -11 * float(deq.abs().max()) * 21
+    for rq, rc in ((1, 1), (4, 5), (2, 3)):
+        want = brute_maxsim(q[:, :rq].to(qdtype), deq[:, :rc], qm[:, :rq], cm[:, :rc])
+        got = triton_kernel.maxsim_triton(q[:, :rq].to(qdtype), packed[:, :rc], qm[:, :rq], cm[:, :rc])
+        assert (got.double() - want).abs().max() <= tol

@@ -56,6 +56,7 @@ def test_api_matches_the_cli(server, capsys):
     base, index_path, _, _ = server
     status, info = get(base + "/api/info")
     assert status == 200 and info["count"] == 48 and info["budgets"] == ["1x1", "2x4", "4x8", "8x16", "16x64"]
+    assert info["precision"] == info["dtype"] == "float32"               # no low-bit groups in this index
     for query in ("budget=2x4&k=5", "budget=16x64&k=7&first=1x1&depth=10"):
         status, got = get(f"{base}/api/search?q=red+top+left&{query}")
         assert status == 200

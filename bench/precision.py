@@ -1,0 +1,175 @@
+"""Precision, the second budget axis (issue 35), `python -m bench --precision [--quick]`:
+
+1. speed on a bf16 index, shapes S1-S5: maxsim's default path (the measured dispatch, bf16 math
+   allowed), maxsim exact=True (float32 math), the plain bf16 torch loop a user would write (the
+   query cast to bf16, 256 candidates a matmul, amax, sum) and the same loop in float32; each as a
+   fraction of the bf16 GEMM peak measured in the same run;
+2. recall@10 against exact float32 scoring on random unit vectors (D = 1536) of each precision,
+   alone and with the cascade's rescoring (the best `depth` rescored in bf16 from the float copy),
+   bytes per candidate and ms per query; numkong's maxsim (a peer) where it is installed;
+3. bytes per candidate of every (budget x precision) at D = 3584 (the paper's 7B), by arithmetic.
+"""
+import time
+
+import torch
+
+from bench.common import cpu_name, measure_peaks, timed, unit_vectors, write_json
+from machinery import cpu_kernel
+from machinery.index import PRECISIONS, QUANTIZED, quantize, vector_bytes
+from maxsim import maxsim, maxsim_topk
+from metaembed import GROUPS
+
+SHAPES = {"S1": (1, 10_000, 16, 64, 128), "S2": (32, 10_000, 16, 64, 128), "S3": (32, 2_000, 16, 64, 1536),
+          "S4": (32, 10_000, 1, 1, 1536), "S5": (1, 20_000, 16, 64, 1536)}
+
+
+def plain_loop(q, c, dtype=torch.bfloat16, chunk=256):
+    """The loop a user would write: (N_q r_q, D) @ (D, 256 r_c) per chunk in `dtype`, amax, sum."""
+    Nq, rq, D = q.shape
+    qd = q.reshape(-1, D).to(dtype)
+    out = []
+    for j in range(0, c.shape[0], chunk):
+        cj = c[j:j + chunk]
+        s = (qd @ cj.reshape(-1, D).to(dtype).T).view(Nq, rq, cj.shape[0], cj.shape[1])
+        out.append(s.amax(-1).float().sum(1))
+    return torch.cat(out, 1)
+
+
+def speed_rows(quick, peak_bf16):
+    dev, rows = torch.device("cpu"), []
+    for name, (Nq, Nc, rq, rc, D) in SHAPES.items():
+        Nc = Nc // 5 if quick else Nc
+        q = unit_vectors(Nq, 16, D, dev, torch.float32, 0)[:, :rq]
+        c = unit_vectors(Nc, 64, D, dev, torch.bfloat16, 1)[:, :rc]            # a bf16 index, prefix views
+        ref = maxsim(q, c, exact=True)
+        maxsim(q, c[:1])                                 # the dispatch measured (once a machine) before timing
+        regime = cpu_kernel.regime(q, c, exact=False)
+        winner = cpu_kernel.choices.get(regime, {}).get("winner", "torch")
+        methods = {"maxsim default": lambda: maxsim(q, c), "maxsim exact": lambda: maxsim(q, c, exact=True),
+                   "plain bf16 torch": lambda: plain_loop(q, c), "plain fp32 torch": lambda: plain_loop(q, c, torch.float32)}
+        flops = 2 * Nq * Nc * rq * rc * D
+        for m, fn in methods.items():
+            err = (fn() - ref).abs().max().item()
+            t, _, _ = timed(fn, dev, 3 if quick else 7)
+            rows.append(dict(shape=name, method=m, Nq=Nq, Nc=Nc, budget=f"{rq}x{rc}", D=D, ms=1e3 * t,
+                             GFLOPs=flops / t / 1e9, frac_bf16_peak=flops / t / peak_bf16,
+                             max_diff_vs_fp32=err, dispatch=winner if m == "maxsim default" else None))
+        base = {r["method"]: r["ms"] for r in rows if r["shape"] == name}
+        for r in rows:
+            if r["shape"] == name:
+                r["vs_plain_bf16"] = base["plain bf16 torch"] / r["ms"]
+    return rows
+
+
+def numkong_peer():
+    """numkong's maxsim (one query-document pair a call; the sum of each query vector's smallest
+    angular distance, so lower is better) over pre-packed documents, or None if not installed."""
+    try:
+        import numkong
+    except ImportError:
+        return None
+
+    def search(q, c, k):                                   # q (N_q, r_q, D), c (N_c, r_c, D) -> top-k ids
+        docs = [numkong.maxsim_pack(x, dtype="f32") for x in c.float().numpy()]
+        ids = []
+        for qa in q.float().numpy():
+            pq = numkong.maxsim_pack(qa, dtype="f32")
+            d = torch.tensor([numkong.maxsim_packed(pq, x) for x in docs])
+            ids.append((-d).topk(k).indices)
+        return torch.stack(ids)
+    return search
+
+
+def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100):
+    """Recall@10 of each precision against exact float32 MaxSim on random unit vectors."""
+    N, Nq = (2_000, 8) if quick else (20_000, 32)
+    rq, rc = budget
+    x = unit_vectors(N, rc, D, torch.device("cpu"), torch.float32, 2)             # (N, r_c, D)
+    q = unit_vectors(Nq, rq, D, torch.device("cpu"), torch.float32, 3)
+    truth = maxsim_topk(q, x, k, exact=True)[1]
+    full = x.bfloat16()
+    stores = {"float32": x, "bf16": full, **{p: quantize(x, p) for p in QUANTIZED}}
+    recall = lambda got: sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth)) / truth.numel()  # noqa: E731
+    rows = []
+    for p in ("bf16", *QUANTIZED):
+        store = stores[p]
+        t = time.perf_counter()
+        _, ids = maxsim_topk(q, store, k)
+        alone = (time.perf_counter() - t) / Nq
+        t = time.perf_counter()
+        _, cand = maxsim_topk(q, store, depth)                                       # the cheap pass
+        fine = torch.stack([maxsim(q[a:a + 1], full[cand[a]])[0] for a in range(Nq)])   # bf16 rescoring
+        rescored = cand.gather(1, fine.topk(k, dim=1).indices)
+        cascade = (time.perf_counter() - t) / Nq
+        rows.append(dict(precision=p, N=N, D=D, budget=f"{rq}x{rc}", bytes_per_candidate=rc * vector_bytes(D, p),
+                         recall_alone=recall(ids), ms_alone=1e3 * alone, depth=depth, recall_rescored=recall(rescored),
+                         ms_rescored=1e3 * cascade))
+    peer = numkong_peer()
+    if peer is None:
+        rows.append(dict(precision="numkong", error="not installed (pip install numkong)"))
+    else:
+        n = min(Nq, 4)
+        t = time.perf_counter()
+        ids = peer(q[:n], x, k)
+        ms = 1e3 * (time.perf_counter() - t) / n
+        rows.append(dict(precision="numkong maxsim (f32 packed)", N=N, D=D, budget=f"{rq}x{rc}",
+                         bytes_per_candidate=rc * D * 4, recall_alone=recall_of(ids, truth[:n]),
+                         ms_alone=ms, note=f"{n} queries; packing every document counted in its time"))
+    return rows
+
+
+def recall_of(got, truth):
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth)) / truth.numel()
+
+
+def bytes_table(D=3584):
+    """bytes per candidate of each (budget x precision) at D, by arithmetic (machinery.index.vector_bytes)."""
+    return {f"{rq}x{rc}": {p: rc * vector_bytes(D, p) for p in PRECISIONS} for rq, rc in GROUPS}
+
+
+def gemm_peak(dtype, n=4096, repeats=4):
+    """torch's GEMM FLOP/s in dtype on a large square product, best of a few (bf16: AMX where the CPU
+    has it)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(timed_once(lambda: a @ b) for _ in range(repeats))
+    return 2 * n ** 3 / best
+
+
+def timed_once(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def mode_precision(args):
+    torch.manual_seed(0)
+    print(f"CPU: {cpu_name()} (shared with other processes: timings are from a loaded machine)")
+    peak_bf16 = gemm_peak(torch.bfloat16)
+    peak_f32, bw = measure_peaks(torch.device("cpu"), torch.float32)
+    print(f"measured: bf16 GEMM {peak_bf16 / 1e9:.0f} GFLOP/s, float32 GEMM {peak_f32 / 1e9:.0f} GFLOP/s, "
+          f"read bandwidth {bw / 1e9:.1f} GB/s")
+    out = {"cpu": cpu_name(), "peak_bf16_GFLOPs": peak_bf16 / 1e9, "peak_fp32_GFLOPs": peak_f32 / 1e9,
+           "bandwidth_GBps": bw / 1e9, "quick": args.quick}
+    out["speed"] = speed_rows(args.quick, peak_bf16)
+    print(f"\n{'shape':<5} {'method':<17} {'ms':>9} {'GFLOP/s':>8} {'of bf16 peak':>12} {'vs plain bf16':>13} "
+          f"{'max diff':>9}  dispatch")
+    for r in out["speed"]:
+        print(f"{r['shape']:<5} {r['method']:<17} {r['ms']:>9.1f} {r['GFLOPs']:>8.1f} {100 * r['frac_bf16_peak']:>11.0f}% "
+              f"{r['vs_plain_bf16']:>12.2f}x {r['max_diff_vs_fp32']:>9.2g}  {r['dispatch'] or ''}")
+    out["recall"] = recall_rows(args.quick)
+    print("\nrecall@10 against exact float32 MaxSim, random unit vectors:")
+    for r in out["recall"]:
+        if "error" in r:
+            print(f"  {r['precision']}: {r['error']}")
+            continue
+        print(f"  {r['precision']:<28} {r['N']} x {r['budget']} D={r['D']}: {r['bytes_per_candidate']:>6} B/cand  "
+              f"alone {r['recall_alone']:.3f} ({r['ms_alone']:.1f} ms/query)"
+              + (f"  rescored (depth {r['depth']}, bf16) {r['recall_rescored']:.3f} ({r['ms_rescored']:.1f} ms/query)"
+                 if "recall_rescored" in r else ""))
+    out["bytes_per_candidate_D3584"] = bytes_table()
+    print("\nbytes per candidate at D = 3584:", out["bytes_per_candidate_D3584"])
+    print("peers: fast-plaid not run (its wheel, fast_plaid-1.7.0.2110, is built for torch 2.11 by its version "
+          "suffix; this environment has torch 2.13, and a torch extension must match it)")
+    write_json(args.json, out)
+    return out
