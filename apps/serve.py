@@ -97,15 +97,27 @@ class Searcher:
         return sorted((tuple(g) for g in budget_groups(m["model_groups"], m["num_query_tokens"], index.R_c)
                        if g[1] in stored), key=lambda g: (g[1], g[0]))
 
-    def search(self, params, image=None):
-        index = self.current()
-        text = params.get("q", "")
+    def search(self, params, body=None, content_type=None):
+        """A search; body: an uploaded image's bytes, decoded once the parameters are found good,
+        and held (DECODES at a time, one encoding) until its search is done: the memory is bounded."""
+        if body is None:
+            return self.run(params)
+        self.plan(self.current(), params)
+        with self.decoding:
+            return self.run(params, decode_upload(body, content_type))
+
+    def plan(self, index, params):
         k = self.number(params, "k", 10)
         depth = self.number(params, "depth", None)
         try:
-            budget, first, depth = plan(index.meta, params.get("budget", "16x64"), params.get("first"), depth, k, flag="")
+            return (*plan(index.meta, params.get("budget", "16x64"), params.get("first"), depth, k, flag=""), k)
         except ValueError as e:
             raise BadRequest(str(e)) from None
+
+    def run(self, params, image=None):
+        index = self.current()
+        text = params.get("q", "")
+        budget, first, depth, k = self.plan(index, params)
         if not text and image is None:
             raise BadRequest("a search needs q (a text) or an image in the body")
         t = time.perf_counter()
@@ -285,11 +297,8 @@ class Handler(BaseHTTPRequestHandler):
             return self.send(200, self.server.searcher.info(), head=head)
         if url.path == "/api/search":
             body = self.read_body() if post else None
-            image = None
-            if body is not None:
-                with self.server.searcher.decoding:            # decoded DECODES at a time: their memory is bounded
-                    image = decode_upload(body, self.headers.get("Content-Type"))
-            return self.send(200, self.server.searcher.search(params, image), head=head)
+            return self.send(200, self.server.searcher.search(params, body, self.headers.get("Content-Type")),
+                             head=head)
         m = re.fullmatch(r"/api/thumb/(\d{1,9})", url.path)
         if m and not post:
             return self.send(200, self.server.searcher.thumbnail(int(m.group(1))), "image/jpeg", head)
