@@ -378,3 +378,23 @@ def test_serve_checks_host_and_port_before_the_model_loads(tmp_path, monkeypatch
                 search.main(["serve", "--index", str(tmp_path)] + argv)
     finally:
         taken.close()
+
+
+def test_a_client_leaving_mid_reply_leaves_no_traceback(server, capfd):
+    """#18: clients that reset the connection before or while the answer is written: nothing in the
+    server's log (it was two BrokenPipe tracebacks labelled as internal errors)."""
+    import socket
+    import struct
+    import time
+    port = int(server[0].rsplit(":", 1)[1])
+    capfd.readouterr()
+    for path in ("/api/search?q=red&budget=16x64&k=40", "/api/thumb/0", "/"):
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))      # reset, not close
+            s.close()
+    time.sleep(1.0)
+    assert get(server[0] + "/api/info")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]
