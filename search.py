@@ -19,8 +19,8 @@ import os
 import sys
 import time
 
-from apps.search_index import (Index, build_index, check_collection, list_items, plan, qdrant_client, qdrant_search,
-                                to_qdrant, verify)
+from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, plan, qdrant_client,
+                                qdrant_search, to_qdrant, verify)
 from machinery import checks
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
 from metaembed import load_model as load_model_at
@@ -74,6 +74,13 @@ def get_args(argv=None):
     for k in ("batch_size", "synthetic_scenes", "depth", "k"):
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
             p.error(f"{'-k' if k == 'k' else '--' + k.replace('_', '-')} must be at least 1")
+    if args.command == "query":
+        if "," in args.budget or (args.first and "," in args.first):
+            p.error("--budget and --first take one budget each (e.g. --budget 2x4), not a list")
+        try:
+            check_depth(args.first, args.depth)
+        except ValueError as e:
+            p.error(str(e))
     if args.command == "index":
         checks.writable_dir(p.error, "--out", args.out)
     return args

@@ -57,11 +57,11 @@ class Index:
 
     @property
     def checkpoint(self):
-        """The checkpoint the index was built with: recorded relative to the index folder where it
-        can be (a moved or copied pair of folders still finds it), else as an absolute path."""
-        near = os.path.normpath(os.path.join(self.path, self.meta["checkpoint"]))
-        where = self.meta.get("checkpoint_abs")          # the index moved alone: the checkpoint stayed
-        return where if not os.path.exists(near) and where and os.path.exists(where) else near
+        """The checkpoint the index was built with: its path as built, or where that is gone (a fresh
+        clone, a moved pair of folders) the same path relative to the index folder."""
+        where, rel = self.meta["checkpoint"], self.meta.get("checkpoint_rel")
+        near = os.path.normpath(os.path.join(self.path, rel)) if rel else None
+        return near if near and os.path.exists(near) and not os.path.exists(where) else where
 
     def changed(self):
         """A line naming what changed on disk since the index was opened (another index written in
@@ -105,6 +105,14 @@ class Index:
                                                                               dtype=torch.long))
 
 
+def check_depth(first, depth, flag="--"):
+    """The cascade's rule that needs no index: a depth only with a first budget (search.py's argument
+    parser uses it too, so the command line says it before anything is opened)."""
+    if depth is not None and first is None:
+        example = "--first 1x1 --depth 300" if flag else "first=1x1&depth=300"
+        raise ValueError(f"{flag}depth is the cascade's: give {flag}first too (e.g. {example})")
+
+
 def plan(meta, budget, first=None, depth=None, k=10, flag="--"):
     """The one reading of a search's budgets, for search.py query and the server alike: budget and
     first (specs, by metaembed.parse_budget's rule against the index's model and stored groups),
@@ -114,9 +122,7 @@ def plan(meta, budget, first=None, depth=None, k=10, flag="--"):
     stored = [b for _, b in meta["groups"]]
     budget = parse_budget(budget, groups, R_q, R_c, stored, f"{flag}budget")
     first = parse_budget(first, groups, R_q, R_c, stored, f"{flag}first") if first is not None else None
-    if depth is not None and first is None:
-        example = "--first 1x1 --depth 300" if flag else "first=1x1&depth=300"
-        raise ValueError(f"{flag}depth is the cascade's: give {flag}first too (e.g. {example})")
+    check_depth(first, depth, flag)
     if first and (first[0] > budget[0] or first[1] > budget[1]):
         raise ValueError(f"{flag}first {first[0]}x{first[1]} is not cheaper than {flag}budget {budget[0]}x{budget[1]}: "
                          f"the cascade scores everything at the cheap budget first")
@@ -312,8 +318,8 @@ def build_index(model, items, out, batch_size=32, progress=True):
     if len(skipped) == N:
         raise ValueError(f"every one of the {N} items was skipped (see {out}/skipped.jsonl): nothing to index")
     on_disk.write_meta(out, {**vectors.meta, "num_query_tokens": model.config.num_query_tokens,
-                             "model_groups": model.config.groups, "checkpoint": os.path.relpath(model.source, out),
-                             "checkpoint_abs": model.source,
+                             "model_groups": model.config.groups, "checkpoint": model.source,
+                             "checkpoint_rel": os.path.relpath(model.source, out),
                              "fingerprint": model.fingerprint, "index_id": state["index_id"],
                              "backbone": model.config.backbone, "skipped": len(skipped),
                              "checksums": on_disk.checksums(vectors)})
