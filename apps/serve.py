@@ -60,10 +60,11 @@ class Searcher:
         self.lock = threading.Lock()                       # the model and the index: one search at a time
         self.decoding = threading.BoundedSemaphore(DECODES)
         self.thumbs, self.thumbs_lock = OrderedDict(), threading.Lock()
+        self.reopening = threading.Lock()                  # not the search lock: thumbnails never wait on a search
 
     def current(self):
         """The index as it is on disk now (reopened if it was rebuilt by this model), or a 503."""
-        with self.lock:
+        with self.reopening:
             problem = self.index.changed()
             if problem is None:
                 return self.index
@@ -123,7 +124,12 @@ class Searcher:
         t = time.perf_counter()
         with self.lock:                           # one encode and search at a time
             q = self.model.encode_queries([text], [image] if image is not None else None)
-            s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
+            try:
+                s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
+            except ValueError as e:                # files changed mid-search (a short read): not the client's fault
+                if index.changed():
+                    raise BadRequest(f"{index.changed()}: {e}", 503) from None
+                raise
         ms = 1e3 * (time.perf_counter() - t)
         items = index.items
         vector = index.D * index.vectors.dtype.itemsize
@@ -264,7 +270,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_body(self):
         """The raw image bytes of a POST: a Content-Length within MAX_UPLOAD, never a read
-        without a bound; chunked bodies and forms are refused with what to send instead."""
+        without a bound; a chunked body is refused with what to send instead."""
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True
             raise BadRequest("a body must be sent with a Content-Length (Transfer-Encoding is not accepted)", 411)
