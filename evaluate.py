@@ -25,7 +25,7 @@ from maxsim import maxsim, maxsim_pairwise, maxsim_topk
 from machinery import checks, hub, index
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
-from metaembed import GROUPS, MetaEmbed, load_model, parse_budgets
+from metaembed import MetaEmbed, load_model, parse_budget, parse_budgets
 
 
 # -----------------------------------------------------------------------------
@@ -286,10 +286,7 @@ def evaluate(args):
         model.set_image_bounds(args.min_pixels, args.max_pixels)
     args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
     dtype, cfg = index.DTYPES[args.index_dtype], model.config
-    # a number names one of the model's groups, else one of the paper's (an ablation trained on
-    # (16, 64) alone is still evaluated at budget 1 = (1, 1))
-    groups = tuple(cfg.groups) + tuple(g for g in GROUPS if g not in cfg.groups)
-    budgets = parse_budgets(args.budgets, groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    budgets = parse_budgets(args.budgets, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
     if args.mteb:
         return evaluate_mteb(args, model, source, budgets, dtype)
     headline, tasks = load_tasks(args, train_args)
@@ -321,8 +318,13 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
     maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
     from machinery import mteb_adapter
     if isinstance(checkpoint_or_model, MetaEmbed):
-        return mteb_adapter.MetaEmbedEncoder(checkpoint_or_model, (maxsim, maxsim_pairwise), budget)
-    model, found = load_model(checkpoint_or_model, "evaluate.py")
+        model, found = checkpoint_or_model, None
+    else:
+        model, found = load_model(checkpoint_or_model, "evaluate.py")
+    cfg = model.config                           # the one budget rule, before the encoder is built
+    budget = parse_budget(budget, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    if found is None:
+        return mteb_adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget)
     return mteb_adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, name=f"metaembed/{os.path.basename(found)}",
                                          training_datasets=mteb_adapter.training_datasets(found))
 

@@ -11,13 +11,14 @@ The maps, the attribution and the study are apps/attention.py.
 """
 import argparse
 import json
+import os
 import sys
 
 import data
 from apps.attention import explain, figure, print_study, study, to_json
 from machinery import checks
 from machinery.checkpoints import DEFAULT_CHECKPOINT
-from metaembed import load_model, parse_budgets
+from metaembed import load_model, parse_budget
 
 
 def main(argv=None):
@@ -35,15 +36,37 @@ def main(argv=None):
     p.add_argument("--study", type=int, metavar="N", help="instead: the study over N synthetic eval scenes")
     p.add_argument("--compare", help="with --study: a second checkpoint (e.g. the --no-matryoshka ablation)")
     args = p.parse_args(argv)
+    if args.study is not None and args.study < 1:
+        p.error(f"--study {args.study}: the number of scenes must be at least 1")
+    if args.out:
+        import matplotlib
+        matplotlib.use("Agg")
+        from matplotlib.backend_bases import FigureCanvasBase
+        ext = os.path.splitext(args.out)[1].lower().lstrip(".")
+        kinds = FigureCanvasBase.get_supported_filetypes()
+        if not ext:
+            args.out += ".png"                     # what matplotlib would write; said as written
+        elif ext not in kinds:
+            p.error(f"--out {args.out}: .{ext} is not a figure format ({', '.join(sorted(kinds))})")
     for flag, path in (("--out", args.out), ("--json", args.json)):
         if path:
             checks.writable_file(p.error, flag, path)
     try:
         model, found = load_model(args.checkpoint, "explain.py")
-        depth = len(model.base_model().language_model.layers)
+        layers = model.base_model().language_model.layers
+        depth = len(layers)
         bad = [i for i in args.layers if not -depth <= i < depth]
         if bad:
             raise ValueError(f"--layers {bad}: the language model has {depth} layers (0..{depth - 1}, or -1 for the last)")
+        twice = sorted({i % depth for i in args.layers if [j % depth for j in args.layers].count(i % depth) > 1})
+        if twice:
+            raise ValueError(f"--layers {' '.join(map(str, args.layers))}: names layer {twice[0]} twice (-1 is "
+                             f"layer {depth - 1})")
+        maps = [i for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]   # Qwen3.5: 1 in 4 layers
+        linear = [i for i in args.layers if i % depth not in maps]
+        if linear:
+            raise ValueError(f"--layers {linear[0]}: layer {linear[0] % depth} is linear attention and has no "
+                             f"attention map; the layers with maps are {', '.join(map(str, maps))}")
         if args.study:
             results = {found: study(model, args.study)}
             if args.compare:
@@ -57,8 +80,8 @@ def main(argv=None):
         scene = data.synthetic_scene("eval", 0)
         image = args.image or data.render(scene)
         query = args.query if args.query is not None else (None if args.image else data.caption(scene))
-        budget = parse_budgets(args.budget, model.config.groups, model.config.num_query_tokens,
-                               model.config.num_candidate_tokens)[0] if query is not None else None
+        budget = parse_budget(args.budget, model.config.groups, model.config.num_query_tokens,
+                              model.config.num_candidate_tokens, name="--budget") if query is not None else None
         result = explain(model, image, args.text, query, budget, tuple(args.layers))
     except (ValueError, FileNotFoundError, TypeError) as e:
         sys.exit(f"explain.py: error: {e}")

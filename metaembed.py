@@ -4,7 +4,7 @@ trained with the Matryoshka Multi-Vector Retrieval (MMR) loss.
 
 Xiao et al., "MetaEmbed: Scaling Multimodal Retrieval at Test-Time with Flexible Late
 Interaction", arXiv 2509.18095. Read top to bottom, in the paper's order:
-  1. config, Matryoshka groups, budgets   (MetaEmbedConfig, GROUPS, parse_budgets)
+  1. config, Matryoshka groups, budgets   (MetaEmbedConfig, GROUPS, parse_budget(s))
   2. prompts                              (the paper's "simple prompt", Qwen chat format)
   3. the model                            (Meta Tokens appended, M-RoPE positions, last-layer
                                            states, projection, L2 normalisation, encoding)
@@ -80,35 +80,60 @@ class MetaEmbedConfig:
         return backbones.is_offline(self.backbone)
 
 
-def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None):
-    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c).
+def budget_groups(groups, R_q, R_c):
+    """The groups a budget number names: the model's own, then the paper's that fit in (R_q, R_c)
+    (so an ablation trained on (16, 64) alone is still served at budget 1 = (1, 1), everywhere)."""
+    groups = tuple(tuple(g) for g in groups)
+    return groups + tuple(g for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
 
-    A number k names the group whose r_c == k; 'AxB' names (r_q, r_c) = (A, B) directly, which
-    must lie within the trained tokens (default: the largest group)."""
-    max_q = num_query_tokens or max(g[0] for g in groups)
-    max_c = num_candidate_tokens or max(g[1] for g in groups)
+
+def parse_budget(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None, name="budget"):
+    """The one budget rule: one budget -> (r_q, r_c), for every tool (evaluate, search and its server,
+    explain, the mteb encoder). spec: 'AxB' (r_q x r_c directly), a number k (the group whose
+    r_c == k, see budget_groups) or a pair (A, B). r_q <= R_q and r_c <= R_c (default: the largest
+    group); `stored`: the r_c an index holds (it reads whole groups). Any bad budget is one
+    ValueError naming `name`, the budget and what would be accepted."""
+    R_q = num_query_tokens or max(g[0] for g in groups)
+    R_c = num_candidate_tokens or max(g[1] for g in groups)
+    named = budget_groups(groups, R_q, R_c)
+    text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
+
+    def bad(why):
+        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
+                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
+                          f"{', '.join(f'{a}x{b}' for a, b in sorted(named, key=lambda g: (g[1], g[0])))})")
+    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
+        raise bad("a pair must be two whole numbers (r_q, r_c)")
+    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
+        raise bad(f"a {type(spec).__name__} is not a budget")
+    if not text:
+        raise bad("empty")
+    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
+        budget = (int(m.group(1)), int(m.group(2)))
+    elif re.fullmatch(r"\d{1,6}", text):
+        match = [g for g in named if g[1] == int(text)]
+        if not match:
+            raise bad(f"no Matryoshka group has {text} candidate vectors")
+        budget = match[0]
+    else:
+        raise bad("not a number or 'AxB'")
+    if budget[0] < 1 or budget[1] < 1:
+        raise bad("r_q and r_c must be at least 1")
+    if budget[0] > R_q or budget[1] > R_c:
+        raise bad(f"{budget[0]}x{budget[1]} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
+    if stored is not None and budget[1] not in stored:
+        raise bad(f"r_c={budget[1]} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
+    return budget
+
+
+def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None):
+    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c), each by
+    parse_budget's rule."""
     budgets = []
     for part in str(spec).replace(" ", "").split(","):
-        if not part:
-            continue
-        if re.fullmatch(r"\d+", part):
-            match = [g for g in groups if g[1] == int(part)]
-            if not match:
-                raise ValueError(f"budget '{part}': no Matryoshka group has {part} candidate vectors; "
-                                 f"the groups are {', '.join(f'{a}x{b}' for a, b in groups)} "
-                                 f"(a number names r_c, 'AxB' names r_q x r_c)")
-            budget = match[0]
-        elif m := re.fullmatch(r"(\d+)x(\d+)", part):
-            budget = (int(m.group(1)), int(m.group(2)))
-        else:
-            raise ValueError(f"budget '{part}' is not a number or 'AxB' (e.g. '1,4,16,64' or '2x4')")
-        if budget[0] < 1 or budget[1] < 1:
-            raise ValueError(f"budget '{part}': r_q and r_c must be at least 1")
-        if budget[0] > max_q or budget[1] > max_c:
-            raise ValueError(f"budget '{part}' = {budget[0]}x{budget[1]} exceeds the trained meta tokens "
-                             f"(R_q={max_q}, R_c={max_c})")
-        if budget not in budgets:
-            budgets.append(budget)
+        if part:
+            budget = parse_budget(part, groups, num_query_tokens, num_candidate_tokens, stored)
+            budgets += [budget] if budget not in budgets else []
     if not budgets:
         raise ValueError(f"no budget given in {spec!r}")
     return budgets

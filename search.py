@@ -13,17 +13,18 @@ best few), on this machine or on Qdrant when the corpus outgrows it.
 The index, its cascade and Qdrant are apps/search_index.py; the server and page apps/serve.py.
 """
 import argparse
+import errno
 import json
 import os
 import sys
 import time
 
-from apps.search_index import (Index, build_index, check_collection, list_items, qdrant_client, qdrant_search,
-                                to_qdrant, verify)
+from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, plan, qdrant_client,
+                                qdrant_search, to_qdrant, verify)
 from machinery import checks
 from machinery.index import PRECISIONS
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
-from metaembed import load_model as load_model_at, parse_budgets
+from metaembed import load_model as load_model_at
 
 
 def get_args(argv=None):
@@ -79,10 +80,12 @@ def get_args(argv=None):
         if getattr(args, k, None) is not None and getattr(args, k) < 1:
             p.error(f"{'-k' if k == 'k' else '--' + k.replace('_', '-')} must be at least 1")
     if args.command == "query":
-        if args.depth is not None and not args.first:
-            p.error("--depth is the cascade's: give --first too (e.g. --first 1x1 --depth 300)")
         if "," in args.budget or (args.first and "," in args.first):
             p.error("--budget and --first take one budget each (e.g. --budget 2x4), not a list")
+        try:
+            check_depth(args.first, args.depth)
+        except ValueError as e:
+            p.error(str(e))
     if args.command == "index":
         checks.writable_dir(p.error, "--out", args.out)
     return args
@@ -101,7 +104,12 @@ def index_cmd(args):
     args.max_pixels = model.config.max_pixels or model.processor.image_processor.size["longest_edge"]
     items, unreadable = list_items(args, model)
     t = time.time()
-    skipped = build_index(model, items, args.out, args.batch_size, precision=args.precision)
+    try:
+        skipped = build_index(model, items, args.out, args.batch_size, precision=args.precision)
+    except OSError as e:          # a full disk, a folder made read-only: said, and a rerun continues
+        raise ValueError(f"writing the index into {args.out} failed ({e.strerror or e}"
+                         f"{': the disk is full' if e.errno == errno.ENOSPC else ''}): make room and run the same "
+                         f"command again, it continues from the last finished shard") from None
     index = Index(args.out)
     low = [f for f, _ in index.vectors.file_sizes() if f not in index.vectors.files]
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
@@ -123,13 +131,17 @@ def push(index, where, collection, overwrite):
     print(f"wrote {index.N - len(index.skipped)} points to Qdrant at {where}, collection {collection}")
 
 
-def open_for_search(args):
-    """The index and its model, the model checked against the index's fingerprint."""
-    if not os.path.isfile(os.path.join(args.index, "index.json")) and not os.path.exists(args.index):
-        raise FileNotFoundError(f"no index at {args.index}: build one with `python search.py index --out {args.index}` "
+def open_index(path):
+    if not os.path.isfile(os.path.join(path, "index.json")) and not os.path.exists(path):
+        raise FileNotFoundError(f"no index at {path}: build one with `python search.py index --out {path}` "
                                 f"(the synthetic scenes; --images, --texts or --pdf for your own corpus)")
-    index = Index(args.index)
-    model = load_model(args.checkpoint or index.meta["checkpoint"])
+    return Index(path)
+
+
+def open_for_search(args, index=None):
+    """The index and its model, the model checked against the index's fingerprint."""
+    index = index or open_index(args.index)
+    model = load_model(args.checkpoint or index.checkpoint)
     if model.fingerprint != index.meta.get("fingerprint"):
         raise ValueError(f"the checkpoint {model.source} is not the one {args.index} was built with (fingerprint "
                          f"{model.fingerprint}, the index's {index.meta.get('fingerprint')}): rebuild the index with "
@@ -139,16 +151,11 @@ def open_for_search(args):
 
 
 def query_cmd(args):
-    index, model = open_for_search(args)
-    groups = tuple(tuple(g) for g in index.meta["model_groups"])
-    budget = parse_budgets(args.budget, groups, index.meta["num_query_tokens"], index.R_c)[0]
-    first = parse_budgets(args.first, groups, index.meta["num_query_tokens"], index.R_c)[0] if args.first else None
-    if first and (first[0] > budget[0] or first[1] > budget[1]):
-        raise ValueError(f"--first {args.first} is not cheaper than --budget {args.budget}: the cascade scores "
-                         f"everything at the cheap budget first")
+    index = open_index(args.index)
+    budget, first, depth = plan(index.meta, args.budget, args.first, args.depth, args.k)    # before the model loads
     if not args.text and not args.image:
         raise ValueError("a query needs a text or an --image (or both)")
-    depth = max(args.depth or 1000, args.k)
+    index, model = open_for_search(args, index)
     t = time.time()
     q = model.encode_queries([args.text], [args.image] if args.image else None)       # (1, R_q, D)
     t_enc, t = time.time() - t, time.time()
@@ -174,9 +181,13 @@ def query_cmd(args):
         how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")
-    for r in results:
-        print(f"{r['rank']:>3}  {r['score']:8.4f}  {r['id']}  {r['source']}")
+    for r in results:            # one line a result: a newline (or any control character) in a name is escaped
+        print(f"{r['rank']:>3}  {r['score']:8.4f}  {printable(r['id'])}  {printable(r['source'])}")
     return results
+
+
+def printable(text):
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def main(argv=None):
@@ -194,8 +205,13 @@ def main(argv=None):
             return []
         if args.command == "serve":
             from apps import serve
-            index, model = open_for_search(args)
-            return serve.run(serve.Searcher(index, model), args.host, args.port)
+            server = serve.make_server(None, args.host, args.port)     # a bad --host / --port: said before loading
+            try:
+                index, model = open_for_search(args)
+            except BaseException:
+                server.server_close()
+                raise
+            return serve.run(serve.Searcher(index, model), args.host, args.port, server)
         if args.command == "push":
             return push(Index(args.index), args.qdrant, args.collection, args.overwrite)
         return index_cmd(args) if args.command == "index" else query_cmd(args)

@@ -384,6 +384,10 @@ class Log:
 
     def __init__(self, args, start, master):
         self.file = open(args.log_file, "a") if (args.log_file and master) else None
+        if self.file and start:   # a resumed run: the steps after `start` logged before the stop are done again
+            self.file.write(json.dumps({"resumed_at_step": start, "note": f"steps after {start} above this line "
+                                        "were cut short and are repeated below"}) + "\n")
+            self.file.flush()
         self.bar = None
         if master and not args.no_progress:
             from tqdm import tqdm

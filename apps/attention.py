@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 import data
+from machinery.backbones import load_image
 from maxsim import maxsim
 from metaembed import matryoshka_groups
 
@@ -91,13 +92,12 @@ def figure(result, image, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from PIL import Image
     groups, q = result["group_maps"], result["query"]
     n = max(1 + len(groups), len(q["winner"][:8]) if q else 0)
     fig, axes = plt.subplots(2 if q else 1, n, figsize=(2.2 * n, 4.6 if q else 2.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    rgb = Image.open(image).convert("RGB") if isinstance(image, str) else image.convert("RGB")
+    rgb = load_image(image)                              # as the model saw it (16-bit scaled, not white)
 
     shown = list(groups.values()) + ([result["maps"][j] for j in q["winner"][:8]] if q else [])
     top = max(float(m.max()) for m in shown)             # one colour scale for every panel: 0 .. top

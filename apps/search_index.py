@@ -25,9 +25,11 @@ from machinery import index as on_disk
 from machinery.backbones import max_text_tokens
 from machinery.checkpoints import write_atomic
 from maxsim import maxsim, maxsim_topk
+from metaembed import budget_groups, parse_budget
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
+REQUIRED = ("num_query_tokens", "model_groups", "checkpoint", "fingerprint")   # what search.py adds to index.json
 
 
 # -----------------------------------------------------------------------------
@@ -45,7 +47,8 @@ class Index:
         if not os.path.isfile(os.path.join(self.path, "index.json")):
             raise FileNotFoundError(f"{self.path!r} is not a finished index (no index.json): run `search.py index` "
                                     f"(again, to finish an interrupted one)")
-        self.vectors = on_disk.open_vectors(self.path)
+        self.stamp = on_disk.stamp(self.path)           # what the files were when opened (see changed())
+        self.vectors = on_disk.open_vectors(self.path, REQUIRED)
         self.meta, self.N, self.R_c, self.D = self.vectors.meta, self.vectors.N, self.vectors.R_c, self.vectors.D
         self.bounds, self.precision = self.vectors.bounds, self.vectors.precision
         with open(os.path.join(self.path, "items.jsonl")) as f:
@@ -55,6 +58,20 @@ class Index:
                              f"{' out of order' if len(self.items) == self.N else ''}, index.json {self.N}: the "
                              f"labels would not match the vectors; rebuild the index")
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
+
+    @property
+    def checkpoint(self):
+        """The checkpoint the index was built with: its path as built, or where that is gone (a fresh
+        clone, a moved pair of folders) the same path relative to the index folder."""
+        where, rel = self.meta["checkpoint"], self.meta.get("checkpoint_rel")
+        near = os.path.normpath(os.path.join(self.path, rel)) if rel else None
+        return near if near and os.path.exists(near) and not os.path.exists(where) else where
+
+    def changed(self):
+        """A line naming what changed on disk since the index was opened (another index written in
+        its place, a file replaced or truncated), or None."""
+        return None if on_disk.stamp(self.path) == self.stamp else \
+            f"index {self.path} changed on disk since it was opened (rebuilt or replaced)"
 
     def prefix(self, r_c, precision=None):
         """The first r_c vectors of every candidate: the float copy, or (precision = the index's
@@ -97,6 +114,30 @@ class Index:
                              f"then rebuild the index")
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))
+
+
+def check_depth(first, depth, flag="--"):
+    """The cascade's rule that needs no index: a depth only with a first budget (search.py's argument
+    parser uses it too, so the command line says it before anything is opened)."""
+    if depth is not None and first is None:
+        example = "--first 1x1 --depth 300" if flag else "first=1x1&depth=300"
+        raise ValueError(f"{flag}depth is the cascade's: give {flag}first too (e.g. {example})")
+
+
+def plan(meta, budget, first=None, depth=None, k=10, flag="--"):
+    """The one reading of a search's budgets, for search.py query and the server alike: budget and
+    first (specs, by metaembed.parse_budget's rule against the index's model and stored groups),
+    the cascade's checks (first cheaper than budget, depth only with first) -> (budget, first, depth).
+    flag: how the parameters are named to the user ("--" on the command line, "" in the API)."""
+    groups, R_q, R_c = tuple(tuple(g) for g in meta["model_groups"]), meta["num_query_tokens"], meta["num_candidate_tokens"]
+    stored = [b for _, b in meta["groups"]]
+    budget = parse_budget(budget, groups, R_q, R_c, stored, f"{flag}budget")
+    first = parse_budget(first, groups, R_q, R_c, stored, f"{flag}first") if first is not None else None
+    check_depth(first, depth, flag)
+    if first and (first[0] > budget[0] or first[1] > budget[1]):
+        raise ValueError(f"{flag}first {first[0]}x{first[1]} is not cheaper than {flag}budget {budget[0]}x{budget[1]}: "
+                         f"the cascade scores everything at the cheap budget first")
+    return budget, first, (max(depth or 1000, k) if first else None)
 
 
 # -----------------------------------------------------------------------------
@@ -146,7 +187,7 @@ def text_lines(path, model=None):
     longer than the model's positions is cut to fit, and said once."""
     if not os.path.isfile(path):
         raise ValueError(f"--texts {path}: not a file (give a JSONL file, one {{\"id\": ..., \"text\": ...}} a line)")
-    items, cut = [], 0
+    items, cut, seen = [], 0, {}
     limit = max_text_tokens(model) if model is not None else None
     with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
@@ -159,12 +200,19 @@ def text_lines(path, model=None):
             if not isinstance(r, dict) or not isinstance(r.get("text"), str):
                 raise ValueError(f"--texts {path} line {n}: expected a JSON object with 'text' (a string) "
                                  f"and optionally 'id'")
+            if "id" in r and not isinstance(r["id"], (str, int)) or isinstance(r.get("id"), bool):
+                raise ValueError(f"--texts {path} line {n}: 'id' must be a string or a whole number, not "
+                                 f"{json.dumps(r['id'])[:40]}")
+            key = str(r.get("id", n))
+            if key in seen:
+                raise ValueError(f"--texts {path} line {n}: id {key!r} is also line {seen[key]}'s: ids must be unique")
+            seen[key] = n
             text = r["text"]
             if limit and len(text.encode()) > limit:       # tokens <= bytes: only long texts are tokenized
                 ids = model.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
                 if len(ids) > limit:
                     text, cut = model.processor.tokenizer.decode(ids[:limit]), cut + 1
-            items.append((str(r.get("id", n)), text, None, r["text"][:200]))
+            items.append((key, text, None, r["text"][:200]))
     if not items:
         raise ValueError(f"--texts {path}: no items in it")
     if cut:
@@ -248,7 +296,8 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
-        vectors = on_disk.create(out, N, R_c, D, model.config.groups, on_disk.default_dtype(D), precision)
+        groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
+        vectors = on_disk.create(out, N, R_c, D, groups, on_disk.default_dtype(D), precision)
         state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
@@ -285,6 +334,7 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
         raise ValueError(f"every one of the {N} items was skipped (see {out}/skipped.jsonl): nothing to index")
     on_disk.write_meta(out, {**vectors.meta, "num_query_tokens": model.config.num_query_tokens,
                              "model_groups": model.config.groups, "checkpoint": model.source,
+                             "checkpoint_rel": os.path.relpath(model.source, out),
                              "fingerprint": model.fingerprint, "index_id": state["index_id"],
                              "backbone": model.config.backbone, "skipped": len(skipped),
                              "checksums": on_disk.checksums(vectors)})

@@ -24,7 +24,7 @@ from bench import latency, memory, precision, speed
 MODES = {"rehearse": memory.mode_rehearse, "serve": latency.mode_serve, "dispatch": speed.mode_dispatch,
          "layout": speed.mode_layout, "cascade": latency.mode_cascade, "grad_cache_one": memory.mode_grad_cache_one,
          "grad_cache": memory.mode_grad_cache, "eval_memory": memory.mode_eval_memory,
-         "precision": precision.mode_precision}
+         "precision": precision.mode_precision, "precision_study": precision.mode_precision_study}
 
 
 def main():
@@ -47,7 +47,7 @@ def main():
                    "indexes of the synthetic scenes, and its speed on random ones (--random)")
     p.add_argument("--random", nargs="*", default=[], metavar="NxD", help="with --cascade: random indexes to time "
                    "(e.g. 20000x1536)")
-    p.add_argument("--plot", help="with --cascade: write the recall / speed-up plot here")
+    p.add_argument("--plot", help="with --cascade or --precision-study: write the plot here")
     p.add_argument("--rehearse", choices=sorted(memory.REHEARSAL_CONFIGS), help="instead: a full-size backbone with random "
                    "weights on this CPU (bf16): encode a 2000x3000 page, one LoRA training step (memory kept per row, "
                    "forward and backward peaks), save and reload")
@@ -59,13 +59,16 @@ def main():
     p.add_argument("--precision", action="store_true", help="instead: a bf16 index at S1-S5 (maxsim's default, "
                    "exact float32 math, the plain bf16 and float32 torch loops) against the measured bf16 GEMM peak; "
                    "recall@10 of bf16 / int8 / binary on random D = 1536 vectors, alone and rescored")
+    p.add_argument("--precision-study", metavar="CHECKPOINT", help="instead: P@1 on the synthetic eval at every "
+                   "(budget x precision) of a trained checkpoint (a D = 128 one: python train.py --proj-dim 128 --out "
+                   "out/tiny-d128), beside bytes per candidate; --plot: quality against bytes, one line per precision")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
     args = p.parse_args()
     if args.memory_table is not None:
         return memory.mode_memory_table(args)
     for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory",
-                 "precision"):
+                 "precision", "precision_study"):
         if getattr(args, name):
             return MODES[name](args)
     return speed.mode_speed(args)

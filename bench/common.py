@@ -116,7 +116,8 @@ def random_index(path, N, D, R_c=64, seed=0):
     vectors = on_disk.create(path, N, R_c, D, GROUPS, "bfloat16")
     for j in range(0, N, 1000):
         vectors[j:j + 1000] = unit_vectors(min(1000, N - j), R_c, D, torch.device("cpu"), torch.float32, seed + j)
-    on_disk.write_meta(path, vectors.meta)
+    on_disk.write_meta(path, {**vectors.meta, "num_query_tokens": 16, "model_groups": GROUPS,
+                              "checkpoint": "(random vectors)", "fingerprint": None})
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         f.writelines(json.dumps({"n": i, "id": str(i), "source": f"random vector {i}", "kind": "text"}) + "\n"
                      for i in range(N))

@@ -7,8 +7,12 @@
 2. recall@10 against exact float32 scoring on random unit vectors (D = 1536) of each precision,
    alone and with the cascade's rescoring (the best `depth` rescored in bf16 from the float copy),
    bytes per candidate and ms per query; numkong's maxsim (a peer) where it is installed;
-3. bytes per candidate of every (budget x precision) at D = 3584 (the paper's 7B), by arithmetic.
+3. bytes per candidate of every (budget x precision) at D = 3584 (the paper's 7B), by arithmetic;
+4. `--precision-study CHECKPOINT`: P@1 on the offline eval at every (budget x precision) of one
+   trained model (bf16 in float32 and in bf16 math, int8, binary), beside bytes per candidate and
+   scoring ms, and the plot of quality against bytes per candidate, one line per precision.
 """
+import os
 import time
 
 import torch
@@ -173,3 +177,54 @@ def mode_precision(args):
           "suffix; this environment has torch 2.13, and a torch extension must match it)")
     write_json(args.json, out)
     return out
+
+
+STUDY = (("bf16, float32 math", "bfloat16", "torch"), ("bf16, bf16 math", "bfloat16", "torch-bf16"),
+         ("int8", "int8", None), ("binary", "binary", None))
+
+
+def mode_precision_study(args):
+    """P@1 at every (budget x precision) of one checkpoint on the synthetic eval, one encoding per
+    precision (evaluate.py's own path); -> rows, plotted with --plot."""
+    import evaluate
+    budgets = "1,4,8,16,64"
+    rows = []
+    for label, precision, backend in STUDY:
+        argv = ["--checkpoint", args.precision_study, "--budgets", budgets, "--index-dtype", "bfloat16"]
+        argv += ["--precision", precision] if precision != "bfloat16" else []
+        old = os.environ.get("METAEMBED_MAXSIM")
+        if backend:
+            os.environ["METAEMBED_MAXSIM"] = backend
+        try:
+            res = evaluate.main(argv)
+        finally:
+            os.environ.pop("METAEMBED_MAXSIM", None) if old is None else os.environ.update(METAEMBED_MAXSIM=old)
+        for b in res["budgets"]:
+            s = res["summary"][b]
+            rows.append({"precision": label, "budget": b, "P@1": s["overall"], "bytes_per_candidate": s["bytes_per_candidate"],
+                         "score_ms": 1e3 * s["score_seconds"], "dim": res["dim"]})
+    print(f"\nP@1 (%) on the synthetic eval, {args.precision_study} (D = {rows[0]['dim']}), CPU: {cpu_name()}")
+    print(f"{'precision':<20} " + "  ".join(f"{r['budget']:>16}" for r in rows if r["precision"] == STUDY[0][0]))
+    for label, *_ in STUDY:
+        print(f"{label:<20} " + "  ".join(f"{100 * r['P@1']:5.1f} ({r['bytes_per_candidate']:>6} B)"
+                                         for r in rows if r["precision"] == label))
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for label, *_ in STUDY:
+            pts = [r for r in rows if r["precision"] == label]
+            ax.plot([r["bytes_per_candidate"] for r in pts], [100 * r["P@1"] for r in pts], marker="o", label=label)
+            for r in pts:
+                ax.annotate(r["budget"], (r["bytes_per_candidate"], 100 * r["P@1"]), fontsize=7)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="index bytes per candidate", ylabel="P@1 (%), synthetic eval",
+               title=f"Two budget axes: vectors and bits (D = {rows[0]['dim']})")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    write_json(args.json, {"checkpoint": args.precision_study, "cpu": cpu_name(), "rows": rows})
+    return rows

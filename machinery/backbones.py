@@ -378,11 +378,17 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
-def load_image(image, where=""):
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")   # decoded from files and bytes; nothing else
+# (Pillow would open EPS / PS through Ghostscript, an external program, and dozens of rarer formats)
+
+
+def load_image(image, where="", max_pixels=None, draft=None):
     """PIL image, path, a file's bytes (an upload), or a zero-argument callable returning one (a
-    lazily decoded data set row) -> RGB PIL image. A missing, unreadable or unusable file is named
-    in the error; an image under 28 px on an edge is upsized to 28 (the processor cannot take less
-    than one visual token)."""
+    lazily decoded data set row) -> RGB PIL image. Files and bytes are decoded only as FORMATS,
+    whatever their name says. A missing, unreadable or unusable file is named in the error; an
+    image under 28 px on an edge is upsized to 28 (the processor cannot take less than one visual
+    token). max_pixels: refuse a file or bytes whose header says more (before decoding); draft
+    (w, h): a JPEG may be decoded at a reduced scale no smaller than that (thumbnails)."""
     import io
 
     from PIL import Image
@@ -396,8 +402,15 @@ def load_image(image, where=""):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)   # one line, not PIL's warning
-                with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as im:
+                with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image, formats=FORMATS) as im:
+                    if max_pixels and im.width * im.height > max_pixels:
+                        raise ValueError(f"it is {im.width}x{im.height} = {im.width * im.height:,} pixels, over "
+                                         f"the cap of {max_pixels:,}")
+                    if draft and im.format == "JPEG":
+                        im.draft("RGB", draft)
                     im = to_rgb(im)
+        except Image.UnidentifiedImageError:
+            raise FileNotFoundError(f"cannot read image{name}{where}: not a {', '.join(FORMATS)} image") from None
         except (OSError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise FileNotFoundError(f"cannot read image{name}{where}: {e}") from None
     elif isinstance(image, Image.Image):

@@ -130,11 +130,21 @@ def write_meta(path, meta):
     write_atomic(os.path.join(path, "index.json"), json.dumps(meta))
 
 
-def open_vectors(path):
+def open_vectors(path, required=()):
     """The vectors of a finished index, their file sizes checked against index.json (a lowered
-    count, a truncated or swapped file is named, never searched in part)."""
-    with open(os.path.join(path, "index.json")) as f:
-        vectors = Vectors(path, json.load(f))
+    count, a truncated or swapped file is named, never searched in part; a damaged index.json,
+    a field of `required` missing or a dtype or precision unknown, is one line)."""
+    try:
+        with open(os.path.join(path, "index.json")) as f:
+            meta = json.load(f)
+        missing = [k for k in ("count", "dim", "num_candidate_tokens", "groups", "dtype", *required) if k not in meta]
+        if missing or meta["dtype"] not in DTYPES or meta.get("precision", meta["dtype"]) not in (*DTYPES, *PRECISIONS):
+            raise ValueError(f"missing {', '.join(missing)}" if missing else
+                             f"dtype {meta['dtype']!r} is none of {', '.join(DTYPES)}" if meta["dtype"] not in DTYPES
+                             else f"precision {meta['precision']!r} is none of {', '.join(PRECISIONS)}")
+        vectors = Vectors(path, meta)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"index {path}: index.json is damaged ({e}): rebuild the index") from None
     for f, want in vectors.file_sizes():
         have = os.path.getsize(f) if os.path.isfile(f) else None
         if have != want:
@@ -142,6 +152,19 @@ def open_vectors(path):
                              f"but index.json says {vectors.N} candidates of {vectors.D} dimensions in "
                              f"{vectors.precision} = {want}: the index is damaged; rebuild it")
     return vectors
+
+
+def stamp(path):
+    """What identifies the files of an index folder as they are now: each file's inode, size and
+    mtime (an index rebuilt or swapped in place differs in at least one)."""
+    out = []
+    for name in sorted(os.listdir(path)) if os.path.isdir(path) else []:
+        try:
+            st = os.stat(os.path.join(path, name))
+        except FileNotFoundError:
+            continue
+        out.append((name, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
 
 
 def checksums(vectors, chunk=1 << 24):
@@ -173,7 +196,10 @@ def read_range(vectors, file, width, start, n):
     out = torch.empty(n, width, vectors.D, dtype=vectors.dtype)
     with open(file, "rb") as fh:
         fh.seek(start * width * vectors.vector_bytes)
-        fh.readinto(out.view(torch.uint8).numpy())
+        got = fh.readinto(out.view(torch.uint8).numpy())
+    if got != out.numel() * out.element_size():                   # never uninitialised memory as vectors
+        raise ValueError(f"index {vectors.path}: {os.path.basename(file)} is shorter than index.json says "
+                         f"(read {got} of {out.numel() * out.element_size()} bytes): it changed or is damaged")
     return out
 
 

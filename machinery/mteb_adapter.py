@@ -12,7 +12,7 @@ import time
 import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
-from machinery.backbones import image_key
+from machinery.backbones import image_key, load_image
 
 
 class MetaEmbedEncoder:
@@ -42,7 +42,7 @@ class MetaEmbedEncoder:
         for batch in inputs:
             n = len(batch["text"] if "text" in batch else batch["image"])
             texts += list(batch["text"]) if "text" in batch else [""] * n
-            images += [im.convert("RGB") for im in batch["image"]] if "image" in batch else [None] * n
+            images += [load_image(im) for im in batch["image"]] if "image" in batch else [None] * n
         side = "query" if query else "candidate"
         keys = [(side, t, image_key(im)) for t, im in zip(texts, images)]
         todo = list(dict.fromkeys(k for k in keys if k not in self.cache))
@@ -80,13 +80,27 @@ def training_datasets(checkpoint):
 def run(model, maxsim, tasks, budgets, out_dir, name=None, trained_on=None):
     """mteb.evaluate at every budget from one encoding; each budget's results in mteb's own layout
     under out_dir/<budget>/. -> {budget: {task name: {main score and ndcg_at_5 ...}}}."""
+    import shutil
+
     from mteb.cache import ResultCache
     cache, out = {}, {}
-    for rq, rc in budgets:
-        enc = MetaEmbedEncoder(model, maxsim, (rq, rc), cache, name, trained_on)
-        result = mteb.evaluate(enc, tasks, cache=ResultCache(os.path.join(out_dir, f"{rq}x{rc}")),
-                               overwrite_strategy="always", show_progress_bar=False)
-        out[f"{rq}x{rc}"] = {r.task_name: next(iter(r.scores.values()))[0] for r in result.task_results}
+    top = os.path.abspath(out_dir)                          # the first folder this run creates, if any
+    while not os.path.exists(os.path.dirname(top)):
+        top = os.path.dirname(top)
+    fresh = [os.path.join(out_dir, f"{rq}x{rc}") for rq, rc in budgets]
+    fresh = [d for d in [top] + fresh if not os.path.exists(d)]       # what this run creates
+    try:
+        for rq, rc in budgets:
+            enc = MetaEmbedEncoder(model, maxsim, (rq, rc), cache, name, trained_on)
+            result = mteb.evaluate(enc, tasks, cache=ResultCache(os.path.join(out_dir, f"{rq}x{rc}")),
+                                   overwrite_strategy="always", show_progress_bar=False)
+            out[f"{rq}x{rc}"] = {r.task_name: next(iter(r.scores.values()))[0] for r in result.task_results}
+    except OSError as e:         # offline, a hub error (requests' errors are OSErrors): one line, nothing left
+        for d in reversed(fresh):
+            shutil.rmtree(d, ignore_errors=True)
+        raise ValueError(f"mteb could not load the data of {', '.join(t.metadata.name for t in tasks)[:200]} "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}): is the hub "
+                         f"reachable, or the data set in the Hugging Face cache?") from None
     return out
 
 

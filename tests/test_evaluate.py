@@ -240,7 +240,7 @@ def test_cli_errors(tmp_path, monkeypatch):
         .save_pretrained(ck)
     with pytest.raises(SystemExit, match="budget '64'"):
         evaluate.main(["--checkpoint", str(ck), "--budgets", "1,64"])
-    with pytest.raises(SystemExit, match="budget .16x64. = 16x64 exceeds"):
+    with pytest.raises(SystemExit, match="budget .16x64.: 16x64 exceeds"):
         evaluate.main(["--checkpoint", str(ck), "--budgets", "16x64"])
 
 

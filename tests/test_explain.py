@@ -1,6 +1,7 @@
 """explain.py: the maps are the backbone's own attention, laid out on the image's grid; known
 answers for the layout, a uniform attention and the attribution; bad input in one line."""
 import json
+import re
 
 import pytest
 import torch
@@ -107,7 +108,7 @@ def test_cli_json_figure_and_bad_input(tiny_checkpoint, tmp_path, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG nope")
     for argv, said in ((["--image", str(bad)], "explain.py: error: cannot read image .*bad.png"),
-                       (["--query", "x", "--budget", "32x64"], "explain.py: error: budget .*exceeds the trained"),
+                       (["--query", "x", "--budget", "32x64"], "explain.py: error: --budget .*exceeds the trained"),
                        (["--layers", "7"], "explain.py: error: --layers \\[7\\]: the language model has 2 layers")):
         with pytest.raises(SystemExit, match=said):
             explain.main(["--checkpoint", tiny_checkpoint, *argv])
@@ -126,3 +127,52 @@ def test_a_hub_layout_qwen2_5_vl_folder(tmp_path):
     res = attention.explain(model, wide_scene(), query="red", budget=(2, 4))
     assert res["grid"] == [2, 4] and res["maps"].shape == (8, 2, 4)
     assert bool((res["maps"].flatten(1).sum(1) <= 1 + 1e-3).all())
+
+
+def test_cli_parameters_are_checked_in_one_line(tiny_checkpoint, tmp_path, capsys):
+    """#14: --study under 1, a layer named twice, an --out format matplotlib cannot write: one line
+    each, before the work; --out without an extension writes and says FILE.png."""
+    for argv, said in ((["--study", "-3"], "--study -3: the number of scenes must be at least 1"),
+                       (["--study", "0"], "--study 0: the number of scenes must be at least 1"),
+                       (["--out", str(tmp_path / "fig.xyz")], r"--out .*fig.xyz: .xyz is not a figure format"),
+                       (["--layers", "0", "0", "-1"], "--layers 0 0 -1: names layer 0 twice"),
+                       (["--layers", "1", "-1"], "--layers 1 -1: names layer 1 twice")):
+        with pytest.raises(SystemExit) as e:
+            explain.main(["--checkpoint", tiny_checkpoint] + argv)
+        assert re.search(said, str(e.value) + capsys.readouterr().err), argv
+    explain.main(["--checkpoint", tiny_checkpoint, "--out", str(tmp_path / "fignoext")])
+    assert (tmp_path / "fignoext.png").stat().st_size > 1000
+    assert f"wrote {tmp_path / 'fignoext.png'}" in capsys.readouterr().out
+
+
+def test_linear_attention_layers_are_named(tmp_path):
+    """#14: on Qwen3.5 (three of four layers linear attention) a layer without attention maps is
+    named, with the layers that have them."""
+    from metaembed import MetaEmbed
+    model = MetaEmbed.from_backbone("tiny-qwen3.5", seed=0)
+    layers = model.base_model().language_model.layers
+    maps = [i for i, layer in enumerate(layers) if hasattr(layer, "self_attn")]
+    linear = [i for i in range(len(layers)) if i not in maps]
+    assert maps and linear
+    model.save_pretrained(tmp_path / "ck")
+    with pytest.raises(SystemExit, match=f"--layers {linear[0]}: layer {linear[0]} is linear attention and has no "
+                                         f"attention map; the layers with maps are {', '.join(map(str, maps))}"):
+        explain.main(["--checkpoint", str(tmp_path / "ck"), "--layers", str(linear[0])])
+
+
+def test_the_figure_shows_a_16_bit_image_as_the_model_saw_it(tiny, tmp_path, monkeypatch):
+    """#8: the figure draws the image through backbones.load_image: a 16-bit gradient, not white."""
+    import numpy as np
+    from matplotlib.axes import Axes
+
+    from machinery.backbones import load_image
+    x = np.tile(np.linspace(0, 65535, 84).astype(np.uint16), (84, 1))
+    Image.fromarray(x).save(tmp_path / "g16.png")
+    path = str(tmp_path / "g16.png")
+    result = attention.explain(tiny, path)
+    drawn = []
+    show = Axes.imshow
+    monkeypatch.setattr(Axes, "imshow", lambda self, X, *a, **k: drawn.append(np.asarray(X)) or show(self, X, *a, **k))
+    attention.figure(result, path, str(tmp_path / "f.png"))
+    rgb = [d for d in drawn if d.ndim == 3][0]
+    assert np.array_equal(rgb, np.asarray(load_image(path))) and rgb.min() < 10

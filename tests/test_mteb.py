@@ -70,3 +70,45 @@ def test_the_encoder_protocol(tiny_checkpoint):
 def test_cli_names_what_is_wrong(tiny_checkpoint):
     with pytest.raises(SystemExit, match="--mteb NoSuchBenchmark9: neither an mteb benchmark nor a task"):
         evaluate.main(["--checkpoint", tiny_checkpoint, "--mteb", "NoSuchBenchmark9", "--budgets", "1"])
+
+
+def test_mteb_model_checks_the_budget_by_the_one_rule(tiny_checkpoint, tmp_path):
+    """#7: the budget rule of the command lines, before the encoder is built; an ablation checkpoint
+    at budget 1 is (1, 1) here as in search.py and explain.py."""
+    for budget, said in (((0, 0), "r_q and r_c must be at least 1"), ((-1, -1), "r_q and r_c must be at least 1"),
+                         ((100, 1000), "exceeds the trained meta tokens"), ("3x5x", "not a number or 'AxB'"),
+                         ("", "empty"), ((1.5, 2), "a pair must be two whole numbers")):
+        with pytest.raises(ValueError, match=f"^budget .*{said}"):
+            evaluate.mteb_model(tiny_checkpoint, budget=budget)
+    assert evaluate.mteb_model(tiny_checkpoint, budget="2x4").budget == (2, 4)
+    from metaembed import MetaEmbed
+    ablation = MetaEmbed.from_backbone("tiny", seed=0, groups=((16, 64),))
+    assert evaluate.mteb_model(ablation, budget="1").budget == (1, 1)
+
+
+def test_a_16_bit_image_encodes_as_the_project_reads_it(tiny, tmp_path):
+    """#8: the adapter reads images through backbones.load_image: a 16-bit gradient is not white."""
+    import numpy as np
+    from PIL import Image
+
+    from machinery.backbones import load_image
+    x = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (64, 1))
+    Image.fromarray(x).save(tmp_path / "g16.png")
+    im16 = Image.open(tmp_path / "g16.png")
+    assert im16.mode.startswith("I")
+    enc = evaluate.mteb_model(tiny, budget=(16, 64))
+    got = enc.encode([{"image": [im16]}], prompt_type=mteb.types.PromptType.document)
+    want = tiny.encode_candidates([""], [load_image(str(tmp_path / "g16.png"))])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_an_unreachable_hub_is_one_line_and_leaves_nothing(tiny, tmp_path, monkeypatch):
+    """#11: mteb failing to download (offline) is one line; no empty results folder is left."""
+    from machinery import mteb_adapter
+
+    def offline(*a, **k):
+        raise ConnectionError("Max retries exceeded with url: /api/datasets/vidore/x (offline)")
+    monkeypatch.setattr(mteb, "evaluate", offline)
+    with pytest.raises(ValueError, match="^mteb could not load the data of LocalSyntheticScenesT2I .*ConnectionError"):
+        mteb_adapter.run(tiny, (maxsim, maxsim_pairwise), [LocalScenes()], [(1, 1)], str(tmp_path / "results" / "mteb"))
+    assert not (tmp_path / "results").exists()

@@ -242,3 +242,94 @@ def test_push_maps_low_bits_to_qdrant_quantization(tmp_path):
         hits = search_index.qdrant_search(client, q[0].numpy(), (16, 64), 3, rescore=index.vectors.quantized)
         want = maxsim_topk(q[:1], x.bfloat16(), 3, exact=True)
         assert [j for _, j in hits] == want[1][0].tolist()
+
+
+# -- issue 32 ---------------------------------------------------------------------------------
+
+def test_a_copied_index_and_checkpoint_pair_is_accepted(ckpt, tmp_path, capsys):
+    """#9: index.json names its checkpoint relative to the index: the pair moved or copied together
+    still searches (the fingerprint matches); the index moved alone still finds the checkpoint."""
+    import shutil
+    home = tmp_path / "home"
+    shutil.copytree(ckpt, home / "ck")
+    search.main(["index", "--checkpoint", str(home / "ck"), "--out", str(home / "index"), "--synthetic-scenes", "2"])
+    assert json.load(open(home / "index" / "index.json"))["checkpoint_rel"] == "../ck"
+    shutil.copytree(home / "index", tmp_path / "alone")                 # the index alone: the checkpoint stayed
+    assert len(search.main(["query", "--index", str(tmp_path / "alone"), "red", "-k", "2"])) == 2
+    shutil.move(str(home), str(tmp_path / "clone"))                     # the pair moved: a fresh clone elsewhere
+    assert len(search.main(["query", "--index", str(tmp_path / "clone" / "index"), "red", "-k", "2"])) == 2
+    shutil.rmtree(tmp_path / "clone" / "ck")
+    with pytest.raises(SystemExit, match="no MetaEmbed checkpoint at"):
+        search.main(["query", "--index", str(tmp_path / "clone" / "index"), "red"])
+
+
+def test_a_full_disk_and_a_damaged_index_json_are_one_line(scenes, ckpt, tmp_path, monkeypatch):
+    """#13: an OSError while writing is said, with the rerun that continues; #15: a hand-damaged
+    index.json is one line for query (as for verify)."""
+    import errno
+    import shutil
+    from machinery import index as on_disk
+
+    def full(self, rows, x):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(on_disk.Vectors, "__setitem__", full)
+    with pytest.raises(SystemExit, match=r"^search.py: error: writing the index into .* failed \(No space left on "
+                                         r"device: the disk is full\): make room and run the same command again"):
+        search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "o"), "--synthetic-scenes", "2"])
+    monkeypatch.undo()
+    out, _, _ = scenes
+    meta = json.load(open(os.path.join(out, "index.json")))
+    for damage, said in (({"dtype": "int4"}, "dtype 'int4' is none of"), ({"groups": None}, "missing groups"),
+                         ({"checkpoint": None}, "missing checkpoint")):
+        bad = tmp_path / f"bad-{len(said)}"
+        shutil.copytree(out, bad)
+        json.dump({k: v for k, v in {**meta, **damage}.items() if v is not None}, open(bad / "index.json", "w"))
+        with pytest.raises(SystemExit, match=f"^search.py: error: index .*index.json is damaged \\({said}"):
+            search.main(["query", "--index", str(bad), "x"])
+
+
+def test_texts_ids_and_names_with_newlines(ckpt, tmp_path, capsys):
+    """#18: a null id and duplicate ids are named; a newline in a file name stays on its result's line."""
+    for lines, said in (([{"id": None, "text": "a"}], "line 1: 'id' must be a string or a whole number, not null"),
+                        ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], "line 2: id 'a' is also line 1's")):
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(SystemExit, match=said):
+            search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "t"), "--texts", str(tmp_path / "t.jsonl")])
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (40, 40), "red").save(pics / "a\nb.png")
+    Image.new("RGB", (40, 40), "blue").save(pics / "c.png")
+    search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "p"), "--images", str(pics)])
+    capsys.readouterr()
+    search.main(["query", "--index", str(tmp_path / "p"), "red", "-k", "2"])
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 3 and any("a\\nb.png" in line for line in lines[1:])
+
+
+def test_indexing_never_runs_ghostscript(ckpt, tmp_path, monkeypatch, capsys):
+    """#2: a file named b.png holding EPS is skipped as no decodable image; `gs` is never called."""
+    from test_serve import EPS, gs_stand_in
+    log = gs_stand_in(tmp_path, monkeypatch)
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (40, 40), "red").save(pics / "a.png")
+    (pics / "b.png").write_bytes(EPS)
+    search.main(["index", "--checkpoint", ckpt, "--out", str(tmp_path / "i"), "--images", str(pics)])
+    assert "skipped item 1" in capsys.readouterr().out and not log.exists()
+
+
+def test_one_budget_rule_for_an_ablation_checkpoint(tmp_path, capsys, monkeypatch):
+    """#16 / issue 34: a checkpoint trained on (16, 64) alone is searched at budget 1 = (1, 1) (as
+    evaluate.py does); the cascade's checks come before the model loads."""
+    ck = tmp_path / "ablation"
+    MetaEmbed.from_backbone("tiny", seed=1, proj_dim=8, groups=((16, 64),)).save_pretrained(ck)
+    search.main(["index", "--checkpoint", str(ck), "--out", str(tmp_path / "i"), "--synthetic-scenes", "2"])
+    capsys.readouterr()
+    res = search.main(["query", "--index", str(tmp_path / "i"), "red", "--budget", "1", "--json", "-k", "3"])
+    assert json.loads(capsys.readouterr().out)["budget"] == "1x1" and len(res) == 3
+    monkeypatch.setattr(search, "load_model", lambda *a: pytest.fail("the model was loaded first"))
+    for argv, said in ((["--first", "16x64", "--budget", "1x1"], "--first 16x64 is not cheaper than --budget 1x1"),
+                       (["--budget", "3x5"], "r_c=5 is not stored in this index"),
+                       (["--budget", ""], "--budget '': empty")):
+        with pytest.raises(SystemExit, match=said):
+            search.main(["query", "--index", str(tmp_path / "i"), "x"] + argv)

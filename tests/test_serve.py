@@ -79,7 +79,7 @@ def test_bad_input_is_a_named_4xx_and_the_server_lives(server):
     base, _, pics_base, root = server
     for path, status, said in (("/api/search?budget=2x4", 400, "needs q"),
                                ("/api/search?q=x&budget=3x3", 400, "not stored in this index"),
-                               ("/api/search?q=x&budget=2,4", 400, "not a budget like 2x4"),
+                               ("/api/search?q=x&budget=2,4", 400, "not a number or 'AxB'"),
                                ("/api/search?q=x&k=0", 400, "k must be a whole number from 1"),
                                ("/api/search?q=x&k=ten", 400, "k must be"),
                                ("/api/search?q=x&depth=5", 400, "depth is the cascade's"),
@@ -149,7 +149,254 @@ def test_the_page_in_a_real_browser(server, tmp_path):
         linked.wait_for_function("document.querySelectorAll('.result').length === 4")
         assert linked.get_attribute("#status", "data-budget") == "2x4"
         assert linked.input_value("#q") == "green center"
+        for link, said in (("budget=3x5", "budget 3x5 is not one of"), ("first=3x5", "first 3x5 is not one of")):  # #17
+            bad = browser.new_page()
+            bad.goto(f"{base}/?q=red&{link}")
+            bad.wait_for_function("document.querySelector('#status').className === 'error'")
+            assert said in bad.text_content("#status") and not bad.is_checked("#cascade")
+        long = browser.new_page()                                                        # #17: a 414, not JSON
+        long.goto(base + "/")
+        long.wait_for_function("document.querySelector('#budget').max === '4'")
+        long.fill("#q", "x" * 70000)
+        long.wait_for_function("document.querySelector('#status').className === 'error'")
+        assert "414" in long.text_content("#status")
         browser.close()
     assert Image.open(tmp_path / "page.png").size[0] == 1200
     if os.environ.get("METAEMBED_SCREENSHOT"):                                          # for the README
         shutil.copy(tmp_path / "page.png", os.environ["METAEMBED_SCREENSHOT"])
+
+
+# -- issue 32: a server safe to leave running -----------------------------------------------------
+
+def raw(base, request, timeout=5):
+    """Send raw request bytes to base's port -> (status, headers text, body bytes); the reply must
+    come within `timeout` seconds (a server that waits for more is a failure, not a hang)."""
+    import socket
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), head.decode("latin-1"), body
+
+
+def post(base, path, headers, body=b""):
+    port = base.rsplit(":", 1)[1]
+    lines = [f"POST {path} HTTP/1.1", f"Host: 127.0.0.1:{port}", *headers]
+    return raw(base, ("\r\n".join(lines) + "\r\n\r\n").encode() + body)
+
+
+def test_content_length_negative_non_numeric_or_chunked_is_a_4xx_at_once(server):
+    """#1: never an unbounded read: the client here keeps its socket open, so a server reading to
+    the end of the stream would time the test out."""
+    base = server[0]
+    png = io.BytesIO()
+    Image.new("RGB", (60, 60), "red").save(png, "PNG")
+    for headers, status, said in ((["Content-Length: -1"], 400, b"is not a byte count"),
+                                  (["Content-Length: abc"], 400, b"is not a byte count"),
+                                  (["Transfer-Encoding: chunked"], 411, b"Content-Length"),
+                                  ([f"Content-Length: {len(png.getvalue()) + 100}"], 400, b"ended after")):
+        import socket
+        port = int(base.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as s:
+            s.sendall(("\r\n".join(["POST /api/search?q=x HTTP/1.1", f"Host: 127.0.0.1:{port}", *headers])
+                       + "\r\n\r\n").encode() + png.getvalue())
+            if "ended" in said.decode():
+                s.shutdown(socket.SHUT_WR)                 # a body shorter than it said
+            reply = b""
+            while chunk := s.recv(65536):              # the server answers and hangs up, never waits for more
+                reply += chunk
+        assert int(reply.split()[1]) == status and said in reply, (headers, reply[:300])
+
+
+def gs_stand_in(tmp_path, monkeypatch):
+    """A `gs` first on PATH that logs any call: Pillow would run Ghostscript for EPS / PS."""
+    from PIL import EpsImagePlugin
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    (folder / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path}/gs-called.log\necho 10.0\n")
+    (folder / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{folder}:{os.environ['PATH']}")
+    monkeypatch.setattr(EpsImagePlugin, "gs_binary", None)      # Pillow looks gs up once and keeps it
+    return tmp_path / "gs-called.log"
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 40 40\n0 0 moveto 40 40 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_uploads_never_run_ghostscript(server, tmp_path, monkeypatch):
+    """#2: an EPS body is refused as a format the encoder does not decode; `gs` is never called."""
+    log = gs_stand_in(tmp_path, monkeypatch)
+    status, body = get(server[0] + "/api/search?q=x", EPS)
+    assert not log.exists()
+    assert status == 400 and "PNG, JPEG, WEBP, GIF, BMP, TIFF" in body["error"]
+
+
+def test_upload_pixels_are_capped_and_thumbnails_rendered_small_and_cached(server, tmp_path, monkeypatch):
+    """#3: a small file of many pixels is a 413 before decoding; a PDF page's thumbnail is rendered at
+    the scale that gives THUMB px (not the page's size), and a thumbnail is made once."""
+    import pypdfium2 as pdfium
+    big = io.BytesIO()
+    Image.new("1", (5001, 5001)).save(big, "PNG")              # 25M pixels in a few kB
+    assert len(big.getvalue()) < 100_000
+    status, body = get(server[0] + "/api/search?q=x", big.getvalue())
+    assert status == 413 and "5001x5001" in body["error"] and "\n" not in body["error"]
+    doc = pdfium.PdfDocument.new()
+    doc.new_page(3000, 2000)
+    doc.save(str(tmp_path / "big.pdf"))
+    search.main(["index", "--checkpoint", str(server[3] / "ck"), "--out", str(tmp_path / "pdf-index"),
+                 "--pdf", str(tmp_path / "big.pdf")])
+    index, model = search.open_for_search(search.get_args(["query", "--index", str(tmp_path / "pdf-index"), "x"]))
+    searcher = serve.Searcher(index, model)
+    rendered, made = [], []
+    render = pdfium.PdfPage.render
+    monkeypatch.setattr(pdfium.PdfPage, "render", lambda self, **kw: rendered.append(render(self, **kw)) or rendered[-1])
+    draw = serve.render_thumbnail
+    monkeypatch.setattr(serve, "render_thumbnail", lambda item: made.append(item) or draw(item))
+    jpeg = searcher.thumbnail(0)
+    assert Image.open(io.BytesIO(jpeg)).size == (256, 171)
+    assert [max(b.width, b.height) for b in rendered] == [256]      # not 3000 x 2000 then shrunk
+    assert searcher.thumbnail(0) == jpeg and len(made) == 1         # cached
+
+
+def test_only_the_served_address_and_its_own_page_are_answered(server):
+    """#4: a foreign Host (DNS rebinding), a cross-site Origin or Sec-Fetch-Site: 403; no CORS header."""
+    base = server[0]
+    port = base.rsplit(":", 1)[1]
+
+    def ask(*headers, host=f"127.0.0.1:{port}"):
+        return raw(base, ("\r\n".join(["GET /api/info HTTP/1.1", f"Host: {host}", *headers]) + "\r\n\r\n").encode())
+    for host in (f"attacker.example:{port}", "127.0.0.1:1", "127.0.0.1", ""):
+        assert ask(host=host)[0] == 403, host
+    assert ask("Origin: http://attacker.example")[0] == 403
+    assert ask(f"Origin: http://localhost:{port}.attacker.example")[0] == 403
+    assert ask("Sec-Fetch-Site: cross-site")[0] == 403
+    assert ask("Sec-Fetch-Site: same-site")[0] == 403
+    status, _, body = post(base, "/api/search?q=x", ["Origin: http://attacker.example", "Content-Type: text/plain",
+                                                      "Content-Length: 3"], b"abc")
+    assert status == 403 and b"cross-origin" in body
+    for ok in (ask(), ask(host=f"localhost:{port}"), ask(f"Origin: http://127.0.0.1:{port}", "Sec-Fetch-Site: same-origin"),
+               ask("Sec-Fetch-Site: none")):
+        assert ok[0] == 200 and "access-control" not in ok[1].lower()
+    assert raw(base, f"OPTIONS /api/search HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())[0] == 405
+    status, headers, body = raw(base, f"HEAD /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    assert status == 200 and body == b"" and "application/json" in headers              # #17: HEAD
+
+
+def test_slow_clients_are_timed_out_and_threads_bounded(server, monkeypatch):
+    """#5: 20 connections sending half a request: at most `threads` handle them at once, each is
+    closed after the socket timeout, and the server answers again afterwards."""
+    import socket
+    import time
+    searcher = serve.Searcher(*search.open_for_search(search.get_args(["query", "--index", server[1], "x"])))
+    monkeypatch.setattr(serve.Handler, "timeout", 0.5)
+    srv = serve.make_server(searcher, "127.0.0.1", 0, threads=3)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        before = threading.active_count()
+        slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(20)]
+        for s in slow:
+            s.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1")      # half a request, never finished
+        peak, t = 0, time.time()
+        while time.time() - t < 1.5:
+            peak = max(peak, threading.active_count() - before)
+            time.sleep(0.02)
+        assert peak <= 3 * 2                       # 3 handlers (and their deadline timers), not 20
+        closed = [s.recv(100) for s in slow]         # the server hangs up on each (a 408-free close)
+        assert all(c == b"" for c in closed)
+        for s in slow:
+            s.close()
+        status, _, body = raw(f"http://127.0.0.1:{port}", f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        assert status == 200 and json.loads(body)["count"] == 48
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_an_index_replaced_under_the_server_is_noticed(server, tmp_path):
+    """#6: the served folder replaced by another model's index: 503 naming it; by the same model's
+    smaller index: reopened whole (count, labels, vectors), never stale labels or a short read."""
+    root = server[3]
+    served = tmp_path / "served"
+    shutil.copytree(server[1], served)
+    searcher = serve.Searcher(*search.open_for_search(search.get_args(["query", "--index", str(served), "x"])))
+    srv = serve.make_server(searcher, "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        assert get(base + "/api/info")[1]["count"] == 48
+        other = tmp_path / "other-ck"
+        MetaEmbed.from_backbone("tiny", seed=2, proj_dim=8).save_pretrained(other)
+        search.main(["index", "--checkpoint", str(other), "--out", str(tmp_path / "other"), "--synthetic-scenes", "3"])
+        shutil.rmtree(served)
+        shutil.copytree(tmp_path / "other", served)
+        status, body = get(base + "/api/search?q=red&budget=2x4")
+        assert status == 503 and "another checkpoint" in body["error"]
+        search.main(["index", "--checkpoint", str(root / "ck"), "--out", str(tmp_path / "small"), "--synthetic-scenes", "5"])
+        shutil.rmtree(served)
+        shutil.copytree(tmp_path / "small", served)
+        assert get(base + "/api/info")[1]["count"] == 20
+        status, body = get(base + "/api/search?q=red&budget=16x64&k=30")
+        assert status == 200 and len(body["results"]) == 20
+        assert all(r["n"] < 20 and abs(r["score"]) <= 16.001 for r in body["results"])
+        with open(served / "group-16-64.bin", "r+b") as f:              # truncated under it
+            f.truncate(100)
+        status, body = get(base + "/api/search?q=red&budget=16x64")
+        assert status == 503 and "group-16-64.bin" in body["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_api_parameters_follow_the_one_budget_rule(server):
+    """#16: empty or huge parameters are named, a form body is told to send raw bytes, and 1x4 runs
+    in the API as on the command line."""
+    base = server[0]
+    for query, said in (("budget=", "budget '': empty"), ("first=&budget=2x4", "first '': empty"),
+                        ("k=", "k must be a whole number"), ("budget=" + "9" * 5000, "not a number or 'AxB'")):
+        status, body = get(f"{base}/api/search?q=x&{query}")
+        assert status == 400 and said in body["error"] and "4300" not in body["error"], (query, body)
+    status, body = get(base + "/api/search?q=x", b"------boundary\r\nContent-Disposition: form-data; name=f\r\n\r\nabc")
+    assert status == 400 and "raw bytes of one image" in body["error"] and "BytesIO" not in body["error"]
+    status, body = get(base + "/api/search?q=red&budget=1x4&k=3")
+    assert status == 200 and body["budget"] == "1x4"
+
+
+def test_serve_checks_host_and_port_before_the_model_loads(tmp_path, monkeypatch):
+    """#12: a port in use or out of range, an address not of this machine: one line, no model loaded."""
+    import socket
+    monkeypatch.setattr(search, "open_for_search", lambda *a: pytest.fail("the model was loaded first"))
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        for argv, said in ((["--port", str(taken.getsockname()[1])], "another program uses it"),
+                           (["--port", "99999"], "--port 99999: a port is 0..65535"),
+                           (["--host", "203.0.113.5"], "not an address of this machine")):
+            with pytest.raises(SystemExit, match=said):
+                search.main(["serve", "--index", str(tmp_path)] + argv)
+    finally:
+        taken.close()
+
+
+def test_a_client_leaving_mid_reply_leaves_no_traceback(server, capfd):
+    """#18: clients that reset the connection before or while the answer is written: nothing in the
+    server's log (it was two BrokenPipe tracebacks labelled as internal errors)."""
+    import socket
+    import struct
+    import time
+    port = int(server[0].rsplit(":", 1)[1])
+    capfd.readouterr()
+    for path in ("/api/search?q=red&budget=16x64&k=40", "/api/thumb/0", "/"):
+        for _ in range(5):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))      # reset, not close
+            s.close()
+    time.sleep(1.0)
+    assert get(server[0] + "/api/info")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "internal error" not in err, err[-2000:]

@@ -23,7 +23,7 @@ def run(tmp_path, name, *extra):
     log = tmp_path / f"{name}.jsonl"
     args = train.get_args(SMALL + ["--out", str(out), "--log-file", str(log)] + list(extra))
     path = train.train(args)
-    return path, [json.loads(line) for line in log.read_text().splitlines()]
+    return path, [r for r in map(json.loads, log.read_text().splitlines()) if "step" in r]   # a resume's marker aside
 
 
 def crash_at_batch(monkeypatch, n, fn):
@@ -93,6 +93,9 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, extra):
     losses_full = [r["loss"] for r in log_full]
     losses_res = [r["loss"] for r in log_res[-3:]]  # the log also holds the crashed run's steps 1-4
     assert [r["step"] for r in log_res] == [1, 2, 3, 4, 4, 5, 6]
+    marked = [json.loads(x) for x in (tmp_path / "part.jsonl").read_text().splitlines()]   # issue 32 #18
+    assert [r.get("step", r.get("resumed_at_step")) for r in marked] == [1, 2, 3, 4, 3, 4, 5, 6]
+    assert "steps after 3 above this line" in marked[4]["note"]
     assert losses_res == pytest.approx(losses_full[3:], abs=1e-5)
     a, b = load_file(os.path.join(full, "model.safetensors")), load_file(os.path.join(resumed, "model.safetensors"))
     for k in a:
