@@ -4,11 +4,13 @@ trained with the Matryoshka Multi-Vector Retrieval (MMR) loss.
 
 Xiao et al., "MetaEmbed: Scaling Multimodal Retrieval at Test-Time with Flexible Late
 Interaction", arXiv 2509.18095. Read top to bottom, in the paper's order:
-  1. config, Matryoshka groups, budgets   (MetaEmbedConfig, GROUPS, parse_budget(s))
+  1. config, Matryoshka groups           (MetaEmbedConfig, GROUPS)
   2. prompts                              (the paper's "simple prompt", Qwen chat format)
   3. the model                            (Meta Tokens appended, M-RoPE positions, last-layer
-                                           states, projection, L2 normalisation, encoding)
+                                           states, projection, L2 normalisation)
   4. the MMR loss                         (InfoNCE per Matryoshka group on prefix MaxSim scores)
+  5. using it                             (the budget syntax, encoding in batches into an index,
+                                           construction, save / load)
 Backbones, images, checkpoints' files and input checks live in machinery/.
 """
 import functools
@@ -25,7 +27,7 @@ from machinery import backbones, checkpoints
 from machinery.checks import check_encode_inputs, check_groups
 
 # -----------------------------------------------------------------------------
-# 1. config, Matryoshka groups, budgets
+# 1. config, Matryoshka groups
 
 # Matryoshka groups (r_q, r_c): nested prefixes of the R_q query and R_c candidate vectors.
 GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
@@ -78,65 +80,6 @@ class MetaEmbedConfig:
     @property
     def offline(self):
         return backbones.is_offline(self.backbone)
-
-
-def budget_groups(groups, R_q, R_c):
-    """The groups a budget number names: the model's own, then the paper's that fit in (R_q, R_c)
-    (so an ablation trained on (16, 64) alone is still served at budget 1 = (1, 1), everywhere)."""
-    groups = tuple(tuple(g) for g in groups)
-    return groups + tuple(g for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
-
-
-def parse_budget(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None, name="budget"):
-    """The one budget rule: one budget -> (r_q, r_c), for every tool (evaluate, search and its server,
-    explain, the mteb encoder). spec: 'AxB' (r_q x r_c directly), a number k (the group whose
-    r_c == k, see budget_groups) or a pair (A, B). r_q <= R_q and r_c <= R_c (default: the largest
-    group); `stored`: the r_c an index holds (it reads whole groups). Any bad budget is one
-    ValueError naming `name`, the budget and what would be accepted."""
-    R_q = num_query_tokens or max(g[0] for g in groups)
-    R_c = num_candidate_tokens or max(g[1] for g in groups)
-    named = budget_groups(groups, R_q, R_c)
-    text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
-
-    def bad(why):
-        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
-                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
-                          f"{', '.join(f'{a}x{b}' for a, b in sorted(named, key=lambda g: (g[1], g[0])))})")
-    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
-        raise bad("a pair must be two whole numbers (r_q, r_c)")
-    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
-        raise bad(f"a {type(spec).__name__} is not a budget")
-    if not text:
-        raise bad("empty")
-    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
-        budget = (int(m.group(1)), int(m.group(2)))
-    elif re.fullmatch(r"\d{1,6}", text):
-        match = [g for g in named if g[1] == int(text)]
-        if not match:
-            raise bad(f"no Matryoshka group has {text} candidate vectors")
-        budget = match[0]
-    else:
-        raise bad("not a number or 'AxB'")
-    if budget[0] < 1 or budget[1] < 1:
-        raise bad("r_q and r_c must be at least 1")
-    if budget[0] > R_q or budget[1] > R_c:
-        raise bad(f"{budget[0]}x{budget[1]} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
-    if stored is not None and budget[1] not in stored:
-        raise bad(f"r_c={budget[1]} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
-    return budget
-
-
-def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None):
-    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c), each by
-    parse_budget's rule."""
-    budgets = []
-    for part in str(spec).replace(" ", "").split(","):
-        if part:
-            budget = parse_budget(part, groups, num_query_tokens, num_candidate_tokens, stored)
-            budgets += [budget] if budget not in budgets else []
-    if not budgets:
-        raise ValueError(f"no budget given in {spec!r}")
-    return budgets
 
 
 # -----------------------------------------------------------------------------
@@ -242,88 +185,28 @@ class MetaEmbed(nn.Module):
         return (self.embed(query_inputs, "query") if query_inputs is not None else None,
                 self.embed(candidate_inputs, "candidate") if candidate_inputs is not None else None)
 
+    # -- the interface others rely on (DESIGN.md section 5); what is behind it is section 5 below --
     def encode_queries(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
         """-> (N, R_q, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return self._encode(texts, images, "query", batch_size, progress, out, workers)
+        return encode(self, texts, images, "query", batch_size, progress, out, workers)
 
     def encode_candidates(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
         """-> (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return self._encode(texts, images, "candidate", batch_size, progress, out, workers)
+        return encode(self, texts, images, "candidate", batch_size, progress, out, workers)
 
-    @torch.no_grad()
-    def _encode(self, texts, images, side, batch_size, progress, out, workers):
-        """Encode in batches straight into `out` (N, R, D): a preallocated tensor of any dtype (a
-        bf16 index: half the memory, no float32 copy) or anything that takes `out[i:j] = x` (an
-        on-disk index). Batches are prepared (images decoded, tokenized) in a DataLoader, in
-        `workers` processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
-        texts, images = check_encode_inputs(texts, images, batch_size)
-        R = self.config.num_query_tokens if side == "query" else self.config.num_candidate_tokens
-        N = len(texts)
-        out = torch.empty(N, R, self.dim) if out is None else out
-        if tuple(out.shape) != (N, R, self.dim):
-            raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, self.dim)}")
-        batches = backbones.Batches(functools.partial(prepare, self.processor, side=side,
-                                                      query_suffix=self.config.query_suffix), texts, images, batch_size)
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                             pin_memory=self.device.type == "cuda")
-        if progress:
-            from tqdm import tqdm
-            loader = tqdm(loader, desc="encode queries" if side == "query" else "encode candidates", unit="batch",
-                          leave=False)
-        was_training = self.training
-        self.eval()
-        try:
-            for i, inputs in zip(range(0, N, batch_size), loader):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                    e = self.embed(inputs, side)                           # (B, R, D) float32
-                out[i:i + e.shape[0]] = e.to(out.dtype).cpu() if isinstance(out, torch.Tensor) else e
-        finally:
-            self.train(was_training)
-        return out
-
-    # -- construction, save / load (the files: machinery/checkpoints.py) ------
     @classmethod
     def from_backbone(cls, name="tiny", seed=0, **kwargs):
         """Backbone by alias / hub id / folder, with fresh meta tokens (seeded)."""
-        config = MetaEmbedConfig(backbone=name, **kwargs)
-        if config.offline:
-            backbone, processor = backbones.build_tiny_backbone(seed, backbones.OFFLINE[name], **config.tiny)
-        else:
-            backbone, processor = backbones.load_backbone(name, config.dtype, config.attn_implementation)
-        return cls._from_parts(config, backbone, processor, seed)
-
-    @classmethod
-    def _from_parts(cls, config, backbone, processor, seed=0):
-        if config.max_pixels is None and (config.max_visual_tokens or not config.offline):  # resolved once, saved
-            tokens = config.max_visual_tokens or backbones.MAX_VISUAL_TOKENS   # 1024 x 28 x 28 or x 32 x 32 pixels
-            config.max_pixels = tokens * backbones.visual_token_pixels(processor)
-        backbones.set_image_bounds(processor, config.min_pixels, config.max_pixels)
-        if config.offline:  # built in float32 with sdpa
-            if config.attn_implementation != "sdpa":
-                backbone.set_attn_implementation(config.attn_implementation)
-            backbone = backbone.to(getattr(torch, config.dtype))
-        if config.lora:
-            backbone = backbones.add_lora(backbone, config)
-        with torch.random.fork_rng():
-            torch.manual_seed(seed)
-            return cls(config, backbone, processor)
-
-    def save_pretrained(self, path, state_dict=None):
-        """Folder: metaembed.json, model.safetensors (what was trained: the random `tiny` base
-        whole, a hub base is reloaded by name), the backbone config and the processor; written
-        whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one)."""
-        state = self.state_dict() if state_dict is None else state_dict
-        if not self.config.offline:
-            state = {k: state[k] for k in self.trained_parameters()}
-        checkpoints.save_model(path, state, asdict(self.config), [self.base_model().config, self.processor.tokenizer,
-                                                                  self.processor.image_processor])
+        return build(cls, MetaEmbedConfig(backbone=name, **kwargs), seed)
 
     @classmethod
     def from_pretrained(cls, path):
-        config = MetaEmbedConfig(**checkpoints.read_config(path))   # every file checked first
-        model = cls._from_parts(config, *backbones.load_saved(path, config))
-        checkpoints.load_weights(model, path)
-        return model
+        """A saved folder (save_pretrained's), every file checked first."""
+        return load(cls, path)
+
+    def save_pretrained(self, path, state_dict=None):
+        """metaembed.json, model.safetensors, the backbone config and processor: see save()."""
+        save(self, path, state_dict)
 
     def set_image_bounds(self, min_pixels=None, max_pixels=None):
         """Change the image bounds (pixels) of this model's processor; kept in its config."""
@@ -381,6 +264,149 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
         losses.append(F.cross_entropy(logits / temperature, labels))      # InfoNCE_g
     total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
     return (total, torch.stack(losses)) if return_groups else total
+
+
+# -----------------------------------------------------------------------------
+# 5. using the model: the budget syntax, encoding in batches, construction, save / load
+# (the machinery behind the interface; the files are machinery/checkpoints.py's)
+
+def budget_groups(groups, R_q, R_c):
+    """The groups a budget number names: the model's own, then the paper's that fit in (R_q, R_c)
+    (so an ablation trained on (16, 64) alone is still served at budget 1 = (1, 1), everywhere)."""
+    groups = tuple(tuple(g) for g in groups)
+    return groups + tuple(g for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
+
+
+def parse_budget(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None, name="budget"):
+    """The one budget rule: one budget -> (r_q, r_c), for every tool (evaluate, search and its server,
+    explain, the mteb encoder). spec: 'AxB' (r_q x r_c directly), a number k (the group whose
+    r_c == k, see budget_groups) or a pair (A, B). r_q <= R_q and r_c <= R_c (default: the largest
+    group); `stored`: the r_c an index holds (it reads whole groups). Any bad budget is one
+    ValueError naming `name`, the budget and what would be accepted."""
+    R_q = num_query_tokens or max(g[0] for g in groups)
+    R_c = num_candidate_tokens or max(g[1] for g in groups)
+    named = budget_groups(groups, R_q, R_c)
+    text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
+
+    def bad(why):
+        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
+                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
+                          f"{', '.join(f'{a}x{b}' for a, b in sorted(named, key=lambda g: (g[1], g[0])))})")
+    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
+        raise bad("a pair must be two whole numbers (r_q, r_c)")
+    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
+        raise bad(f"a {type(spec).__name__} is not a budget")
+    if not text:
+        raise bad("empty")
+    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
+        budget = (int(m.group(1)), int(m.group(2)))
+    elif re.fullmatch(r"\d{1,6}", text):
+        match = [g for g in named if g[1] == int(text)]
+        if not match:
+            raise bad(f"no Matryoshka group has {text} candidate vectors")
+        budget = match[0]
+    else:
+        raise bad("not a number or 'AxB'")
+    if budget[0] < 1 or budget[1] < 1:
+        raise bad("r_q and r_c must be at least 1")
+    if budget[0] > R_q or budget[1] > R_c:
+        raise bad(f"{budget[0]}x{budget[1]} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
+    if stored is not None and budget[1] not in stored:
+        raise bad(f"r_c={budget[1]} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
+    return budget
+
+
+def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None):
+    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c), each by
+    parse_budget's rule."""
+    budgets = []
+    for part in str(spec).replace(" ", "").split(","):
+        if part:
+            budget = parse_budget(part, groups, num_query_tokens, num_candidate_tokens, stored)
+            budgets += [budget] if budget not in budgets else []
+    if not budgets:
+        raise ValueError(f"no budget given in {spec!r}")
+    return budgets
+
+
+@torch.no_grad()
+def encode(model, texts, images, side, batch_size=32, progress=False, out=None, workers=0):
+    """Encode in batches straight into `out` (N, R, D): a preallocated tensor of any dtype (a
+    bf16 index: half the memory, no float32 copy) or anything that takes `out[i:j] = x` (an
+    on-disk index). Batches are prepared (images decoded, tokenized) in a DataLoader, in
+    `workers` processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+    texts, images = check_encode_inputs(texts, images, batch_size)
+    R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
+    N = len(texts)
+    out = torch.empty(N, R, model.dim) if out is None else out
+    if tuple(out.shape) != (N, R, model.dim):
+        raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, model.dim)}")
+    batches = backbones.Batches(functools.partial(prepare, model.processor, side=side,
+                                                  query_suffix=model.config.query_suffix), texts, images, batch_size)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
+                                         pin_memory=model.device.type == "cuda")
+    if progress:
+        from tqdm import tqdm
+        loader = tqdm(loader, desc="encode queries" if side == "query" else "encode candidates", unit="batch",
+                      leave=False)
+    was_training = model.training
+    model.eval()
+    try:
+        for i, inputs in zip(range(0, N, batch_size), loader):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=model.device.type == "cuda"):
+                e = model.embed(inputs, side)                           # (B, R, D) float32
+            out[i:i + e.shape[0]] = e.to(out.dtype).cpu() if isinstance(out, torch.Tensor) else e
+    finally:
+        model.train(was_training)
+    return out
+
+
+def build(cls, config, seed=0):
+    """MetaEmbed.from_backbone: the backbone by alias / hub id / folder, fresh meta tokens (seeded)."""
+    name = config.backbone
+    if config.offline:
+        backbone, processor = backbones.build_tiny_backbone(seed, backbones.OFFLINE[name], **config.tiny)
+    else:
+        backbone, processor = backbones.load_backbone(name, config.dtype, config.attn_implementation)
+    return assemble(cls, config, backbone, processor, seed)
+
+
+def assemble(cls, config, backbone, processor, seed=0):
+    """A loaded or built backbone -> the MetaEmbed: the image cap resolved to the family's pixels
+    (once, then saved), LoRA where asked, meta tokens drawn from `seed`."""
+    if config.max_pixels is None and (config.max_visual_tokens or not config.offline):  # resolved once, saved
+        tokens = config.max_visual_tokens or backbones.MAX_VISUAL_TOKENS   # 1024 x 28 x 28 or x 32 x 32 pixels
+        config.max_pixels = tokens * backbones.visual_token_pixels(processor)
+    backbones.set_image_bounds(processor, config.min_pixels, config.max_pixels)
+    if config.offline:  # built in float32 with sdpa
+        if config.attn_implementation != "sdpa":
+            backbone.set_attn_implementation(config.attn_implementation)
+        backbone = backbone.to(getattr(torch, config.dtype))
+    if config.lora:
+        backbone = backbones.add_lora(backbone, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(config, backbone, processor)
+
+
+def save(model, path, state_dict=None):
+    """Folder: metaembed.json, model.safetensors (what was trained: the random `tiny` base
+    whole, a hub base is reloaded by name), the backbone config and the processor; written
+    whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one)."""
+    state = model.state_dict() if state_dict is None else state_dict
+    if not model.config.offline:
+        state = {k: state[k] for k in model.trained_parameters()}
+    checkpoints.save_model(path, state, asdict(model.config), [model.base_model().config, model.processor.tokenizer,
+                                                               model.processor.image_processor])
+
+
+def load(cls, path):
+    """MetaEmbed.from_pretrained: the config and every file checked first, the backbone rebuilt,
+    the trained weights loaded."""
+    config = MetaEmbedConfig(**checkpoints.read_config(path))   # every file checked first
+    model = assemble(cls, config, *backbones.load_saved(path, config))
+    checkpoints.load_weights(model, path)
+    return model
 
 
 def load_model(path, tool, hint=""):
