@@ -22,7 +22,7 @@ import torch
 
 import data
 from maxsim import maxsim, maxsim_pairwise, maxsim_topk
-from machinery import checks, hub, index
+from machinery import checks, hub, index, report
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
 from metaembed import MetaEmbed, load_model, parse_budget, parse_budgets
@@ -60,6 +60,12 @@ def recall(run, qrels, k):
             n += 1
             total += len(relevant & set(_ranked(run.get(qid, {}))[:k])) / len(relevant)
     return total / n if n else 0.0
+
+
+def retrieval_p_at_1(run, qrels):
+    """Fraction of queries whose top-ranked document is relevant (trec_eval order)."""
+    hits = [float(bool(run.get(q)) and qrels[q].get(_ranked(run[q])[0], 0) > 0) for q in qrels]
+    return sum(hits) / len(hits) if hits else 0.0
 
 
 def mmeb_p_at_1(scores):
@@ -115,7 +121,7 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
     encode_s = time.time() - t0
     out = {}
     for rq, rc in budgets:
-        first_call(Q[:, :rq], C[:, :rc], backend)
+        maxsim(Q[:, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)   # untimed: may measure the dispatch
         t1 = time.time()
         # top k unique candidates; identical documents share a score, so they expand to >= k docs
         scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k, backend=backend)   # prefix views: no copy
@@ -138,19 +144,6 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
     return out, encode_s
 
 
-def first_call(q, c, backend):
-    """Scores one candidate before a budget is timed: on the CPU the first call of a class of
-    shapes may measure the dispatch (maxsim.measured_choice), which is not scoring time."""
-    maxsim(q, c[0:1].to(q.device), backend=backend)
-
-
-def retrieval_p_at_1(run, qrels):
-    """Fraction of queries whose top-ranked document is relevant (trec_eval order)."""
-    hits = [float(bool(run.get(q)) and qrels[q].get(_ranked(run[q])[0], 0) > 0) for q in qrels]
-    return sum(hits) / len(hits) if hits else 0.0
-
-
-@torch.no_grad()
 def heldout_task(source):
     """Held-out rows -> a retrieval task: each query against the held-out positives, identical
     ones (same text, same image) counted once, so a query is a hit when its top candidate has its
@@ -165,6 +158,7 @@ def heldout_task(source):
                 qrels={i: {doc_of[(r["pos_text"], image_key(r["pos_image"]))]: 1} for i, r in enumerate(rows)})
 
 
+@torch.no_grad()
 def heldout_p_at_1(model, tasks, groups, batch_size, device):
     """train.py --eval-every: P@1 on held-out rows at each Matryoshka group, mean over tasks (sources)."""
     if not tasks:
@@ -190,7 +184,7 @@ def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dty
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
     for rq, rc in budgets:
-        first_call(Q[:1, :rq], C[:, :rc], backend)
+        maxsim(Q[:1, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)  # untimed: may measure the dispatch
         t1 = time.time()
         per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device), backend=backend)[0]
                    for i in range(len(rows))]
@@ -220,14 +214,11 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
     p.add_argument("--workers", type=int, help="processes preparing batches (images, tokens) while the model "
                    "encodes; 0 = in the main process (default: 4 on a GPU, 0 on the CPU)")
-    p.add_argument("--index-dtype", choices=list(index.DTYPES),
-                   help="dtype the candidate embeddings are held and scored in (default: bfloat16, as the paper's "
-                   "index; float32 for embeddings under 128 dimensions, such as the offline model's 4, where "
-                   "bf16's 8 bits turn near-ties into reorderings: 2-4 points of P@1 there)")
-    p.add_argument("--precision", choices=index.PRECISIONS, default="bf16",
-                   help="bits per stored number: bf16 (the index dtype, default), int8 (a scale a vector) or binary "
-                   "(sign bits, a scale a vector); scored asymmetrically (the query in float)")
-    p.add_argument("--index-dir", help="encode each corpus into an on-disk index in this folder (DIR/<task>/) and score it from there "
+    p.add_argument("--index-dtype", choices=list(index.DTYPES), help="dtype the candidates are held and scored in "
+                   "(default: bfloat16, as the paper; float32 under 128 dimensions, where bf16 reorders near-ties)")
+    p.add_argument("--precision", choices=index.PRECISIONS, default="bf16", help="bits a stored number: bf16 (the "
+                   "index dtype), int8 or binary (sign bits), each with a scale a vector; the query stays in float")
+    p.add_argument("--index-dir", help="encode each corpus into an on-disk index here (DIR/<run>/<task>/), scored "
                    "chunk by chunk: host memory stays one chunk plus the model, for corpora larger than RAM")
     p.add_argument("--max-pixels", type=int, help="cap on an image's pixels (default: the checkpoint's; "
                    "real backbones 1024 visual tokens = 802816)")
@@ -241,11 +232,7 @@ def get_args(argv=None):
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
     args = p.parse_args(argv)
     checks.at_least(p.error, args, batch_size=1, synthetic_scenes=1, max_rows=1, workers=0, max_pixels=1, min_pixels=1)
-    if args.objects:
-        try:
-            data.parse_objects(args.objects)
-        except ValueError as err:
-            p.error(f"--{err}")
+    checks.parses(p.error, "--objects", data.parse_objects, args.objects)
     if args.index_dir:
         checks.writable_dir(p.error, "--index-dir", args.index_dir)
     if args.mteb and args.precision != "bf16":
@@ -287,8 +274,9 @@ def evaluate(args):
     args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
     dtype, cfg = index.DTYPES[args.index_dtype], model.config
     budgets = parse_budgets(args.budgets, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
-    if args.mteb:
-        return evaluate_mteb(args, model, source, budgets, dtype)
+    if args.mteb:  # mteb's own evaluator at every budget from one encoding, the table and plot over it
+        return mteb_adapter().evaluate_for_table(model, (maxsim, maxsim_pairwise), source, args.mteb, budgets,
+                                                 args.mteb_results)
     headline, tasks = load_tasks(args, train_args)
     model.to(device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
@@ -307,103 +295,34 @@ def evaluate(args):
                           backend=os.environ.get("METAEMBED_MAXSIM"), precision=args.precision)
         results["tasks"][name] = {**res, "encode_seconds": enc}
     results["headline"] = headline
-    results["summary"] = summarise(results, budgets, headline, model.dim, dtype.itemsize,
-                                   n_candidates=max((t[results["budgets"][0]].get("num_candidates", 0)
-                                                     for t in results["tasks"].values()), default=0))
+    mmeb = {**data.MMEB_TASKS, "IND": [s for s in tasks if s not in data.MMEB_OOD],
+            "OOD": [s for s in tasks if s in data.MMEB_OOD]} if args.benchmark == "mmeb" else None
+    results["summary"] = report.summarise(results, budgets, headline, model.dim, dtype.itemsize,
+                                          n_candidates=max((t[results["budgets"][0]].get("num_candidates", 0)
+                                                            for t in results["tasks"].values()), default=0),
+                                          task_groups=mmeb)
     return results
+
+
+def mteb_adapter():  # optional: imported only here, its absence one line
+    """machinery/mteb_adapter.py, or one line saying how to install mteb."""
+    try:
+        from machinery import mteb_adapter
+    except ImportError:
+        raise ValueError("--mteb and mteb_model need mteb: pip install 'mteb>=2.26,<3'") from None
+    return mteb_adapter
 
 
 def mteb_model(checkpoint_or_model, budget=(16, 64)):
     """An object mteb.evaluate(model, tasks) accepts (mteb 2.x's encoder protocol; MaxSim through
     maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
-    from machinery import mteb_adapter
-    if isinstance(checkpoint_or_model, MetaEmbed):
-        model, found = checkpoint_or_model, None
-    else:
-        model, found = load_model(checkpoint_or_model, "evaluate.py")
+    model, found = (checkpoint_or_model, None) if isinstance(checkpoint_or_model, MetaEmbed) else \
+        load_model(checkpoint_or_model, "evaluate.py")
     cfg = model.config                           # the one budget rule, before the encoder is built
     budget = parse_budget(budget, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
-    if found is None:
-        return mteb_adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget)
-    return mteb_adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, name=f"metaembed/{os.path.basename(found)}",
-                                         training_datasets=mteb_adapter.training_datasets(found))
-
-
-def evaluate_mteb(args, model, source, budgets, dtype):
-    """--mteb NAME: mteb's own evaluator at every budget from one encoding (machinery/mteb_adapter.py, given maxsim),
-    its results layout under --mteb-results/<budget>/; the project's table and plot over them."""
-    try:
-        from machinery import mteb_adapter
-    except ImportError:
-        raise ValueError("--mteb needs mteb: pip install 'mteb>=2.26,<3'") from None
-    results = mteb_adapter.evaluate_for_table(model, (maxsim, maxsim_pairwise), source, args.mteb, budgets, args.mteb_results)
-    results["summary"] = summarise(results, budgets, "NDCG@5", model.dim, 4, n_candidates=0)
-    return results
-
-
-def summarise(results, budgets, headline, D, itemsize, n_candidates):
-    """Per budget: the mean headline metric over tasks (MMEB: per meta-task, IND, OOD, overall),
-    bytes per candidate and index size in the index dtype, scoring time summed over tasks."""
-    out, tasks = {}, results["tasks"]
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    low = results.get("precision") in index.QUANTIZED
-    vector = index.vector_bytes(D, results["precision"]) if low else D * itemsize     # bytes a stored vector
-    for rq, rc in budgets:
-        key = f"{rq}x{rc}"
-        vals = {t: r[key][headline] for t, r in tasks.items()}
-        row = {"overall": mean(vals.values()), "bytes_per_candidate": rc * vector,
-               "index_bytes": rc * vector * n_candidates,
-               "score_seconds": sum(r[key]["score_seconds"] for r in tasks.values()), "flops_per_pair": 2 * rq * rc * D}
-        if results["benchmark"] == "mmeb":
-            groups = {**data.MMEB_TASKS, "IND": [s for s in vals if s not in data.MMEB_OOD],
-                      "OOD": [s for s in vals if s in data.MMEB_OOD]}
-            row.update({name: mean([vals[s] for s in subsets if s in vals]) for name, subsets in groups.items()
-                        if any(s in vals for s in subsets)})
-        out[key] = row
-    return out
-
-
-def print_table(results, file=None):
-    h, budgets, tasks, summary = results["headline"], results["budgets"], list(results["tasks"]), results["summary"]
-    extra = [k for k in (*data.MMEB_TASKS, "IND", "OOD") if k in summary[budgets[0]]]
-    cols = ["budget", *tasks, *extra, "overall", "bytes/cand", "score ms"]
-    rows = [[b, *(f"{100 * results['tasks'][t][b][h]:.1f}" for t in tasks), *(f"{100 * summary[b][k]:.1f}" for k in extra),
-             f"{100 * summary[b]['overall']:.1f}", str(summary[b]["bytes_per_candidate"]),
-             f"{1000 * summary[b]['score_seconds']:.1f}"] for b in budgets]
-    print(f"\n{results['benchmark']} | {results['model']} | {h} (%) by budget r_q x r_c, D={results['dim']}", file=file)
-    for row in [cols, *rows]:
-        print("  ".join(c.rjust(max(8, len(col))) for c, col in zip(row, cols)), file=file)
-    enc, dt = sum(t["encode_seconds"] for t in results["tasks"].values()), results["index_dtype"]
-    if results.get("precision") in index.QUANTIZED:
-        per = index.vector_bytes(results["dim"], results["precision"])
-        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x {per} ({results['precision']} index: codes and a "
-              f"float32 scale a vector)", file=file)
-    else:
-        print(f"encoded once in {enc:.1f}s; bytes/cand = r_c x D x {index.DTYPES[dt].itemsize} ({dt} index)", file=file)
-
-
-def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    h, budgets, s = results["headline"], results["budgets"], results["summary"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    x = list(range(len(budgets)))
-    for t in results["tasks"]:
-        left.plot(x, [100 * results["tasks"][t][b][h] for b in budgets], marker="o", label=t, alpha=0.6)
-    left.plot(x, [100 * s[b]["overall"] for b in budgets], marker="o", color="k", lw=2, label="overall")
-    left.set(xticks=x, xticklabels=budgets, xlabel="budget r_q x r_c", ylabel=f"{h} (%)")
-    left.legend(fontsize=8)
-    right.plot([s[b]["bytes_per_candidate"] for b in budgets], [100 * s[b]["overall"] for b in budgets], marker="o", color="k")
-    for b in budgets:
-        right.annotate(b, (s[b]["bytes_per_candidate"], 100 * s[b]["overall"]), fontsize=8)
-    right.set_xscale("log", base=2)
-    shown = results["precision"] if results.get("precision") in index.QUANTIZED else results["index_dtype"]
-    right.set(xlabel=f"index bytes per candidate ({shown})", ylabel=f"overall {h} (%)")
-    fig.suptitle(f"MetaEmbed, {results['benchmark']}: quality against budget")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    named = dict(name=f"metaembed/{os.path.basename(found)}",
+                 training_datasets=mteb_adapter().training_datasets(found)) if found else {}
+    return mteb_adapter().MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, **named)
 
 
 def main(argv=None):
@@ -412,13 +331,13 @@ def main(argv=None):
         results = evaluate(args)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         sys.exit(f"evaluate.py: error: {e}")
-    print_table(results)
+    report.print_table(results)
     if args.output:
         with open(args.output, "w") as f:
             json.dump(results, f, indent=2)
         print(f"wrote {args.output}")
     if args.plot:
-        plot(results, args.plot)
+        report.plot(results, args.plot)
         print(f"wrote {args.plot}")
     return results
 

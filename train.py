@@ -148,10 +148,7 @@ def get_args(argv=None):
                     "max_visual_tokens")
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be at least 0, got {args.weight_decay}")
-    try:
-        data.parse_objects(args.objects)
-    except ValueError as e:
-        p.error(f"--{e}")
+    checks.parses(p.error, "--objects", data.parse_objects, args.objects)
     return args
 
 

@@ -43,6 +43,15 @@ def writable_dir(error, flag, path):
         error(f"cannot write {flag} {path} ({e.strerror or e})")
 
 
+def parses(error, flag, parse, value):
+    """A flag's value that `parse` refuses (a ValueError) -> error('--flag ...: why'); None is not checked."""
+    if value is not None:
+        try:
+            parse(value)
+        except ValueError as e:
+            error(f"--{e}" if str(e).startswith(flag.lstrip("-")) else f"{flag}: {e}")   # the message names it, or not
+
+
 def refuse(message):
     """The `error` of the checks above for library code and train.py: one line, as an exception."""
     raise PermissionError(message)

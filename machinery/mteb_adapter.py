@@ -12,6 +12,7 @@ import time
 import mteb  # noqa: F401 - an ImportError here is evaluate.py's one-line hint
 import torch
 
+from machinery import report
 from machinery.backbones import image_key, load_image
 
 
@@ -105,8 +106,9 @@ def run(model, maxsim, tasks, budgets, out_dir, name=None, trained_on=None):
 
 
 def evaluate_for_table(model, maxsim, source, name, budgets, out_dir):
-    """evaluate.py --mteb: an mteb benchmark or task by name, at every budget -> evaluate.py's
-    results dict (tasks x budgets, headline NDCG@5)."""
+    """evaluate.py --mteb: an mteb benchmark or task by name, scored by mteb's own evaluator at every
+    budget from one encoding (its results layout under out_dir/<budget>/) -> evaluate.py's results
+    dict (tasks x budgets, headline NDCG@5, the summary), for its table and plot."""
     try:
         tasks = list(mteb.get_benchmark(name).tasks)
     except (KeyError, ValueError):
@@ -124,4 +126,5 @@ def evaluate_for_table(model, maxsim, source, name, budgets, out_dir):
                                     "score_seconds": 0.0} for b in scores} for task in scores[next(iter(scores))]}}
     for task in results["tasks"].values():
         task["encode_seconds"] = (time.time() - t) / len(results["tasks"])
+    results["summary"] = report.summarise(results, budgets, "NDCG@5", model.dim, 4, n_candidates=0)
     return results
