@@ -93,3 +93,22 @@ def check_groups(groups, num_query_tokens, num_candidate_tokens):
                              f"(R_q={num_query_tokens}, R_c={num_candidate_tokens})")
         if rq < prev[0] or rc < prev[1]:
             raise ValueError(f"groups must grow coarse to fine, got {prev} before {(rq, rc)}")
+
+
+def maxsim_float64(q, c, q_mask=None, c_mask=None):
+    """The one verification reference of MaxSim (the kernels' self-checks, the tests):
+    s(q, c) = sum over real i of max over real j of <q_i, c_j>, in float64, q (N_q, r_q, D),
+    c (N_c, r_c, D), masks (N, r) bool (True = real) -> (N_q, N_c) float64. A padded candidate
+    vector never wins, a candidate with no real vector scores 0, a padded query vector adds 0, and
+    a NaN product makes its maximum NaN (as torch's amax)."""
+    import torch
+    s = torch.einsum("aid,njd->anij", torch.as_tensor(q).double(), torch.as_tensor(c).double())  # (N_q, N_c, r_q, r_c)
+    if c_mask is not None:
+        cm = torch.as_tensor(c_mask).bool()
+        s = s.masked_fill(~cm[None, :, None, :], float("-inf"))
+    best = s.amax(-1)                                                                # (N_q, N_c, r_q)
+    if c_mask is not None:
+        best = best.masked_fill(~cm.any(1)[None, :, None], 0.0)
+    if q_mask is not None:
+        best = best.masked_fill(~torch.as_tensor(q_mask).bool()[:, None, :], 0.0)
+    return best.sum(-1)

@@ -32,18 +32,10 @@ def tiny_checkpoint(tmp_path_factory, tiny):
 
 
 def brute_maxsim(q, c, q_mask=None, c_mask=None):
-    """s(q, c) = sum over real i of max over real j of <q_i, c_j>, one pair at a time, in float64;
-    a NaN product makes its maximum NaN (as torch's amax). The one slow reference of the tests."""
-    q_mask = torch.ones(q.shape[:2], dtype=torch.bool) if q_mask is None else q_mask
-    c_mask = torch.ones(c.shape[:2], dtype=torch.bool) if c_mask is None else c_mask
-    out = torch.zeros(len(q), len(c), dtype=torch.float64)
-    for a in range(len(q)):
-        for b in range(len(c)):
-            for i in range(q.shape[1]):
-                dots = [float(q[a, i].double() @ c[b, j].double()) for j in range(c.shape[1]) if c_mask[b, j]]
-                if q_mask[a, i] and dots:
-                    out[a, b] += float("nan") if any(d != d for d in dots) else max(dots)
-    return out
+    """The tests' MaxSim reference: the project's one verification reference (float64, masks as
+    maxsim's, NaN propagating), machinery.checks.maxsim_float64."""
+    from machinery.checks import maxsim_float64
+    return maxsim_float64(q, c, q_mask, c_mask)
 
 
 def write_hub_repo(root, configs, features=None):
