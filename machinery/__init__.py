@@ -2,12 +2,13 @@
 imports nothing from the layers above (the paper at the root, the applications in apps/ and bench/).
 
     backbones     aliases, the offline `tiny` Qwen2-VL built in code, loading, LoRA, images
-    checkpoints   integrity checks, latest / resolve, atomic writes, optimizer state, pruning, resume
+    checkpoints   integrity checks, latest / resolve, atomic writes, optimizer state, pruning
     distributed   torchrun set-up, DDP / FSDP2 wrapping, the all-gather with gradient
     cpu_kernel    the fused C MaxSim kernel (maxsim.c): build, self-check, measured dispatch
     triton_kernel the fused Triton MaxSim kernel (CUDA; TRITON_INTERPRET=1 on the CPU for tests)
     hub           MMEB / ViDoRe / training sets through `datasets`, the official mixture
-    index         the one on-disk index format (evaluate.py --index-dir and apps/search_index.py)
+    index         the one on-disk index format, its precisions (evaluate.py --index-dir, apps/search_index.py)
     mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model; MaxSim given by the caller)
-    checks        argument, path and input checks: one line that names the problem
+    report        evaluate.py's summary per budget, results table and plot
+    checks        argument, path and input checks (one line that names the problem); the MaxSim verification reference
 """
