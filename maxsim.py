@@ -12,7 +12,7 @@ maxsim_chunked    the reference over candidate chunks, in bounded memory (any de
                   math (bf16=True: the query rounded to bf16, the GEMM at the bf16 rate)
 maxsim            the inference entry point: the fused Triton kernel on CUDA; on the CPU the
                   fused C kernel or the chunked path, whichever was measured faster here
-                  (exact=True: float32 math only, for references and tests)
+                  (float32 math by default; exact=False lets bf16 math compete, opt-in)
 maxsim_topk       the best k candidates of a corpus too large for one score matrix
 
 The fused kernels (their builds, self-check and measured dispatch) are in machinery/.
@@ -140,14 +140,16 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     return out
 
 
-def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
+def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=True):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
     c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
     shape on this machine), 'torch', 'torch-bf16' (bf16 math), 'c' or 'triton' (the command-line
-    tools pass METAEMBED_MAXSIM here). exact: the auto path keeps float32 math; otherwise, on a
-    bf16 or low-bit index, bf16 math (the query rounded to bf16) is a candidate of the dispatch."""
+    tools pass METAEMBED_MAXSIM here). exact (default): the auto path keeps float32 math; exact=False:
+    on a bf16 or low-bit index, bf16 math (the query and each product rounded to bf16) is also a
+    candidate of the dispatch, faster where the CPU multiplies bf16 natively but it turns near-ties
+    into ties: -10.6 points of P@1 at 1x1 on the D = 128 offline eval (docs/precision.md), so opt-in."""
     width = None
     if backend is None:
         if q.is_cuda:
@@ -171,7 +173,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
                      f"or 'triton'")
 
 
-def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=False):
+def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=True):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
     c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one

@@ -452,7 +452,7 @@ def bf16_bound(q, r_q):
 def test_bf16_math_is_bf16_rounding_and_exact_keeps_float32(monkeypatch):
     """backend 'torch-bf16' (the query rounded to bf16, the GEMM in bf16) is within bf16 rounding
     of float64 and NOT float32-exact (so the test can tell them apart); the auto path may choose it
-    on a bf16 index when it is measured fastest, but never with exact=True."""
+    on a bf16 index with exact=False when it is measured fastest, never by default (exact=True)."""
     q, qm = ragged(6, 16, 64, 60)
     c, cm = ragged(40, 8, 64, 61)
     c = c.bfloat16()
@@ -465,13 +465,16 @@ def test_bf16_math_is_bf16_rounding_and_exact_keeps_float32(monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch-bf16" else 2.0 for k in fns})
     used, chunked = [], maxsim_module.maxsim_chunked
     monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append(k.get("bf16", False)) or chunked(*a, **k))
-    maxsim(q, c, qm, cm)
+    maxsim(q, c, qm, cm, exact=False)
     assert used == [True] and cpu_kernel.regime(q, c, exact=False).endswith("16bit/bf16math")
+    used.clear()
+    maxsim(q, c, qm, cm)                  # the default keeps float32 math (bf16 math is opt-in)
+    assert True not in used
     used.clear()
     torch.testing.assert_close(maxsim(q, c, qm, cm, exact=True).double(), want, atol=1e-5, rtol=0)
     assert True not in used
     used.clear()
-    maxsim(q, c.float(), qm, cm)          # a float32 index: bf16 math would lose bits it holds
+    maxsim(q, c.float(), qm, cm, exact=False)   # a float32 index: bf16 math would lose bits it holds
     assert True not in used
 
 
