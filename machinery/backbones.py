@@ -204,21 +204,17 @@ def hub_reachable(timeout=5.0):
         return False, host
 
 
-def require_hub(repo_id, kind="model"):
-    """A hub repo neither in the local cache nor reachable -> one line naming it and what to do
+def require_hub(repo_id):
+    """A hub model neither in the local cache nor reachable -> one line naming it and what to do
     (instead of a minute of retries and a traceback from deep inside the hub client)."""
     from huggingface_hub import try_to_load_from_cache
-    cached = try_to_load_from_cache(repo_id, "config.json" if kind == "model" else "README.md",
-                                    repo_type=kind)
-    if isinstance(cached, str):
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return
     reachable, host = hub_reachable()
     if not reachable:
-        flag = "--backbone" if kind == "model" else "the same argument"
-        raise FileNotFoundError(f"{kind} '{repo_id}' is not in the local cache and the hub ({host}) cannot be "
+        raise FileNotFoundError(f"model '{repo_id}' is not in the local cache and the hub ({host}) cannot be "
                                 f"reached to fetch it: download it where the hub is reachable (hf download "
-                                f"{repo_id}{' --repo-type dataset' if kind == 'dataset' else ''} --local-dir DIR) "
-                                f"and pass {flag} DIR")
+                                f"{repo_id} --local-dir DIR) and pass --backbone DIR")
 
 
 def check_backbone(name):
