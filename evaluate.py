@@ -320,9 +320,10 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
         load_model(checkpoint_or_model, "evaluate.py")
     cfg = model.config                           # the one budget rule, before the encoder is built
     budget = parse_budget(budget, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    adapter = mteb_adapter()
     named = dict(name=f"metaembed/{os.path.basename(found)}",
-                 training_datasets=mteb_adapter().training_datasets(found)) if found else {}
-    return mteb_adapter().MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, **named)
+                 training_datasets=adapter.training_datasets(found)) if found else {}
+    return adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, **named)
 
 
 def main(argv=None):
