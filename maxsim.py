@@ -11,8 +11,13 @@ maxsim_chunked    the reference over candidate chunks, in bounded memory (any de
                   int8 / binary indexes dequantised a chunk at a time); float32 math, or bf16
                   math (bf16=True: the query rounded to bf16, the GEMM at the bf16 rate)
 maxsim            the inference entry point: the fused Triton kernel on CUDA; on the CPU the
-                  fused C kernel or the chunked path, whichever was measured faster here
-                  (float32 math by default; exact=False lets bf16 math compete, opt-in)
+                  fused C kernel (float32 math, or bf16 math on AMX) or the chunked path,
+                  whichever was measured fastest here
+
+bf16 math, as the issue of 16-bit indexes defines it: the query rounded to bf16 (the index is
+bf16 or fewer bits already), each product exact, sums and outputs in float32; the one difference
+from float32 math is the query's rounding (2^-9 of each element). It is what the CPU's bf16
+units (AMX tiles, AVX512_BF16 dot products) compute, at up to 4x float32's rate here.
 maxsim_topk       the best k candidates of a corpus too large for one score matrix
 
 The fused kernels (their builds, self-check and measured dispatch) are in machinery/.
@@ -77,10 +82,10 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
-    over r_c on a view of it, then sum over r_q (in float32). float32 math; bf16=True: the query
-    and the candidates in bf16, the GEMM at the bf16 rate (AMX / AVX512_BF16 through torch),
-    float32 accumulation, each dot product rounded to bf16 on output (the official code's
-    scoring). c: a tensor or a Quantized index (each chunk dequantised). With few query vectors
+    over r_c on a view of it, then sum over r_q (in float32). float32 math; bf16=True: bf16 math
+    (the query rounded to bf16; on a bf16 index the float32 GEMM run by oneDNN in its bf16 mode,
+    AMX / AVX512_BF16 where the CPU has them; float32 sums and outputs). c: a tensor or a Quantized
+    index (each chunk dequantised). With few query vectors
     (N_q r_q < 64) the candidate chunk is the matmul's tall operand, (n r_c, D) @ (D, N_q r_q),
     which streams the corpus best, and the max is taken by halving; otherwise
     (N_q r_q, D) @ (D, n r_c)."""
@@ -88,19 +93,26 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
     M = Nq * r_q
-    tall = M < 64 and not bf16            # bf16 GEMMs (AMX tiles) are faster with the queries as rows
-    dt = torch.bfloat16 if bf16 else torch.float32                        # the math's dtype
+    # oneDNN's bf16 mode rounds both operands to bf16: exact only for a bf16 index (a dequantised
+    # int8 / binary chunk, code x scale, is not bf16: there the float32 GEMM takes the rounded query)
+    if bf16 and q.device.type == "cpu" and c.dtype == torch.bfloat16 and hasattr(torch.backends.mkldnn, "matmul"):
+        mode = torch.backends.mkldnn.matmul
+        old, mode.fp32_precision = mode.fp32_precision, "bf16"   # oneDNN: float32 GEMMs in bf16 math
+        try:
+            return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
+        finally:
+            mode.fp32_precision = old
+    if bf16:                    # elsewhere the same numbers in float32 math (bf16 values are exact there)
+        return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
+    tall = M < 64
+    dt = torch.float32                                                    # the math's dtype
     packed = isinstance(c, Quantized)
     in_place = not packed and c.dtype == dt and (c.is_contiguous() or r_c == 1)
     if chunk is None:  # score blocks of about 1 MiB on the CPU (its L2), 256 MiB on a GPU
         block = (1 << 18) if q.device.type == "cpu" else (1 << 26)
-        if bf16 and q.device.type == "cpu":   # bf16 GEMMs (AMX tiles) pay a set-up per call: 16 MiB of
-            block = 1 << 23                   # scores a chunk (measured: 5x fewer ms than 1 MiB at D = 128)
         chunk = max(1, min(Nc, block // max(1, M * r_c)))
-        if not in_place and not bf16:                               # each chunk is copied:
+        if not in_place:                                            # each chunk is copied:
             chunk = min(chunk, max(8, (1 << 20) // (r_c * D)))      # keep it in cache (4 MiB of float32)
-        elif not in_place:                                          # at most 64 MiB of copied bf16
-            chunk = min(chunk, max(8, (1 << 25) // (r_c * D)))
     out = torch.empty(Nq, Nc, dtype=torch.float32, device=q.device)
     qf = q.reshape(M, D).to(dt)                                           # (N_q r_q, D)
     qT = qf.T.contiguous() if tall else None                              # (D, N_q r_q)
@@ -140,16 +152,15 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     return out
 
 
-def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=True):
+def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
     c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
-    shape on this machine), 'torch', 'torch-bf16' (bf16 math), 'c' or 'triton' (the command-line
-    tools pass METAEMBED_MAXSIM here). exact (default): the auto path keeps float32 math; exact=False:
-    on a bf16 or low-bit index, bf16 math (the query and each product rounded to bf16) is also a
-    candidate of the dispatch, faster where the CPU multiplies bf16 natively but it turns near-ties
-    into ties: -10.6 points of P@1 at 1x1 on the D = 128 offline eval (docs/precision.md), so opt-in."""
+    shape on this machine), 'torch', 'torch-bf16' (bf16 math), 'c', 'c-bf16' / 'c-amx' (bf16 math
+    on AVX512_BF16 / AMX) or 'triton' (the command-line tools pass METAEMBED_MAXSIM here). On a bf16 or low-bit index the
+    auto path lets bf16 math (the query rounded to bf16, see the top) compete with float32 math;
+    exact=True keeps float32 math (references and tests). A float32 index is never scored in bf16."""
     width = None
     if backend is None:
         if q.is_cuda:
@@ -157,6 +168,8 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=True):
         else:
             paths = {"torch": maxsim_chunked, "torch-bf16": functools.partial(maxsim_chunked, bf16=True)}
             backend, width = cpu_kernel.choose(q, c, paths, exact)
+    if backend in cpu_kernel.UNITS:                  # 'c-bf16', 'c-amx': bf16 math in the C kernel
+        return cpu_kernel.maxsim_bf16(q, c, q_mask, c_mask, unit=backend)
     if backend == "torch":
         return maxsim_chunked(q, c, q_mask, c_mask)
     if backend == "torch-bf16":
@@ -169,11 +182,11 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=True):
                              "'c' (or TRITON_INTERPRET=1, Triton's slow CPU interpreter, for tests)")
         from machinery.triton_kernel import maxsim_triton
         return maxsim_triton(q, c, q_mask, c_mask)
-    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'torch-bf16', 'c' (the fused C kernel) "
-                     f"or 'triton'")
+    raise ValueError(f"unknown maxsim backend {backend!r}: use 'torch', 'torch-bf16', 'c' (the fused C kernel), "
+                     f"'c-bf16', 'c-amx' or 'triton'")
 
 
-def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=True):
+def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=False):
     """Top-k candidates per query over a corpus too large for one score matrix.
 
     c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one

@@ -81,7 +81,7 @@ class Index:
                              f"{', '.join(str(b) for _, b in self.bounds)}")
         return self.vectors.prefix(r_c, precision)
 
-    def search(self, q, budget, k=10, first=None, depth=1000, backend=None, precision=None, exact=True):
+    def search(self, q, budget, k=10, first=None, depth=1000, backend=None, precision=None, exact=False):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
         with first: score every candidate at `first`, then the best `depth` at `budget`.
         precision: the vectors of the one stage, or the cascade's first (default: the index's own,

@@ -4,8 +4,11 @@ checked against numpy when it loads, and chosen per class of shape by measuremen
 
 One source for two register widths: 8 floats (AVX2) everywhere, 16 (AVX-512F) where the CPU has
 it; a 16-wide build on a CPU without AVX-512 runs as pairs of 8 (how the tests check it
-anywhere). OpenMP threads (torch's own pool) split the candidates; built without OpenMP, Python
-threads do (ctypes releases the GIL during each call).
+anywhere). Where the CPU has bf16 units the same library has bf16-math paths (the query rounded
+to bf16; exact products, float32 sums and outputs): 'c-bf16' on AVX512_BF16 dot products,
+'c-amx' on AMX-BF16 tiles (where Linux grants their state). OpenMP threads (torch's own pool)
+split the candidates; built without OpenMP, Python threads do (ctypes releases the GIL during
+each call).
 """
 import ctypes
 import functools
@@ -70,12 +73,13 @@ def precision(c):
 
 
 def bf16_math_allowed(c, exact):
-    """bf16 math (the query rounded to bf16) is a candidate path only where it loses nothing the
-    index holds: a bf16 or a low-bit index, and never with exact=True."""
+    """bf16 math (the query rounded to bf16, float32 products, sums and outputs) is a candidate path
+    only where it loses nothing the index holds: a bf16 or a low-bit index, and never with
+    exact=True."""
     return not exact and (isinstance(c, Quantized) or c.dtype == torch.bfloat16)
 
 
-def regime(q, c, exact=True):
+def regime(q, c, exact=False):
     """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
     query) or many; one candidate vector (a plain product), up to 16 or more (the 16x64 budget,
     where bf16 GEMMs read whole rows: measured apart); D up to 256 or more; the
@@ -128,8 +132,9 @@ def measured_choice(name, torch_paths=None):
     """The fastest CPU path for a regime, measured once per machine and kept on disk;
     -> (backend 'c' or a torch path's name, the record: timings, the C kernel's register width,
     the probe). torch_paths: {name: fn} the torch paths timed against the kernel (maxsim.py gives
-    'torch', float32 math, and 'torch-bf16', bf16 math, timed only in a bf16math regime: the
-    machinery imports nothing above it); needed only when the regime is not measured yet."""
+    'torch', float32 math, and 'torch-bf16', bf16 math, timed only in a bf16math regime, as is the
+    kernel's bf16 units 'c-bf16' and 'c-amx': the machinery imports nothing above it); needed only when the
+    regime is not measured yet."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
             choices.update(json.loads(dispatch_file().read_text()))
@@ -145,6 +150,8 @@ def measured_choice(name, torch_paths=None):
         q, c = _probe(name)
         fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths()
                if "no-c" not in name and library(w) is not None}
+        if "bf16math" in name.split("/") and can_take_bf16(q, c):
+            torch_paths = {**torch_paths, **{u: functools.partial(maxsim_bf16, unit=u) for u in bf16_units()}}
         t_c = _time({**fns, **{k: functools.partial(f, q, c) for k, f in torch_paths.items()}})
         t_torch = {k: t_c.pop(k) for k in torch_paths}
         width = min(t_c, key=t_c.get) if t_c else None
@@ -162,10 +169,10 @@ def measured_choice(name, torch_paths=None):
     return choices[name]["winner"], choices[name]
 
 
-def choose(q, c, torch_paths, exact=True):
+def choose(q, c, torch_paths, exact=False):
     """-> (backend, width) for maxsim.maxsim's auto path on the CPU: 'c' (with its measured
-    register width) or a torch path ({name: fn}); 'torch' where the kernel cannot take the input
-    or did not build, unless bf16 math is allowed (then measured against float32 torch)."""
+    register width), 'c-bf16', 'c-amx' or a torch path ({name: fn}); 'torch' where the kernel cannot take
+    the input or did not build, unless bf16 math is allowed (then measured against float32 torch)."""
     if not (can_take(q, c) and library() is not None):
         if not bf16_math_allowed(c, exact):
             return "torch", None
@@ -202,6 +209,8 @@ def library(width=None):
     P, I = ctypes.c_void_p, ctypes.c_int64
     lib.maxsim_c.argtypes = [P, P, I, I, P, ctypes.c_int, P, P] + [I] * 9 + [ctypes.c_int, P, I, I]
     lib.maxsim_c.restype = ctypes.c_int
+    if lib.maxsim_bf16_units():       # the bf16 units' entry: the same arguments and the unit
+        lib.maxsim_bf16.argtypes, lib.maxsim_bf16.restype = lib.maxsim_c.argtypes + [ctypes.c_int], ctypes.c_int
     lib.rows, lib.openmp = lib.maxsim_rows(), bool(lib.maxsim_openmp())
     err = self_check(lib)
     if err > 1e-4:     # never a silent wrong number: a build this CPU runs wrongly is not used
@@ -209,6 +218,37 @@ def library(width=None):
                       "not using it")
         return None
     return lib
+
+
+UNITS = {"c-bf16": 0, "c-amx": 1}      # maxsim.c's bf16 units: AVX512_BF16 dot products, AMX tiles
+
+
+@functools.cache
+def bf16_units():
+    """The kernel's bf16-math units usable here ('c-bf16', 'c-amx'): built in (this CPU has them),
+    granted by Linux (AMX's tile state) and passing their self-check."""
+    lib = library()
+    if lib is None or not lib.maxsim_bf16_units():
+        return ()
+    units = []
+    for name, unit in UNITS.items():
+        if not lib.maxsim_bf16_units() >> unit & 1:
+            continue
+        if name == "c-amx" and lib.maxsim_amx_init() != 0:
+            warnings.warn("this CPU has AMX but Linux refused its tile state (arch_prctl): not using the AMX path")
+            continue
+        err = self_check(lib, unit=unit)
+        if err > 1e-4:
+            warnings.warn(f"the {name} path of maxsim.c ({lib.path}) scores wrongly on this CPU (error {err:.2g}); "
+                          "not using it")
+            continue
+        units.append(name)
+    return tuple(units)
+
+
+def can_take_bf16(q, c):
+    """What the bf16 units take: a bf16, int8 or binary index (bf16 math loses nothing it holds)."""
+    return ctype(c) in (1, 3, 4) and c.shape[1] <= _MAX_RC
 
 
 def build(src, cc, flags):
@@ -231,23 +271,30 @@ def build(src, cc, flags):
     return lib
 
 
-def self_check(lib):
+def self_check(lib, unit=None):
     """Largest error of the kernel against checks.maxsim_float64 on a small problem that takes both paths
-    (r_c = 1 and several), every block split, masks and padded rows (a few ms, once a process)."""
+    (r_c = 1 and several), every block split, masks and padded rows (a few ms, once a process).
+    unit: a bf16 unit (0, 1) instead (bf16 candidates; the reference given the query rounded to bf16)."""
+    bf16 = unit is not None
     g = np.random.default_rng(0)
     worst = 0.0
-    for Nq, r_q, Nc, r_c in ((3, 2 * lib.rows // 3 + 1, 2 * 48 + 7, 1), (5, 7, 9, 23)):
+    for Nq, r_q, Nc, r_c in ((3, 2 * lib.rows // 3 + 1, 2 * 48 + 7, 1), (5, 7, 9, 23), (2, 3, 5, 140)):
         q, c = g.standard_normal((Nq, r_q, 19), np.float32), g.standard_normal((Nc, r_c, 19), np.float32)
         qm, cm = g.random((Nq, r_q)) < 0.8, g.random((Nc, r_c)) < 0.8
+        if bf16:    # the reference of bf16 math: the query and the index in bf16, float64 after
+            q, c = (torch.from_numpy(x).bfloat16().float().numpy() for x in (q, c))
         ref = maxsim_float64(q, c, qm, cm).numpy()
-        got = _run_c(lib, torch.from_numpy(q), torch.from_numpy(c), torch.from_numpy(qm), torch.from_numpy(cm))
+        cc = torch.from_numpy(c).bfloat16() if bf16 else torch.from_numpy(c)
+        got = _run_c(lib, torch.from_numpy(q), cc, torch.from_numpy(qm), torch.from_numpy(cm), unit)
         worst = max(worst, _error(got.numpy(), ref))
     # int8 and binary candidates (D = 19: a partial byte of bits) against their dequantised values
     q, c = g.standard_normal((3, 5, 19), np.float32), g.standard_normal((2 * 48 + 7, 3, 19), np.float32)
+    if bf16:
+        q = torch.from_numpy(q).bfloat16().float().numpy()
     for r_c in (1, 3):
         for kind in ("int8", "binary"):
             packed = quantize(torch.from_numpy(c[:, :r_c]), kind)
-            got = _run_c(lib, torch.from_numpy(q), packed, None, None)
+            got = _run_c(lib, torch.from_numpy(q), packed, None, None, unit)
             worst = max(worst, _error(got.numpy(), maxsim_float64(q, packed.dequantize(torch.float64)).numpy()))
     return worst
 
@@ -282,7 +329,32 @@ def maxsim_c(q, c, q_mask=None, c_mask=None, width=None):
     return _run_c(lib, q, c, q_mask, c_mask)
 
 
-def _run_c(lib, q, c, q_mask, c_mask):
+@torch.no_grad()
+def maxsim_bf16(q, c, q_mask=None, c_mask=None, unit="c-amx"):
+    """The C kernel's bf16 math on a bf16 unit ('c-bf16': AVX512_BF16; 'c-amx': AMX tiles): the
+    query rounded to bf16, products exact, summed and returned in float32, on a bf16, int8 or binary
+    index; same contract as maxsim."""
+    check_maxsim_inputs(q, c, q_mask, c_mask)
+    if unit not in bf16_units():
+        need = {"c-bf16": "AVX512_BF16", "c-amx": "AMX-BF16"}.get(unit)
+        raise RuntimeError(f"maxsim backend {unit!r} needs a CPU with {need} (and the C kernel built): use 'c' or 'torch'"
+                           if need else f"unknown bf16 unit {unit!r}: 'c-bf16' or 'c-amx'")
+    if q.is_cuda or c.device.type != "cpu" or not can_take_bf16(q, c):
+        raise ValueError(f"maxsim backend {unit!r} takes a CPU bf16, int8 or binary index (bf16 math loses nothing "
+                         f"it holds), got {getattr(c, 'precision', c.dtype)} on {c.device}")
+    return _run_c(library(), q, c, q_mask, c_mask, UNITS[unit])
+
+
+def bf16_bits(x):
+    """float32 array -> its bf16 bit patterns (uint16), rounded to nearest even (NaN stays NaN)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    nan = np.isnan(x)
+    b = ((u + np.uint32(0x7FFF) + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    b[nan] = 0x7FC0
+    return b
+
+
+def _run_c(lib, q, c, q_mask, c_mask, unit=None):
     global _pool
     Nq, r_q, D = q.shape
     Nc, r_c, _ = c.shape
@@ -300,14 +372,25 @@ def _run_c(lib, q, c, q_mask, c_mask):
     if q_mask is not None:                                             # padded query vectors dropped
         keep = q_mask.numpy().reshape(-1).astype(bool)
         rows, owner = rows[keep], owner[keep]
-    B = lib.rows                                                       # rows a packed block
+    B = 32 if unit is not None else lib.rows                           # rows a packed block
     n_rows = -(-rows.shape[0] // B) * B or B
-    padded = np.zeros((n_rows, D), dtype=np.float32)
-    padded[:rows.shape[0]] = rows
-    # (n_rows/B, D, B), 64-byte aligned: no register load of a block row straddles two cache lines
-    buf = np.empty(n_rows * D + 16, dtype=np.float32)
-    qp = buf[(-buf.ctypes.data % 64) // 4:][:n_rows * D].reshape(n_rows // B, D, B)
-    qp[...] = padded.reshape(n_rows // B, B, D).transpose(0, 2, 1)
+    if unit is not None:    # bf16, D padded to DP; 64-byte aligned
+        DP = -(-D // 32) * 32
+        padded = np.zeros((n_rows, DP), dtype=np.uint16)
+        padded[:rows.shape[0], :D] = bf16_bits(rows)
+        buf = np.empty(n_rows * DP + 32, dtype=np.uint16)
+        qp = buf[(-buf.ctypes.data % 64) // 2:][:n_rows * DP]
+        if unit == 1:       # AMX's B tiles: (n_rows/16, DP/32, 16 pairs of elements, 16 rows, 2)
+            qp[...] = padded.reshape(n_rows // 16, 16, DP // 32, 16, 2).transpose(0, 2, 3, 1, 4).reshape(-1)
+        else:               # AVX512_BF16: (n_rows/32, DP/2, 32 rows, 2)
+            qp[...] = padded.reshape(n_rows // 32, 32, DP // 2, 2).transpose(0, 2, 1, 3).reshape(-1)
+    else:
+        padded = np.zeros((n_rows, D), dtype=np.float32)
+        padded[:rows.shape[0]] = rows
+        # (n_rows/B, D, B), 64-byte aligned: no register load of a block row straddles two cache lines
+        buf = np.empty(n_rows * D + 16, dtype=np.float32)
+        qp = buf[(-buf.ctypes.data % 64) // 4:][:n_rows * D].reshape(n_rows // B, D, B)
+        qp[...] = padded.reshape(n_rows // B, B, D).transpose(0, 2, 1)
     owner = np.concatenate([owner, np.full(n_rows - owner.shape[0], -1, dtype=np.int64)])
     cm = np.ascontiguousarray(c_mask.numpy(), dtype=np.uint8) if c_mask is not None else None
     out = np.empty((Nq, Nc), dtype=np.float32)
@@ -317,13 +400,14 @@ def _run_c(lib, q, c, q_mask, c_mask):
     strides = (bits * c.stride(0), bits * c.stride(1), *((cm.strides[0], 1) if cm is not None else (0, 0)), Nc)
     scales = (scale.data_ptr() if scale is not None else None, *scale_strides)
     threads = torch.get_num_threads()
+    fn = lib.maxsim_c if unit is None else (lambda *a: lib.maxsim_bf16(*a, unit))
     if lib.openmp or threads == 1:             # OpenMP splits [0, N_c) into pieces inside the call
-        status = [lib.maxsim_c(*args, 0, Nc, *strides, threads, *scales)]
+        status = [fn(*args, 0, Nc, *strides, threads, *scales)]
     else:                                      # Python threads, four pieces each, as maxsim.c does
         step = max(4, -(-Nc // (4 * threads)))
         if _pool is None or _pool[0] != (threads, os.getpid()):   # a forked child needs its own threads
             _pool = ((threads, os.getpid()), ThreadPoolExecutor(threads))
-        status = list(_pool[1].map(lambda n0: lib.maxsim_c(*args, n0, min(Nc, n0 + step), *strides, 1, *scales),
+        status = list(_pool[1].map(lambda n0: fn(*args, n0, min(Nc, n0 + step), *strides, 1, *scales),
                                    range(0, Nc, step)))
     if any(status):
         raise MemoryError(f"maxsim_c: no memory for the kernel's buffers ({n_rows} query vectors, D={D})")

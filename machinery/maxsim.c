@@ -314,3 +314,195 @@ int maxsim_c(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq,
                                scr, scmn, scmr, son, sc, ssn, ssr);
     return status;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   bf16 math on the CPU's bf16 units, float32 outputs:
+
+       out[a, n] = sum_{i real} max_{j real} scale[n, j] * <bf16(q[a, i]), c[n, j]>
+
+   The query rounded to bf16 (by maxsim.py), the candidate vectors bf16 already (an int8 code or a
+   sign is exact in bf16: its scale multiplies the float32 product), each product exact and summed
+   in float32, and no rounding of the dot product on output: the one difference from float32 math
+   is the query's rounding. Two units compute the dot products:
+     unit 0, AVX512_BF16 (Zen 4, Cooper Lake and later Xeons): VDPBF16PS, 16 float32 lanes each
+       summing two bf16 products, the query's 32 rows of a block in two registers (packed by
+       maxsim.py as (nr/32, DP/2, 32 rows, 2)), a candidate's pair of elements broadcast;
+     unit 1, AMX-BF16 (Sapphire Rapids and later): TDPBF16PS on tiles, 16 x 16 float32 results
+       per instruction (the query packed as (nr/16, DP/32, 16 pairs, 16 rows, 2), the B tiles).
+   A group of candidates' real vectors is gathered (bf16 copied; int8 / sign bits expanded) into
+   abuf, rows of DP = D rounded up to 32 elements (zero-padded), at most RMAX rows (or one whole
+   candidate). Per block of 32 query rows, the unit fills sbuf (a row of abuf x the 32 query rows,
+   float32); each candidate's rows are then scaled and reduced to its maximum per query row, which
+   is added to the row's query's score. */
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum { RMAX = 128, NBF = 12 };   /* NBF: candidate rows a unit-0 block (24 sums + 2 query registers) */
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+/* Asks Linux for the AMX tile state (once a process; 0 = granted). */
+int maxsim_amx_init(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */); }
+struct tilecfg { uint8_t palette, start; uint8_t zero[14]; uint16_t colsb[16]; uint8_t rows[16]; };
+#else
+#define HAVE_AMX 0
+int maxsim_amx_init(void) { return -1; }
+#endif
+
+/* Which units this build has: bit 0 AVX512_BF16, bit 1 AMX-BF16. */
+int maxsim_bf16_units(void) { return 1 | (HAVE_AMX << 1); }
+
+/* Row of abuf (DP bf16) from the candidate vector at element offset off (bits for ctype 4). */
+static inline void bf16_row(uint16_t *dst, const void *c, int ctype, int64_t off, int64_t D, int64_t DP) {
+    int64_t d = 0;
+    if (ctype == 1) {
+        memcpy(dst, (const uint16_t *)c + off, 2 * D);
+        d = D;
+    } else if (ctype == 3) {                       /* int8 codes -> bf16, exact (|code| <= 127) */
+        const int8_t *b = (const int8_t *)c + off;
+        for (; d + 16 <= D; d += 16) {
+            __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + d))));
+            _mm256_storeu_si256((__m256i *)(dst + d), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+        }
+        for (; d < D; d++) { float f = b[d]; uint32_t u; memcpy(&u, &f, 4); dst[d] = u >> 16; }
+    } else {                                       /* sign bits -> +-1.0 (0x3f80 / 0xbf80) */
+        const uint8_t *b = (const uint8_t *)c + off / 8;
+        for (; d + 32 <= D; d += 32) {
+            uint32_t m; memcpy(&m, b + d / 8, 4);
+            _mm512_storeu_si512(dst + d, _mm512_mask_blend_epi16(m, _mm512_set1_epi16((short)0xbf80), _mm512_set1_epi16(0x3f80)));
+        }
+        for (; d < D; d++) dst[d] = (b[d / 8] >> (d % 8)) & 1 ? 0x3f80 : 0xbf80;
+    }
+    memset(dst + d, 0, 2 * (DP - d));
+}
+
+/* unit 0: sbuf[p + t][0..31] = abuf row p + t . the 32 query rows of qb (DP/2, 32, 2), t < NBF. */
+static inline void scores_dp(const uint16_t *qb, const uint16_t *a, int64_t DP, float *sb) {
+    __m512 s0[NBF], s1[NBF];
+    for (int t = 0; t < NBF; t++) s0[t] = s1[t] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < DP / 2; k++, qb += 64) {
+        __m512bh x0 = (__m512bh)_mm512_load_si512(qb), x1 = (__m512bh)_mm512_load_si512(qb + 32);
+#pragma GCC unroll 12
+        for (int t = 0; t < NBF; t++) {
+            uint32_t pair; memcpy(&pair, a + t * DP + 2 * k, 4);
+            __m512bh y = (__m512bh)_mm512_set1_epi32((int)pair);
+            s0[t] = _mm512_dpbf16_ps(s0[t], x0, y);
+            s1[t] = _mm512_dpbf16_ps(s1[t], x1, y);
+        }
+    }
+    for (int t = 0; t < NBF; t++) { _mm512_store_ps(sb + 32 * t, s0[t]); _mm512_store_ps(sb + 32 * t + 16, s1[t]); }
+}
+
+static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
+                             const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
+                             int64_t scr, int64_t scmn, int64_t scmr, int64_t son, const float *sc, int64_t ssn,
+                             int64_t ssr, int unit) {
+    const int64_t DP = (D + 31) / 32 * 32, rmax = r_c > RMAX ? (r_c + 31) / 32 * 32 : RMAX;
+    const int64_t RB = unit ? 32 : NBF;            /* abuf rows a block of the unit */
+    uint16_t *abuf = aligned_alloc(64, 2 * (rmax + 32) * DP);
+    float *sbuf = aligned_alloc(64, sizeof(float) * (rmax + 32) * 32), *scl = malloc(sizeof(float) * rmax);
+    int64_t *gn = malloc(sizeof(int64_t) * (rmax + 1) * 3), *g0 = gn + rmax + 1, *gJ = g0 + rmax + 1;
+    if (!abuf || !sbuf || !scl || !gn) { free(abuf); free(sbuf); free(scl); free(gn); return -1; }
+#if HAVE_AMX
+    if (unit) {
+        struct tilecfg cfg = {.palette = 1};
+        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+    }
+#endif
+    for (int64_t n = n0; n < n1;) {
+        int64_t R = 0, G = 0;                      /* rows gathered, candidates in the group */
+        while (n < n1) {
+            int64_t J = 0;
+            for (int64_t j = 0; j < r_c; j++) J += !cm || cm[n * scmn + j * scmr];
+            if (G > 0 && R + J > rmax) break;
+            gn[G] = n; g0[G] = R; gJ[G] = J; G++;
+            for (int64_t j = 0; j < r_c; j++)
+                if (!cm || cm[n * scmn + j * scmr]) {
+                    bf16_row(abuf + R * DP, c, ctype, n * scn + j * scr, D, DP);
+                    scl[R++] = sc ? sc[n * ssn + j * ssr] : 1.0f;
+                }
+            n++;
+        }
+        for (int64_t g = 0; g < G; g++)
+            for (int64_t a = 0; a < Nq; a++) out[a * son + gn[g]] = 0.0f;   /* no real vector: 0 */
+        int64_t RP = (R + RB - 1) / RB * RB;
+        if (R < RP) memset(abuf + R * DP, 0, 2 * (RP - R) * DP);
+        for (int64_t r0 = 0; r0 < nr; r0 += 32) {
+            if (!unit) {
+                for (int64_t p = 0; p < RP; p += NBF) scores_dp(qB + r0 * DP, abuf + p * DP, DP, sbuf + p * 32);
+            }
+#if HAVE_AMX
+            else {
+                const int64_t KS = DP / 32;
+                const uint16_t *b0 = qB + (r0 / 16) * KS * 512, *b1 = b0 + KS * 512;
+                for (int64_t p = 0; p < RP; p += 32) {
+                    const uint16_t *a0 = abuf + p * DP, *a1 = a0 + 16 * DP;
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int64_t k = 0; k < KS; k++) {
+                        _tile_loadd(4, a0 + 32 * k, 2 * DP);
+                        _tile_loadd(5, a1 + 32 * k, 2 * DP);
+                        _tile_loadd(6, b0 + 512 * k, 64);
+                        _tile_loadd(7, b1 + 512 * k, 64);
+                        _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6); _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, sbuf + p * 32, 128);        /* sbuf[row][query row], 32 a row */
+                    _tile_stored(1, sbuf + p * 32 + 16, 128);
+                    _tile_stored(2, sbuf + (p + 16) * 32, 128);
+                    _tile_stored(3, sbuf + (p + 16) * 32 + 16, 128);
+                }
+            }
+#endif
+            for (int64_t g = 0; g < G; g++) {
+                if (!gJ[g]) continue;
+                __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+                __mmask16 nan0 = 0, nan1 = 0;              /* like torch's amax, a NaN product wins */
+                for (int64_t r = g0[g]; r < g0[g] + gJ[g]; r++) {
+                    __m512 s = _mm512_set1_ps(scl[r]);
+                    __m512 v0 = _mm512_mul_ps(s, _mm512_load_ps(sbuf + r * 32));
+                    __m512 v1 = _mm512_mul_ps(s, _mm512_load_ps(sbuf + r * 32 + 16));
+                    nan0 |= _mm512_cmp_ps_mask(v0, v0, _CMP_UNORD_Q);
+                    nan1 |= _mm512_cmp_ps_mask(v1, v1, _CMP_UNORD_Q);
+                    m0 = _mm512_max_ps(m0, v0);
+                    m1 = _mm512_max_ps(m1, v1);
+                }
+                m0 = _mm512_mask_mov_ps(m0, nan0, _mm512_set1_ps(NAN));
+                m1 = _mm512_mask_mov_ps(m1, nan1, _mm512_set1_ps(NAN));
+                float s[32];
+                _mm512_storeu_ps(s, m0);
+                _mm512_storeu_ps(s + 16, m1);
+                for (int r = 0; r < 32; r++)
+                    if (owner[r0 + r] >= 0) out[owner[r0 + r] * son + gn[g]] += s[r];
+            }
+        }
+    }
+#if HAVE_AMX
+    if (unit) _tile_release();
+#endif
+    free(abuf); free(sbuf); free(scl); free(gn);
+    return 0;
+}
+
+/* As maxsim_c, in bf16 math on `unit` (0 AVX512_BF16, 1 AMX), with qB the bf16 query packed for
+   the unit and nr a multiple of 32; candidates bfloat16 (1), int8 (3) or sign bits (4).
+   Returns 0, -1 when out of memory, -2 for another type or a unit this build lacks. */
+int maxsim_bf16(const uint16_t *qB, const int64_t *owner, int64_t nr, int64_t Nq, const void *c, int ctype,
+                const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
+                int64_t scr, int64_t scmn, int64_t scmr, int64_t son, int threads, const float *sc, int64_t ssn,
+                int64_t ssr, int unit) {
+    if ((ctype != 1 && ctype != 3 && ctype != 4) || !(maxsim_bf16_units() >> unit & 1)) return -2;
+    int64_t step = (n1 - n0 + 4 * threads - 1) / (4 * threads);
+    if (step < 4) step = 4;
+    int status = 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads) reduction(| : status)
+    for (int64_t p = n0; p < n1; p += step)
+        status |= maxsim_bf16_piece(qB, owner, nr, Nq, c, ctype, cm, out, r_c, D, p, p + step < n1 ? p + step : n1,
+                                    scn, scr, scmn, scmr, son, sc, ssn, ssr, unit);
+    return status;
+}
+#else
+int maxsim_bf16_units(void) { return 0; }
+int maxsim_amx_init(void) { return -1; }
+#endif

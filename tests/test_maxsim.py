@@ -443,48 +443,65 @@ def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
 # -----------------------------------------------------------------------------
 # bf16 math, and int8 / binary indexes
 
-def bf16_bound(q, r_q):
-    """The most bf16 math can move a score: each dot product rounded to bf16 on output (half an ulp,
-    2^-9 of its size) and the query rounded to bf16 (2^-9 of each element), summed over r_q."""
-    return r_q * 2 * 2.0 ** -9 * 1.01
+def bf16_paths():
+    """The bf16-math backends runnable here: 'torch-bf16' everywhere, the C kernel's 'c-bf16' /
+    'c-amx' where the CPU has AVX512_BF16 / AMX-BF16."""
+    return ["torch-bf16", *(cpu_kernel.bf16_units() if c_kernel_builds() else ())]
 
 
-def test_bf16_math_is_bf16_rounding_and_exact_keeps_float32(monkeypatch):
-    """backend 'torch-bf16' (the query rounded to bf16, the GEMM in bf16) is within bf16 rounding
-    of float64 and NOT float32-exact (so the test can tell them apart); the auto path may choose it
-    on a bf16 index with exact=False when it is measured fastest, never by default (exact=True)."""
+@pytest.mark.parametrize("backend", ["torch-bf16", "c-bf16", "c-amx"])
+def test_bf16_math_rounds_only_the_query(backend):
+    """bf16 math ('torch-bf16', 'c-amx'): float64 MaxSim of the query rounded to bf16 against the
+    bf16 index, to float32 accuracy (products exact, sums and outputs float32: no dot product is
+    rounded to bf16), and NOT the unrounded query's scores (so the test can tell them apart)."""
+    if backend not in bf16_paths():
+        pytest.skip(f"{backend} needs a CPU with its bf16 unit; this one has none (the C kernel's self-check covers it "
+                    "where one has)")
+    q, qm = ragged(6, 16, 64, 60)
+    c, cm = ragged(40, 70, 64, 61)            # 70 vectors: the AMX path's row blocks and a short one
+    c = c.bfloat16()
+    for rq, rc in ((16, 70), (1, 1), (3, 16)):
+        want = brute_maxsim(q[:, :rq].bfloat16(), c[:, :rc], qm[:, :rq], cm[:, :rc])
+        got = maxsim(q[:, :rq], c[:, :rc], qm[:, :rq], cm[:, :rc], backend=backend)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-6)
+    unrounded = brute_maxsim(q, c, qm, cm)
+    assert (maxsim(q, c, qm, cm, backend=backend).double() - unrounded).abs().max() > 1e-4
+
+
+def test_auto_path_lets_bf16_math_compete_only_where_it_loses_nothing(monkeypatch):
+    """The auto path times the bf16-math paths against float32 math on a bf16 index (by default) and
+    may choose them; exact=True and a float32 index never use them."""
     q, qm = ragged(6, 16, 64, 60)
     c, cm = ragged(40, 8, 64, 61)
     c = c.bfloat16()
-    want = brute_maxsim(q, c, qm, cm)                                     # float64, query unrounded
-    got = maxsim(q, c, qm, cm, backend="torch-bf16")
-    assert (got.double() - want).abs().max() <= bf16_bound(q, 16)
-    assert (got.double() - want).abs().max() > 1e-5                      # it is bf16 math
     monkeypatch.setattr(cpu_kernel, "choices", {})
     monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: None)
-    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 if k == "torch-bf16" else 2.0 for k in fns})
+    timed = []
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: timed.append(set(fns)) or
+                        {k: 1.0 if k == "torch-bf16" else 2.0 for k in fns})
     used, chunked = [], maxsim_module.maxsim_chunked
     monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append(k.get("bf16", False)) or chunked(*a, **k))
-    maxsim(q, c, qm, cm, exact=False)
-    assert used == [True] and cpu_kernel.regime(q, c, exact=False).endswith("16bit/bf16math")
-    used.clear()
-    maxsim(q, c, qm, cm)                  # the default keeps float32 math (bf16 math is opt-in)
-    assert True not in used
-    used.clear()
-    torch.testing.assert_close(maxsim(q, c, qm, cm, exact=True).double(), want, atol=1e-5, rtol=0)
-    assert True not in used
-    used.clear()
-    maxsim(q, c.float(), qm, cm, exact=False)   # a float32 index: bf16 math would lose bits it holds
-    assert True not in used
+    maxsim(q, c, qm, cm)
+    assert used[0] is True and cpu_kernel.regime(q, c).endswith("16bit/bf16math")   # (it calls itself in float32)
+    assert set(bf16_paths()) <= timed[-1]               # every bf16-math path was timed
+    for kwargs in ({"exact": True}, {}):                # float32 math only: exact=True, a float32 index
+        used.clear()
+        got = maxsim(q, c if kwargs else c.float(), qm, cm, **kwargs)
+        assert True not in used and not set(bf16_paths()) & timed[-1]
+        torch.testing.assert_close(got.double(), brute_maxsim(q, c, qm, cm), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
-@pytest.mark.parametrize("backend", ["torch", "c", "torch-bf16"])
+@pytest.mark.parametrize("backend", ["torch", "c", "torch-bf16", "c-bf16", "c-amx"])
 def test_quantized_index_scores_as_its_dequantised_vectors(precision, backend):
     """int8 (a scale a vector) and binary (sign bits, a scale a vector; D = 21 leaves a partial
-    byte) score as float64 MaxSim of the dequantised vectors, at every prefix, with masks."""
-    if backend == "c" and not c_kernel_builds():
+    byte) score as float64 MaxSim of the dequantised vectors, at every prefix, with masks (bf16
+    math: of the query rounded to bf16)."""
+    if backend.startswith("c") and not c_kernel_builds():
         pytest.skip("the C kernel does not build here")
+    if backend in ("c-bf16", "c-amx") and backend not in bf16_paths():
+        pytest.skip(f"{backend} needs a CPU with its bf16 unit; this one has none")
     from machinery.index import quantize
     q, qm = ragged(4, 5, 21, 62)
     c, cm = ragged(103, 9, 21, 63)              # 103 candidates: a full r_c = 1 tile and a short one
@@ -494,11 +511,11 @@ def test_quantized_index_scores_as_its_dequantised_vectors(precision, backend):
         assert (deq - c.double()).abs().max() <= c.abs().max() / 254 + 1e-7
     else:
         assert torch.equal(deq.sign(), torch.where(c > 0, 1.0, -1.0).double())
-    tol = bf16_bound(q, 5) * float(deq.abs().max() * 21 ** 0.5) if backend == "torch-bf16" else 1e-5
+    qr = q.bfloat16() if backend in ("torch-bf16", "c-bf16", "c-amx") else q
     for rc in (1, 4, 9):
-        want = brute_maxsim(q, deq[:, :rc], qm, cm[:, :rc])
+        want = brute_maxsim(qr, deq[:, :rc], qm, cm[:, :rc])
         got = maxsim(q, packed[:, :rc], qm, cm[:, :rc], backend=backend)
-        assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= tol
+        assert got.dtype == torch.float32 and (got.double() - want).abs().max() <= 1e-5
 
 
 @needs_triton
