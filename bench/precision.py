@@ -9,8 +9,9 @@
    bytes per candidate and ms per query; numkong's maxsim (a peer) where it is installed;
 3. bytes per candidate of every (budget x precision) at D = 3584 (the paper's 7B), by arithmetic;
 4. `--precision-study CHECKPOINT`: P@1 on the offline eval at every (budget x precision) of one
-   trained model (bf16 in float32 and in bf16 math, int8, binary), beside bytes per candidate and
-   scoring ms, and the plot of quality against bytes per candidate, one line per precision.
+   trained model (bf16 in float32 and in bf16 math, int8 and binary on the default path), beside
+   bytes per candidate and scoring ms, the largest score difference bf16 math makes there, and the
+   plot of quality against bytes per candidate, one line per precision.
 """
 import os
 import time
@@ -157,10 +158,10 @@ def mode_precision(args):
     out = {"cpu": cpu_name(), "loadavg": os.getloadavg()[0], "peak_bf16_GFLOPs": peak_bf16 / 1e9, "peak_fp32_GFLOPs": peak_f32 / 1e9,
            "bandwidth_GBps": bw / 1e9, "quick": args.quick}
     out["speed"] = speed_rows(args.quick, peak_bf16)
-    print(f"\n{'shape':<5} {'method':<17} {'ms':>9} {'GFLOP/s':>8} {'of bf16 peak':>12} {'vs plain bf16':>13} "
+    print(f"\n{'shape':<5} {'method':<17} {'ms':>9} {'GFLOP/s':>8} {'of torch bf16':>13} {'vs plain bf16':>13} "
           f"{'max diff':>9}  dispatch")
     for r in out["speed"]:
-        print(f"{r['shape']:<5} {r['method']:<17} {r['ms']:>9.1f} {r['GFLOPs']:>8.1f} {100 * r['frac_bf16_peak']:>11.0f}% "
+        print(f"{r['shape']:<5} {r['method']:<17} {r['ms']:>9.1f} {r['GFLOPs']:>8.1f} {100 * r['frac_bf16_peak']:>12.0f}% "
               f"{r['vs_plain_bf16']:>12.2f}x {r['max_diff_vs_fp32']:>9.2g}  {r['dispatch'] or ''}")
     out["recall"] = recall_rows(args.quick)
     print("\nrecall@10 against exact float32 MaxSim, random unit vectors:")
@@ -182,6 +183,28 @@ def mode_precision(args):
 
 STUDY = (("bf16, float32 math", "bfloat16", "torch"), ("bf16, bf16 math", "bfloat16", "torch-bf16"),
          ("int8", "int8", None), ("binary", "binary", None))
+
+
+def score_difference(checkpoint, budgets):
+    """The largest |bf16 math - float32 math| score on the synthetic eval (every query against its
+    whole corpus, a bf16 index), per budget, and the median gap between a query's best two scores
+    (what a difference must exceed to change a ranking)."""
+    import data
+    from evaluate import encode_unique
+    from metaembed import load_model
+    model, _ = load_model(checkpoint, "bench")
+    out = {}
+    for name, task in data.synthetic_eval().items():
+        Q = encode_unique(model, list(task["queries"].values()), "query", 64, progress=False)[0]
+        C = encode_unique(model, list(task["corpus"].values()), "candidate", 64, torch.bfloat16, progress=False)[0]
+        for rq, rc in budgets:
+            f32 = maxsim(Q[:, :rq], C[:, :rc], backend="torch")
+            bf = maxsim(Q[:, :rq], C[:, :rc], backend="torch-bf16")
+            top2 = f32.topk(2, dim=1).values
+            o = out.setdefault(f"{rq}x{rc}", {"max_diff": 0.0, "median_top2_gap": []})
+            o["max_diff"] = max(o["max_diff"], (bf - f32).abs().max().item())
+            o["median_top2_gap"].append((top2[:, 0] - top2[:, 1]).median().item())
+    return {b: {"max_diff": o["max_diff"], "median_top2_gap": min(o["median_top2_gap"])} for b, o in out.items()}
 
 
 def mode_precision_study(args):
@@ -209,6 +232,11 @@ def mode_precision_study(args):
     for label, *_ in STUDY:
         print(f"{label:<20} " + "  ".join(f"{100 * r['P@1']:5.1f} ({r['bytes_per_candidate']:>6} B)"
                                          for r in rows if r["precision"] == label))
+    diff = score_difference(args.precision_study, [tuple(map(int, b.split("x"))) for b in
+                                                   dict.fromkeys(r["budget"] for r in rows)])
+    print("largest |bf16 math - float32 math| score on the eval (a bf16 index), and the median gap between a "
+          "query's best two scores:")
+    print("  " + "  ".join(f"{b}: {d['max_diff']:.2g} (gap {d['median_top2_gap']:.2g})" for b, d in diff.items()))
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -227,5 +255,6 @@ def mode_precision_study(args):
         fig.savefig(args.plot, dpi=120)
         plt.close(fig)
         print(f"wrote {args.plot}")
-    write_json(args.json, {"checkpoint": args.precision_study, "cpu": cpu_name(), "rows": rows})
+    write_json(args.json, {"checkpoint": args.precision_study, "cpu": cpu_name(), "rows": rows,
+                           "bf16_math_score_difference": diff})
     return rows
