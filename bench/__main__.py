@@ -58,7 +58,10 @@ def main():
                    "20,000 random candidates at D = 1536, against the same search in-process")
     p.add_argument("--precision", action="store_true", help="instead: a bf16 index at S1-S5 (maxsim's default, "
                    "exact float32 math, the plain bf16 and float32 torch loops) against the measured bf16 GEMM peak; "
-                   "recall@10 of bf16 / int8 / binary on random D = 1536 vectors, alone and rescored")
+                   "recall@10 of bf16 / int8 / binary on random D = 1536 vectors, alone and rescored, beside numkong "
+                   "and fast-plaid")
+    p.add_argument("--fast-plaid-python", metavar="PYTHON", help="with --precision: an interpreter whose environment "
+                   "has fast-plaid and the torch it was built for (it runs bench/fastplaid_peer.py on the same vectors)")
     p.add_argument("--precision-study", metavar="CHECKPOINT", help="instead: P@1 on the synthetic eval at every "
                    "(budget x precision) of a trained checkpoint (a D = 128 one: python train.py --proj-dim 128 --out "
                    "out/tiny-d128), beside bytes per candidate; --plot: quality against bytes, one line per precision")

@@ -84,7 +84,30 @@ def numkong_peer():
     return search
 
 
-def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100):
+def fast_plaid_peer(python, x, q, k, truth, nbits=(2, 4)):
+    """fast-plaid's PLAID index on the same vectors, run by `python` (an interpreter whose
+    environment has fast-plaid and its torch: bench/fastplaid_peer.py) -> rows, or one row saying
+    why not."""
+    import json
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        torch.save({"docs": x, "queries": q, "k": k, "nbits": list(nbits), "probes": [[8, 4096], [64, 8192]]},
+                   f"{d}/in.pt")
+        r = subprocess.run([python, os.path.join(os.path.dirname(__file__), "fastplaid_peer.py"), f"{d}/in.pt",
+                            f"{d}/out.json"], capture_output=True, text=True, check=False)
+        if r.returncode != 0:
+            return [dict(precision="fast-plaid", error=f"{python} failed: {(r.stderr or r.stdout).strip()[-300:]}")]
+        res = json.load(open(f"{d}/out.json"))
+    return [dict(precision=f"fast-plaid PLAID, nbits {run['nbits']}, {run['n_ivf_probe']} probes, "
+                           f"{run['n_full_scores']} rescored (torch {res['torch']})", N=x.shape[0],
+                 D=x.shape[2], budget=f"{q.shape[1]}x{x.shape[1]}", bytes_per_candidate=run["index_bytes"] / x.shape[0],
+                 recall_alone=recall_of(torch.tensor(run["ids"]), truth), ms_alone=run["ms_per_query"],
+                 note=f"index built in {run['build_seconds']:.0f} s; bytes: the whole index folder")
+            for run in res["runs"]]
+
+
+def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100, fast_plaid_python=None):
     """Recall@10 of each precision against exact float32 MaxSim on random unit vectors."""
     N, Nq = (2_000, 8) if quick else (20_000, 32)
     rq, rc = budget
@@ -121,6 +144,11 @@ def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100):
         rows.append(dict(precision="numkong maxsim (f32 packed)", N=N, D=D, budget=f"{rq}x{rc}",
                          bytes_per_candidate=rc * D * 4, recall_alone=recall_of(ids, truth[:n]),
                          ms_alone=ms, note=f"{n} queries; packing every document counted in its time"))
+    if fast_plaid_python:
+        rows += fast_plaid_peer(fast_plaid_python, x, q, k, truth)
+    else:
+        rows.append(dict(precision="fast-plaid", error="not run: pass --fast-plaid-python, an interpreter with "
+                         "fast-plaid and the torch it was built for (1.7.0.2110: torch 2.11)"))
     return rows
 
 
@@ -163,7 +191,7 @@ def mode_precision(args):
     for r in out["speed"]:
         print(f"{r['shape']:<5} {r['method']:<17} {r['ms']:>9.1f} {r['GFLOPs']:>8.1f} {100 * r['frac_bf16_peak']:>12.0f}% "
               f"{r['vs_plain_bf16']:>12.2f}x {r['max_diff_vs_fp32']:>9.2g}  {r['dispatch'] or ''}")
-    out["recall"] = recall_rows(args.quick)
+    out["recall"] = recall_rows(args.quick, fast_plaid_python=args.fast_plaid_python)
     print("\nrecall@10 against exact float32 MaxSim, random unit vectors:")
     for r in out["recall"]:
         if "error" in r:
@@ -172,11 +200,9 @@ def mode_precision(args):
         print(f"  {r['precision']:<28} {r['N']} x {r['budget']} D={r['D']}: {r['bytes_per_candidate']:>6} B/cand  "
               f"alone {r['recall_alone']:.3f} ({r['ms_alone']:.1f} ms/query)"
               + (f"  rescored (depth {r['depth']}, bf16) {r['recall_rescored']:.3f} ({r['ms_rescored']:.1f} ms/query)"
-                 if "recall_rescored" in r else ""))
+                 if "recall_rescored" in r else "") + (f"  [{r['note']}]" if "note" in r else ""))
     out["bytes_per_candidate_D3584"] = bytes_table()
     print("\nbytes per candidate at D = 3584:", out["bytes_per_candidate_D3584"])
-    print("peers: fast-plaid not run (its wheel, fast_plaid-1.7.0.2110, is built for torch 2.11 by its version "
-          "suffix; this environment has torch 2.13, and a torch extension must match it)")
     write_json(args.json, out)
     return out
 

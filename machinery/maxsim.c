@@ -4,8 +4,10 @@
 
        out[a, n] = sum_{i real} max_{j real} <q[a, i], c[n, j]>
 
-   Built and loaded by maxsim.py (cc -O3 -march=native -fopenmp, ctypes). OpenMP threads split
-   the candidates (without OpenMP, maxsim.py's Python threads do: ctypes drops the GIL).
+   Built and loaded by machinery/cpu_kernel.py (cc -O3 -march=native -fopenmp, ctypes). OpenMP
+   threads split the candidates (without OpenMP, Python threads do: ctypes drops the GIL). Where
+   the CPU has bf16 units, a second entry, maxsim_bf16 (at the end), scores in bf16 math on
+   AVX512_BF16 dot products or AMX tiles.
 
    One source for both instruction sets: the kernel is written with GCC vector types of
    W = MAXSIM_W floats (8: one AVX2 register; 16: one AVX-512 register). Built with W = 16 on a
