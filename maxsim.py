@@ -22,8 +22,8 @@ maxsim_topk       the best k candidates of a corpus too large for one score matr
 
 The fused kernels (their builds, self-check and measured dispatch) are in machinery/.
 """
-import functools
 import os
+import threading
 
 import torch
 
@@ -78,6 +78,9 @@ def _max_over_rc(s, scratch):
     return m[:, 0]
 
 
+_onednn_mode = threading.Lock()
+
+
 def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
@@ -95,13 +98,17 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     M = Nq * r_q
     # oneDNN's bf16 mode rounds both operands to bf16: exact only for a bf16 index (a dequantised
     # int8 / binary chunk, code x scale, is not bf16: there the float32 GEMM takes the rounded query)
+    # The mode is process-wide (torch's global context): a float32 matmul in another thread runs in
+    # bf16 while it is on, so the auto path never takes this one (maxsim), and the lock keeps two
+    # such calls from restoring each other's setting.
     if bf16 and q.device.type == "cpu" and c.dtype == torch.bfloat16 and hasattr(torch.backends.mkldnn, "matmul"):
         mode = torch.backends.mkldnn.matmul
-        old, mode.fp32_precision = mode.fp32_precision, "bf16"   # oneDNN: float32 GEMMs in bf16 math
-        try:
-            return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
-        finally:
-            mode.fp32_precision = old
+        with _onednn_mode:
+            old, mode.fp32_precision = mode.fp32_precision, "bf16"   # oneDNN: float32 GEMMs in bf16 math
+            try:
+                return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
+            finally:
+                mode.fp32_precision = old
     if bf16:                    # elsewhere the same numbers in float32 math (bf16 values are exact there)
         return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
     tall = M < 64
@@ -157,8 +164,9 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
     c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
     backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
-    shape on this machine), 'torch', 'torch-bf16' (bf16 math), 'c', 'c-bf16' / 'c-amx' (bf16 math
-    on AVX512_BF16 / AMX) or 'triton' (the command-line tools pass METAEMBED_MAXSIM here). On a bf16 or low-bit index the
+    shape on this machine), 'torch', 'c', 'c-bf16' / 'c-amx' (bf16 math on AVX512_BF16 / AMX),
+    'torch-bf16' (bf16 math through oneDNN's process-wide mode: asked for only, never chosen) or
+    'triton' (the command-line tools pass METAEMBED_MAXSIM here). On a bf16 or low-bit index the
     auto path lets bf16 math (the query rounded to bf16, see the top) compete with float32 math;
     exact=True keeps float32 math (references and tests). A float32 index is never scored in bf16."""
     width = None
@@ -166,8 +174,7 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
         if q.is_cuda:
             backend = "triton"
         else:
-            paths = {"torch": maxsim_chunked, "torch-bf16": functools.partial(maxsim_chunked, bf16=True)}
-            backend, width = cpu_kernel.choose(q, c, paths, exact)
+            backend, width = cpu_kernel.choose(q, c, maxsim_chunked, exact)
     if backend in cpu_kernel.UNITS:                  # 'c-bf16', 'c-amx': bf16 math in the C kernel
         return cpu_kernel.maxsim_bf16(q, c, q_mask, c_mask, unit=backend)
     if backend == "torch":

@@ -33,6 +33,7 @@ _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # query registers for every candidate vector (docs/NOTES.md has the measurements)
 _CTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, "int8": 3, "binary": 4}   # maxsim.c's types
 _MAX_RC = 4096                     # maxsim.c's stack arrays hold this many vectors a candidate
+UNITS = {"c-bf16": 0, "c-amx": 1}  # maxsim.c's bf16 units: AVX512_BF16 dot products, AMX tiles
 
 
 @functools.cache
@@ -73,10 +74,10 @@ def precision(c):
 
 
 def bf16_math_allowed(c, exact):
-    """bf16 math (the query rounded to bf16, float32 products, sums and outputs) is a candidate path
-    only where it loses nothing the index holds: a bf16 or a low-bit index, and never with
-    exact=True."""
-    return not exact and (isinstance(c, Quantized) or c.dtype == torch.bfloat16)
+    """bf16 math (the query rounded to bf16, exact products, float32 sums and outputs) is a
+    candidate of the dispatch only where the kernel has a bf16 unit here and it loses nothing the
+    index holds (a bf16 or a low-bit index), and never with exact=True."""
+    return not exact and (isinstance(c, Quantized) or c.dtype == torch.bfloat16) and bool(bf16_units())
 
 
 def regime(q, c, exact=False):
@@ -131,25 +132,23 @@ choices = {}   # regime -> {"C_ms": ..., "torch_ms": ..., "winner": "c" or "torc
 def measured_choice(name, torch_paths=None):
     """The fastest CPU path for a regime, measured once per machine and kept on disk;
     -> (backend 'c' or a torch path's name, the record: timings, the C kernel's register width,
-    the probe). torch_paths: {name: fn} the torch paths timed against the kernel (maxsim.py gives
-    'torch', float32 math, and 'torch-bf16', bf16 math, timed only in a bf16math regime, as is the
-    kernel's bf16 units 'c-bf16' and 'c-amx': the machinery imports nothing above it); needed only when the
-    regime is not measured yet."""
+    the probe). torch_paths: the torch path timed against the kernel (maxsim.py gives its chunked
+    float32 path: the machinery imports nothing above it), or {name: fn}; needed only when the
+    regime is not measured yet. In a bf16math regime the kernel's bf16 units ('c-bf16', 'c-amx')
+    are timed too."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
-            choices.update(json.loads(dispatch_file().read_text()))
-        except ValueError:
+            choices.update({k: v for k, v in json.loads(dispatch_file().read_text()).items()
+                            if v.get("winner") in ("c", "torch", *UNITS)})   # others: measured again
+        except (ValueError, AttributeError):
             pass                                       # a damaged file is measured again
     if name not in choices:
         if torch_paths is None:
             raise ValueError(f"regime {name} is not measured yet: pass the torch paths to time the kernel against")
         if callable(torch_paths):
             torch_paths = {"torch": torch_paths}
-        if "bf16math" not in name.split("/"):
-            torch_paths = {k: f for k, f in torch_paths.items() if k != "torch-bf16"}
         q, c = _probe(name)
-        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths()
-               if "no-c" not in name and library(w) is not None}
+        fns = {w: functools.partial(maxsim_c, q, c, width=w) for w in widths() if library(w) is not None}
         if "bf16math" in name.split("/") and can_take_bf16(q, c):
             torch_paths = {**torch_paths, **{u: functools.partial(maxsim_bf16, unit=u) for u in bf16_units()}}
         t_c = _time({**fns, **{k: functools.partial(f, q, c) for k, f in torch_paths.items()}})
@@ -171,13 +170,10 @@ def measured_choice(name, torch_paths=None):
 
 def choose(q, c, torch_paths, exact=False):
     """-> (backend, width) for maxsim.maxsim's auto path on the CPU: 'c' (with its measured
-    register width), 'c-bf16', 'c-amx' or a torch path ({name: fn}); 'torch' where the kernel cannot take
-    the input or did not build, unless bf16 math is allowed (then measured against float32 torch)."""
+    register width), 'c-bf16', 'c-amx' or the torch path; 'torch' where the kernel cannot take
+    the input or did not build."""
     if not (can_take(q, c) and library() is not None):
-        if not bf16_math_allowed(c, exact):
-            return "torch", None
-        backend, record = measured_choice(regime(q, c, exact) + "/no-c", torch_paths)
-        return backend, None
+        return "torch", None
     backend, record = measured_choice(regime(q, c, exact), torch_paths)
     return backend, record.get("width")
 
@@ -218,9 +214,6 @@ def library(width=None):
                       "not using it")
         return None
     return lib
-
-
-UNITS = {"c-bf16": 0, "c-amx": 1}      # maxsim.c's bf16 units: AVX512_BF16 dot products, AMX tiles
 
 
 @functools.cache

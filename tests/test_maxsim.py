@@ -470,26 +470,33 @@ def test_bf16_math_rounds_only_the_query(backend):
 
 
 def test_auto_path_lets_bf16_math_compete_only_where_it_loses_nothing(monkeypatch):
-    """The auto path times the bf16-math paths against float32 math on a bf16 index (by default) and
-    may choose them; exact=True and a float32 index never use them."""
+    """The auto path times the kernel's bf16 units (where this CPU has them) against float32 math on
+    a bf16 index, by default, and takes one when it is faster; exact=True, a float32 index and a
+    CPU without bf16 units time float32 paths only. 'torch-bf16' (a process-wide oneDNN mode) is
+    never chosen, only asked for."""
     q, qm = ragged(6, 16, 64, 60)
     c, cm = ragged(40, 8, 64, 61)
     c = c.bfloat16()
+    units = cpu_kernel.bf16_units() if c_kernel_builds() else ()
     monkeypatch.setattr(cpu_kernel, "choices", {})
     monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: None)
-    timed = []
+    timed = []                                          # a bf16 unit measured fastest, when one is timed
     monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: timed.append(set(fns)) or
-                        {k: 1.0 if k == "torch-bf16" else 2.0 for k in fns})
-    used, chunked = [], maxsim_module.maxsim_chunked
-    monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append(k.get("bf16", False)) or chunked(*a, **k))
-    maxsim(q, c, qm, cm)
-    assert used[0] is True and cpu_kernel.regime(q, c).endswith("16bit/bf16math")   # (it calls itself in float32)
-    assert set(bf16_paths()) <= timed[-1]               # every bf16-math path was timed
+                        {k: 1.0 if k in cpu_kernel.UNITS else 2.0 for k in fns})
+    got = maxsim(q, c, qm, cm)
+    assert "torch-bf16" not in timed[-1] and set(units) <= timed[-1]
+    if units:                                           # it scored in bf16 math: the query rounded
+        assert cpu_kernel.regime(q, c).endswith("16bit/bf16math")
+        torch.testing.assert_close(got.double(), brute_maxsim(q.bfloat16(), c, qm, cm), atol=2e-5, rtol=1e-6)
+    else:                                               # no bf16 unit here: the regime and paths of before
+        assert not cpu_kernel.regime(q, c).endswith("bf16math")
     for kwargs in ({"exact": True}, {}):                # float32 math only: exact=True, a float32 index
-        used.clear()
+        timed.clear()
         got = maxsim(q, c if kwargs else c.float(), qm, cm, **kwargs)
-        assert True not in used and not set(bf16_paths()) & timed[-1]
+        assert not set(cpu_kernel.UNITS) & set().union(*timed)
         torch.testing.assert_close(got.double(), brute_maxsim(q, c, qm, cm), atol=1e-5, rtol=0)
+    monkeypatch.setattr(cpu_kernel, "bf16_units", lambda: ())   # a CPU without bf16 units (an AVX2 EPYC)
+    assert not cpu_kernel.bf16_math_allowed(c, exact=False)
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
