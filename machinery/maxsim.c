@@ -405,7 +405,12 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
     uint16_t *abuf = aligned_alloc(64, 2 * (rmax + 32) * DP);
     float *sbuf = aligned_alloc(64, sizeof(float) * (rmax + 32) * 32), *scl = malloc(sizeof(float) * rmax);
     int64_t *gn = malloc(sizeof(int64_t) * (rmax + 1) * 3), *g0 = gn + rmax + 1, *gJ = g0 + rmax + 1;
-    if (!abuf || !sbuf || !scl || !gn) { free(abuf); free(sbuf); free(scl); free(gn); return -1; }
+    int64_t *roff = malloc(sizeof(int64_t) * (rmax + 32) * 2), *ast = roff + rmax + 32;   /* a row's offset */
+    const uint16_t **ab = malloc(sizeof(uint16_t *) * (rmax + 32) / 16);   /* a 16-row block's rows... */
+    if (!abuf || !sbuf || !scl || !gn || !roff || !ab) {                   /* ...and their stride: ast */
+        free(abuf); free(sbuf); free(scl); free(gn); free(roff); free(ab);
+        return -1;
+    }
 #if HAVE_AMX
     if (unit) {
         struct tilecfg cfg = {.palette = 1};
@@ -422,7 +427,7 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
             gn[G] = n; g0[G] = R; gJ[G] = J; G++;
             for (int64_t j = 0; j < r_c; j++)
                 if (!cm || cm[n * scmn + j * scmr]) {
-                    bf16_row(abuf + R * DP, c, ctype, n * scn + j * scr, D, DP);
+                    roff[R] = n * scn + j * scr;
                     scl[R++] = sc ? sc[n * ssn + j * ssr] : 1.0f;
                 }
             n++;
@@ -430,7 +435,25 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
         for (int64_t g = 0; g < G; g++)
             for (int64_t a = 0; a < Nq; a++) out[a * son + gn[g]] = 0.0f;   /* no real vector: 0 */
         int64_t RP = (R + RB - 1) / RB * RB;
-        if (R < RP) memset(abuf + R * DP, 0, 2 * (RP - R) * DP);
+        /* AMX on bf16 rows (D a multiple of 32): a block of 16 real rows evenly spaced in the index is
+           loaded in place (no copy: S5 reads the index once, from memory); any other block, and
+           every row for unit 0, is gathered into abuf (copied, or expanded from int8 / bits) */
+        for (int64_t b = 0; b < (RP + 15) / 16; b++) {
+            int64_t r = 16 * b, st = r + 1 < R ? roff[r + 1] - roff[r] : 0, direct = unit && ctype == 1 && D % 32 == 0 &&
+                                                                           r + 16 <= R && st > 0;
+            for (int64_t i = r + 1; direct && i < r + 16; i++) direct = roff[i] - roff[i - 1] == st;
+            if (direct) {
+                ab[b] = (const uint16_t *)c + roff[r];
+                ast[b] = 2 * st;
+                continue;
+            }
+            for (int64_t i = r; i < r + 16 && i < RP; i++) {
+                if (i < R) bf16_row(abuf + i * DP, c, ctype, roff[i], D, DP);
+                else memset(abuf + i * DP, 0, 2 * DP);
+            }
+            ab[b] = abuf + r * DP;
+            ast[b] = 2 * DP;
+        }
         for (int64_t r0 = 0; r0 < nr; r0 += 32) {
             if (!unit) {
                 for (int64_t p = 0; p < RP; p += NBF) scores_dp(qB + r0 * DP, abuf + p * DP, DP, sbuf + p * 32);
@@ -440,11 +463,12 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
                 const int64_t KS = DP / 32;
                 const uint16_t *b0 = qB + (r0 / 16) * KS * 512, *b1 = b0 + KS * 512;
                 for (int64_t p = 0; p < RP; p += 32) {
-                    const uint16_t *a0 = abuf + p * DP, *a1 = a0 + 16 * DP;
+                    const uint16_t *a0 = ab[p / 16], *a1 = ab[p / 16 + 1];
+                    const int64_t s0 = ast[p / 16], s1 = ast[p / 16 + 1];
                     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
                     for (int64_t k = 0; k < KS; k++) {
-                        _tile_loadd(4, a0 + 32 * k, 2 * DP);
-                        _tile_loadd(5, a1 + 32 * k, 2 * DP);
+                        _tile_loadd(4, a0 + 32 * k, s0);
+                        _tile_loadd(5, a1 + 32 * k, s1);
                         _tile_loadd(6, b0 + 512 * k, 64);
                         _tile_loadd(7, b1 + 512 * k, 64);
                         _tile_dpbf16ps(0, 4, 6); _tile_dpbf16ps(1, 4, 7);
@@ -483,7 +507,7 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
 #if HAVE_AMX
     if (unit) _tile_release();
 #endif
-    free(abuf); free(sbuf); free(scl); free(gn);
+    free(abuf); free(sbuf); free(scl); free(gn); free(roff); free(ab);
     return 0;
 }
 
