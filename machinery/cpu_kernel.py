@@ -138,8 +138,10 @@ def measured_choice(name, torch_paths=None):
     are timed too."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
+            # a path not usable in this process (a unit Linux refused here, one no longer chosen):
+            # measured again
             choices.update({k: v for k, v in json.loads(dispatch_file().read_text()).items()
-                            if v.get("winner") in ("c", "torch", *UNITS)})   # others: measured again
+                            if v.get("winner") in ("c", "torch", *bf16_units())})
         except (ValueError, AttributeError):
             pass                                       # a damaged file is measured again
     if name not in choices:

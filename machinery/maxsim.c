@@ -322,10 +322,11 @@ int maxsim_c(const float *qp, const int64_t *owner, int64_t nr, int64_t Nq,
 
        out[a, n] = sum_{i real} max_{j real} scale[n, j] * <bf16(q[a, i]), c[n, j]>
 
-   The query rounded to bf16 (by maxsim.py), the candidate vectors bf16 already (an int8 code or a
-   sign is exact in bf16: its scale multiplies the float32 product), each product exact and summed
+   The query rounded to bf16 (by cpu_kernel.py), the candidate vectors bf16 already (an int8 code or
+   a sign is exact in bf16: its scale multiplies the float32 product), each product exact and summed
    in float32, and no rounding of the dot product on output: the one difference from float32 math
-   is the query's rounding. Two units compute the dot products:
+   is the query's rounding (and the units' flushing of bf16 denormals, below 1e-38, to zero). Two
+   units compute the dot products:
      unit 0, AVX512_BF16 (Zen 4, Cooper Lake and later Xeons): VDPBF16PS, 16 float32 lanes each
        summing two bf16 products, the query's 32 rows of a block in two registers (packed by
        maxsim.py as (nr/32, DP/2, 32 rows, 2)), a candidate's pair of elements broadcast;
@@ -423,7 +424,7 @@ static int maxsim_bf16_piece(const uint16_t *qB, const int64_t *owner, int64_t n
         while (n < n1) {
             int64_t J = 0;
             for (int64_t j = 0; j < r_c; j++) J += !cm || cm[n * scmn + j * scmr];
-            if (G > 0 && R + J > rmax) break;
+            if (G > 0 && (R + J > rmax || G > rmax)) break;   /* rows, and candidates (empty ones add none) */
             gn[G] = n; g0[G] = R; gJ[G] = J; G++;
             for (int64_t j = 0; j < r_c; j++)
                 if (!cm || cm[n * scmn + j * scmr]) {

@@ -1,5 +1,8 @@
 """maxsim.py: MaxSim reference, chunking and masks, the fused C and Triton kernels."""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,6 +11,8 @@ from conftest import brute_maxsim
 import maxsim as maxsim_module
 from maxsim import maxsim, maxsim_chunked, maxsim_reference
 from machinery import cpu_kernel, triton_kernel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def ragged(N, R, D, seed):
@@ -500,6 +505,49 @@ def test_auto_path_lets_bf16_math_compete_only_where_it_loses_nothing(monkeypatc
         torch.testing.assert_close(got.double(), brute_maxsim(q, c, qm, cm), atol=1e-5, rtol=0)
     monkeypatch.setattr(cpu_kernel, "bf16_units", lambda: ())   # a CPU without bf16 units (an AVX2 EPYC)
     assert not cpu_kernel.bf16_math_allowed(c, exact=False)
+
+
+def test_a_dispatch_record_naming_a_path_unusable_here_is_measured_again(monkeypatch, tmp_path):
+    """A kept winner this process cannot run (AMX recorded, then refused by Linux; a path no longer
+    chosen) is dropped when the record is read, and the regime measured again."""
+    q, c = torch.randn(2, 3, 64), torch.randn(20, 4, 64).bfloat16()
+    name = cpu_kernel.regime(q, c)
+    f = tmp_path / "dispatch.json"
+    f.write_text(json.dumps({name: {"winner": "c-amx"}, "other/regime": {"winner": "torch-bf16"}}))
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: f)
+    monkeypatch.setattr(cpu_kernel, "bf16_units", lambda: ())
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 for k in fns})
+    winner, _ = cpu_kernel.measured_choice(name, maxsim_chunked)
+    assert winner in ("c", "torch") and "other/regime" not in cpu_kernel.choices
+
+
+def test_bf16_units_take_many_candidates_without_vectors():
+    """A piece of over 128 candidates with no real vector (all masked) in one group of the bf16
+    units: each scores 0 and the rest are right (it once wrote past the group's arrays). In a
+    child process, one thread (a piece of 250 candidates), so a regression cannot take the suite down."""
+    units = [u for u in ("c-bf16", "c-amx") if u in bf16_paths()]
+    if not units:
+        pytest.skip("this CPU has no bf16 unit")
+    code = f"""
+import torch
+from maxsim import maxsim
+from machinery.checks import maxsim_float64
+torch.set_num_threads(1)
+torch.manual_seed(0)
+q, c = torch.randn(2, 3, 64), torch.randn(1000, 4, 64).bfloat16()
+cm = torch.zeros(1000, 4, dtype=torch.bool)
+cm[0], cm[-1, :2] = True, True
+want = maxsim_float64(q.bfloat16().float(), c.float(), None, cm)
+for unit in {units!r}:
+    got = maxsim(q, c, None, cm, backend=unit)
+    print(unit, float((got.double() - want).abs().max()), int((got[:, 1:-1] != 0).sum()))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert r.returncode == 0, r.stderr[-500:]
+    for line in r.stdout.split("\n")[:-1]:
+        unit, err, nonzero = line.split()
+        assert float(err) < 1e-4 and int(nonzero) == 0, line
 
 
 @pytest.mark.parametrize("precision", ["int8", "binary"])
