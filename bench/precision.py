@@ -116,7 +116,6 @@ def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100, fast_plaid_pytho
     truth = maxsim_topk(q, x, k, exact=True)[1]
     full = x.bfloat16()
     stores = {"float32": x, "bf16": full, **{p: quantize(x, p) for p in QUANTIZED}}
-    recall = lambda got: sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(got, truth)) / truth.numel()  # noqa: E731
     rows = []
     for p in ("bf16", *QUANTIZED):
         store = stores[p]
@@ -131,7 +130,8 @@ def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100, fast_plaid_pytho
         rescored = cand.gather(1, fine.topk(k, dim=1).indices)
         cascade = (time.perf_counter() - t) / Nq
         rows.append(dict(precision=p, N=N, D=D, budget=f"{rq}x{rc}", bytes_per_candidate=rc * vector_bytes(D, p),
-                         recall_alone=recall(ids), ms_alone=1e3 * alone, depth=depth, recall_rescored=recall(rescored),
+                         recall_alone=recall_of(ids, truth), ms_alone=1e3 * alone, depth=depth,
+                         recall_rescored=recall_of(rescored, truth),
                          ms_rescored=1e3 * cascade))
     peer = numkong_peer()
     if peer is None:

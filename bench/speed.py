@@ -147,15 +147,19 @@ def mode_dispatch(args):
         cpu_kernel.dispatch_file().unlink()
     print(f"CPU {cpu_name()}, {torch.get_num_threads()} threads; "
           f"kept in {cpu_kernel.dispatch_file()}")
+    # every regime maxsim's auto path can meet (cpu_kernel.regime): bf16 math only where a bf16 unit is here
+    maths = ("", "/bf16math") if cpu_kernel.bf16_units() else ("",)
     for one in ("one-query", "many-queries"):
-        for rc in ("rc1", "multi"):
+        for rc in ("rc1", "multi", "multi>16"):
             for d in ("D<=256", "D>256"):
-                for dt in ("fp32", "16bit"):
-                    name = f"{one}/{rc}/{d}/{dt}"
-                    win, t = cpu_kernel.measured_choice(name, maxsim_chunked)
-                    widths = "  ".join(f"C {w}-wide {t[f'C{w}_ms']:7.2f} ms" for w in cpu_kernel.widths())
-                    pick = f"C kernel, {t['width']}-wide" if win == "c" else "torch"
-                    print(f"  {name:<34} {widths}  torch {t['torch_ms']:7.2f} ms  -> {pick}   ({t['probe']})")
+                for dt in ("fp32", "16bit", "int8", "binary"):
+                    for math in maths if dt != "fp32" else ("",):
+                        name = f"{one}/{rc}/{d}/{dt}{math}"
+                        win, t = cpu_kernel.measured_choice(name, maxsim_chunked)
+                        paths = "  ".join(f"{k[:-3]} {v:7.2f} ms" for k, v in t.items()
+                                          if k.endswith("_ms") and k != "C_ms" and v is not None)
+                        pick = f"C kernel, {t['width']}-wide" if win == "c" else win
+                        print(f"  {name:<44} {paths}  -> {pick}   ({t['probe']})")
     write_json(args.json, cpu_kernel.choices)
 
 
