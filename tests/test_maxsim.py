@@ -473,6 +473,11 @@ def test_bf16_math_rounds_only_the_query(backend):
     for cc in (c, c[:, :64]):     # no masks: AMX loads evenly spaced rows in place (a whole index, a prefix view)
         torch.testing.assert_close(maxsim(q, cc, backend=backend).double(), brute_maxsim(q.bfloat16(), cc),
                                    atol=2e-5, rtol=1e-6)
+    q7, c7 = torch.randn(2, 16, 3584), torch.randn(20, 64, 3584).bfloat16()   # the paper's 7B width
+    for rq, rc in ((16, 64), (1, 1)):
+        torch.testing.assert_close(maxsim(q7[:, :rq], c7[:, :rc], backend=backend).double(),
+                                   brute_maxsim(q7[:, :rq].bfloat16(), c7[:, :rc]), rtol=1e-5,
+                                   atol=rq * 3584 * 2.0 ** -24 * 4)   # float32 sums of 3584 products ~1
     unrounded = brute_maxsim(q, c, qm, cm)
     assert (maxsim(q, c, qm, cm, backend=backend).double() - unrounded).abs().max() > 1e-4
 
