@@ -138,12 +138,12 @@ def measured_choice(name, torch_paths=None):
     are timed too."""
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
-            # a path not usable in this process (a unit Linux refused here, one no longer chosen):
-            # measured again
             choices.update({k: v for k, v in json.loads(dispatch_file().read_text()).items()
-                            if v.get("winner") in ("c", "torch", *bf16_units())})
+                            if v.get("winner") in ("c", "torch", *UNITS)})   # a path no longer chosen: measured again
         except (ValueError, AttributeError):
             pass                                       # a damaged file is measured again
+    if choices.get(name, {}).get("winner") in UNITS and choices[name]["winner"] not in bf16_units():
+        del choices[name]                              # a unit this process may not use (AMX refused here)
     if name not in choices:
         if torch_paths is None:
             raise ValueError(f"regime {name} is not measured yet: pass the torch paths to time the kernel against")
