@@ -22,6 +22,7 @@ CODE_FILE = "metaembed_st.py"
 MODULE_CLASS = "MetaEmbedModule"
 SETTINGS_FILE = "metaembed_st.json"
 CARD_FILE = "README.md"
+MODEL_ID_PLACEHOLDER = "multi_vector_encoder_model_id"     # MultiVectorEncoder.push_to_hub puts the repo id there
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the repository's construction from a backbone and its saving are not the folder's: a call says so
 LEFT_OUT = ("build", "save")
@@ -227,7 +228,7 @@ def model_card(config, dim, budget, results=None):
         "encoding, and the budget chosen at search time. Score: MaxSim, the sum over query vectors of each one's "
         "best candidate vector.", "",
         "## Usage", "", "```python", "from sentence_transformers import MultiVectorEncoder",
-        "model = MultiVectorEncoder(\"PATH_OR_REPO_ID\", trust_remote_code=True)",
+        f"model = MultiVectorEncoder(\"{MODEL_ID_PLACEHOLDER}\", trust_remote_code=True)   # the folder, or its hub id",
         "scores = model.similarity(model.encode_query([\"a query\"], num_vectors=2),",
         "                          model.encode_document([image, \"a text\", {\"image\": image, \"text\": \"a caption\"}], num_vectors=4))",
         "```", "",

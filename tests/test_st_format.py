@@ -219,7 +219,7 @@ def test_the_model_card(tiny, tmp_path, capsys):
     tiny.save_pretrained(tmp_path / "ck", budget="2x4")
     card = (tmp_path / "ck" / "README.md").read_text()
     assert card.startswith("---\nlibrary_name: sentence-transformers\n")
-    assert "MultiVectorEncoder(\"PATH_OR_REPO_ID\", trust_remote_code=True)" in card
+    assert "model = MultiVectorEncoder(\"multi_vector_encoder_model_id\", trust_remote_code=True)" in card
     D = tiny.dim
     assert f"| 2x4 (default) | 4 | {4 * D * 2:,} | {4 * D * 4:,} | {2 * 2 * 4 * D:,} |" in card
     assert f"| 16x64 | 64 | {64 * D * 2:,} |" in card
@@ -229,6 +229,13 @@ def test_the_model_card(tiny, tmp_path, capsys):
     assert "Not evaluated yet" not in card and "## License" in card
     assert f"| 2x4 | {100 * res['tasks']['t2i']['2x4']['P@1']:.1f} |" in card
     assert f"{100 * res['summary']['1x1']['overall']:.1f} | {res['summary']['1x1']['bytes_per_candidate']:,} |" in card
+    m = MultiVectorEncoder(str(tmp_path / "ck"), trust_remote_code=True)     # push_to_hub's card: ours, with the id
+    m.model_card_data.model_id = "someone/metaembed-tiny"
+    (tmp_path / "pushed").mkdir()
+    m._create_model_card(str(tmp_path / "pushed"))
+    pushed = (tmp_path / "pushed" / "README.md").read_text()
+    assert "model = MultiVectorEncoder(\"someone/metaembed-tiny\", trust_remote_code=True)" in pushed
+    assert pushed.replace("someone/metaembed-tiny", "multi_vector_encoder_model_id") == card
     with pytest.raises(SystemExit):
         evaluate.get_args(["--backbone", "tiny", "--card"])
     assert "--card writes into a checkpoint's model card: give --checkpoint" in capsys.readouterr().err
