@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 
-from machinery import backbones, checkpoints, checks
+from machinery import backbones, checkpoints
 
 CODE_FILE = "metaembed_st.py"
 MODULE_CLASS = "MetaEmbedModule"
@@ -26,6 +26,8 @@ MODEL_ID_PLACEHOLDER = "multi_vector_encoder_model_id"     # MultiVectorEncoder.
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the repository's construction from a backbone and its saving are not the folder's: a call says so
 LEFT_OUT = ("build", "save")
+# the machinery files' order in the folder's code (the lower first: a top-level line may use what is above it)
+ORDER = ("machinery.checks", "machinery.backbones", "machinery.checkpoints")
 
 
 def write(folder, model, budget, paper, results=None):
@@ -81,13 +83,22 @@ def is_project(module):
 
 def module_code(paper, lora=False):
     """metaembed_st.py: the definitions the module class reaches, copied from their files in the
-    files' order (machinery first, then the paper), then the class. Any name it needs that no
-    source carries is an error here, at save time, not in a user's process."""
-    files = [(m.__name__, m.__file__) for m in (checks, backbones, checkpoints)] + [(paper.__name__, paper.__file__)]
-    sources = {name: parse(name, open(path).read()) for name, path in files}
+    files' order (the machinery's first, then the paper's), then the class. Only the paper's file and
+    machinery/ are carried: any other project name it needs is an error here, at save time, not in
+    a user's process."""
     module_file = os.path.join(os.path.dirname(os.path.abspath(__file__)), "st_module.py")
-    sources["machinery.st_module"] = parse("machinery.st_module", open(module_file).read(), fallback=paper.__name__)
+    files = {paper.__name__: paper.__file__, "machinery.st_module": module_file}
+    sources = {"machinery.st_module": parse("machinery.st_module", open(module_file).read(), fallback=paper.__name__)}
     left_out = set(LEFT_OUT) | (set() if lora else {"add_lora"})     # peft only where LoRA is used
+
+    def source(module):
+        """The parsed file of a module the folder's code carries (the paper's, machinery's), else None."""
+        if module not in sources:
+            path = files.get(module) or os.path.join(ROOT, *module.split(".")) + ".py"
+            if not (module == paper.__name__ or module.startswith("machinery.")) or not os.path.isfile(path):
+                return None
+            files[module], sources[module] = path, parse(module, open(path).read())
+        return sources[module]
 
     def resolve(src, n):
         """A name used in src -> ('def', module, name) | ('ext', module, name) | ('alias', module) | None."""
@@ -99,12 +110,14 @@ def module_code(paper, lora=False):
             target = a.name if isinstance(node, ast.Import) else f"{node.module}.{a.name}"
             if not is_project(target):
                 return ("ext", src, n)
-            if target in sources:
+            if source(target):
                 return ("alias", target)
-            if isinstance(node, ast.ImportFrom) and node.module in sources:
+            if isinstance(node, ast.ImportFrom) and source(node.module):
                 return resolve(node.module, a.name)
             raise ValueError(f"{CODE_FILE}: {src} takes {n} from {target}, which the folder's code does not carry")
         return resolve(s["fallback"], n) if s["fallback"] else None     # a local, a parameter or a builtin
+
+    source(paper.__name__)
 
     wanted, ext, aliases, stubs = set(), set(), set(), set()
     todo = [("machinery.st_module", MODULE_CLASS)]
@@ -168,12 +181,14 @@ def module_code(paper, lora=False):
            "",
            f"{' = '.join(sorted(aliases) + ['sys.modules[__name__]'])}   # the repository's modules are this one file"
            if aliases else ""]
-    for src in [*sources]:
+    machinery = sorted((m for m in sources if m.startswith("machinery.") and m != "machinery.st_module"),
+                       key=lambda m: (ORDER.index(m) if m in ORDER else len(ORDER), m))
+    for src in [*machinery, paper.__name__, "machinery.st_module"]:
         s = sources[src]
         nodes = sorted({id(s["defs"][n]): s["defs"][n] for (m, n) in wanted if m == src}.values(), key=lambda n: n.lineno)
         if not nodes:
             continue
-        path = os.path.relpath(module_file if src == "machinery.st_module" else dict(files)[src], ROOT)
+        path = os.path.relpath(files[src], ROOT)
         out += ["", "", f"# {'-' * 99}", f"# from {path} ({digest(s['text'])})"]
         for node in nodes:
             start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])

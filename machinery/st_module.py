@@ -4,7 +4,7 @@ machinery/st_format.py writes each checkpoint folder's metaembed_st.py from the 
 (metaembed.py and the machinery it uses, copied verbatim) followed by this class, so that
     MultiVectorEncoder(folder, trust_remote_code=True)
 loads the checkpoint in a process without this repository. The project never imports this file:
-the names it uses beyond its imports (MetaEmbed, load_image) are those the generated file defines
+the name it uses beyond its imports (MetaEmbed) is one the generated file defines
 above it, from metaembed.py's namespace.
 """
 import os

@@ -178,6 +178,10 @@ def test_a_name_the_folder_cannot_carry_is_refused_at_save(tmp_path):
     with pytest.raises(ValueError, match="fakepaper takes maxsim_reference from maxsim.maxsim_reference, which the "
                                          "folder's code does not carry"):
         st_format.module_code(module)
+    paper.write_text("from machinery.checks import maxsim_float64\n\n\nclass MetaEmbed:\n    def score(self, q, c):\n"
+                     "        return maxsim_float64(q, c)\n")           # what machinery/ holds is carried, any file
+    code = st_format.module_code(module)
+    assert "\ndef maxsim_float64(" in code and "# from machinery/checks.py" in code and "maxsim_reference" not in code
 
 
 def test_bad_budgets_and_inputs_are_one_line(tiny, tmp_path, capsys):
