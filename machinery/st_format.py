@@ -288,8 +288,8 @@ def write_results(folder, results):
     path = os.path.join(folder, CARD_FILE)
     text = open(path).read() if os.path.isfile(path) else ""
     if RESULTS_BEGIN not in text or RESULTS_END not in text:
-        raise ValueError(f"{path}: no MetaEmbed model card to write the results into (save the checkpoint again "
-                         f"with this version: MetaEmbed.from_pretrained(folder).save_pretrained(folder))")
+        raise ValueError(f"{path}: no MetaEmbed model card to write the results into (a checkpoint saved before "
+                         f"model cards: MetaEmbed.from_pretrained(CK).save_pretrained(NEW_FOLDER) gives it one)")
     head, rest = text.split(RESULTS_BEGIN, 1)
     checkpoints.write_atomic(path, head + RESULTS_BEGIN + "\n" + results_table(results) + "\n" + RESULTS_END +
                              rest.split(RESULTS_END, 1)[1])

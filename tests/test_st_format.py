@@ -240,6 +240,9 @@ def test_the_model_card(tiny, tmp_path, capsys):
     pushed = (tmp_path / "pushed" / "README.md").read_text()
     assert "model = MultiVectorEncoder(\"someone/metaembed-tiny\", trust_remote_code=True)" in pushed
     assert pushed.replace("someone/metaembed-tiny", "multi_vector_encoder_model_id") == card
+    os.remove(tmp_path / "ck" / "README.md")                                  # a checkpoint from before cards
+    with pytest.raises(ValueError, match="README.md: no MetaEmbed model card to write the results into"):
+        st_format.write_results(str(tmp_path / "ck"), res)
     with pytest.raises(SystemExit):
         evaluate.get_args(["--backbone", "tiny", "--card"])
     assert "--card writes into a checkpoint's model card: give --checkpoint" in capsys.readouterr().err
