@@ -78,7 +78,8 @@ class MetaEmbedModule(InputModule):
         if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= R:
             raise ValueError(f"num_vectors={r!r}: a {side} of this model has {R} vectors; give a whole number "
                              f"from 1 to {R} (the Matryoshka prefix)")
-        e = self.model.embed(features, side)[:, :r]                        # (B, r, D) unit vectors
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.model.device.type == "cuda"):   # as encode()
+            e = self.model.embed(features, side)[:, :r]                    # (B, r, D) unit vectors, float32
         return {"token_embeddings": e, "attention_mask": torch.ones(e.shape[:2], dtype=torch.long, device=e.device)}
 
     def save(self, output_path, *args, safe_serialization=True, **kwargs):
