@@ -127,7 +127,8 @@ def module_code(paper, lora=False):
         if (src, name) in wanted:
             continue
         if name in left_out:
-            stubs[name] = "the repository's construction and saving, not this folder's"
+            stubs[name] = "this checkpoint has no LoRA adapters (so peft need not be installed)" if name == "add_lora" \
+                else "the repository's construction and saving, not this folder's"
             continue
         wanted.add((src, name))
         for node in ast.walk(sources[src]["defs"][name]):
@@ -199,7 +200,7 @@ def module_code(paper, lora=False):
                 start -= 1                                        # the comment lines just above it
             out += ["", ""] + s["lines"][start - 1:node.end_lineno]
     if stubs:
-        out += ["", "", f"# {'-' * 99}", "# left out: code loading and encoding do not reach", ""]
+        out += ["", "", f"# {'-' * 99}", "# left out of this folder (each says why)", ""]
         for name in sorted(stubs):
             out += ["", f"def {name}(*args, **kwargs):",
                     f"    raise NotImplementedError({f'{name}() is left out of this folder: {stubs[name]}'!r})", ""]
