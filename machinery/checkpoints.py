@@ -172,7 +172,7 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
     if not master:
         return None
     final = os.path.join(out, f"checkpoint-{step:07d}")
-    model.save_pretrained(final, state_dict=model_sd, budget=args.get("default_budget"))  # atomic: a temporary folder, then rename
+    model.save_pretrained(final, state_dict=model_sd, budget=args.get("default_budget"))  # atomic: a tmp folder, renamed
     with open(os.path.join(final, "train_args.json"), "w") as f:
         json.dump(args, f, indent=2)
     tensors = {f"{i}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
