@@ -22,7 +22,7 @@ import torch
 
 import data
 from maxsim import maxsim, maxsim_pairwise, maxsim_topk
-from machinery import checks, hub, index, report
+from machinery import checks, hub, index, report, st_format
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
 from metaembed import MetaEmbed, load_model, parse_budget, parse_budgets
@@ -230,11 +230,15 @@ def get_args(argv=None):
                    "budget (default results/mteb)")
     p.add_argument("--output", help="write every number as JSON here")
     p.add_argument("--plot", help="write a PNG of quality against budget and index size here")
+    p.add_argument("--card", action="store_true", help="write the results table into the checkpoint's model card "
+                   "(its README.md, the sentence-transformers folder's)")
     args = p.parse_args(argv)
     checks.at_least(p.error, args, batch_size=1, synthetic_scenes=1, max_rows=1, workers=0, max_pixels=1, min_pixels=1)
     checks.parses(p.error, "--objects", data.parse_objects, args.objects)
     if args.index_dir:
         checks.writable_dir(p.error, "--index-dir", args.index_dir)
+    if args.card and args.backbone:
+        p.error("--card writes into a checkpoint's model card: give --checkpoint, not --backbone")
     if args.mteb and args.precision != "bf16":
         p.error("--precision int8 / binary is for the project's own scoring, not --mteb (mteb scores its own way)")
     for flag, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
@@ -340,6 +344,12 @@ def main(argv=None):
     if args.plot:
         report.plot(results, args.plot)
         print(f"wrote {args.plot}")
+    if args.card:
+        try:
+            st_format.write_results(results["model"], results)
+        except (ValueError, OSError) as e:
+            sys.exit(f"evaluate.py: error: --card: {e}")
+        print(f"wrote the results into {os.path.join(results['model'], st_format.CARD_FILE)}")
     return results
 
 

@@ -16,6 +16,7 @@ Backbones, images, checkpoints' files and input checks live in machinery/.
 import functools
 import os
 import re
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -23,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from maxsim import maxsim_pairwise, maxsim_reference
-from machinery import backbones, checkpoints
+from machinery import backbones, checkpoints, st_format
 from machinery.checks import check_encode_inputs, check_groups
 
 # -----------------------------------------------------------------------------
@@ -204,9 +205,9 @@ class MetaEmbed(nn.Module):
         """A saved folder (save_pretrained's), every file checked first."""
         return load(cls, path)
 
-    def save_pretrained(self, path, state_dict=None):
+    def save_pretrained(self, path, state_dict=None, budget=None):
         """metaembed.json, model.safetensors, the backbone config and processor: see save()."""
-        save(self, path, state_dict)
+        save(self, path, state_dict, budget)
 
     def set_image_bounds(self, min_pixels=None, max_pixels=None):
         """Change the image bounds (pixels) of this model's processor; kept in its config."""
@@ -389,15 +390,20 @@ def assemble(cls, config, backbone, processor, seed=0):
         return cls(config, backbone, processor)
 
 
-def save(model, path, state_dict=None):
+def save(model, path, state_dict=None, budget=None):
     """Folder: metaembed.json, model.safetensors (what was trained: the random `tiny` base
     whole, a hub base is reloaded by name), the backbone config and the processor; written
-    whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one)."""
+    whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one).
+    Also a sentence-transformers MultiVectorEncoder (machinery/st_format.py) of default `budget`."""
+    c = model.config
+    budget = parse_budget(budget or (c.num_query_tokens, c.num_candidate_tokens), c.groups, c.num_query_tokens,
+                          c.num_candidate_tokens, name="default budget")
     state = model.state_dict() if state_dict is None else state_dict
     if not model.config.offline:
         state = {k: state[k] for k in model.trained_parameters()}
     checkpoints.save_model(path, state, asdict(model.config), [model.base_model().config, model.processor.tokenizer,
-                                                               model.processor.image_processor])
+                                                               model.processor.image_processor],
+                           lambda folder: st_format.write(folder, model, budget, sys.modules[__name__]))
 
 
 def load(cls, path):

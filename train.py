@@ -27,7 +27,7 @@ import data
 import evaluate
 from machinery import checkpoints, checks, distributed, hub
 from machinery.backbones import BACKBONES, OFFLINE, check_backbone, is_offline
-from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss
+from metaembed import TEMPERATURE, MetaEmbed, matryoshka_loss, parse_budget
 
 # -----------------------------------------------------------------------------
 # recipes: the defaults of a kind of run, applied as argparse defaults (flags given still win)
@@ -126,6 +126,8 @@ def get_args(argv=None):
     g.add_argument("--eval-every", type=int, default=0, metavar="N",
                    help="every N steps (and at the end): P@1 on held-out rows at each Matryoshka group, logged")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--default-budget", metavar="AxB", help="the budget a checkpoint loaded as a sentence-transformers "
+                   "MultiVectorEncoder encodes at when no num_vectors is given, so in mteb (default: all vectors)")
     first, _ = p.parse_known_args(argv)           # which recipe: --recipe, else by the backbone
     recipe = first.recipe or ("tiny" if is_offline(first.backbone) else "real")
     p.set_defaults(**RECIPES[recipe])
@@ -149,6 +151,9 @@ def get_args(argv=None):
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be at least 0, got {args.weight_decay}")
     checks.parses(p.error, "--objects", data.parse_objects, args.objects)
+    checks.parses(p.error, "--default-budget", functools.partial(
+        parse_budget, num_query_tokens=args.query_tokens, num_candidate_tokens=args.candidate_tokens,
+        name="default-budget"), args.default_budget)
     return args
 
 
@@ -440,7 +445,7 @@ def _set_rng_state(state):
 # LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
 SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
                   "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
-                  "require_negatives"}
+                  "require_negatives", "default_budget"}
 
 
 def check_resume(settings, path):

@@ -10,5 +10,8 @@ imports nothing from the layers above (the paper at the root, the applications i
     index         the one on-disk index format, its precisions (evaluate.py --index-dir, apps/search_index.py)
     mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model; MaxSim given by the caller)
     report        evaluate.py's summary per budget, results table and plot
+    st_format     every saved folder a sentence-transformers MultiVectorEncoder: its code written from the
+                  project's own at save time, modules.json, the model card
+    st_module     the sentence-transformers module class that code ends with (never imported here)
     checks        argument, path and input checks (one line that names the problem); the MaxSim verification reference
 """

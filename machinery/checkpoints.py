@@ -35,10 +35,10 @@ def replace_dir(tmp, path):
 # -----------------------------------------------------------------------------
 # the model folder
 
-def save_model(path, state, config, parts):
+def save_model(path, state, config, parts, extra=None):
     """Write metaembed.json (config, a dict), model.safetensors (state) and each of `parts` (objects
     with save_pretrained: the backbone config, tokenizer, image processor) to a temporary
-    folder, then rename it into place."""
+    folder, extra(folder) there too (more files), then rename it into place."""
     from safetensors.torch import save_file
     path = os.fspath(path)
     tmp = path.rstrip("/") + ".tmp"
@@ -49,6 +49,8 @@ def save_model(path, state, config, parts):
         json.dump(config, f, indent=2)
     for part in parts:
         part.save_pretrained(tmp)
+    if extra is not None:
+        extra(tmp)
     replace_dir(tmp, path)
 
 
@@ -170,7 +172,7 @@ def save_checkpoint(out, step, model, opt, args, fsdp=False, master=True):
     if not master:
         return None
     final = os.path.join(out, f"checkpoint-{step:07d}")
-    model.save_pretrained(final, state_dict=model_sd)  # atomic: a temporary folder, then rename
+    model.save_pretrained(final, state_dict=model_sd, budget=args.get("default_budget"))  # atomic: a tmp folder, renamed
     with open(os.path.join(final, "train_args.json"), "w") as f:
         json.dump(args, f, indent=2)
     tensors = {f"{i}::{k}": v.detach().cpu().contiguous() for i, st in sd["state"].items() for k, v in st.items()}
