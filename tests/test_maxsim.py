@@ -9,7 +9,7 @@ import torch
 
 from conftest import brute_maxsim
 import maxsim as maxsim_module
-from maxsim import maxsim, maxsim_chunked, maxsim_reference
+from maxsim import maxsim, maxsim_chunked, maxsim_reference, maxsim_topk
 from machinery import cpu_kernel, triton_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -641,3 +641,18 @@ def test_a_damaged_dispatch_record_is_measured_again_and_rewritten(monkeypatch, 
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
     kept = json.loads(f.read_text())[name]
     assert kept["winner"] in ("c", "torch") and kept["width"] in cpu_kernel.widths()
+
+
+def test_edge_inputs_are_the_same_on_every_path_or_one_line():
+    """#41 smaller ones: r_c = 0 scores 0 on the torch path as on the others; a float mask (0.5 was True
+    to torch and False to the C kernel) is refused; maxsim_topk's k and chunk below 1 are one line."""
+    q, c = torch.randn(2, 3, 16), torch.randn(5, 4, 16)
+    backends = ["torch"] + (["c"] if c_kernel_builds() else [])
+    for backend in backends:
+        assert torch.equal(maxsim(q, c[:, :0], backend=backend), torch.zeros(2, 5))
+        with pytest.raises(ValueError, match=r"c_mask is torch.float32: give a bool mask"):
+            maxsim(q, c, c_mask=torch.full((5, 4), 0.5), backend=backend)
+    for k, chunk, said in ((-1, None, "k must be a whole number >= 1, got -1"),
+                           (3, 0, "chunk must be a whole number >= 1, got 0")):
+        with pytest.raises(ValueError, match=f"maxsim_topk: {said}"):
+            maxsim_topk(q, c, k, chunk=chunk)
