@@ -231,6 +231,7 @@ def train(args):
         check_backbone(args.backbone)  # backbone is checked against the checkpoint's first)
     mix = load_mixture(args, say) if args.mixture else None   # every source checked before the backbone is built
     resume_from, used = prepare_out(args, world, master, say, ddp)
+    used["trained_on"] = checkpoints.check_same_data(resume_from, checkpoints.data_record(args.mixture, mix))
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp
     net, params = distributed.distribute(model, ddp, local, device, fsdp, args.grad_checkpointing)

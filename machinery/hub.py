@@ -332,7 +332,7 @@ def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRA
         raise ValueError(f"mixture {file}: {len(bad)} of {len(spec)} source(s) cannot be read: "
                          + "; ".join(f"{', '.join(names)}: {e}" for e, names in said.items()))
     mixture = Mixture(names, sources, weights, heldout)
-    mixture.notes, mixture.negatives = notes, [negatives_in(s) for s in sources]
+    mixture.notes, mixture.negatives, mixture.spec = notes, [negatives_in(s) for s in sources], spec
     return mixture
 
 

@@ -374,3 +374,29 @@ def test_mixture_sources_are_checked_before_the_backbone_and_negatives_said_once
     said = capsys.readouterr().out
     assert said.count("N24News: no hard negatives in this copy: in-batch negatives only") == 1
     assert "CIRR: no hard" not in said and "DocVQA: no hard" not in said
+
+
+def test_resume_refuses_a_changed_mixture_naming_the_source(tmp_path, monkeypatch):
+    """#41 case 4: the mixture file edited between the stop and --resume (two sources' paths swapped, a
+    weight changed) is refused, naming each source and what changed; the same rows copied elsewhere
+    (a path that moved) resume."""
+    import yaml
+    from test_data import moca_copy
+    a, b = moca_copy(tmp_path, "A", 40), moca_copy(tmp_path, "B", 30)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"A": {"weight": 1.0, "path": a}, "B": {"weight": 3.0, "path": b}}))
+    common = ["--mixture", str(mix), "--holdout", "4", "--source-run", "2", "--steps", "4", "--batch-size", "4",
+              "--save-every", "2"]
+    crash_at_batch(monkeypatch, 4, lambda: run(tmp_path, "r", *common))       # stopped after the step-2 checkpoint
+    mix.write_text(yaml.safe_dump({"A": {"weight": 2.0, "path": b}, "B": {"weight": 3.0, "path": a}}))
+    with pytest.raises(ValueError, match=r"--resume from .* on other data than it was trained on") as e:
+        run(tmp_path, "r", *common, "--resume")
+    said = str(e.value)
+    assert "A: weight 1.0 -> 2.0" in said and "A: its rows differ (40 of 40 rows -> 30 of 30 rows" in said
+    assert "B: its rows differ (30 of 30 rows -> 40 of 40 rows" in said and "B: weight" not in said
+    moved = shutil.copytree(a, tmp_path / "elsewhere")
+    mix.write_text(yaml.safe_dump({"A": {"weight": 1.0, "path": str(moved)}, "B": {"weight": 3.0, "path": b}}))
+    _, log = run(tmp_path, "r", *common, "--resume")
+    assert [r["step"] for r in log][-2:] == [3, 4]
+    saved = json.load(open(tmp_path / "r" / "checkpoint-0000004" / "train_args.json"))["trained_on"]
+    assert saved["sources"]["A"]["path"] == str(moved) and list(saved["sources"]) == ["A", "B"]
