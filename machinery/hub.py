@@ -5,6 +5,7 @@ subset, split, column or row before any work starts."""
 import hashlib
 import math
 import os
+import re
 
 import torch
 
@@ -265,6 +266,10 @@ def read_mixture(file):
         raise ValueError(f"mixture {file}: expected 'Source: {{weight: W, num_samples: N}}' entries")
     for name, entry in spec.items():
         where = f"mixture {file}: source {name}"
+        if not isinstance(name, str):                # 1 and '1' would be two sources shown alike; ~ is None
+            raise ValueError(f"mixture {file}: source name {name!r} is YAML's {type(name).__name__}, not text: "
+                             f"quote it ('{name}')" if name is not None else
+                             f"mixture {file}: a source is named ~ (YAML's null): give it a name")
         if entry is not None and not isinstance(entry, dict):
             raise ValueError(f"{where}: expected {{weight: W, num_samples: N, path: ...}}, got {entry!r}")
         entry = spec[name] = dict(entry or {})
@@ -272,6 +277,8 @@ def read_mixture(file):
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
         w = entry.setdefault("weight", 1.0)
+        if isinstance(w, str) and re.fullmatch(r"\s*[+]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", w):
+            w = entry["weight"] = float(w)           # 1e-3: text to YAML 1.1 (PyYAML), a number to YAML 1.2
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w < float("inf")):
             raise ValueError(f"{where}: weight must be a finite number > 0, got {w!r}")
         cap = entry.get("num_samples")
