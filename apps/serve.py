@@ -133,10 +133,8 @@ class Searcher:
             q = self.model.encode_queries([text], [image] if image is not None else None)
             try:
                 s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
-            except ValueError as e:                # files changed mid-search (a short read): not the client's fault
-                if index.changed():
-                    raise BadRequest(f"{index.changed()}: {e}", 503) from None
-                raise
+            except ValueError as e:                # files changed mid-search, or damaged: not the client's fault
+                raise BadRequest(f"{index.changed()}: {e}" if index.changed() else str(e), 503) from None
         ms = 1e3 * (time.perf_counter() - t)
         items = index.items
         vector = index.D * index.vectors.dtype.itemsize                              # the float copy's

@@ -359,6 +359,26 @@ def test_slow_headers_hold_no_slot_and_are_cut_short(server, monkeypatch):
         srv.server_close()
 
 
+def test_a_damaged_index_is_a_503_naming_verify(server, tmp_path):
+    """#41: a search whose results the index cannot stand behind (a NaN written into item 5) is the
+    server's problem, not the client's: 503 naming `search.py verify`."""
+    import numpy as np
+    bad = tmp_path / "scenes"
+    shutil.copytree(server[1], bad)
+    g = np.memmap(bad / "group-0-1.bin", dtype=np.float32, mode="r+")
+    g[8 * 5] = np.nan
+    g.flush()
+    index, model = search.open_for_search(search.get_args(["query", "--index", str(bad), "x"]))
+    srv = serve.make_server(serve.Searcher(index, model), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, body = get(f"http://127.0.0.1:{srv.server_address[1]}/api/search?q=red&budget=1x1&k=48")
+        assert status == 503 and "search.py verify" in body["error"] and "item(s) 5 " in body["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_absolute_form_and_repeated_headers_are_refused(server):
     """#41: GET http://evil/api/info (absolute form) and //host/... are not paths here; a repeated Host or
     Content-Length header is refused (the first one won)."""
