@@ -133,10 +133,12 @@ class Index:
         most = q.float().norm(dim=-1).sum(1) * on_disk.norm_bound(self.D, precision or self.meta["dtype"])   # (N_q,)
         for a, r in enumerate(keep):
             for x, j in r:
-                if abs(x) > 1.01 * float(most[a]) + 1e-3:
+                if abs(x) > 1.01 * float(most[a]) + 1e-3:     # |sum_i max_j <q_i, c_j>| <= sum_i ||q_i|| max_j ||c_j||
+                    view = self.vectors.prefix(r_c, precision)
+                    files = ", ".join(os.path.basename(f) for part in view.parts for f in part[2:])
                     raise ValueError(f"index {self.path}: item {j} ({self.items[j]['id']}) scores {x:.6g}, more than "
-                                     f"{q.shape[1]} unit query vectors can reach ({float(most[a]):.4g}): the index "
-                                     f"is damaged; run `search.py verify {self.path}`, then rebuild the index")
+                                     f"{q.shape[1]} unit query vectors can reach ({float(most[a]):.4g}), from {files}: "
+                                     f"run `search.py verify {self.path}`, then rebuild the index")
 
 
 ITEM_FIELDS = {"n": (int, "a whole number"), "id": ((str, int), "a string or a whole number"), "source": (str, "a string"),

@@ -284,7 +284,7 @@ def test_an_edited_index_json_is_refused_and_verify_names_it(wide, tmp_path, cap
     assert ": ok (" in capsys.readouterr().out
 
 
-def test_same_size_damage_to_low_bits_is_never_served(wide, tmp_path, capsys):
+def test_same_size_damage_to_low_bits_is_never_served(wide, tmp_path, monkeypatch):
     """#41 case 2: item 12's codes set to 127, or item 5's scales to 1e20: every search's results are
     checked against what unit vectors can be; verify names the one file that changed."""
     D = 128
@@ -303,6 +303,12 @@ def test_same_size_damage_to_low_bits_is_never_served(wide, tmp_path, capsys):
               r"item 5 .* holds a scale of 1e\+20 .* in group-0-1.scale.bin")
     assert search_index.verify(codes) == ["group-16-64.int8.bin does not match its checksum: the file changed after "
                                           "indexing"]
+    # a score no unit vectors can reach, whole files or not (here: a scoring path made to return 100x)
+    real = search_index.maxsim_topk
+    monkeypatch.setattr(search_index, "maxsim_topk", lambda *a, **k: (lambda s, i: (100 * s, i))(*real(*a, **k)))
+    fails(["query", "--index", str(wide / "int8"), "red", "--budget", "2x4", "-k", "3"],
+          r"scores .*, more than 2 unit query vectors can reach \(2.0.*\), from group-0-1.int8.bin, "
+          r"group-0-1.scale.bin, group-1-4.int8.bin, group-1-4.scale.bin: run `search.py verify")
 
 
 def test_files_truncated_after_opening_are_an_error_not_memory(wide, tmp_path):
