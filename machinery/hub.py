@@ -150,8 +150,10 @@ class Source(torch.utils.data.Dataset):
                 if isinstance(v, Image.Image):
                     v.load()
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise ValueError(f"{src}: an image in the row cannot be decoded ({type(e).__name__}: {str(e)[:120]}): "
-                             f"repair or drop the row, or pass --skip-bad-rows to skip such rows") from None
+            why = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else \
+                f"{type(e).__name__}: {str(e)[:120]}"
+            raise ValueError(f"{src}: an image in the row cannot be decoded ({why}): repair or drop the row, or "
+                             f"pass --skip-bad-rows to skip such rows") from None
 
         def img(x):                                   # a path joined to --images; decode: read and decoded now
             x = _image_path(self.images_dir, x, src) if isinstance(x, str) else x

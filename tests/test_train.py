@@ -429,7 +429,8 @@ def test_a_row_with_a_corrupt_image_is_one_line_or_skipped_and_counted(tmp_path,
               "--source-run", "4"]
     mix.write_text(yaml.safe_dump({"A": {"path": copy("held", {18})}}))            # a held-out row
     with pytest.raises(SystemExit, match=r"^train.py: error: A row 18: an image in the row cannot be decoded "
-                                         r"\(UnidentifiedImageError: .*--skip-bad-rows"):
+                                         r"\(not an image PIL can identify\): repair or drop the row, or pass "
+                                         r"--skip-bad-rows to skip such rows$"):
         train.main(SMALL + ["--out", str(tmp_path / "h")] + common)
     mix.write_text(yaml.safe_dump({"A": {"path": copy("train", {5, 6})}}))          # training rows
     with pytest.raises(SystemExit, match=r"^train.py: error: A row [56]: an image in the row cannot be decoded"):
