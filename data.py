@@ -330,6 +330,9 @@ def collate(examples, processor, query_suffix=False, num_negatives=1):
     q = prepare(processor, [e["qry_text"] for e in examples],
                 [_image(e["qry_image"], e["source"]) for e in examples], "query", query_suffix=query_suffix)
     c = prepare(processor, [t or "" for t, _, _ in cands], [_image(i, s) for _, i, s in cands], "candidate")
+    skipped = [said for e in examples for said in e.get("skipped", ())]
+    if skipped:                  # rows skipped for these examples (--skip-bad-rows): for the log, beside the tensors
+        q["skipped_rows"] = skipped
     return q, c, neg_mask
 
 

@@ -111,6 +111,8 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
                 mode.fp32_precision = old
     if bf16:                    # elsewhere the same numbers in float32 math (bf16 values are exact there)
         return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
+    if r_c == 0 or r_q == 0:   # no candidate (or query) vector: every score 0, as a fully masked one
+        return torch.zeros(Nq, Nc, dtype=torch.float32, device=q.device)
     tall = M < 64
     dt = torch.float32                                                    # the math's dtype
     packed = isinstance(c, Quantized)
@@ -203,6 +205,9 @@ def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exa
     -> (scores (N_q, k) float32, indices (N_q, k) int64), best first; a running top-k merged
     chunk by chunk, so memory is O(N_q * (k + chunk)) plus one chunk of the corpus."""
     check_maxsim_inputs(q, c, q_mask, c_mask)
+    for name, v in (("k", k), ("chunk", chunk)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ValueError(f"maxsim_topk: {name} must be a whole number >= 1, got {v!r}")
     Nq, Nc = q.shape[0], c.shape[0]
     if chunk is None:
         in_place = isinstance(c, torch.Tensor) and c.device == q.device

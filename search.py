@@ -19,8 +19,8 @@ import os
 import sys
 import time
 
-from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, plan, qdrant_client,
-                                qdrant_search, to_qdrant, verify)
+from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, non_finite_items, plan,
+                                qdrant_client, qdrant_search, to_qdrant, verify)
 from machinery import checks
 from machinery.index import PRECISIONS
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
@@ -125,6 +125,10 @@ def index_cmd(args):
 
 
 def push(index, where, collection, overwrite):
+    bad = non_finite_items(index)              # Qdrant refuses them: said before a collection is made
+    if bad:
+        raise ValueError(f"index {index.path}: {bad}: nothing pushed; run `search.py verify {index.path}`, then "
+                         f"rebuild the index")
     client = qdrant_client(where, collection, index.meta, overwrite)
     to_qdrant(index, client, collection, overwrite=overwrite)
     check_collection(client, index, collection)
@@ -202,6 +206,9 @@ def main(argv=None):
             meta = json.load(open(os.path.join(args.index, "index.json")))
             print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision "
                   f"{meta.get('precision', meta['dtype'])})")
+            if "meta_sha256" not in meta:      # an index built before index.json carried its own checksum
+                print(f"{args.index}: note: index.json and items.jsonl carry no checksum (built before they were "
+                      f"written): they were checked field by field only; rebuild the index to cover them")
             return []
         if args.command == "serve":
             from apps import serve

@@ -98,6 +98,9 @@ def get_args(argv=None):
                    "ones of each mixture source; synthetic: this many eval scenes)")
     g.add_argument("--num-negatives", type=int, default=1, help="hard negatives per query, K (rows with fewer "
                    "repeat their last; 0 = in-batch negatives only)")
+    g.add_argument("--skip-bad-rows", action="store_true", help="with --mixture: a row whose image cannot be decoded "
+                   "is skipped (the next good row of its source in its place, the same on --resume) and counted in "
+                   "the log; without it such a row stops the run, naming the source and the row")
     g.add_argument("--require-negatives", action="store_true", help="with --mixture: refuse to start unless every "
                    "training row of every source has a hard negative")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -236,6 +239,7 @@ def train(args):
         check_backbone(args.backbone)  # backbone is checked against the checkpoint's first)
     mix = load_mixture(args, say) if args.mixture else None   # every source checked before the backbone is built
     resume_from, used = prepare_out(args, world, master, say, ddp)
+    used["trained_on"] = checkpoints.check_same_data(resume_from, checkpoints.data_record(args.mixture, mix))
     model = build_model(args, resume_from)
     cfg, fsdp = model.config, args.fsdp and ddp
     net, params = distributed.distribute(model, ddp, local, device, fsdp, args.grad_checkpointing)
@@ -282,6 +286,10 @@ def train(args):
                    "hard_negatives": 0 if neg_mask is None else int(neg_mask[:, 0].sum())}   # queries with one, this rank
             if isinstance(sampler, data.MixtureBatches):
                 rec["seen"] = sampler.seen(step + 1)                   # examples per source, this rank
+            if args.skip_bad_rows:                                     # rows skipped in this batch, this rank
+                rec["skipped_rows"] = len(q_in.get("skipped_rows", ()))
+                for said in q_in.get("skipped_rows", ()):
+                    print(f"train.py: step {step + 1}: skipped {said}", file=sys.stderr)
             if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
                 rec.update(evaluate.heldout_p_at_1(model, heldout, cfg.groups, B, device))
                 net.train()
@@ -320,7 +328,7 @@ def train(args):
 def load_mixture(args, say):
     """--mixture: every source opened and its first row read (one error naming every source that
     cannot be), before the backbone is built; what each source lacks said once, here."""
-    mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
+    mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train, args.skip_bad_rows)
     for note in mix.notes:
         say(f"train.py: {note}")
     if args.num_negatives:

@@ -12,6 +12,7 @@ done atomically, a rerun continues where it stopped, and index.json (which `quer
 written last, so an interrupted run never leaves an index that looks complete. A corrupt image
 among many is skipped, listed in skipped.jsonl and never returned.
 """
+import hashlib
 import json
 import math
 import os
@@ -51,12 +52,16 @@ class Index:
         self.vectors = on_disk.open_vectors(self.path, REQUIRED)
         self.meta, self.N, self.R_c, self.D = self.vectors.meta, self.vectors.N, self.vectors.R_c, self.vectors.D
         self.bounds, self.precision = self.vectors.bounds, self.vectors.precision
-        with open(os.path.join(self.path, "items.jsonl")) as f:
-            self.items = [json.loads(line) for line in f]
+        with open(os.path.join(self.path, "items.jsonl"), "rb") as f:
+            raw = f.read()
+        self.items = read_items(self.path, raw)
         if len(self.items) != self.N or any(it.get("n", n) != n for n, it in enumerate(self.items)):
             raise ValueError(f"index {self.path}: items.jsonl lists {len(self.items)} items"
                              f"{' out of order' if len(self.items) == self.N else ''}, index.json {self.N}: the "
                              f"labels would not match the vectors; rebuild the index")
+        if "items_sha256" in self.meta and hashlib.sha256(raw).hexdigest() != self.meta["items_sha256"]:
+            raise ValueError(f"index {self.path}: items.jsonl does not match its checksum in index.json (changed "
+                             f"after indexing): run `search.py verify {self.path}`, then rebuild the index")
         self.skipped = {i for i, it in enumerate(self.items) if it.get("skipped")}
 
     @property
@@ -112,8 +117,55 @@ class Index:
             raise ValueError(f"index {self.path}: item(s) {named} "
                              f"score NaN or inf (their vectors are damaged): run `search.py verify {self.path}`, "
                              f"then rebuild the index")
+        self.check_plausible(q[:, :budget[0]], keep, budget[1], None if first else precision)
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))
+
+    def check_plausible(self, q, keep, r_c, precision):
+        """Every search's results, checked at little cost: their stored vectors (the rows returned,
+        at the precision that scored them) are what unit vectors can be, and no score is above what
+        the query's vectors can reach against unit vectors; else one line naming the file."""
+        bad = on_disk.implausible(self.vectors, [j for r in keep for _, j in r], r_c, precision)
+        if bad:
+            j, file, what = bad
+            raise ValueError(f"index {self.path}: item {j} ({self.items[j]['id']}) holds {what} in {file}: the "
+                             f"file is damaged; run `search.py verify {self.path}`, then rebuild the index")
+        most = q.float().norm(dim=-1).sum(1) * on_disk.norm_bound(self.D, precision or self.meta["dtype"])   # (N_q,)
+        for a, r in enumerate(keep):
+            for x, j in r:
+                if abs(x) > 1.01 * float(most[a]) + 1e-3:     # |sum_i max_j <q_i, c_j>| <= sum_i ||q_i|| max_j ||c_j||
+                    view = self.vectors.prefix(r_c, precision)
+                    files = ", ".join(os.path.basename(f) for part in view.parts for f in part[2:])
+                    raise ValueError(f"index {self.path}: item {j} ({self.items[j]['id']}) scores {x:.6g}, more than "
+                                     f"{q.shape[1]} unit query vectors can reach ({float(most[a]):.4g}), from {files}: "
+                                     f"run `search.py verify {self.path}`, then rebuild the index")
+
+
+ITEM_FIELDS = {"n": (int, "a whole number"), "id": ((str, int), "a string or a whole number"), "source": (str, "a string"),
+               "kind": (str, "a string"), "file": (str, "a string"), "page": (int, "a whole number"),
+               "skipped": (bool, "true or false")}
+NEEDED = ("id", "source")                          # what every item has; the others where they apply
+
+
+def read_items(path, raw):
+    """items.jsonl's bytes -> its items: each line a JSON object whose fields have their types
+    (ITEM_FIELDS); else one line naming the file, the line and the field."""
+    items, lines = [], raw.split(b"\n")
+    for n, line in enumerate(lines[:-1] if lines[-1] == b"" else lines, 1):     # after the last newline: nothing
+        try:
+            it = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"index {path}: items.jsonl line {n} is not JSON ({e}): rebuild the index") from None
+        if not isinstance(it, dict):
+            raise ValueError(f"index {path}: items.jsonl line {n} is {line[:60].decode(errors='replace')}, not an "
+                             f"object with id and source: rebuild the index")
+        for k, (kind, said) in ITEM_FIELDS.items():
+            v = it.get(k)
+            if (k in it or k in NEEDED) and (not isinstance(v, kind) or isinstance(v, bool) != (kind is bool)):
+                raise ValueError(f"index {path}: items.jsonl line {n}: {k} {json.dumps(v)[:60]} is not {said}: "
+                                 f"rebuild the index")
+        items.append(it)
+    return items
 
 
 def check_depth(first, depth, flag="--"):
@@ -358,11 +410,17 @@ def verify(path):
     else:
         got = on_disk.checksums(index.vectors)
         problems += [f"{f} does not match its checksum: the file changed after indexing" for f in want if got.get(f) != want[f]]
-    bad = [j for j in on_disk.non_finite_rows(index.vectors) if j not in index.skipped]
+    bad = non_finite_items(index)
     if bad:
-        named = ", ".join(f"{j} ({index.items[j]['id']})" for j in bad[:10])
-        problems.append(f"{len(bad)} item(s) hold NaN or inf: {named}")
+        problems.append(bad)
     return problems
+
+
+def non_finite_items(index):
+    """A line naming the items (not skipped) whose stored vectors hold NaN or inf, or None (a full read)."""
+    bad = [j for j in on_disk.non_finite_rows(index.vectors) if j not in index.skipped]
+    return f"{len(bad)} item(s) hold NaN or inf: " + ", ".join(f"{j} ({index.items[j]['id']})" for j in bad[:10]) \
+        if bad else None
 
 
 # -----------------------------------------------------------------------------
@@ -450,6 +508,9 @@ def check_collection(client, index, collection):
         raise ValueError(f"Qdrant has no collection {collection!r} there: write it with "
                          f"`search.py push --index {index.path} --qdrant ...`")
     owner = collection_owner(client, collection)
+    if owner is None and index.N > len(index.skipped):
+        raise ValueError(f"Qdrant collection {collection!r} is empty (an upload that failed): write it with "
+                         f"`search.py push --index {index.path} --qdrant ...`")
     if owner != index.meta.get("index_id"):
         raise ValueError(f"Qdrant collection {collection!r} holds another index ({owner}), not {index.path}")
     have, want = client.count(collection, exact=True).count, index.N - len(index.skipped)

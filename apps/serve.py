@@ -13,8 +13,11 @@ time); the page and thumbnails are served in parallel, by at most MAX_THREADS th
 Safe to leave running (docs/search.md has the figures): only requests naming the served address
 in Host are answered, and only from the page itself (Origin / Sec-Fetch-Site; no CORS headers),
 so no other web site can read or drive it; a body needs a Content-Length within MAX_UPLOAD and an
-upload at most MAX_PIXELS decoded pixels; a socket idle for TIMEOUT seconds, or a request open
-for DEADLINE, is closed; the image formats decoded are machinery.backbones.FORMATS only.
+upload at most MAX_PIXELS decoded pixels; a socket idle for TIMEOUT seconds, a request line and
+headers not in after HEADER_DEADLINE, or a connection open for DEADLINE, is closed; a request holds
+one of the MAX_THREADS slots only once its headers are in (slow clients cannot starve fast ones);
+only a path (origin-form) is taken as the target, and one Host and Content-Length header; the
+image formats decoded are machinery.backbones.FORMATS only.
 """
 import io
 import json
@@ -37,8 +40,10 @@ MAX_UPLOAD = 20 << 20          # bytes of an uploaded query image
 MAX_PIXELS = 25_000_000        # decoded pixels of an uploaded query image (a 6000 x 4000 photo fits)
 THUMB = 256                    # pixels of a thumbnail's longer edge
 THUMBS_CACHED = 1024           # thumbnails kept (a few MB of JPEG)
-MAX_THREADS = 16               # requests handled at once; more connections wait in the listen queue
+MAX_THREADS = 16               # requests handled at once (from when their headers are in)
+CONNECTIONS = 4                # x MAX_THREADS: connections open at once; more wait in the listen queue
 TIMEOUT = 10                   # seconds a socket may sit idle mid-request
+HEADER_DEADLINE = 5            # seconds for a request's line and headers (a slow client cannot hold a slot)
 DEADLINE = 60                  # seconds a connection may stay open at all
 DECODES = 2                    # uploads and thumbnails decoded at once (their memory is the peak)
 PAGE = Path(__file__).with_name("search_page.html")
@@ -128,10 +133,8 @@ class Searcher:
             q = self.model.encode_queries([text], [image] if image is not None else None)
             try:
                 s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
-            except ValueError as e:                # files changed mid-search (a short read): not the client's fault
-                if index.changed():
-                    raise BadRequest(f"{index.changed()}: {e}", 503) from None
-                raise
+            except ValueError as e:                # files changed mid-search, or damaged: not the client's fault
+                raise BadRequest(f"{index.changed()}: {e}" if index.changed() else str(e), 503) from None
         ms = 1e3 * (time.perf_counter() - t)
         items = index.items
         vector = index.D * index.vectors.dtype.itemsize                              # the float copy's
@@ -297,6 +300,14 @@ class Handler(BaseHTTPRequestHandler):
         return body or None
 
     def route(self, post, head=False):
+        if not self.path.startswith("/"):              # absolute-form (GET http://evil/...): not a path here
+            raise BadRequest(f"the request target {self.path[:60]!r} is not a path: send its path (/api/...)")
+        if self.path.startswith("//"):                 # urlsplit would read a host from it
+            raise BadRequest("not found", 404)
+        for name in ("Host", "Content-Length"):        # which one would win is a proxy's guess: refused
+            if len(self.headers.get_all(name) or []) > 1:
+                self.close_connection = True
+                raise BadRequest(f"{name} is given {len(self.headers.get_all(name))} times: send it once")
         self.check_origin()
         url = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
@@ -314,12 +325,32 @@ class Handler(BaseHTTPRequestHandler):
         raise BadRequest("not found", 404)
 
     def handle(self):                              # the connection, at most DEADLINE seconds in all
-        deadline = threading.Timer(DEADLINE, self.hang_up)
-        deadline.start()
+        self.ends, self.timer, self.slot = time.monotonic() + DEADLINE, None, False
         try:
             super().handle()
         finally:
-            deadline.cancel()
+            self.arm(None)
+
+    def arm(self, seconds):
+        """One hang-up timer at a time: `seconds` from now, never past the connection's DEADLINE
+        (None: none)."""
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None
+        if seconds is not None:
+            self.timer = threading.Timer(max(0.0, min(seconds, self.ends - time.monotonic())), self.hang_up)
+            self.timer.daemon = True
+            self.timer.start()
+
+    def parse_request(self):
+        """The request line and headers are in (within HEADER_DEADLINE): only now is a slot taken,
+        and the rest (body, search, answer) has until the connection's DEADLINE."""
+        if not super().parse_request():
+            return False
+        self.arm(DEADLINE)
+        self.server.slots.acquire()
+        self.slot = True
+        return True
 
     def answer(self, post, head=False):
         try:
@@ -341,10 +372,15 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def handle_one_request(self):
+        self.arm(HEADER_DEADLINE)                  # the request line and headers: a few seconds
         try:
             super().handle_one_request()
         except (ConnectionError, TimeoutError, socket.timeout):   # a reply cut short: no traceback
             self.close_connection = True
+        finally:
+            if self.slot:
+                self.slot = False
+                self.server.slots.release()
 
     def do_GET(self):
         self.answer(post=False)
@@ -362,21 +398,24 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class Server(ThreadingHTTPServer):
-    """ThreadingHTTPServer with at most MAX_THREADS requests handled at once: the accept loop waits
-    for a free slot, and further connections wait in the kernel's listen queue."""
+    """ThreadingHTTPServer with at most `threads` requests handled at once (a slot is taken once a
+    request's headers are in) and CONNECTIONS x threads connections open (the accept loop waits for
+    one to close; a connection that sends no whole request line and headers is closed after
+    HEADER_DEADLINE); further connections wait in the kernel's listen queue."""
     daemon_threads = True
     request_queue_size = 64
 
     def __init__(self, address, handler, threads=MAX_THREADS):
         self.slots = threading.BoundedSemaphore(threads)
+        self.connections = threading.BoundedSemaphore(CONNECTIONS * threads)
         super().__init__(address, handler)
 
     def process_request(self, request, client_address):
-        self.slots.acquire()
+        self.connections.acquire()
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self.connections.release()
             raise
 
     def handle_error(self, request, client_address):
@@ -387,7 +426,7 @@ class Server(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self.connections.release()
 
 
 def make_server(searcher, host="127.0.0.1", port=8765, threads=MAX_THREADS):

@@ -227,3 +227,58 @@ def clear_checkpoints(out):
             shutil.rmtree(os.path.join(out, d))
         elif d == "latest":
             os.remove(os.path.join(out, d))
+
+
+# -----------------------------------------------------------------------------
+# what a run trains on: recorded in train_args.json, and a resumed run must train on the same
+
+DATA_FIELDS = ("weight", "num_samples", "subset", "split")   # a mixture entry's fields that change the data
+
+
+def data_record(mixture_file, mixture):
+    """What a --mixture run trains on (None without one): the mixture file (path, sha256, each
+    source's entry in order) and each source by content: rows in its table, rows used, and a
+    sha256 of its first training row and its last row used, read undecoded (a copy moved elsewhere
+    is the same source; an edit that keeps the row count and both end rows is not seen)."""
+    if mixture is None:
+        return None
+    with open(mixture_file, "rb") as f:
+        text = f.read()
+    sources = {}
+    for name, train, held in zip(mixture.names, mixture.sources, mixture.heldout):
+        table, h = train.ds.with_format("arrow"), hashlib.sha256()
+        for row in (train.rows[0], held.rows[-1]):
+            h.update(repr(table[row].to_pylist()).encode())
+        sources[str(name)] = {**{k: mixture.spec[name].get(k) for k in (*DATA_FIELDS, "path")},
+                              "table_rows": len(train.ds), "rows": len(train) + len(held),
+                              "end_rows_sha256": h.hexdigest()[:16]}
+    return {"mixture": os.path.abspath(mixture_file), "mixture_sha256": hashlib.sha256(text).hexdigest(),
+            "sources": sources}
+
+
+def check_same_data(path, record):
+    """--resume from checkpoint `path` (None: a fresh run) trains on the data it was trained on, or
+    refuses naming each source and what changed: the sources and their order, a weight, cap, subset
+    or split, a source's rows (a path swapped, a copy edited). A checkpoint from before the record
+    was kept is resumed unchecked. -> record (what this run saves)."""
+    if path is None:
+        return record
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f).get("trained_on")
+    if saved is None or record is None:
+        return record                       # no record kept, or no mixture: --mixture itself is a setting
+    was, now, said = saved["sources"], record["sources"], []
+    if list(was) != list(now):
+        said.append(f"sources {', '.join(was)} -> {', '.join(now)}")
+    for name in [n for n in now if n in was]:
+        a, b = was[name], now[name]
+        said += [f"{name}: {k} {a.get(k)!r} -> {b.get(k)!r}" for k in DATA_FIELDS if a.get(k) != b.get(k)]
+        if (a["table_rows"], a["rows"], a["end_rows_sha256"]) != (b["table_rows"], b["rows"], b["end_rows_sha256"]):
+            moved = f"; path {a.get('path')!r} -> {b.get('path')!r}" if a.get("path") != b.get("path") else ""
+            said.append(f"{name}: its rows differ ({a['rows']} of {a['table_rows']} rows -> {b['rows']} of "
+                        f"{b['table_rows']} rows{', other first or last rows' if a['rows'] == b['rows'] else ''}{moved})")
+    if said:
+        raise ValueError(f"--resume from {path} on other data than it was trained on (mixture {record['mixture']}: "
+                         f"{'; '.join(said)}): resume with the same mixture and sources, or train afresh into "
+                         f"another --out")
+    return record

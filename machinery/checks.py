@@ -66,6 +66,8 @@ def check_maxsim_inputs(q, c, q_mask=None, c_mask=None):
     for name, x, m in (("q_mask", q, q_mask), ("c_mask", c, c_mask)):
         if m is not None and tuple(m.shape) != tuple(x.shape[:2]):
             raise ValueError(f"{name} has shape {tuple(m.shape)}, expected {tuple(x.shape[:2])}")
+        if m is not None and m.dtype.is_floating_point:    # 0.5: True to torch, 0 as the C kernel's byte
+            raise ValueError(f"{name} is {m.dtype}: give a bool mask (True = a real vector)")
 
 
 def check_encode_inputs(texts, images, batch_size):

@@ -139,11 +139,11 @@ def measured_choice(name, torch_paths=None):
     if not choices and dispatch_file() and dispatch_file().exists():
         try:
             choices.update({k: v for k, v in json.loads(dispatch_file().read_text()).items()
-                            if v.get("winner") in ("c", "torch", *UNITS)})   # a path no longer chosen: measured again
-        except (ValueError, AttributeError):
+                            if isinstance(v, dict) and v.get("winner") in ("c", "torch", *UNITS)})
+        except (ValueError, AttributeError, OSError):
             pass                                       # a damaged file is measured again
-    if choices.get(name, {}).get("winner") in UNITS and choices[name]["winner"] not in bf16_units():
-        del choices[name]                              # a unit this process may not use (AMX refused here)
+    if name in choices and not usable(name, choices[name]):
+        del choices[name]                              # measured again, and the file rewritten
     if name not in choices:
         if torch_paths is None:
             raise ValueError(f"regime {name} is not measured yet: pass the torch paths to time the kernel against")
@@ -168,6 +168,19 @@ def measured_choice(name, torch_paths=None):
             tmp.write_text(json.dumps(choices, indent=1))
             os.replace(tmp, dispatch_file())          # atomic: concurrent processes are safe
     return choices[name]["winner"], choices[name]
+
+
+def usable(name, record):
+    """The record is a cache, not an authority: a kept decision is used only where this process
+    could have made it for this regime: the C kernel at a register width built and self-checked
+    here; a bf16 unit only in a regime that allows bf16 math (never exact=True, never a float32
+    index) and usable here; else the torch path."""
+    winner = record.get("winner")
+    if winner == "c":
+        return type(record.get("width")) is int and record["width"] in widths() and library(record["width"]) is not None
+    if winner in UNITS:
+        return "bf16math" in name.split("/") and winner in bf16_units()
+    return winner == "torch"
 
 
 def choose(q, c, torch_paths, exact=False):

@@ -5,10 +5,11 @@ subset, split, column or row before any work starts."""
 import hashlib
 import math
 import os
+import re
 
 import torch
 
-from machinery.backbones import looks_like_hub_id
+from machinery.backbones import load_image, looks_like_hub_id
 
 # -----------------------------------------------------------------------------
 # Hugging Face datasets: hub ids or local folders laid out like the hub repositories
@@ -113,21 +114,57 @@ def _negative_columns(ds, layout):
 
 class Source(torch.utils.data.Dataset):
     """One training source: rows of a `datasets.Dataset` in one of LAYOUTS, read (and decoded)
-    lazily, one example at a time. rows: which rows of ds are used (a cap, a held-out split)."""
+    lazily, one example at a time. rows: which rows of ds are used (a cap, a held-out split). A row
+    whose images cannot be decoded is one ValueError naming the source and the row; skip_bad: it is
+    skipped instead, the next good row of the source taken in its place (the same one every time, so
+    a resumed run sees the same examples) and named in the example's "skipped"."""
 
-    def __init__(self, ds, layout, name, images_dir=None, rows=None):
+    def __init__(self, ds, layout, name, images_dir=None, rows=None, skip_bad=False):
         self.ds, self.layout, self.name, self.images_dir = ds, layout, name, images_dir
         self.rows = range(len(ds)) if rows is None else rows
+        self.skip_bad = skip_bad
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        n = self.rows[int(i)]
-        r, src = self.ds[n], f"{self.name} row {n}"
-        img = lambda x: _image_path(self.images_dir, x, src) if isinstance(x, str) else x  # noqa: E731
+        if not self.skip_bad:
+            return self.example(self.rows[int(i)])
+        skipped = []
+        for k in range(len(self.rows)):
+            try:
+                e = self.example(self.rows[(int(i) + k) % len(self.rows)], decode=True)
+            except ValueError as err:
+                skipped.append(str(err))
+                continue
+            return {**e, "skipped": skipped}
+        raise ValueError(f"{self.name}: no row of its {len(self.rows)} can be read (first: {skipped[0]})")
+
+    def example(self, n, decode=False):
+        """Row n as an example; decode: every image decoded now (a path too), so a bad one is found here."""
+        src = f"{self.name} row {n}"
+        from PIL import Image
+        try:
+            r = self.ds[n]
+            for v in r.values():                      # images in the row: decoded now, not deep in a batch
+                if isinstance(v, Image.Image):
+                    v.load()
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            why = "not an image PIL can identify" if isinstance(e, Image.UnidentifiedImageError) else \
+                f"{type(e).__name__}: {str(e)[:120]}"
+            raise ValueError(f"{src}: an image in the row cannot be decoded ({why}): repair or drop the row, or "
+                             f"pass --skip-bad-rows to skip such rows") from None
+
+        def img(x):                                   # a path joined to --images; decode: read and decoded now
+            x = _image_path(self.images_dir, x, src) if isinstance(x, str) else x
+            if not decode or x is None:
+                return x
+            try:
+                return load_image(x, f" ({src})")
+            except (FileNotFoundError, ValueError) as e:
+                raise ValueError(str(e)) from None
         if self.layout == "colpali":
-            return dict(qry_text=r["query"], qry_image=None, pos_text="", pos_image=r["image"], negs=[], source=src)
+            return dict(qry_text=r["query"], qry_image=None, pos_text="", pos_image=img(r["image"]), negs=[], source=src)
         if self.layout == "mmeb":
             negs = [(r.get("neg_text") or "", img(r.get("neg_image_path")))]
             negs = [(t, im) for t, im in negs if t or im is not None]
@@ -265,6 +302,10 @@ def read_mixture(file):
         raise ValueError(f"mixture {file}: expected 'Source: {{weight: W, num_samples: N}}' entries")
     for name, entry in spec.items():
         where = f"mixture {file}: source {name}"
+        if not isinstance(name, str):                # 1 and '1' would be two sources shown alike; ~ is None
+            raise ValueError(f"mixture {file}: source name {name!r} is YAML's {type(name).__name__}, not text: "
+                             f"quote it ('{name}')" if name is not None else
+                             f"mixture {file}: a source is named ~ (YAML's null): give it a name")
         if entry is not None and not isinstance(entry, dict):
             raise ValueError(f"{where}: expected {{weight: W, num_samples: N, path: ...}}, got {entry!r}")
         entry = spec[name] = dict(entry or {})
@@ -272,6 +313,8 @@ def read_mixture(file):
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}")
         w = entry.setdefault("weight", 1.0)
+        if isinstance(w, str) and re.fullmatch(r"\s*[+]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+\s*", w):
+            w = entry["weight"] = float(w)           # 1e-3: text to YAML 1.1 (PyYAML), a number to YAML 1.2
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w < float("inf")):
             raise ValueError(f"{where}: weight must be a finite number > 0, got {w!r}")
         cap = entry.get("num_samples")
@@ -285,7 +328,7 @@ def read_mixture(file):
     return spec
 
 
-def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRAIN):
+def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRAIN, skip_bad_rows=False):
     """A mixture file (YAML, the official form), one entry per source:
 
         ImageNet_1K: {weight: 1.0, num_samples: 100000}       # an MMEB-train subset (path: mmeb_train)
@@ -298,7 +341,8 @@ def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRA
     official one); images: the folder for image path columns, default images_dir (--images).
     A cap takes the FIRST num_samples rows (the official split f"original[:{num_samples}]") and the last
     `holdout` rows of that prefix are held out (for --eval-every). Every source is opened and its first
-    row read before this returns; one ValueError names every source that cannot be. -> Mixture, with
+    row read before this returns; one ValueError names every source that cannot be. skip_bad_rows: a
+    row whose images cannot be decoded is skipped (Source's skip_bad); else it is one line. -> Mixture, with
     .notes (what to tell the user) and .negatives (rows with a hard negative, per source)."""
     spec = read_mixture(file)
     names, sources, weights, heldout, notes, bad = [], [], [], [], [], []
@@ -314,6 +358,7 @@ def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRA
             if n <= holdout:
                 raise ValueError(f"{name}: {n} rows{' (num_samples)' if n == cap else ''}, not more than the "
                                  f"{holdout} held out")
+            src.skip_bad = skip_bad_rows
             src[0]                                                # the first row reads (images, columns)
         except (ValueError, FileNotFoundError) as e:
             bad.append((name, str(e)))
@@ -323,8 +368,8 @@ def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRA
                          f"(after {holdout} held out): all of them are used")
         names.append(name)
         weights.append(float(s["weight"]))
-        sources.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout)))
-        heldout.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout, n)))
+        sources.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout), skip_bad_rows))
+        heldout.append(Source(src.ds, src.layout, name, src.images_dir, range(n - holdout, n), skip_bad_rows))
     if bad:  # one line: sources failing alike are named together
         said = {}
         for name, e in bad:
@@ -332,7 +377,7 @@ def load_mixture(file, images_dir=None, holdout=100, seed=0, mmeb_train=MMEB_TRA
         raise ValueError(f"mixture {file}: {len(bad)} of {len(spec)} source(s) cannot be read: "
                          + "; ".join(f"{', '.join(names)}: {e}" for e, names in said.items()))
     mixture = Mixture(names, sources, weights, heldout)
-    mixture.notes, mixture.negatives = notes, [negatives_in(s) for s in sources]
+    mixture.notes, mixture.negatives, mixture.spec = notes, [negatives_in(s) for s in sources], spec
     return mixture
 
 

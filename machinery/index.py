@@ -126,31 +126,108 @@ def create(path, N, R_c, D, groups, dtype, precision=None):
 
 
 def write_meta(path, meta):
-    """index.json, atomically (search.py writes it last: its presence marks a finished index)."""
-    write_atomic(os.path.join(path, "index.json"), json.dumps(meta))
+    """index.json, atomically (search.py writes it last: its presence marks a finished index), with
+    the sha256 of items.jsonl (if the folder holds one) and of index.json's own other fields, so
+    that every open checks both whole (open_vectors, apps/search_index.Index)."""
+    items = os.path.join(path, "items.jsonl")
+    meta = json.loads(json.dumps({**meta, **({"items_sha256": file_sha256(items)} if os.path.isfile(items) else {})}))
+    write_atomic(os.path.join(path, "index.json"), json.dumps({**meta, "meta_sha256": meta_digest(meta)}))
+
+
+def meta_digest(meta):
+    """sha256 of index.json's fields but its own checksum (canonical JSON: sorted keys)."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_sha256"},
+                                     sort_keys=True).encode()).hexdigest()
+
+
+def file_sha256(file, chunk=1 << 24):
+    """sha256 of a file, read in 16 MiB pieces."""
+    h = hashlib.sha256()
+    with open(file, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _whole(v, lo):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _pairs(v):
+    return isinstance(v, list) and len(v) > 0 and all(
+        isinstance(p, list) and len(p) == 2 and all(_whole(x, 0) for x in p) for p in v)
+
+
+def _digest(v):
+    return isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+
+# index.json's fields a reader relies on, each with its rule: this format's own, then what search.py
+# adds (a field absent is refused only where a reader requires it)
+FIELDS = {
+    "count": (lambda v: _whole(v, 0), "is not a whole number >= 0"),
+    "dim": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
+    "num_candidate_tokens": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
+    "groups": (_pairs, "is not a list of [start, end] pairs of whole numbers"),
+    "dtype": (lambda v: v in DTYPES, f"is none of {', '.join(DTYPES)}"),
+    "precision": (lambda v: v in (*DTYPES, *QUANTIZED), f"is none of {', '.join(QUANTIZED)} (or the dtype)"),
+    "num_query_tokens": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
+    "model_groups": (lambda v: _pairs(v) and all(min(p) >= 1 for p in v), "is not a list of [r_q, r_c] pairs >= 1"),
+    "checkpoint": (lambda v: isinstance(v, str), "is not a string"),
+    "checkpoint_rel": (lambda v: isinstance(v, str), "is not a string"),
+    "fingerprint": (lambda v: v is None or isinstance(v, str), "is not a string"),
+    "index_id": (lambda v: isinstance(v, str), "is not a string"),
+    "backbone": (lambda v: v is None or isinstance(v, str), "is not a string"),
+    "skipped": (lambda v: _whole(v, 0), "is not a whole number >= 0"),
+    "checksums": (lambda v: isinstance(v, dict) and all(_digest(h) for h in v.values()),
+                  "is not a map of file names to sha256 digests"),
+    "items_sha256": (_digest, "is not a sha256 digest"),
+    "meta_sha256": (_digest, "is not a sha256 digest"),
+}
+
+
+def check_meta(path, meta, required=()):
+    """The one check of index.json's fields: each one's type and range (FIELDS), and how they fit
+    together -> meta; else one ValueError naming the file, the field and its value."""
+    def damaged(what):
+        raise ValueError(f"index {path}: index.json is damaged ({what}): rebuild the index")
+    if not isinstance(meta, dict):
+        damaged(f"expected a JSON object, got {json.dumps(meta)[:60]}")
+    missing = [k for k in ("count", "dim", "num_candidate_tokens", "groups", "dtype", *required) if k not in meta]
+    if missing:
+        damaged(f"missing {', '.join(missing)}")
+    for k, (ok, said) in FIELDS.items():
+        if k in meta and not ok(meta[k]):
+            damaged(f"{k} {meta[k]!r} {said}" if isinstance(meta[k], str) else f"{k} {json.dumps(meta[k])[:80]} {said}")
+    ends = [0] + [b for _, b in meta["groups"]]
+    if [a for a, _ in meta["groups"]] != ends[:-1] or ends[-1] != meta["num_candidate_tokens"] or \
+            any(a >= b for a, b in meta["groups"]):
+        damaged(f"groups {json.dumps(meta['groups'])[:80]} are not consecutive ranges from 0 to "
+                f"num_candidate_tokens {meta['num_candidate_tokens']}")
+    if meta.get("precision", meta["dtype"]) not in (meta["dtype"], *QUANTIZED):
+        damaged(f"precision {meta['precision']!r} is none of {', '.join(QUANTIZED)} (or the dtype, {meta['dtype']})")
+    return meta
 
 
 def open_vectors(path, required=()):
-    """The vectors of a finished index, their file sizes checked against index.json (a lowered
-    count, a truncated or swapped file is named, never searched in part; a damaged index.json,
-    a field of `required` missing or a dtype or precision unknown, is one line)."""
+    """The vectors of a finished index: index.json checked whole (check_meta; its own checksum,
+    where it has one) and the file sizes against it (a lowered count, a truncated or swapped file
+    is named, never searched in part). Each problem is one line."""
     try:
-        with open(os.path.join(path, "index.json")) as f:
-            meta = json.load(f)
-        missing = [k for k in ("count", "dim", "num_candidate_tokens", "groups", "dtype", *required) if k not in meta]
-        if missing or meta["dtype"] not in DTYPES or meta.get("precision", meta["dtype"]) not in (*DTYPES, *PRECISIONS):
-            raise ValueError(f"missing {', '.join(missing)}" if missing else
-                             f"dtype {meta['dtype']!r} is none of {', '.join(DTYPES)}" if meta["dtype"] not in DTYPES
-                             else f"precision {meta['precision']!r} is none of {', '.join(PRECISIONS)}")
-        vectors = Vectors(path, meta)
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ValueError(f"index {path}: index.json is damaged ({e}): rebuild the index") from None
+        with open(os.path.join(path, "index.json"), "rb") as f:
+            meta = json.loads(f.read())
+    except ValueError as e:
+        raise ValueError(f"index {path}: index.json is damaged (not JSON: {e}): rebuild the index") from None
+    vectors = Vectors(path, check_meta(path, meta, required))
     for f, want in vectors.file_sizes():
         have = os.path.getsize(f) if os.path.isfile(f) else None
         if have != want:
             raise ValueError(f"index {path}: {os.path.basename(f)} is {'missing' if have is None else f'{have} bytes'}, "
                              f"but index.json says {vectors.N} candidates of {vectors.D} dimensions in "
                              f"{vectors.precision} = {want}: the index is damaged; rebuild it")
+    if "meta_sha256" in meta and meta_digest(meta) != meta["meta_sha256"]:
+        raise ValueError(f"index {path}: index.json does not match its own checksum (edited or damaged after "
+                         f"indexing): run `search.py verify {path}`, then rebuild the index")
     return vectors
 
 
@@ -167,16 +244,9 @@ def stamp(path):
     return tuple(out)
 
 
-def checksums(vectors, chunk=1 << 24):
-    """sha256 of each group file, read in 16 MiB pieces: written at build time, checked by verify."""
-    out = {}
-    for f, _ in vectors.file_sizes():
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(chunk):
-                h.update(block)
-        out[os.path.basename(f)] = h.hexdigest()
-    return out
+def checksums(vectors):
+    """sha256 of each group file: written at build time, checked by verify."""
+    return {os.path.basename(f): file_sha256(f) for f, _ in vectors.file_sizes()}
 
 
 def non_finite_rows(vectors, rows=4096):
@@ -190,17 +260,73 @@ def non_finite_rows(vectors, rows=4096):
     return sorted(bad)
 
 
+def norm_bound(D, precision):
+    """The largest norm a unit vector can have once stored at a precision: float32's rounding; bf16
+    and fp16's (2^-9 of each number at most); int8's (half a step a number: sqrt(D) x scale / 2, the
+    scale at most 1/127); binary's scale x sqrt(D) = mean|x| x sqrt(D) <= 1 (Cauchy-Schwarz)."""
+    if precision == "int8":
+        return 1 + D ** 0.5 / 254 + 1e-3
+    return 1 + 1e-3 if precision in ("binary", "float32") else 1 + 2 ** -7
+
+
+def implausible(vectors, rows, r_c, precision=None):
+    """The first of `rows` (item numbers) whose first r_c stored vectors (the float copy, or the
+    low-bit groups at precision) no unit vector can give: a NaN or inf, a scale above its rule's
+    most (int8: 1/127, binary: 1/sqrt(D)) or a norm above norm_bound -> (row, file name, what), or
+    None. Reads only those rows: cheap enough for every search's results."""
+    rows = sorted(set(rows))
+    if not rows:
+        return None
+    view = vectors.prefix(r_c, precision)
+    x = view[rows]                                                        # (n, r_c, D) or Quantized
+    low = isinstance(x, Quantized)
+    files = vectors.code_files if low else vectors.files
+    group = lambda j: next(g for g, (a, b) in enumerate(vectors.bounds) if a <= j < b)  # noqa: E731
+    if low:                         # int8: max|x| / 127; binary: mean|x| <= ||x|| / sqrt(D)
+        most = (1 / 127 if x.precision == "int8" else vectors.D ** -0.5) * (1 + 1e-5)
+        bad = ~((x.scale >= 0) & (x.scale <= most))                       # (n, r_c); NaN is bad
+        if bad.any():
+            i, j = (int(t) for t in bad.nonzero()[0])
+            return rows[i], os.path.basename(vectors.scale_files[group(j)]), \
+                f"a scale of {float(x.scale[i, j]):.4g} (at most {most:.4g} for a unit vector)"
+        x = x.dequantize()
+    norms = x.float().norm(dim=-1)                                        # (n, r_c)
+    limit = norm_bound(vectors.D, view.precision if low else vectors.meta["dtype"])
+    bad = ~(norms <= limit)                                               # NaN and inf are bad
+    if not bad.any():
+        return None
+    i, j = (int(t) for t in bad.nonzero()[0])
+    return rows[i], os.path.basename(files[group(j)]), f"a vector of norm {float(norms[i, j]):.4g} (a unit vector's " \
+        f"is 1, at most {limit:.4g} once stored)"
+
+
 def read_range(vectors, file, width, start, n):
     """Rows start..start + n of one group file holding `width` vectors a candidate, with one plain
     read -> (n, width, D) in the index dtype."""
     out = torch.empty(n, width, vectors.D, dtype=vectors.dtype)
-    with open(file, "rb") as fh:
-        fh.seek(start * width * vectors.vector_bytes)
-        got = fh.readinto(out.view(torch.uint8).numpy())
-    if got != out.numel() * out.element_size():                   # never uninitialised memory as vectors
-        raise ValueError(f"index {vectors.path}: {os.path.basename(file)} is shorter than index.json says "
-                         f"(read {got} of {out.numel() * out.element_size()} bytes): it changed or is damaged")
+    _read_into(file, out.view(torch.uint8).numpy(), start * width * vectors.vector_bytes, vectors.path)
     return out
+
+
+def _read_into(file, out, offset, path):
+    """Fill the numpy array out from file at offset with one plain read: every byte, or an error
+    (never uninitialised memory as vectors)."""
+    with open(file, "rb") as fh:
+        fh.seek(offset)
+        got = fh.readinto(out)
+    if got != out.nbytes:
+        raise ValueError(f"index {path}: {os.path.basename(file)} is shorter than index.json says "
+                         f"(read {got} of {out.nbytes} bytes): it changed or is damaged")
+
+
+def _memmap(file, dtype, shape, path):
+    """A read-only memory map of a whole group file, its size checked first (a file truncated
+    after the index was opened is an error, not a crash on a page that is gone)."""
+    want = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if os.path.getsize(file) < want:
+        raise ValueError(f"index {path}: {os.path.basename(file)} is shorter than index.json says "
+                         f"({os.path.getsize(file)} of {want} bytes): it changed or is damaged")
+    return np.memmap(file, dtype=dtype, mode="r", shape=shape)
 
 
 class Vectors:
@@ -323,24 +449,22 @@ class Prefix:
             rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
             store = np.float32 if v.dtype == torch.float32 else np.uint16
             parts = [torch.from_numpy(np.ascontiguousarray(
-                np.memmap(f, dtype=store, mode="r", shape=(v.N, b - a, v.D))[rows])).view(v.dtype)
+                _memmap(f, store, (v.N, b - a, v.D), v.path)[rows])).view(v.dtype)
                 for a, b, f in self.parts]
         x = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
         return x if x.shape[1] == self.r_c else x[:, :self.r_c]  # (n, r_c, D)
 
 
-def _read_rows(file, dtype, shape, rows):
+def _read_rows(file, dtype, shape, rows, path):
     """Rows of one group file (N, w, ...) of numpy dtype: a slice with one plain read, a list of
     rows through a memory map."""
     N, rest = shape[0], shape[1:]
     if isinstance(rows, slice):
         ids = range(N)[rows]
         out = np.empty((len(ids), *rest), dtype=dtype)
-        with open(file, "rb") as fh:
-            fh.seek(ids.start * out[0:1].nbytes)
-            fh.readinto(out)
+        _read_into(file, out, ids.start * out[0:1].nbytes, path)
         return torch.from_numpy(out)
-    return torch.from_numpy(np.ascontiguousarray(np.memmap(file, dtype=dtype, mode="r", shape=shape)[rows]))
+    return torch.from_numpy(np.ascontiguousarray(_memmap(file, dtype, shape, path)[rows]))
 
 
 class QuantizedPrefix:
@@ -366,7 +490,7 @@ class QuantizedPrefix:
         if not isinstance(rows, slice):
             rows = np.asarray(rows.cpu() if isinstance(rows, torch.Tensor) else rows, dtype=np.int64)
         store = np.int8 if self.precision == "int8" else np.uint8
-        codes = [_read_rows(fc, store, (v.N, b - a, v.code_width), rows) for a, b, fc, _ in self.parts]
-        scale = [_read_rows(fs, np.float32, (v.N, b - a), rows) for a, b, _, fs in self.parts]
+        codes = [_read_rows(fc, store, (v.N, b - a, v.code_width), rows, v.path) for a, b, fc, _ in self.parts]
+        scale = [_read_rows(fs, np.float32, (v.N, b - a), rows, v.path) for a, b, _, fs in self.parts]
         codes, scale = (x[0] if len(x) == 1 else torch.cat(x, 1) for x in (codes, scale))
         return Quantized(self.precision, codes[:, :self.r_c], scale[:, :self.r_c], v.D)       # (n, r_c, D)

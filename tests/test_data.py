@@ -34,6 +34,20 @@ def test_mixture_uses_mmeb_train_and_names_every_bad_entry(tmp_path, capsys):
         hub.load_mixture(str(dup))
 
 
+def test_mixture_names_are_text_and_exponent_weights_numbers(tmp_path):
+    """#41: keys 1 and '1' (two sources shown alike) and a `~:` key (a source named None) are one line;
+    a weight written 1e-3 (text to PyYAML's YAML 1.1) is the number it reads as."""
+    from test_data import moca_copy
+    a = moca_copy(tmp_path, "A", 150)
+    for text, said in ((f"1: {{path: {a}}}\n'1': {{path: {a}}}\n", r"source name 1 is YAML's int, not text: quote it \('1'\)"),
+                       (f"~: {{path: {a}}}\n", r"a source is named ~ \(YAML's null\)")):
+        (tmp_path / "m.yaml").write_text(text)
+        with pytest.raises(ValueError, match=said):
+            hub.read_mixture(str(tmp_path / "m.yaml"))
+    (tmp_path / "w.yaml").write_text(f"A: {{path: {a}, weight: 1e-3}}\nB: {{path: {a}, weight: 2E+1}}\n")
+    assert [e["weight"] for e in hub.read_mixture(str(tmp_path / "w.yaml")).values()] == [1e-3, 20.0]
+
+
 def test_synthetic_is_deterministic_and_seeded():
     a, b = data.SyntheticPairs(50, seed=1), data.SyntheticPairs(50, seed=1)
     for i in (0, 7, 49):

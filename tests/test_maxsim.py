@@ -9,7 +9,7 @@ import torch
 
 from conftest import brute_maxsim
 import maxsim as maxsim_module
-from maxsim import maxsim, maxsim_chunked, maxsim_reference
+from maxsim import maxsim, maxsim_chunked, maxsim_reference, maxsim_topk
 from machinery import cpu_kernel, triton_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -598,3 +598,61 @@ def test_triton_dequantises_in_the_kernel(monkeypatch, precision, qdtype):
         want = brute_maxsim(q[:, :rq].to(qdtype), deq[:, :rc], qm[:, :rq], cm[:, :rc])
         got = triton_kernel.maxsim_triton(q[:, :rq].to(qdtype), packed[:, :rc], qm[:, :rq], cm[:, :rc])
         assert (got.double() - want).abs().max() <= tol
+
+
+def test_a_dispatch_record_cannot_switch_exact_to_bf16_math(monkeypatch, tmp_path):
+    """#41 case 5: a record naming a bf16 unit for a regime that does not allow bf16 math (exact=True,
+    a 16-bit index) is measured again: exact=True never runs bf16 math, whatever the record says."""
+    if not c_kernel_builds():
+        pytest.skip("no C compiler: the dispatch has only the torch path")
+    q = torch.nn.functional.normalize(torch.randn(1, 4, 64), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(30, 8, 64), dim=-1).bfloat16()
+    name = cpu_kernel.regime(q, c, exact=True)
+    assert "bf16math" not in name
+    f = tmp_path / "dispatch.json"
+    f.write_text(json.dumps({name: {"winner": "c-bf16", "width": 16}}))
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: f)
+    monkeypatch.setattr(cpu_kernel, "bf16_units", lambda: ("c-bf16",))        # as on a CPU with AVX512_BF16
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 for k in fns})
+    used = []
+    monkeypatch.setattr(cpu_kernel, "maxsim_bf16", lambda q, c, qm=None, cm=None, unit=None:
+                        used.append(unit) or maxsim_chunked(q, c, qm, cm, bf16=True))
+    got = maxsim(q, c, exact=True)
+    assert used == [] and (got.double() - brute_maxsim(q, c)).abs().max() < 1e-5
+    assert json.loads(f.read_text())[name]["winner"] in ("c", "torch")          # rewritten
+
+
+@pytest.mark.parametrize("damage", [{"winner": "c", "width": "abc"}, {"winner": "c", "width": 12},
+                                    {"winner": "c-bf16"}, {"winner": "c-amx", "width": 16}])
+def test_a_damaged_dispatch_record_is_measured_again_and_rewritten(monkeypatch, tmp_path, damage):
+    """#41 case 6: a width the kernel has no build for ('abc' broke every search: 'the fused CPU kernel did
+    not build'), a bf16 unit on a float32 regime ('takes a CPU bf16, int8 or binary index'): measured again,
+    the file rewritten, the search right."""
+    if not c_kernel_builds():
+        pytest.skip("no C compiler: the dispatch has only the torch path")
+    q, c = torch.randn(2, 3, 32), torch.randn(20, 4, 32)
+    name = cpu_kernel.regime(q, c)
+    f = tmp_path / "dispatch.json"
+    f.write_text(json.dumps({name: damage}))
+    monkeypatch.setattr(cpu_kernel, "choices", {})
+    monkeypatch.setattr(cpu_kernel, "dispatch_file", lambda: f)
+    monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: {k: 1.0 for k in fns})
+    torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
+    kept = json.loads(f.read_text())[name]
+    assert kept["winner"] in ("c", "torch") and kept["width"] in cpu_kernel.widths()
+
+
+def test_edge_inputs_are_the_same_on_every_path_or_one_line():
+    """#41 smaller ones: r_c = 0 scores 0 on the torch path as on the others; a float mask (0.5 was True
+    to torch and False to the C kernel) is refused; maxsim_topk's k and chunk below 1 are one line."""
+    q, c = torch.randn(2, 3, 16), torch.randn(5, 4, 16)
+    backends = ["torch"] + (["c"] if c_kernel_builds() else [])
+    for backend in backends:
+        assert torch.equal(maxsim(q, c[:, :0], backend=backend), torch.zeros(2, 5))
+        with pytest.raises(ValueError, match=r"c_mask is torch.float32: give a bool mask"):
+            maxsim(q, c, c_mask=torch.full((5, 4), 0.5), backend=backend)
+    for k, chunk, said in ((-1, None, "k must be a whole number >= 1, got -1"),
+                           (3, 0, "chunk must be a whole number >= 1, got 0")):
+        with pytest.raises(ValueError, match=f"maxsim_topk: {said}"):
+            maxsim_topk(q, c, k, chunk=chunk)

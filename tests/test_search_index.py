@@ -3,10 +3,12 @@ Qdrant collection is tied to its index, every input problem (texts, PDFs, image 
 is one named line."""
 import json
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import search
@@ -239,3 +241,125 @@ def test_messages(two_checkpoints, scenes, tmp_path, capsys):
         Image.MAX_IMAGE_PIXELS = old
 
 
+
+
+# 41. what an index reads back is checked: index.json and items.jsonl whole on every open, every field's
+# type, every read's length, every search's results against what unit vectors can be
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """D = 128 (a bf16 index) and the same 24 items in int8 too, as the issue's reproductions."""
+    root = tmp_path_factory.mktemp("wide")
+    MetaEmbed.from_backbone("tiny", seed=1, proj_dim=128).save_pretrained(root / "ck")
+    for p in ("bf16", "int8"):
+        search.main(["index", "--checkpoint", str(root / "ck"), "--out", str(root / p), "--synthetic-scenes", "6",
+                     "--precision", p])
+    return root
+
+
+def edited(src, dst, meta=None, items=None):
+    """A copy of an index folder with index.json's fields updated (its checksum left as it was), or
+    items.jsonl's lines {line number: new text}."""
+    shutil.copytree(src, dst)
+    if meta is not None:
+        m = json.load(open(os.path.join(dst, "index.json")))
+        json.dump({**m, **meta}, open(os.path.join(dst, "index.json"), "w"))
+    if items is not None:
+        lines = open(os.path.join(dst, "items.jsonl")).read().splitlines()
+        for n, text in items.items():
+            lines[n - 1] = text
+        open(os.path.join(dst, "items.jsonl"), "w").write("\n".join(lines) + "\n")
+    return str(dst)
+
+
+def test_an_edited_index_json_is_refused_and_verify_names_it(wide, tmp_path, capsys):
+    """#41 case 1: dtype bfloat16 -> float16 keeps every size; index.json's own checksum refuses it."""
+    assert json.load(open(wide / "bf16" / "index.json"))["dtype"] == "bfloat16"
+    bad = edited(wide / "bf16", tmp_path / "fp16", meta={"dtype": "float16"})
+    fails(["query", "--index", bad, "red"], r"^search.py: error: index .*: index.json does not match its own "
+                                           r"checksum .*search.py verify")
+    fails(["verify", bad], "failed verification")
+    out = capsys.readouterr().out
+    assert "index.json does not match its own checksum" in out and ".bin" not in out      # no other file blamed
+    search.main(["verify", str(wide / "bf16")])                                          # the untouched one: ok
+    assert ": ok (" in capsys.readouterr().out
+
+
+def test_same_size_damage_to_low_bits_is_never_served(wide, tmp_path, monkeypatch):
+    """#41 case 2: item 12's codes set to 127, or item 5's scales to 1e20: every search's results are
+    checked against what unit vectors can be; verify names the one file that changed."""
+    D = 128
+    codes = edited(wide / "int8", tmp_path / "codes")
+    c = np.memmap(os.path.join(codes, "group-16-64.int8.bin"), dtype=np.int8, mode="r+").reshape(24, 48, D)
+    c[12] = 127
+    c.flush()
+    fails(["query", "--index", codes, "red", "-k", "24"],
+          r"item 12 .* holds a vector of norm .* in group-16-64.int8.bin: the file is damaged; run `search.py verify")
+    scales = edited(wide / "int8", tmp_path / "scales")
+    s = np.memmap(os.path.join(scales, "group-0-1.scale.bin"), dtype=np.float32, mode="r+")
+    s[5] = 1e20
+    s.flush()
+    for budget in ("1x1", "16x64"):
+        fails(["query", "--index", scales, "red", "--budget", budget, "-k", "3"],
+              r"item 5 .* holds a scale of 1e\+20 .* in group-0-1.scale.bin")
+    assert search_index.verify(codes) == ["group-16-64.int8.bin does not match its checksum: the file changed after "
+                                          "indexing"]
+    # a score no unit vectors can reach, whole files or not (here: a scoring path made to return 100x)
+    real = search_index.maxsim_topk
+    monkeypatch.setattr(search_index, "maxsim_topk", lambda *a, **k: (lambda s, i: (100 * s, i))(*real(*a, **k)))
+    fails(["query", "--index", str(wide / "int8"), "red", "--budget", "2x4", "-k", "3"],
+          r"scores .*, more than 2 unit query vectors can reach \(2.0.*\), from group-0-1.int8.bin, "
+          r"group-0-1.scale.bin, group-1-4.int8.bin, group-1-4.scale.bin: run `search.py verify")
+
+
+def test_files_truncated_after_opening_are_an_error_not_memory(wide, tmp_path):
+    """#41 case 3: an Index opened, then its .int8.bin / .scale.bin truncated (a rebuild in place with fewer
+    items): every read checks its length (a plain read's count, a memory map's file size)."""
+    for name in ("group-0-1.int8.bin", "group-0-1.scale.bin", "group-1-4.bin"):
+        folder = edited(wide / "int8", tmp_path / name)
+        index = search_index.Index(folder)
+        q = torch.nn.functional.normalize(torch.randn(1, 16, 128), dim=-1)
+        with open(os.path.join(folder, name), "r+b") as f:
+            f.truncate(os.path.getsize(os.path.join(folder, name)) // 2)
+        with pytest.raises(ValueError, match=f"{name} is shorter than index.json says"):
+            index.search(q, (4, 4) if name == "group-1-4.bin" else (1, 1), k=5,
+                         first=(1, 1) if name == "group-1-4.bin" else None)       # the cascade: a memory map
+
+
+def test_type_damage_is_one_line(scenes, wide, tmp_path, capsys):
+    """#41 case 9 and the smaller ones: each field's type and range, items.jsonl line by line."""
+    for i, (meta, items, said) in enumerate((
+            ({"count": 48.0}, None, r"index.json is damaged \(count 48.0 is not a whole number >= 0\)"),
+            ({"count": "48"}, None, r"index.json is damaged \(count '48' is not a whole number"),
+            ({"groups": [[0, "1/../x"]]}, None, r"index.json is damaged \(groups \[\[0, \"1/../x\"\]\] is not a list"),
+            ({"groups": [[0, 1], [2, 64]]}, None, r"groups .* are not consecutive ranges from 0"),
+            ({"precision": "float16"}, None, r"precision 'float16' is none of int8, binary \(or the dtype, float32\)"),
+            ({"fingerprint": 7}, None, r"fingerprint 7 is not a string"),
+            (None, {1: "[1, 2]"}, r"items.jsonl line 1 is \[1, 2\], not an object"),
+            (None, {3: '{"n": 2, "id": "x", "source": '}, r"items.jsonl line 3 is not JSON"),
+            (None, {2: '{"n": 1, "id": null, "source": "s"}'}, r"items.jsonl line 2: id null is not a string"))):
+        bad = edited(scenes, tmp_path / f"t{i}", meta, items)
+        fails(["query", "--index", bad, "red"], f"^search.py: error: index .*{said}")
+        assert search_index.verify(bad) and re.search(said, search_index.verify(bad)[0])
+    # an int8 index said to be bf16: index.json is blamed, not the code files beside it
+    bad = edited(wide / "int8", tmp_path / "bf16-said", {"precision": "bf16"})
+    assert search_index.verify(bad) == [f"index {bad}: index.json is damaged (precision 'bf16' is none of int8, "
+                                        f"binary (or the dtype)): rebuild the index"]
+    # an items.jsonl changed in a way every field allows: its checksum in index.json
+    same = edited(scenes, tmp_path / "renamed", items={4: json.dumps({**json.loads(
+        open(os.path.join(scenes, "items.jsonl")).read().splitlines()[3]), "id": "renamed"})})
+    fails(["query", "--index", same, "red"], r"items.jsonl does not match its checksum in index.json")
+
+
+def test_push_of_an_index_holding_nan_is_refused_before_qdrant(scenes, tmp_path):
+    """#41: a NaN in a stored vector is said before a collection is made (it left an empty one, and the
+    next query said 'holds another index (None)'); an empty collection is said to be empty."""
+    bad = edited(scenes, tmp_path / "nan")
+    g = np.memmap(os.path.join(bad, "group-0-1.bin"), dtype=np.float32, mode="r+")
+    g[8 * 5] = np.nan
+    g.flush()
+    where = str(tmp_path / "qdrant")
+    fails(["push", "--index", bad, "--qdrant", where], r"1 item\(s\) hold NaN or inf: 5 .*nothing pushed")
+    client = search_index.qdrant_client(where)
+    client.create_collection("metaembed", vectors_config={})
+    client.close()
+    fails(["query", "--index", scenes, "--qdrant", where, "red"], r"collection 'metaembed' is empty")

@@ -304,7 +304,7 @@ def test_slow_clients_are_timed_out_and_threads_bounded(server, monkeypatch):
         while time.time() - t < 1.5:
             peak = max(peak, threading.active_count() - before)
             time.sleep(0.02)
-        assert peak <= 3 * 2                       # 3 handlers (and their deadline timers), not 20
+        assert peak <= serve.CONNECTIONS * 3 * 2   # 12 connections (a handler and a timer each), not 20
         closed = [s.recv(100) for s in slow]         # the server hangs up on each (a 408-free close)
         assert all(c == b"" for c in closed)
         for s in slow:
@@ -314,6 +314,83 @@ def test_slow_clients_are_timed_out_and_threads_bounded(server, monkeypatch):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_slow_headers_hold_no_slot_and_are_cut_short(server, monkeypatch):
+    """#41 case 7: connections sending a request line, then a header line every 0.3 s (never idle long
+    enough for the socket timeout), three times the slot count: a normal request is answered at once,
+    and each slow one is closed after HEADER_DEADLINE, not the connection's whole DEADLINE."""
+    import socket
+    import time
+    searcher = serve.Searcher(*search.open_for_search(search.get_args(["query", "--index", server[1], "x"])))
+    monkeypatch.setattr(serve, "HEADER_DEADLINE", 2, raising=False)
+    srv = serve.make_server(searcher, "127.0.0.1", 0, threads=2)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port, stop = srv.server_address[1], threading.Event()
+    slow = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+
+    def trickle():
+        for _ in range(40):                                   # bounded: 12 s at most
+            for s in slow:
+                try:
+                    s.sendall(b"X-Slow: 1\r\n")
+                except OSError:
+                    pass
+            if stop.wait(0.3):
+                return
+    try:
+        for s in slow:
+            s.sendall(f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+        threading.Thread(target=trickle, daemon=True).start()
+        time.sleep(0.5)                                        # every slow connection accepted and waiting
+        t = time.time()
+        status, _, body = raw(f"http://127.0.0.1:{port}", f"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n"
+                              .encode(), timeout=1.5)
+        assert status == 200 and json.loads(body)["count"] == 48 and time.time() - t < 1.5
+        t = time.time()
+        for s in slow:                                         # the server hangs up on each, headers unfinished
+            assert s.recv(100) == b""
+        assert time.time() - t < 4
+    finally:
+        stop.set()
+        for s in slow:
+            s.close()
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_a_damaged_index_is_a_503_naming_verify(server, tmp_path):
+    """#41: a search whose results the index cannot stand behind (a NaN written into item 5) is the
+    server's problem, not the client's: 503 naming `search.py verify`."""
+    import numpy as np
+    bad = tmp_path / "scenes"
+    shutil.copytree(server[1], bad)
+    g = np.memmap(bad / "group-0-1.bin", dtype=np.float32, mode="r+")
+    g[8 * 5] = np.nan
+    g.flush()
+    index, model = search.open_for_search(search.get_args(["query", "--index", str(bad), "x"]))
+    srv = serve.make_server(serve.Searcher(index, model), "127.0.0.1", 0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        status, body = get(f"http://127.0.0.1:{srv.server_address[1]}/api/search?q=red&budget=1x1&k=48")
+        assert status == 503 and "search.py verify" in body["error"] and "item(s) 5 " in body["error"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_absolute_form_and_repeated_headers_are_refused(server):
+    """#41: GET http://evil/api/info (absolute form) and //host/... are not paths here; a repeated Host or
+    Content-Length header is refused (the first one won)."""
+    base = server[0]
+    port = base.rsplit(":", 1)[1]
+    host = f"Host: 127.0.0.1:{port}"
+    for target, status, said in (("http://evil/api/info", 400, b"is not a path"), ("//evil/api/info", 404, b"not found")):
+        got = raw(base, f"GET {target} HTTP/1.1\r\n{host}\r\n\r\n".encode())
+        assert got[0] == status and said in got[2], target
+    for extra, name in ((f"Host: evil.example", "Host"), ("Content-Length: 0\r\nContent-Length: 5", "Content-Length")):
+        got = raw(base, f"GET /api/info HTTP/1.1\r\n{host}\r\n{extra}\r\n\r\n".encode())
+        assert got[0] == 400 and f"{name} is given 2 times".encode() in got[2], extra
 
 
 def test_an_index_replaced_under_the_server_is_noticed(server, tmp_path):

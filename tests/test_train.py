@@ -374,3 +374,70 @@ def test_mixture_sources_are_checked_before_the_backbone_and_negatives_said_once
     said = capsys.readouterr().out
     assert said.count("N24News: no hard negatives in this copy: in-batch negatives only") == 1
     assert "CIRR: no hard" not in said and "DocVQA: no hard" not in said
+
+
+def test_resume_refuses_a_changed_mixture_naming_the_source(tmp_path, monkeypatch):
+    """#41 case 4: the mixture file edited between the stop and --resume (two sources' paths swapped, a
+    weight changed) is refused, naming each source and what changed; the same rows copied elsewhere
+    (a path that moved) resume."""
+    import yaml
+    from test_data import moca_copy
+    a, b = moca_copy(tmp_path, "A", 40), moca_copy(tmp_path, "B", 30)
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(yaml.safe_dump({"A": {"weight": 1.0, "path": a}, "B": {"weight": 3.0, "path": b}}))
+    common = ["--mixture", str(mix), "--holdout", "4", "--source-run", "2", "--steps", "4", "--batch-size", "4",
+              "--save-every", "2"]
+    crash_at_batch(monkeypatch, 4, lambda: run(tmp_path, "r", *common))       # stopped after the step-2 checkpoint
+    mix.write_text(yaml.safe_dump({"A": {"weight": 2.0, "path": b}, "B": {"weight": 3.0, "path": a}}))
+    with pytest.raises(ValueError, match=r"--resume from .* on other data than it was trained on") as e:
+        run(tmp_path, "r", *common, "--resume")
+    said = str(e.value)
+    assert "A: weight 1.0 -> 2.0" in said and "A: its rows differ (40 of 40 rows -> 30 of 30 rows" in said
+    assert "B: its rows differ (30 of 30 rows -> 40 of 40 rows" in said and "B: weight" not in said
+    moved = shutil.copytree(a, tmp_path / "elsewhere")
+    mix.write_text(yaml.safe_dump({"A": {"weight": 1.0, "path": str(moved)}, "B": {"weight": 3.0, "path": b}}))
+    _, log = run(tmp_path, "r", *common, "--resume")
+    assert [r["step"] for r in log][-2:] == [3, 4]
+    saved = json.load(open(tmp_path / "r" / "checkpoint-0000004" / "train_args.json"))["trained_on"]
+    assert saved["sources"]["A"]["path"] == str(moved) and list(saved["sources"]) == ["A", "B"]
+
+
+def test_a_row_with_a_corrupt_image_is_one_line_or_skipped_and_counted(tmp_path, capsys):
+    """#41 case 8: a MoCa-layout row whose qry_image bytes are b"garbage" was a PIL traceback from deep inside
+    (build_data for a held-out row, the first step for a training row); now one line naming the source and
+    the row, and --skip-bad-rows skips it (the next good row in its place, the same every time), counted."""
+    import io
+
+    import datasets
+    import yaml
+    from conftest import write_hub_repo
+    from PIL import Image
+
+    def png(i):
+        out = io.BytesIO()
+        Image.new("RGB", (32, 32), (10 * i, 0, 0)).save(out, "PNG")
+        return {"bytes": out.getvalue(), "path": None}
+
+    def copy(name, bad):
+        feats = datasets.Features({"qry": datasets.Value("string"), "qry_image": datasets.Image(),
+                                   "pos_text": datasets.Value("string")})
+        rows = [dict(qry=f"q{i}", qry_image={"bytes": b"garbage", "path": None} if i in bad else png(i),
+                     pos_text=f"doc {i}") for i in range(20)]
+        return write_hub_repo(tmp_path / name, {"default": {"original": rows}}, features=feats)
+    mix = tmp_path / "mix.yaml"
+    common = ["--mixture", str(mix), "--holdout", "4", "--steps", "4", "--batch-size", "4", "--save-every", "4",
+              "--source-run", "4"]
+    mix.write_text(yaml.safe_dump({"A": {"path": copy("held", {18})}}))            # a held-out row
+    with pytest.raises(SystemExit, match=r"^train.py: error: A row 18: an image in the row cannot be decoded "
+                                         r"\(not an image PIL can identify\): repair or drop the row, or pass "
+                                         r"--skip-bad-rows to skip such rows$"):
+        train.main(SMALL + ["--out", str(tmp_path / "h")] + common)
+    mix.write_text(yaml.safe_dump({"A": {"path": copy("train", {5, 6})}}))          # training rows
+    with pytest.raises(SystemExit, match=r"^train.py: error: A row [56]: an image in the row cannot be decoded"):
+        train.main(SMALL + ["--out", str(tmp_path / "t")] + common)
+    source = hub.load_mixture(str(mix), holdout=4, skip_bad_rows=True).sources[0]
+    assert source[5]["qry_text"] == source[6]["qry_text"] == "q7" and len(source[5]["skipped"]) == 2
+    assert source[6]["skipped"] == [source[5]["skipped"][1]] and source[4]["skipped"] == []
+    _, log = run(tmp_path, "s", *common, "--skip-bad-rows")
+    assert sum(r["skipped_rows"] for r in log) == 3                               # row 5's two, row 6's one
+    assert capsys.readouterr().err.count("skipped A row") == 3
