@@ -613,6 +613,14 @@ static void next_rows(struct rows_one *blk, int64_t *n, int64_t *j, int64_t n1, 
     for (int t = nb; t < NBO; t++) { blk->b[t] = nb ? blk->b[nb - 1] : NULL; blk->cand[t] = -1; }
 }
 
+/* Adds candidate n's maxima m (NaN where nan) of the real rows lane[0..nl) to their queries' scores. */
+static inline void add_maxima(__m512 m, __mmask16 nan, const int *lane, int nl, const int64_t *owner, float *out,
+                              int64_t son, int64_t n) {
+    float s[16];
+    _mm512_storeu_ps(s, _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN)));
+    for (int l = 0; l < nl; l++) out[owner[lane[l]] * son + n] += s[lane[l]];
+}
+
 static int maxsim_bf16_one(const uint16_t *qB, const int64_t *owner, int64_t Nq, const void *c, int ctype,
                            const uint8_t *cm, float *out, int64_t r_c, int64_t D, int64_t n0, int64_t n1, int64_t scn,
                            int64_t scr, int64_t scmn, int64_t scmr, int64_t son, const float *sc, int64_t ssn,
@@ -647,11 +655,7 @@ static int maxsim_bf16_one(const uint16_t *qB, const int64_t *owner, int64_t Nq,
         for (int t = 0; t < now->nb; t++) {
             __m512 v = sc ? _mm512_mul_ps(_mm512_set1_ps(now->scl[t]), acc[t]) : acc[t];
             if (now->cand[t] != cur) {                 /* the next candidate: the last one's maxima added */
-                if (cur >= 0) {
-                    float s[16];
-                    _mm512_storeu_ps(s, _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN)));
-                    for (int l = 0; l < nl; l++) out[owner[lane[l]] * son + cur] += s[lane[l]];
-                }
+                if (cur >= 0) add_maxima(m, nan, lane, nl, owner, out, son, cur);
                 cur = now->cand[t];
                 m = _mm512_set1_ps(-INFINITY);
                 nan = 0;
@@ -660,11 +664,7 @@ static int maxsim_bf16_one(const uint16_t *qB, const int64_t *owner, int64_t Nq,
             m = _mm512_max_ps(m, v);
         }
     }
-    if (cur >= 0) {
-        float s[16];
-        _mm512_storeu_ps(s, _mm512_mask_mov_ps(m, nan, _mm512_set1_ps(NAN)));
-        for (int l = 0; l < nl; l++) out[owner[lane[l]] * son + cur] += s[lane[l]];
-    }
+    if (cur >= 0) add_maxima(m, nan, lane, nl, owner, out, son, cur);
     free(ab);
     free(qr);
     return 0;
