@@ -6,7 +6,7 @@ The benchmarks, one module per concern, run as `python -m bench [MODE]`:
     python -m bench --dispatch       # the CPU dispatch measured afresh; --layout: the grouped on-disk layout
     python -m bench --rehearse qwen2-vl-2b   # memory (bench/memory.py): a full-size backbone with random weights
     python -m bench --memory-table   # the official recipe's memory per device, by arithmetic
-    python -m bench --precision      # bf16 math, int8 and 1-bit indexes (bench/precision.py): S1-S5, recall@10
+    python -m bench --precision      # bf16 math, int8 and 1-bit indexes (bench/precision.py): S1-S6, recall@10
     python -m bench --cascade INDEX  # latency (bench/latency.py): the cascade's recall; --serve: the server's latency
     python -m bench.showcase         # the multi-seed Matryoshka claim (bench/showcase.py)
 
@@ -56,8 +56,9 @@ def main():
                    "from rehearsal results (default: docs/rehearse-*.json)")
     p.add_argument("--serve", action="store_true", help="instead: search.py serve's request latency (p50, p95) on "
                    "20,000 random candidates at D = 1536, against the same search in-process")
-    p.add_argument("--precision", action="store_true", help="instead: a bf16 index at S1-S5 (maxsim's default, "
-                   "exact float32 math, the plain bf16 and float32 torch loops) against the measured bf16 GEMM peak; "
+    p.add_argument("--precision", action="store_true", help="instead: a bf16 index at S1-S6 (maxsim's default, "
+                   "exact float32 math, the plain bf16 and float32 torch loops) against the measured bf16 GEMM peak "
+                   "and each shape's limit (its FLOPs at that peak or its bytes at the measured read bandwidth); "
                    "recall@10 of bf16 / int8 / binary on random D = 1536 vectors, alone and rescored, beside numkong "
                    "and fast-plaid")
     p.add_argument("--fast-plaid-python", metavar="PYTHON", help="with --precision: an interpreter whose environment "

@@ -380,7 +380,8 @@ def _run_c(lib, q, c, q_mask, c_mask, unit=None):
     if q_mask is not None:                                             # padded query vectors dropped
         keep = q_mask.numpy().reshape(-1).astype(bool)
         rows, owner = rows[keep], owner[keep]
-    B = 32 if unit is not None else lib.rows                           # rows a packed block
+    # rows a packed block: the bf16 units take 32; unit 0 takes one block of 16 (its one-query path)
+    B = (16 if unit == 0 and rows.shape[0] <= 16 else 32) if unit is not None else lib.rows
     n_rows = -(-rows.shape[0] // B) * B or B
     if unit is not None:    # bf16, D padded to DP; 64-byte aligned
         DP = -(-D // 32) * 32
@@ -390,8 +391,8 @@ def _run_c(lib, q, c, q_mask, c_mask, unit=None):
         qp = buf[(-buf.ctypes.data % 64) // 2:][:n_rows * DP]
         if unit == 1:       # AMX's B tiles: (n_rows/16, DP/32, 16 pairs of elements, 16 rows, 2)
             qp[...] = padded.reshape(n_rows // 16, 16, DP // 32, 16, 2).transpose(0, 2, 3, 1, 4).reshape(-1)
-        else:               # AVX512_BF16: (n_rows/32, DP/2, 32 rows, 2)
-            qp[...] = padded.reshape(n_rows // 32, 32, DP // 2, 2).transpose(0, 2, 1, 3).reshape(-1)
+        else:               # AVX512_BF16: (n_rows/B, DP/2, B rows, 2)
+            qp[...] = padded.reshape(n_rows // B, B, DP // 2, 2).transpose(0, 2, 1, 3).reshape(-1)
     else:
         padded = np.zeros((n_rows, D), dtype=np.float32)
         padded[:rows.shape[0]] = rows

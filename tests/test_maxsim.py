@@ -555,6 +555,39 @@ for unit in {units!r}:
         assert float(err) < 1e-4 and int(nonzero) == 0, line
 
 
+@pytest.mark.parametrize("precision", ["bf16", "int8", "binary"])
+def test_c_bf16_one_query_path(precision):
+    """'c-bf16' with at most 16 real query vectors (one query: its one-block path, the 16 rows in one
+    register against a stream of candidate rows read in place, or whole rows against whole rows for
+    1-2 of them) scores as float64 MaxSim of the query rounded to bf16, for every budget prefix,
+    with masks, D odd, short or not a multiple of 32, r_c up to 200, several small queries sharing
+    the block, a candidate with no real vector, every query vector masked, and NaN in the index."""
+    if "c-bf16" not in bf16_paths():
+        pytest.skip("c-bf16 needs a CPU with AVX512_BF16; this one has none")
+    from machinery.index import quantize
+    for D in (1, 19, 64, 97):
+        q, qm = ragged(16, 16, D, 70)
+        c, cm = ragged(41, 200, D, 71)
+        cm[3] = False                                   # no real vector: scores 0
+        index = c.bfloat16() if precision == "bf16" else quantize(c, precision)
+        values = c.bfloat16().double() if precision == "bf16" else index.dequantize(torch.float64)
+        for nq, rq, rc in ((1, 1, 1), (1, 2, 4), (1, 4, 8), (1, 16, 64), (1, 16, 200), (1, 3, 1), (4, 4, 9),
+                           (16, 1, 1), (8, 2, 3)):
+            for masks in ((None, None), (qm[:nq, :rq], cm[:, :rc])):
+                want = brute_maxsim(q[:nq, :rq].bfloat16(), values[:, :rc], *masks)
+                got = maxsim(q[:nq, :rq], index[:, :rc], *masks, backend="c-bf16")
+                assert got.dtype == torch.float32 and got.shape == (nq, 41)
+                assert (got.double() - want).abs().max() <= 1e-5, (D, nq, rq, rc, masks[0] is not None)
+            assert (maxsim(q[:nq, :rq], index[:, :rc], qm[:nq, :rq], cm[:, :rc], backend="c-bf16")[:, 3] == 0).all()
+        none = torch.zeros(1, 16, dtype=torch.bool)      # every query vector masked: every score 0
+        assert (maxsim(q[:1], index[:, :64], none, backend="c-bf16") == 0).all()
+    c = torch.randn(30, 64, 100).bfloat16()
+    c[7, 40, 99] = float("nan")                          # the last element: a masked load / the odd pair
+    for rq in (1, 2, 16):
+        got = maxsim(torch.randn(1, rq, 100), c, backend="c-bf16")[0]
+        assert got[7].isnan() and not got[torch.arange(30) != 7].isnan().any()
+
+
 @pytest.mark.parametrize("precision", ["int8", "binary"])
 @pytest.mark.parametrize("backend", ["torch", "c", "torch-bf16", "c-bf16", "c-amx"])
 def test_quantized_index_scores_as_its_dequantised_vectors(precision, backend):
