@@ -187,7 +187,9 @@ def query_cmd(args):
         return results
     how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
         if first else f"{budget[0]}x{budget[1]} over {index.N}"
-    if index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
+    if index.vectors.quantized and args.qdrant:     # Qdrant's quantization, always rescored
+        how += f" ({index.precision} quantization, rescored with the originals, oversampling {OVERSAMPLING:g})"
+    elif index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
         how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")

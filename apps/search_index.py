@@ -404,13 +404,16 @@ class Qdrant:
     """Where an index goes for scale-out: the engine in-process (`where` a folder: one qdrant-edge
     shard per collection, in where/collection) or a server / cluster (`where` an http(s) URL,
     qdrant-client). Both answer the same few calls (exists, owner, count, create, drop, upsert,
-    finish, query). A folder is checked at once (a file, unwritable, held by another process: one
-    line); a server too (unreachable)."""
+    finish, query). A folder is checked at once (a file, unwritable: one line; held by another
+    process: when its collection is opened); a server too (unreachable). client: a QdrantClient made
+    by the caller (a server's API key, TLS, another timeout), used as the server."""
 
-    def __init__(self, where):
-        self.where, self.server, self.shards = where, where.startswith(("http://", "https://")), {}
+    def __init__(self, where, client=None):
+        self.where, self.server, self.shards = where, client is not None or where.startswith(("http://", "https://")), {}
         try:
-            if self.server:
+            if client is not None:
+                self.client = client
+            elif self.server:
                 try:
                     from qdrant_client import QdrantClient
                 except ImportError:
@@ -445,7 +448,7 @@ class Qdrant:
             except Exception as e:  # noqa: BLE001 - a held WAL, a damaged shard
                 held = "WouldBlock" in str(e)
                 raise ValueError(f"--qdrant {self.where}: cannot open collection {collection!r} "
-                                 + ("(another process holds it open)" if held else f"({str(e)[:200]})")) from None
+                                 + ("(held open by another process)" if held else f"({str(e)[:200]})")) from None
         return self.shards[collection]
 
     def close(self):

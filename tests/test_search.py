@@ -285,6 +285,33 @@ def test_the_engine_cascade_and_quantization_against_exhaustive_bf16(tmp_path, m
     store.close()
 
 
+@pytest.mark.filterwarnings("ignore:Local mode performs exact")
+def test_a_server_gets_the_same_collection_definition(tmp_path):
+    """--qdrant URL goes through qdrant-client with the collection qdrant_collection defines for the
+    engine too: HNSW (m = 16) on 'first' only, MaxSim multivectors with m = 0, scalar int8 / binary
+    (8-bit queries) quantization. No server here: the translation is checked through qdrant-client's
+    in-memory mode, which takes the same requests (and searches exactly)."""
+    from qdrant_client import QdrantClient, models
+    for precision in ("int8", "binary"):
+        x, q = random_index(tmp_path / precision, precision, N=12, D=16)
+        index = search_index.Index(tmp_path / precision)
+        store = search_index.Qdrant("http://in-memory", client=QdrantClient(":memory:"))
+        search_index.to_qdrant(index, store)
+        vectors = store.client.get_collection("metaembed").config.params.vectors
+        assert vectors["first"].hnsw_config.m == 16 and vectors["first"].multivector_config is None
+        assert all(vectors[f"mv{b}"].hnsw_config.m == 0 and vectors[f"mv{b}"].multivector_config is not None
+                   for _, b in index.bounds)
+        quant = vectors["mv64"].quantization_config
+        assert isinstance(quant, models.ScalarQuantization if precision == "int8" else models.BinaryQuantization)
+        if precision == "binary":
+            assert quant.binary.query_encoding == models.BinaryQuantizationQueryEncoding.SCALAR8BITS
+        hits = search_index.qdrant_search(store, q[0].numpy(), (16, 64), 3, first=(1, 1), depth=12,
+                                          precision=index.precision)
+        want = maxsim_topk(q[:1], x.bfloat16(), 3, exact=True)
+        assert [j for _, j in hits] == want[1][0].tolist()
+        store.close()
+
+
 # -- issue 32 ---------------------------------------------------------------------------------
 
 def test_a_copied_index_and_checkpoint_pair_is_accepted(ckpt, tmp_path, capsys):

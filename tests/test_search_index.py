@@ -96,6 +96,10 @@ def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp
     search.main(["push", "--index", scenes, "--qdrant", where])                   # completes it
     got = search.main(["query", "--index", scenes, "--qdrant", where, "red", "--json"])
     assert len(got) == 10
+    held = search_index.qdrant_client(where)
+    held.shard("metaembed")                                   # the engine's shard, open elsewhere: one line
+    fails(["query", "--index", scenes, "--qdrant", where, "red"], "cannot open collection 'metaembed' .held open by")
+    held.close()
     for bad in (str(tmp_path / "a-file"), "http://127.0.0.1:9"):                  # found before any encoding
         (tmp_path / "a-file").write_text("x")
         fails(["index", "--checkpoint", a, "--out", str(tmp_path / "never"), "--qdrant", bad], f"--qdrant {bad}: cannot use it")
