@@ -12,6 +12,7 @@ done atomically, a rerun continues where it stopped, and index.json (which `quer
 written last, so an interrupted run never leaves an index that looks complete. A corrupt image
 among many is skipped, listed in skipped.jsonl and never returned.
 """
+import hashlib
 import json
 import math
 import os
@@ -276,7 +277,9 @@ def item_kind(image):
 
 
 def build_index(model, items, out, batch_size=32, progress=True, precision=None):
-    """Encode items into the index folder `out`, resumably (shards marked done in progress.json);
+    """Encode items into the index folder `out`, resumably (shards marked done in progress.json, which
+    names the items by a digest: its size, rewritten after every shard, does not grow with N);
+    memory: one shard of vectors (written into the group files as encoded) and the items' listing;
     precision int8 / binary: those groups too, beside the float copy (machinery/index.py).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
@@ -290,7 +293,10 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
         raise ValueError(f"{out} holds an unfinished index encoded by checkpoint {state.get('checkpoint')} "
                          f"(fingerprint {state.get('fingerprint')}), not by {model.source} ({model.fingerprint}): "
                          f"resume with that checkpoint, or remove {out} to index afresh")
-    if state and (state["items"] != listing or state["dim"] != D):
+    items_sha256 = hashlib.sha256(json.dumps(listing).encode()).hexdigest()   # the state names its items by digest:
+    if state and "items" in state:                                               # rewritten each shard, it stays small
+        state["items_sha256"] = hashlib.sha256(json.dumps(state.pop("items")).encode()).hexdigest()   # (an older state)
+    if state and (state["items_sha256"] != items_sha256 or state["dim"] != D):
         raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
     if state and state["vectors"].get("precision", "bf16") != (precision if precision in on_disk.QUANTIZED else "bf16"):
         raise ValueError(f"{out} holds an unfinished index in precision {state['vectors'].get('precision', 'bf16')}: "
@@ -300,7 +306,7 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
         groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
         vectors = on_disk.create(out, N, R_c, D, groups, on_disk.default_dtype(D), precision)
-        state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
+        state = {"items_sha256": items_sha256, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
         write_atomic(state_file, json.dumps(state))

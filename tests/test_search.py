@@ -117,6 +117,7 @@ def test_images_folder_with_a_corrupt_image_and_resume(ckpt, tmp_path, monkeypat
     with pytest.raises(SystemExit, match="interrupted; run the same command again to continue"):   # one line
         search.main(["index", "--checkpoint", ckpt, "--out", str(out), "--images", str(pics)])
     assert not (out / "index.json").exists() and json.load(open(out / "progress.json"))["done"] == [0, 4]
+    assert "items" not in json.load(open(out / "progress.json"))       # a digest: rewritten each shard, it never grows
     with pytest.raises(SystemExit, match="not a finished index"):
         search.main(["query", "--index", str(out), "x"])
     monkeypatch.setattr(MetaEmbed, "encode_candidates", real)
