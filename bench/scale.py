@@ -152,8 +152,7 @@ def run_one(job):
             search = lambda qa: index.search(qa[None], (R_Q, R_C), 10)[1][0].tolist()       # noqa: E731
         else:
             search = lambda qa: index.search(qa[None], (R_Q, R_C), 10, first=(1, 1), depth=job["depth"])[1][0].tolist()  # noqa: E731
-        for qa in q[:2]:
-            search(qa)                                                        # warm-up (and the kernel's dispatch)
+        search(q[0])                                                          # warm-up (and the kernel's dispatch)
         got, times = [], []
         for qa in q:
             t = time.perf_counter()
@@ -178,9 +177,11 @@ def child(job):
 # -----------------------------------------------------------------------------
 # the study
 
-def study(sizes, work_root=None, count=30, depth=DEPTH, keep=False, log=print, methods=METHODS, rerank=None):
-    """-> rows for every N in sizes and method. rerank: {N: r_c} the engine's rerank group (default 64)."""
-    rows = []
+def study(sizes, work_root=None, count=30, depth=DEPTH, keep=False, log=print, methods=METHODS, rerank=None,
+          isolate=True):
+    """-> rows for every N in sizes and method. rerank: {N: r_c} the engine's rerank group (default 64).
+    isolate: each job in a fresh process (its own peak RSS); False: in this one (a quick test)."""
+    rows, child = [], globals()["child"] if isolate else run_one
     for N in sizes:
         work = tempfile.mkdtemp(prefix=f"scale-{N}-", dir=work_root)
         try:
@@ -192,7 +193,7 @@ def study(sizes, work_root=None, count=30, depth=DEPTH, keep=False, log=print, m
                 job = {"what": m, "work": work, "n": N, "depth": min(depth, N) if "exhaustive" not in m else None,
                        "rerank": (rerank or {}).get(N, R_C)}
                 if m == "exhaustive 16x64" and N >= 500_000:
-                    job["timed"] = 5          # each reads the whole index from disk: 5 queries, timed and scored
+                    job["timed"] = 3          # each reads the whole index from disk: 3 queries, timed and scored
                 r = child(job)
                 if not m.startswith("engine"):             # ours: the index built above
                     r.update(build_s=base["build_s"], disk_bytes=base["disk_bytes"], build_peak_rss_mb=base["peak_rss_mb"],
@@ -233,13 +234,64 @@ def mode_scale(args):
     print(f"bench --scale on {cpu_name()}: N = {', '.join(f'{n:,}' for n in sizes)}, D = {D}, depth {DEPTH}")
     t, rows = time.time(), []
     for N in sizes:                   # the JSON (and plot) rewritten after each N: a long run keeps what it measured
-        rows += study([N], args.scale_dir, count=20 if args.quick else 30, rerank=rerank)
+        count = 20 if args.quick else 10 if N >= 1_000_000 else 30       # at 1M: 10 queries (each exhaustive one reads 16 GB)
+        rows += study([N], args.scale_dir, count=count, rerank=rerank)
         out = {"cpu": cpu_name(), "D": D, "depth": DEPTH, "seconds": time.time() - t,
                "stub": {"topic_size": TOPIC_SIZE, "A": A, "B": B, "C": C, "query_noise": QUERY_NOISE}, "rows": rows}
         if args.json:
             write_json(args.json, out)
         if args.plot:
             plot(rows, args.plot)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# bounded-memory indexing: search.py index and push at two sizes 10x apart, each in a fresh process
+
+def peak_rss_of(argv):
+    """Run search.py's main(argv) in a fresh python -> (its peak RSS in MB, seconds, its anonymous RSS at the
+    end in MB: what it holds itself, without the file pages it maps, e.g. the engine's segments)."""
+    code = ("import resource, sys, time, search; t = time.time(); search.main(sys.argv[1:]); "
+            "anon = [int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon:')][0]; "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.time() - t, anon / 1024)")
+    r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if r.returncode != 0:
+        raise RuntimeError(f"search.py {' '.join(argv)} failed:\n{r.stderr[-2000:]}")
+    return tuple(float(x) for x in r.stdout.strip().splitlines()[-1].split())
+
+
+def index_memory(sizes=(1000, 10000), work_root=None, log=print):
+    """search.py index --texts (the offline tiny model, D = 128) and push --qdrant FOLDER (the engine)
+    at each size -> rows {n, what, peak_rss_mb, seconds, index_bytes}."""
+    from metaembed import MetaEmbed
+    work = tempfile.mkdtemp(prefix="index-memory-", dir=work_root)
+    rows = []
+    try:
+        ck = os.path.join(work, "ck")
+        MetaEmbed.from_backbone("tiny", seed=1, proj_dim=D).save_pretrained(ck)
+        for N in sizes:
+            texts, out = os.path.join(work, f"texts-{N}.jsonl"), os.path.join(work, f"index-{N}")
+            with open(texts, "w") as f:
+                f.writelines(json.dumps({"id": n, "text": f"page {n}: topic {n % 97}, words {n * 7919 % 10007}"}) + "\n"
+                             for n in range(N))
+            for what, argv in (("search.py index", ["index", "--checkpoint", ck, "--out", out, "--texts", texts]),
+                               ("search.py push", ["push", "--index", out, "--qdrant", os.path.join(work, f"qd-{N}")])):
+                mb, sec, anon = peak_rss_of(argv)
+                rows.append({"n": N, "what": what, "peak_rss_mb": mb, "seconds": sec, "anon_rss_at_end_mb": anon,
+                             "index_bytes": disk_bytes(out) if what.endswith("index") else disk_bytes(os.path.join(work, f"qd-{N}"))})
+                log(f"N = {N:,}: {what:<16} peak RSS {mb:7.0f} MB (anonymous at the end {anon:5.0f})  {sec:7.1f}s  on disk {rows[-1]['index_bytes'] / 2**20:8.1f} MiB")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def mode_index_memory(args):
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else [1000, 10000]
+    print(f"bench --index-memory on {cpu_name()}: N = {', '.join(f'{n:,}' for n in sizes)}")
+    rows = index_memory(sizes, args.scale_dir)
+    out = {"cpu": cpu_name(), "D": D, "rows": rows}
+    write_json(args.json, out)
     return out
 
 
