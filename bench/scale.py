@@ -209,6 +209,16 @@ def study(sizes, work_root=None, count=30, depth=DEPTH, keep=False, log=print, m
     return rows
 
 
+def table(rows):
+    """The rows as a markdown table (docs/scale.md's)."""
+    out = ["| N | method | p50 ms | p95 ms | recall@10 | build s | peak RSS MB | disk GiB | stored |",
+           "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for r in sorted(rows, key=lambda r: (r["n"], METHODS.index(r["method"]) if r["method"] in METHODS else 99)):
+        out.append(f"| {r['n']:,} | {r['method']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['recall_at_10']:.3f} | "
+                   f"{r['build_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['disk_bytes'] / 2**30:.2f} | {r.get('stored', '')} |")
+    return "\n".join(out)
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
@@ -242,6 +252,7 @@ def mode_scale(args):
             write_json(args.json, out)
         if args.plot:
             plot(rows, args.plot)
+    print(table(rows))
     return out
 
 
