@@ -100,8 +100,12 @@ def load_model(path):
 
 def index_cmd(args):
     model = load_model(args.checkpoint)
-    if args.qdrant:      # client problems are found now, not after the whole corpus is encoded
-        qdrant_client(args.qdrant).close()
+    if args.qdrant:      # client problems (and a shard held open elsewhere) are found now, not after encoding
+        store = qdrant_client(args.qdrant)
+        try:
+            store.exists(args.collection)
+        finally:
+            store.close()
     args.max_pixels = model.config.max_pixels or model.processor.image_processor.size["longest_edge"]
     items, unreadable = list_items(args, model)
     t = time.time()

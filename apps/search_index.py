@@ -487,8 +487,8 @@ class Qdrant:
         if self.server:
             self.client.delete_collection(collection)
         else:
-            shard = self.shards.pop(collection, None) or self.shard(collection) and self.shards.pop(collection)
-            shard.close()
+            self.shard(collection)                                   # opened (and so not held elsewhere)
+            self.shards.pop(collection).close()
             shutil.rmtree(os.path.join(self.where, collection))
 
     def create(self, collection, spec):

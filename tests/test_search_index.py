@@ -99,6 +99,8 @@ def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp
     held = search_index.qdrant_client(where)
     held.shard("metaembed")                                   # the engine's shard, open elsewhere: one line
     fails(["query", "--index", scenes, "--qdrant", where, "red"], "cannot open collection 'metaembed' .held open by")
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "never"), "--qdrant", where], "held open by")
+    assert not (tmp_path / "never" / "progress.json").exists()                  # said before any encoding
     held.close()
     for bad in (str(tmp_path / "a-file"), "http://127.0.0.1:9"):                  # found before any encoding
         (tmp_path / "a-file").write_text("x")
