@@ -19,7 +19,8 @@ import os
 import sys
 import time
 
-from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, non_finite_items, plan,
+from apps.search_index import (OVERSAMPLING, Index, build_index, check_collection, check_depth, list_items,
+                                non_finite_items, plan,
                                 qdrant_client, qdrant_search, to_qdrant, verify)
 from machinery import checks
 from machinery.index import PRECISIONS
@@ -45,7 +46,8 @@ def get_args(argv=None):
                    help="bits per stored number: bf16 (default), int8 (a scale a vector: about half of bf16's bytes) "
                    "or binary (sign bits and a scale: about a 16th); int8 / binary keep the float copy beside them "
                    "for a cascade's rescoring (--first)")
-    i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder, or a server's http(s) URL")
+    i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder (Qdrant's engine in-process, "
+                   "qdrant-edge), or a server's http(s) URL")
     i.add_argument("--collection", default="metaembed", help="the Qdrant collection (default metaembed)")
     i.add_argument("--overwrite", action="store_true", help="with --qdrant: replace a collection of another index")
     q = sub.add_parser("query", help="search an index")
@@ -99,8 +101,12 @@ def load_model(path):
 
 def index_cmd(args):
     model = load_model(args.checkpoint)
-    if args.qdrant:      # client problems are found now, not after the whole corpus is encoded
-        qdrant_client(args.qdrant)
+    if args.qdrant:      # client problems (and a shard held open elsewhere) are found now, not after encoding
+        store = qdrant_client(args.qdrant)
+        try:
+            store.exists(args.collection)
+        finally:
+            store.close()
     args.max_pixels = model.config.max_pixels or model.processor.image_processor.size["longest_edge"]
     items, unreadable = list_items(args, model)
     t = time.time()
@@ -129,10 +135,16 @@ def push(index, where, collection, overwrite):
     if bad:
         raise ValueError(f"index {index.path}: {bad}: nothing pushed; run `search.py verify {index.path}`, then "
                          f"rebuild the index")
-    client = qdrant_client(where, collection, index.meta, overwrite)
-    to_qdrant(index, client, collection, overwrite=overwrite)
-    check_collection(client, index, collection)
-    print(f"wrote {index.N - len(index.skipped)} points to Qdrant at {where}, collection {collection}")
+    store = qdrant_client(where, collection, index.meta, overwrite)
+    try:
+        to_qdrant(index, store, collection, overwrite=overwrite)
+        check_collection(store, index, collection)
+    finally:
+        store.close()
+    how = "Qdrant's engine in-process" if not store.server else "Qdrant"
+    quant = f", {index.precision} quantization (searches rescore, oversampling {OVERSAMPLING:g})" \
+        if index.vectors.quantized else ""
+    print(f"wrote {index.N - len(index.skipped)} points to {how} at {where}, collection {collection}{quant}")
 
 
 def open_index(path):
@@ -164,10 +176,13 @@ def query_cmd(args):
     q = model.encode_queries([args.text], [args.image] if args.image else None)       # (1, R_q, D)
     t_enc, t = time.time() - t, time.time()
     if args.qdrant:
-        client = qdrant_client(args.qdrant)
-        check_collection(client, index, args.collection)
-        hits = qdrant_search(client, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection,
-                             rescore=index.vectors.quantized)
+        store = qdrant_client(args.qdrant)
+        try:
+            check_collection(store, index, args.collection)
+            hits = qdrant_search(store, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection,
+                                 precision=index.precision)
+        finally:
+            store.close()
     else:
         s, i = index.search(q, budget, args.k, first, depth, os.environ.get("METAEMBED_MAXSIM"))
         hits = list(zip(s[0].tolist(), i[0].tolist()))
@@ -181,7 +196,9 @@ def query_cmd(args):
         return results
     how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
         if first else f"{budget[0]}x{budget[1]} over {index.N}"
-    if index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
+    if index.vectors.quantized and args.qdrant:     # Qdrant's quantization, always rescored
+        how += f" ({index.precision} quantization, rescored with the originals, oversampling {OVERSAMPLING:g})"
+    elif index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
         how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")

@@ -16,10 +16,12 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import stat
 import sys
 import uuid
 
+import numpy as np
 import torch
 
 from machinery import index as on_disk
@@ -326,7 +328,9 @@ def item_kind(image):
 
 
 def build_index(model, items, out, batch_size=32, progress=True, precision=None):
-    """Encode items into the index folder `out`, resumably (shards marked done in progress.json);
+    """Encode items into the index folder `out`, resumably (shards marked done in progress.json, which
+    names the items by a digest: its size, rewritten after every shard, does not grow with N);
+    memory: one shard of vectors (written into the group files as encoded) and the items' listing;
     precision int8 / binary: those groups too, beside the float copy (machinery/index.py).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
@@ -340,7 +344,10 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
         raise ValueError(f"{out} holds an unfinished index encoded by checkpoint {state.get('checkpoint')} "
                          f"(fingerprint {state.get('fingerprint')}), not by {model.source} ({model.fingerprint}): "
                          f"resume with that checkpoint, or remove {out} to index afresh")
-    if state and (state["items"] != listing or state["dim"] != D):
+    items_sha256 = hashlib.sha256(json.dumps(listing).encode()).hexdigest()   # the state names its items by digest:
+    if state and "items" in state:                                               # rewritten each shard, it stays small
+        state["items_sha256"] = hashlib.sha256(json.dumps(state.pop("items")).encode()).hexdigest()   # (an older state)
+    if state and (state["items_sha256"] != items_sha256 or state["dim"] != D):
         raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
     if state and state["vectors"].get("precision", "bf16") != (precision if precision in on_disk.QUANTIZED else "bf16"):
         raise ValueError(f"{out} holds an unfinished index in precision {state['vectors'].get('precision', 'bf16')}: "
@@ -350,7 +357,7 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
         groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
         vectors = on_disk.create(out, N, R_c, D, groups, on_disk.default_dtype(D), precision)
-        state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
+        state = {"items_sha256": items_sha256, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
         write_atomic(state_file, json.dumps(state))
@@ -424,114 +431,274 @@ def non_finite_items(index):
 
 
 # -----------------------------------------------------------------------------
-# Qdrant: sharded, replicated, HNSW on the first vector, native multivector MaxSim. Every point
-# carries the index's id and fingerprint, so a collection is tied to the index that wrote it.
+# Qdrant: its engine in-process (qdrant-edge: a shard per collection in a local folder), or a server
+# or cluster by URL (qdrant-client). One definition of the collection serves both (qdrant_collection),
+# so what the tests check on the engine is what a cluster gets. Every point carries the index's id and
+# fingerprint, so a collection is tied to the index that wrote it.
+
+HNSW = dict(m=16, ef_construct=100, full_scan_threshold=1000)   # the first vector's graph (Qdrant's defaults; KB)
+OVERSAMPLING = 4.0       # a quantized search scores 4 x its limit in the low bits, then rescores those with the originals
+
+
+def qdrant_collection(D, budgets, precision=None, dtype="float32", disk=False):
+    """The one definition of an index's collection -> {vector name: settings}, for the engine and a
+    server alike. 'first': E_c[0], dense, dot product, with an HNSW graph: the 1x1 first stage
+    (s_1x1(q, c) = <E_q^1, E_c^1>). 'mv{r_c}' for each stored budget r_c: E_c[:r_c] as a MaxSim
+    multivector (s(q, c) = sum_i max_j <E_q^i, E_c^j>), no graph (m = 0: scored exhaustively or as
+    a rerank). An int8 / binary index: Qdrant's scalar int8 / binary quantization on every vector
+    (binary: the query in 8 bits against the candidates' signs), always searched with rescoring and
+    oversampling (qdrant_params). dtype: the index's; a bf16
+    index is stored in float16 (bf16's 8 bits fit in its 11; half of float32's bytes). disk:
+    the originals on disk, read only to rescore (the engine keeps the quantized ones in RAM)."""
+    kind = {"precision": precision if precision in on_disk.QUANTIZED else None,
+            "datatype": "float16" if dtype == "bfloat16" else "float32", "on_disk": disk}
+    return {"first": {"size": D, "multivector": False, "hnsw_m": HNSW["m"], **kind},
+            **{f"mv{b}": {"size": D, "multivector": True, "hnsw_m": 0, **kind} for b in budgets}}
+
+
+def qdrant_params(precision, depth=None):
+    """Search settings, stated in full: a quantized collection rescores with the originals after
+    oversampling; the HNSW prefetch searches with ef = its depth (at least the graph's ef_construct)."""
+    q = {"rescore": True, "oversampling": OVERSAMPLING} if precision in on_disk.QUANTIZED else None
+    return {"quantization": q, "hnsw_ef": max(depth, HNSW["ef_construct"]) if depth else None}
+
+
+class Qdrant:
+    """Where an index goes for scale-out: the engine in-process (`where` a folder: one qdrant-edge
+    shard per collection, in where/collection) or a server / cluster (`where` an http(s) URL,
+    qdrant-client). Both answer the same few calls (exists, owner, count, create, drop, upsert,
+    finish, query). A folder is checked at once (a file, unwritable: one line; held by another
+    process: when its collection is opened); a server too (unreachable). client: a QdrantClient made
+    by the caller (a server's API key, TLS, another timeout), used as the server."""
+
+    def __init__(self, where, client=None):
+        self.where, self.server, self.shards = where, client is not None or where.startswith(("http://", "https://")), {}
+        try:
+            if client is not None:
+                self.client = client
+            elif self.server:
+                try:
+                    from qdrant_client import QdrantClient
+                except ImportError:
+                    raise ImportError("--qdrant URL needs qdrant-client: pip install qdrant-client") from None
+                self.client = QdrantClient(url=where, timeout=10, check_compatibility=False)
+                self.client.get_collections()
+            else:
+                try:
+                    import qdrant_edge  # noqa: F401
+                except ImportError:
+                    raise ImportError("--qdrant FOLDER needs Qdrant's engine: pip install qdrant-edge-py") from None
+                if os.path.exists(where) and not os.path.isdir(where):
+                    raise ValueError("it is a file, not a folder")
+                os.makedirs(where, exist_ok=True)
+                if not os.access(where, os.W_OK | os.X_OK):
+                    raise ValueError("the folder is not writable")
+        except ImportError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the clients' many error types all mean "not usable here"
+            raise ValueError(f"--qdrant {where}: cannot use it ({type(e).__name__}: {str(e)[:200]})") from None
+
+    # -- the engine's shards
+    def shard(self, collection):
+        """The open engine shard of a collection (loaded once; None if there is none)."""
+        if collection not in self.shards:
+            import qdrant_edge as qe
+            path = os.path.join(self.where, collection)
+            if not os.path.isfile(os.path.join(path, "edge_config.json")):
+                return None
+            try:
+                self.shards[collection] = qe.EdgeShard.load(path)
+            except Exception as e:  # noqa: BLE001 - a held WAL, a damaged shard
+                held = "WouldBlock" in str(e)
+                raise ValueError(f"--qdrant {self.where}: cannot open collection {collection!r} "
+                                 + ("(held open by another process)" if held else f"({str(e)[:200]})")) from None
+        return self.shards[collection]
+
+    def close(self):
+        for s in self.shards.values():
+            s.close()
+        self.shards = {}
+        if self.server:
+            self.client.close()
+
+    # -- the calls both answer
+    def exists(self, collection):
+        return self.client.collection_exists(collection) if self.server else self.shard(collection) is not None
+
+    def owner(self, collection):
+        """The index_id the collection's points carry (None if it holds none)."""
+        if self.server:
+            points, _ = self.client.scroll(collection, limit=1, with_payload=True, with_vectors=False)
+        else:
+            import qdrant_edge as qe
+            points, _ = self.shard(collection).scroll(qe.ScrollRequest(limit=1, with_payload=True, with_vector=False))
+        return points[0].payload.get("index_id") if points else None
+
+    def count(self, collection):
+        if self.server:
+            return self.client.count(collection, exact=True).count
+        import qdrant_edge as qe
+        return self.shard(collection).count(qe.CountRequest(exact=True))
+
+    def drop(self, collection):
+        if self.server:
+            self.client.delete_collection(collection)
+        else:
+            self.shard(collection)                                   # opened (and so not held elsewhere)
+            self.shards.pop(collection).close()
+            shutil.rmtree(os.path.join(self.where, collection))
+
+    def create(self, collection, spec):
+        """A collection of qdrant_collection's spec."""
+        if self.server:
+            from qdrant_client import models
+            self.client.create_collection(collection, vectors_config={
+                name: models.VectorParams(
+                    size=v["size"], distance=models.Distance.DOT, on_disk=v["on_disk"],
+                    datatype=models.Datatype.FLOAT16 if v["datatype"] == "float16" else models.Datatype.FLOAT32,
+                    hnsw_config=models.HnswConfigDiff(**{**HNSW, "m": v["hnsw_m"]}),
+                    multivector_config=models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
+                    if v["multivector"] else None,
+                    quantization_config=None if v["precision"] is None else
+                    models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8,
+                                                                                     always_ram=True))
+                    if v["precision"] == "int8" else
+                    models.BinaryQuantization(binary=models.BinaryQuantizationConfig(
+                        always_ram=True, query_encoding=models.BinaryQuantizationQueryEncoding.SCALAR8BITS)))
+                for name, v in spec.items()})
+            return
+        import qdrant_edge as qe
+        vectors = {name: qe.EdgeVectorParams(
+            size=v["size"], distance=qe.Distance.Dot,
+            memory=qe.Memory.Cold if v["on_disk"] else None,
+            datatype=qe.VectorStorageDatatype.Float16 if v["datatype"] == "float16" else qe.VectorStorageDatatype.Float32,
+            hnsw_config=qe.HnswIndexConfig(**{**HNSW, "m": v["hnsw_m"]}),
+            multivector_config=qe.MultiVectorConfig(qe.MultiVectorComparator.MaxSim) if v["multivector"] else None,
+            quantization_config=None if v["precision"] is None else
+            qe.ScalarQuantizationConfig(qe.ScalarType.Int8, always_ram=True) if v["precision"] == "int8" else
+            qe.BinaryQuantizationConfig(always_ram=True, query_encoding=qe.BinaryQuantizationQueryEncoding.Scalar8Bits))
+            for name, v in spec.items()}
+        # indexing_threshold 1 KB: every finished segment gets its graph and quantization at finish()
+        config = qe.EdgeConfig(vectors=vectors, optimizers=qe.EdgeOptimizersConfig(indexing_threshold=1))
+        self.shards[collection] = qe.EdgeShard.create(os.path.join(self.where, collection), config)
+
+    def upsert(self, collection, ids, vectors, payloads):
+        """ids [n], vectors {name: (n, D) or (n, r_c, D) float32 arrays}, payloads [n dicts]."""
+        if self.server:
+            from qdrant_client import models
+            self.client.upsert(collection, [models.PointStruct(id=i, vector={k: v[n].tolist() for k, v in vectors.items()},
+                                                               payload=p)
+                                            for n, (i, p) in enumerate(zip(ids, payloads))])
+            return
+        import qdrant_edge as qe
+        self.shard(collection).update(qe.UpdateOperation.upsert_points(
+            [qe.Point(i, {k: v[n] for k, v in vectors.items()}, p) for n, (i, p) in enumerate(zip(ids, payloads))]))
+
+    def finish(self, collection):
+        """The engine builds its HNSW graph and quantization only when optimized: do it now, and flush
+        to disk (a server optimizes by itself)."""
+        if not self.server:
+            shard = self.shard(collection)
+            shard.optimize()
+            shard.flush()
+
+    def query(self, collection, q, budget, k, first=None, depth=None, precision=None):
+        """q (R_q, D) float32: MaxSim at budget over every point, or (first) over the `depth` best at
+        first (1x1: the dense first vector through HNSW; another budget: its multivector, exhaustively),
+        in ONE request (a prefetch, then the rerank). -> [(score, point id)], best first."""
+        params = qdrant_params(precision)
+        pre = qdrant_params(precision, depth) if first is not None else None
+        dense = first == (1, 1)
+        if self.server:
+            from qdrant_client import models
+
+            def search_params(p):
+                quant = p["quantization"] and models.QuantizationSearchParams(**p["quantization"])
+                return models.SearchParams(hnsw_ef=p["hnsw_ef"], quantization=quant)
+            prefetch = None if first is None else models.Prefetch(
+                query=q[0].tolist() if dense else q[:first[0]].tolist(), using="first" if dense else f"mv{first[1]}",
+                limit=depth, params=search_params(pre))
+            r = self.client.query_points(collection, prefetch=prefetch, query=q[:budget[0]].tolist(),
+                                         using=f"mv{budget[1]}", limit=k, with_payload=False,
+                                         search_params=search_params(params))
+            return [(p.score, p.id) for p in r.points]
+        import qdrant_edge as qe
+
+        def search_params(p):
+            quant = p["quantization"] and qe.QuantizationSearchParams(**p["quantization"])
+            return qe.SearchParams(hnsw_ef=p["hnsw_ef"], quantization=quant)
+        prefetch = None if first is None else [qe.Prefetch(
+            limit=depth, query=qe.Query.Nearest(q[0] if dense else q[:first[0]], using="first" if dense else f"mv{first[1]}"),
+            params=search_params(pre))]
+        r = self.shard(collection).query(qe.QueryRequest(
+            limit=k, query=qe.Query.Nearest(q[:budget[0]], using=f"mv{budget[1]}"), prefetches=prefetch,
+            params=search_params(params), with_payload=False))
+        return [(p.score, p.id) for p in r]
+
 
 def qdrant_client(where, collection=None, index=None, overwrite=False):
-    """A client for a local folder or a server's URL, checked at once (unreachable, unwritable,
-    held by another process: one line, before any encoding). With an index: its collection may
-    be written (empty, or this index's own; another index's only with overwrite)."""
-    try:
-        from qdrant_client import QdrantClient
-    except ImportError:
-        raise ImportError("--qdrant needs qdrant-client: pip install qdrant-client") from None
-    try:
-        if where.startswith(("http://", "https://")):
-            client = QdrantClient(url=where, timeout=10)
-        else:
-            if os.path.exists(where) and not os.path.isdir(where):
-                raise ValueError("it is a file, not a folder")
-            client = QdrantClient(path=where)
-        exists = collection is not None and client.collection_exists(collection)
-    except Exception as e:  # noqa: BLE001 - the client's many error types all mean "not usable here"
-        raise ValueError(f"--qdrant {where}: cannot use it ({type(e).__name__}: {str(e)[:200]})") from None
-    if exists and index is not None and not overwrite:
-        owner = collection_owner(client, collection)
+    """A Qdrant for a local folder (the engine) or a server's URL, checked at once (unreachable,
+    unwritable, held by another process: one line, before any encoding). With an index: its
+    collection may be written (empty, or this index's own; another index's only with overwrite)."""
+    store = Qdrant(where)
+    if collection is not None and index is not None and not overwrite and store.exists(collection):
+        owner = store.owner(collection)
         if owner and owner != index["index_id"]:
+            store.close()
             raise ValueError(f"Qdrant collection {collection!r} at {where} holds another index ({owner}): pass "
                              f"--overwrite to replace it, or --collection another name")
-    return client
+    return store
 
 
-def collection_owner(client, collection):
-    points, _ = client.scroll(collection, limit=1, with_payload=True, with_vectors=False)
-    return points[0].payload.get("index_id") if points else None
-
-
-def to_qdrant(index, client, collection="metaembed", batch=256, overwrite=False):
-    """One point per candidate: a dense vector 'first' (E_c[0], for HNSW) and one multivector
-    'mv{r_c}' (MAX_SIM over the first r_c vectors) per stored budget, with the index's id. An
-    existing collection of this index is completed (upserts are idempotent), another's replaced
-    only with overwrite."""
-    from qdrant_client import models
-    dot = models.Distance.DOT
-    mv = models.MultiVectorConfig(comparator=models.MultiVectorComparator.MAX_SIM)
-    if client.collection_exists(collection):
-        owner = collection_owner(client, collection)
+def to_qdrant(index, store, collection="metaembed", batch=256, overwrite=False, budgets=None, precision=None):
+    """One point per candidate: 'first' (E_c[0], for HNSW) and 'mv{r_c}' per stored budget (MaxSim over
+    the first r_c vectors), with the index's id, `batch` rows at a time (memory is one batch, whatever
+    N). budgets: the r_c to send (default every stored one); precision: the collection's quantization
+    (default the index's). An existing collection of this index is completed (upserts are
+    idempotent), another's replaced only with overwrite. The engine then builds its graph and
+    quantization (Qdrant.finish)."""
+    budgets = budgets or [b for _, b in index.bounds]
+    if store.exists(collection):
+        owner = store.owner(collection)
         if owner not in (None, index.meta["index_id"]) and not overwrite:
             raise ValueError(f"Qdrant collection {collection!r} holds another index ({owner}): pass --overwrite")
         if owner != index.meta["index_id"]:
-            client.delete_collection(collection)
-    if not client.collection_exists(collection):
-        client.create_collection(collection, vectors_config={
-            "first": models.VectorParams(size=index.D, distance=dot),
-            **{f"mv{b}": models.VectorParams(size=index.D, distance=dot, multivector_config=mv,
-                                             quantization_config=qdrant_quantization(index.precision))
-               for _, b in index.bounds}})
-    full, tag = index.prefix(index.R_c), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
+            store.drop(collection)
+    if not store.exists(collection):
+        store.create(collection, qdrant_collection(index.D, budgets, precision or index.precision, index.meta["dtype"]))
+    view, tag = index.prefix(max(budgets)), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
     for s in range(0, index.N, batch):
-        E = full[s:s + batch].float().numpy()                         # (n, R_c, D)
-        points = [models.PointStruct(id=s + n, vector={"first": e[0].tolist(), **{f"mv{b}": e[:b].tolist()
-                                                                                  for _, b in index.bounds}},
-                                     payload={**index.items[s + n], **tag})
-                  for n, e in enumerate(E) if s + n not in index.skipped]
-        if points:                                 # a batch that was skipped whole has nothing to send
-            client.upsert(collection, points)
+        keep = [n for n in range(min(batch, index.N - s)) if s + n not in index.skipped]
+        if not keep:                               # a batch that was skipped whole has nothing to send
+            continue
+        E = view[s:s + batch].float().numpy()[keep]                           # (n, r_c, D)
+        store.upsert(collection, [s + n for n in keep], {"first": E[:, 0], **{f"mv{b}": E[:, :b] for b in budgets}},
+                     [{**index.items[s + n], **tag} for n in keep])
+    store.finish(collection)
 
 
-def qdrant_quantization(precision):
-    """Qdrant's own quantization of the multivectors for an int8 / binary index (None for bf16):
-    scalar int8, or binary (one bit a number); its search rescores with the originals it keeps
-    (qdrant_search asks for that), as the cascade rescores from the float copy here."""
-    from qdrant_client import models
-    if precision == "int8":
-        return models.ScalarQuantization(scalar=models.ScalarQuantizationConfig(type=models.ScalarType.INT8,
-                                                                                 always_ram=True))
-    if precision == "binary":
-        return models.BinaryQuantization(binary=models.BinaryQuantizationConfig(always_ram=True))
-    return None
-
-
-def check_collection(client, index, collection):
+def check_collection(store, index, collection):
     """A query through Qdrant: the collection must be this index's, and whole."""
-    if not client.collection_exists(collection):
+    if not store.exists(collection):
         raise ValueError(f"Qdrant has no collection {collection!r} there: write it with "
                          f"`search.py push --index {index.path} --qdrant ...`")
-    owner = collection_owner(client, collection)
+    owner = store.owner(collection)
     if owner is None and index.N > len(index.skipped):
         raise ValueError(f"Qdrant collection {collection!r} is empty (an upload that failed): write it with "
                          f"`search.py push --index {index.path} --qdrant ...`")
     if owner != index.meta.get("index_id"):
         raise ValueError(f"Qdrant collection {collection!r} holds another index ({owner}), not {index.path}")
-    have, want = client.count(collection, exact=True).count, index.N - len(index.skipped)
+    have, want = store.count(collection), index.N - len(index.skipped)
     if have != want:
         raise ValueError(f"Qdrant collection {collection!r} holds {have} of the index's {want} points (an upload "
                          f"cut short): complete it with `search.py push --index {index.path} --qdrant ...`")
 
 
-def qdrant_search(client, q, budget, k, first=None, depth=None, collection="metaembed", rescore=False):
-    """q (R_q, D): MaxSim at budget over all points, or over the `depth` best at `first` (1x1:
-    the dense first vector, through HNSW; another budget: its multivector). rescore: the collection is
-    quantized (an int8 / binary index): Qdrant rescores with the originals. -> [(score, point id)]."""
-    from qdrant_client import models
-    if not client.collection_exists(collection):
+def qdrant_search(store, q, budget, k, first=None, depth=None, collection="metaembed", precision=None):
+    """q (R_q, D): MaxSim at budget over all points, or over the `depth` best at `first`, as one
+    request (Qdrant.query). precision: the index's (int8 / binary: the collection is quantized and
+    searched with rescoring and oversampling). -> [(score, point id)]."""
+    if not store.exists(collection):
         raise ValueError(f"Qdrant has no collection {collection!r} there: write it with `search.py index ... --qdrant`")
-    prefetch = None
-    if first is not None:
-        dense = first == (1, 1)
-        prefetch = models.Prefetch(query=q[0].tolist() if dense else q[:first[0]].tolist(),
-                                   using="first" if dense else f"mv{first[1]}", limit=depth)
-    params = models.SearchParams(quantization=models.QuantizationSearchParams(rescore=True)) if rescore else None
-    r = client.query_points(collection, prefetch=prefetch, query=q[:budget[0]].tolist(), using=f"mv{budget[1]}",
-                            limit=k, with_payload=False, search_params=params)
-    return [(p.score, p.id) for p in r.points]
+    return store.query(collection, np.ascontiguousarray(q, dtype=np.float32), budget, k, first,
+                       depth if first is not None else None, precision)

@@ -8,6 +8,8 @@ The benchmarks, one module per concern, run as `python -m bench [MODE]`:
     python -m bench --memory-table   # the official recipe's memory per device, by arithmetic
     python -m bench --precision      # bf16 math, int8 and 1-bit indexes (bench/precision.py): S1-S6, recall@10
     python -m bench --cascade INDEX  # latency (bench/latency.py): the cascade's recall; --serve: the server's latency
+    python -m bench --scale          # the cost of growing (bench/scale.py): 10k-1M candidates, ours and Qdrant's engine
+    python -m bench --index-memory   # search.py index and push: peak RSS at two sizes 10x apart
     python -m bench.showcase         # the multi-seed Matryoshka claim (bench/showcase.py)
 
 Speed rows: milliseconds (median), GB/s of candidate data read, GFLOP/s, % of the limit
@@ -19,12 +21,13 @@ import argparse
 
 import torch
 
-from bench import latency, memory, precision, speed
+from bench import latency, memory, precision, scale, speed
 
 MODES = {"rehearse": memory.mode_rehearse, "serve": latency.mode_serve, "dispatch": speed.mode_dispatch,
          "layout": speed.mode_layout, "cascade": latency.mode_cascade, "grad_cache_one": memory.mode_grad_cache_one,
          "grad_cache": memory.mode_grad_cache, "eval_memory": memory.mode_eval_memory,
-         "precision": precision.mode_precision, "precision_study": precision.mode_precision_study}
+         "precision": precision.mode_precision, "precision_study": precision.mode_precision_study,
+         "scale": scale.mode_scale, "index_memory": scale.mode_index_memory}
 
 
 def main():
@@ -68,11 +71,18 @@ def main():
                    "out/tiny-d128), beside bytes per candidate; --plot: quality against bytes, one line per precision")
     p.add_argument("--dispatch", action="store_true", help="instead: measure the CPU dispatch afresh for every "
                    "regime, print the timings and the winners, and keep them (as maxsim's auto path does)")
+    p.add_argument("--scale", action="store_true", help="instead: one query's latency, recall@10, build time, peak RSS "
+                   "and disk at N = 10k, 100k, 1M (--quick: 10k) for our exhaustive search and cascade and Qdrant's engine "
+                   "(HNSW prefetch then MaxSim rerank; int8, binary), D = 128, a stub encoder; --plot: p50 against N")
+    p.add_argument("--index-memory", action="store_true", help="instead: peak RSS of search.py index (--texts, the "
+                   "tiny model at D = 128) and push (the engine) at N = 1,000 and 10,000 (--sizes), each in a fresh process")
+    p.add_argument("--sizes", help="with --scale or --index-memory: the N to measure, e.g. 10000,100000")
+    p.add_argument("--scale-dir", help="with --scale: where the indexes and shards are built (default: a temporary folder)")
     args = p.parse_args()
     if args.memory_table is not None:
         return memory.mode_memory_table(args)
     for name in ("rehearse", "serve", "dispatch", "layout", "cascade", "grad_cache_one", "grad_cache", "eval_memory",
-                 "precision", "precision_study"):
+                 "precision", "precision_study", "scale", "index_memory"):
         if getattr(args, name):
             return MODES[name](args)
     return speed.mode_speed(args)

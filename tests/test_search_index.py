@@ -90,14 +90,20 @@ def test_qdrant_collections_are_tied_to_their_index(two_checkpoints, scenes, tmp
     search.main(["push", "--index", other, "--qdrant", where, "--overwrite"])
     fails(["query", "--index", scenes, "--qdrant", where, "red"], "holds another index")
     search.main(["push", "--index", scenes, "--qdrant", where, "--overwrite"])
-    client = search_index.qdrant_client(where)
-    from qdrant_client import models
-    client.delete("metaembed", models.PointIdsList(points=list(range(40))))      # an upload cut short
-    client.close()
+    store = search_index.qdrant_client(where)
+    import qdrant_edge as qe
+    store.shard("metaembed").update(qe.UpdateOperation.delete_points(list(range(40))))   # an upload cut short
+    store.close()
     fails(["query", "--index", scenes, "--qdrant", where, "red"], "holds 8 of the index's 48 points .*search.py push")
     search.main(["push", "--index", scenes, "--qdrant", where])                   # completes it
     got = search.main(["query", "--index", scenes, "--qdrant", where, "red", "--json"])
     assert len(got) == 10
+    held = search_index.qdrant_client(where)
+    held.shard("metaembed")                                   # the engine's shard, open elsewhere: one line
+    fails(["query", "--index", scenes, "--qdrant", where, "red"], "cannot open collection 'metaembed' .held open by")
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "never"), "--qdrant", where], "held open by")
+    assert not (tmp_path / "never" / "progress.json").exists()                  # said before any encoding
+    held.close()
     for bad in (str(tmp_path / "a-file"), "http://127.0.0.1:9"):                  # found before any encoding
         (tmp_path / "a-file").write_text("x")
         fails(["index", "--checkpoint", a, "--out", str(tmp_path / "never"), "--qdrant", bad], f"--qdrant {bad}: cannot use it")
@@ -109,9 +115,9 @@ def test_qdrant_batches_skipped_whole_and_first_budgets(scenes, tmp_path):
     index.skipped = set(range(4))                             # a whole batch of 4 skipped: nothing to send
     client = search_index.qdrant_client(str(tmp_path / "q"))
     search_index.to_qdrant(index, client, batch=4)
-    assert client.count("metaembed", exact=True).count == index.N - 4
+    assert client.count("metaembed") == index.N - 4
     index = search_index.Index(scenes)
-    client.delete_collection("metaembed")
+    client.drop("metaembed")
     search_index.to_qdrant(index, client)
     model = search.load_model(index.meta["checkpoint"])
     q = model.encode_queries(["red top left, blue center"])
