@@ -25,7 +25,7 @@ from maxsim import maxsim, maxsim_pairwise, maxsim_topk
 from machinery import checks, hub, index, report
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
-from metaembed import MetaEmbed, load_model, parse_budget, parse_budgets
+from metaembed import Budget, MetaEmbed, load_model, parse_budgets
 
 
 # -----------------------------------------------------------------------------
@@ -120,7 +120,8 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
         docs_of.setdefault(u, []).append(d)
     encode_s = time.time() - t0
     out = {}
-    for rq, rc in budgets:
+    for b in map(Budget._make, budgets):
+        rq, rc = b
         maxsim(Q[:, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)   # untimed: may measure the dispatch
         t1 = time.time()
         # top k unique candidates; identical documents share a score, so they expand to >= k docs
@@ -137,7 +138,7 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
                     doc = same.get(d, d)
                     run[qids[a]][doc] = max(s, run[qids[a]].get(doc, s))
         qrels = task["qrels"]
-        out[f"{rq}x{rc}"] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
+        out[b] = {"NDCG@5": ndcg(run, qrels, 5), "NDCG@10": ndcg(run, qrels, 10),
                              "Recall@1": recall(run, qrels, 1), "Recall@5": recall(run, qrels, 5),
                              "Recall@10": recall(run, qrels, 10), "P@1": retrieval_p_at_1(run, qrels),
                              "score_seconds": score_s, "num_candidates": len(dids)}
@@ -163,13 +164,14 @@ def heldout_p_at_1(model, tasks, groups, batch_size, device):
     """train.py --eval-every: P@1 on held-out rows at each Matryoshka group, mean over tasks (sources)."""
     if not tasks:
         return {}
-    out = {f"heldout_p1_{rq}x{rc}": 0.0 for rq, rc in groups}
+    budgets = [Budget(*g) for g in groups]
+    out = {b: 0.0 for b in budgets}
     for task in tasks.values():
-        res, _ = score_retrieval(model, task, list(groups), batch_size, device, k=1, dtype=torch.float32,
+        res, _ = score_retrieval(model, task, budgets, batch_size, device, k=1, dtype=torch.float32,
                                  progress=False)
-        for rq, rc in groups:
-            out[f"heldout_p1_{rq}x{rc}"] += res[f"{rq}x{rc}"]["P@1"] / len(tasks)
-    return out
+        for b in budgets:
+            out[b] += res[b]["P@1"] / len(tasks)
+    return {f"heldout_p1_{b}": p for b, p in out.items()}
 
 
 def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
@@ -183,12 +185,13 @@ def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dty
     Q = Q.to(device)
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
-    for rq, rc in budgets:
+    for b in map(Budget._make, budgets):
+        rq, rc = b
         maxsim(Q[:1, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)  # untimed: may measure the dispatch
         t1 = time.time()
         per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device), backend=backend)[0]
                    for i in range(len(rows))]
-        out[f"{rq}x{rc}"] = {"P@1": mmeb_p_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
+        out[b] = {"P@1": mmeb_p_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
 
 
@@ -273,7 +276,7 @@ def evaluate(args):
         model.set_image_bounds(args.min_pixels, args.max_pixels)
     args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
     dtype, cfg = index.DTYPES[args.index_dtype], model.config
-    budgets = parse_budgets(args.budgets, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    budgets = parse_budgets(args.budgets, cfg)
     if args.mteb:  # mteb's own evaluator at every budget from one encoding, the table and plot over it
         return mteb_adapter().evaluate_for_table(model, (maxsim, maxsim_pairwise), source, args.mteb, budgets,
                                                  args.mteb_results)
@@ -282,7 +285,7 @@ def evaluate(args):
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": model.dim,
                "index_dtype": args.index_dtype, "precision": args.precision,
-               "budgets": [f"{a}x{b}" for a, b in budgets], "tasks": {}}
+               "budgets": [str(b) for b in budgets], "tasks": {}}
     # --index-dir: this run's own folder in it, so runs sharing one --index-dir never mix files
     run_dir = tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=args.index_dir) \
         if args.index_dir else None
@@ -293,7 +296,7 @@ def evaluate(args):
         res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
                           index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
                           backend=os.environ.get("METAEMBED_MAXSIM"), precision=args.precision)
-        results["tasks"][name] = {**res, "encode_seconds": enc}
+        results["tasks"][name] = {**{str(b): m for b, m in res.items()}, "encode_seconds": enc}   # "AxB" keys: the JSON's
     results["headline"] = headline
     mmeb = {**data.MMEB_TASKS, "IND": [s for s in tasks if s not in data.MMEB_OOD],
             "OOD": [s for s in tasks if s in data.MMEB_OOD]} if args.benchmark == "mmeb" else None
@@ -318,8 +321,7 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
     maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
     model, found = (checkpoint_or_model, None) if isinstance(checkpoint_or_model, MetaEmbed) else \
         load_model(checkpoint_or_model, "evaluate.py")
-    cfg = model.config                           # the one budget rule, before the encoder is built
-    budget = parse_budget(budget, cfg.groups, cfg.num_query_tokens, cfg.num_candidate_tokens)
+    budget = model.config.budget(budget)         # the one budget rule, before the encoder is built
     adapter = mteb_adapter()
     named = dict(name=f"metaembed/{os.path.basename(found)}",
                  training_datasets=adapter.training_datasets(found)) if found else {}

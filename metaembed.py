@@ -17,6 +17,7 @@ import functools
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -29,6 +30,16 @@ from machinery.checks import check_encode_inputs, check_groups
 # -----------------------------------------------------------------------------
 # 1. config, Matryoshka groups
 
+class Budget(NamedTuple):
+    """A test-time budget: the first r_q query vectors x the first r_c candidate vectors. Still the
+    tuple (r_q, r_c) (it unpacks and compares as one); str() is the command lines' 'AxB'."""
+    r_q: int
+    r_c: int
+
+    def __str__(self):
+        return f"{self.r_q}x{self.r_c}"
+
+
 # Matryoshka groups (r_q, r_c): nested prefixes of the R_q query and R_c candidate vectors.
 GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
 TEMPERATURE = 0.03   # tau of InfoNCE
@@ -36,8 +47,8 @@ TEMPERATURE = 0.03   # tau of InfoNCE
 
 def matryoshka_groups(R_q, R_c):
     """The paper's groups that fit within (R_q, R_c), ending with (R_q, R_c) itself."""
-    groups = tuple(g for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
-    return groups if groups and groups[-1] == (R_q, R_c) else groups + ((R_q, R_c),)
+    groups = tuple(Budget(*g) for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
+    return groups if groups and groups[-1] == (R_q, R_c) else groups + (Budget(R_q, R_c),)
 
 
 @dataclass
@@ -65,7 +76,7 @@ class MetaEmbedConfig:
 
     def __post_init__(self):
         R_q, R_c = self.num_query_tokens, self.num_candidate_tokens
-        self.groups = tuple(tuple(int(x) for x in g) for g in (self.groups or matryoshka_groups(R_q, R_c)))
+        self.groups = tuple(Budget(*(int(x) for x in g)) for g in (self.groups or matryoshka_groups(R_q, R_c)))
         if self.group_weights is not None:
             self.group_weights = tuple(float(w) for w in self.group_weights)
         check_groups(self.groups, R_q, R_c)
@@ -80,6 +91,42 @@ class MetaEmbedConfig:
     @property
     def offline(self):
         return backbones.is_offline(self.backbone)
+
+    def budget(self, spec, stored=None, name="budget"):
+        """The one budget rule: spec 'AxB' (r_q x r_c directly), a number k (the group whose r_c == k,
+        see budget_groups) or a pair (A, B) -> Budget, with r_q <= R_q and r_c <= R_c; `stored`:
+        the r_c an index holds (it reads whole groups). Any bad budget is one ValueError naming
+        `name`, the budget and what would be accepted."""
+        R_q, R_c = self.num_query_tokens, self.num_candidate_tokens
+        named = budget_groups(self.groups, R_q, R_c)
+        text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
+
+        def bad(why):
+            return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
+                              f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
+                              f"{', '.join(map(str, sorted(named, key=lambda g: (g.r_c, g.r_q))))})")
+        if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
+            raise bad("a pair must be two whole numbers (r_q, r_c)")
+        if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
+            raise bad(f"a {type(spec).__name__} is not a budget")
+        if not text:
+            raise bad("empty")
+        if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
+            budget = Budget(int(m.group(1)), int(m.group(2)))
+        elif re.fullmatch(r"\d{1,6}", text):
+            match = [g for g in named if g.r_c == int(text)]
+            if not match:
+                raise bad(f"no Matryoshka group has {text} candidate vectors")
+            budget = match[0]
+        else:
+            raise bad("not a number or 'AxB'")
+        if budget.r_q < 1 or budget.r_c < 1:
+            raise bad("r_q and r_c must be at least 1")
+        if budget.r_q > R_q or budget.r_c > R_c:
+            raise bad(f"{budget} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
+        if stored is not None and budget.r_c not in stored:
+            raise bad(f"r_c={budget.r_c} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
+        return budget
 
 
 # -----------------------------------------------------------------------------
@@ -273,60 +320,41 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
 def budget_groups(groups, R_q, R_c):
     """The groups a budget number names: the model's own, then the paper's that fit in (R_q, R_c)
     (so an ablation trained on (16, 64) alone is still served at budget 1 = (1, 1), everywhere)."""
-    groups = tuple(tuple(g) for g in groups)
-    return groups + tuple(g for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
+    groups = tuple(Budget(*g) for g in groups)
+    return groups + tuple(Budget(*g) for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
 
 
-def parse_budget(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None, name="budget"):
-    """The one budget rule: one budget -> (r_q, r_c), for every tool (evaluate, search and its server,
-    explain, the mteb encoder). spec: 'AxB' (r_q x r_c directly), a number k (the group whose
-    r_c == k, see budget_groups) or a pair (A, B). r_q <= R_q and r_c <= R_c (default: the largest
-    group); `stored`: the r_c an index holds (it reads whole groups). Any bad budget is one
-    ValueError naming `name`, the budget and what would be accepted."""
-    R_q = num_query_tokens or max(g[0] for g in groups)
-    R_c = num_candidate_tokens or max(g[1] for g in groups)
-    named = budget_groups(groups, R_q, R_c)
-    text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
-
-    def bad(why):
-        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
-                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
-                          f"{', '.join(f'{a}x{b}' for a, b in sorted(named, key=lambda g: (g[1], g[0])))})")
-    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
-        raise bad("a pair must be two whole numbers (r_q, r_c)")
-    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
-        raise bad(f"a {type(spec).__name__} is not a budget")
-    if not text:
-        raise bad("empty")
-    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
-        budget = (int(m.group(1)), int(m.group(2)))
-    elif re.fullmatch(r"\d{1,6}", text):
-        match = [g for g in named if g[1] == int(text)]
-        if not match:
-            raise bad(f"no Matryoshka group has {text} candidate vectors")
-        budget = match[0]
-    else:
-        raise bad("not a number or 'AxB'")
-    if budget[0] < 1 or budget[1] < 1:
-        raise bad("r_q and r_c must be at least 1")
-    if budget[0] > R_q or budget[1] > R_c:
-        raise bad(f"{budget[0]}x{budget[1]} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
-    if stored is not None and budget[1] not in stored:
-        raise bad(f"r_c={budget[1]} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
-    return budget
+def parse_budget(spec: "str | int | tuple[int, int]", config: "MetaEmbedConfig | None" = None,
+                 stored: "list[int] | None" = None, name: str = "budget", groups=None) -> Budget:
+    """One budget -> Budget(r_q, r_c) by the one rule (MetaEmbedConfig.budget), for every tool
+    (evaluate, search and its server, explain, the mteb encoder). config: the model's
+    (default: the paper's 16 x 64 with GROUPS; groups=...: those groups, R_q x R_c their largest)."""
+    return _config_of(config, groups).budget(spec, stored, name)
 
 
-def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None):
-    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c), each by
-    parse_budget's rule."""
+def parse_budgets(spec: str, config: "MetaEmbedConfig | None" = None, stored: "list[int] | None" = None,
+                  groups=None) -> list[Budget]:
+    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets, each by parse_budget's rule.
+
+    >>> [str(b) for b in parse_budgets("1,4,16,64")]
+    ['1x1', '2x4', '8x16', '16x64']"""
+    config = _config_of(config, groups)
     budgets = []
     for part in str(spec).replace(" ", "").split(","):
         if part:
-            budget = parse_budget(part, groups, num_query_tokens, num_candidate_tokens, stored)
+            budget = config.budget(part, stored)
             budgets += [budget] if budget not in budgets else []
     if not budgets:
         raise ValueError(f"no budget given in {spec!r}")
     return budgets
+
+
+def _config_of(config, groups):
+    if config is not None:
+        return config
+    groups = GROUPS if groups is None else groups
+    return MetaEmbedConfig(num_query_tokens=max(g[0] for g in groups), num_candidate_tokens=max(g[1] for g in groups),
+                           groups=groups)
 
 
 @torch.no_grad()

@@ -170,13 +170,13 @@ def query_cmd(args):
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]
     if args.json:
-        print(json.dumps({"query": args.text, "image": args.image, "budget": f"{budget[0]}x{budget[1]}",
-                          "first": f"{first[0]}x{first[1]}" if first else None, "precision": index.precision,
+        print(json.dumps({"query": args.text, "image": args.image, "budget": str(budget),
+                          "first": str(first) if first else None, "precision": index.precision,
                           "results": results,
                           "encode_ms": 1e3 * t_enc, "search_ms": 1e3 * t_search}, indent=2))
         return results
-    how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
-        if first else f"{budget[0]}x{budget[1]} over {index.N}"
+    how = f"{first} over {index.N}, then {budget} on the best {min(depth, index.N)}" if first else \
+        f"{budget} over {index.N}"
     if index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
         how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "

@@ -272,7 +272,7 @@ def train(args):
             dt = time.time() - t0
             losses = distributed.mean_over_ranks(torch.cat([loss.detach().reshape(1), per_group.detach()]), ddp)
             rec = {"step": step + 1, "loss": losses[0].item(), "lr": lr,
-                   **{f"loss_{rq}x{rc}": l.item() for (rq, rc), l in zip(cfg.groups, losses[1:])},
+                   **{f"loss_{g}": l.item() for g, l in zip(cfg.groups, losses[1:])},
                    "grad_norm": float(grad_norm), "step_time": dt, "samples_per_s": B * world / dt,
                    "hard_negatives": 0 if neg_mask is None else int(neg_mask[:, 0].sum())}   # queries with one, this rank
             if isinstance(sampler, data.MixtureBatches):

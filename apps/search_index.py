@@ -25,7 +25,7 @@ from machinery import index as on_disk
 from machinery.backbones import max_text_tokens
 from machinery.checkpoints import write_atomic
 from maxsim import maxsim, maxsim_topk
-from metaembed import budget_groups, parse_budget
+from metaembed import Budget, MetaEmbedConfig, budget_groups
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
@@ -124,18 +124,36 @@ def check_depth(first, depth, flag="--"):
         raise ValueError(f"{flag}depth is the cascade's: give {flag}first too (e.g. {example})")
 
 
+def index_config(meta):
+    """The model's budget rule as an index's index.json records it (its groups, R_q and R_c)."""
+    return MetaEmbedConfig(num_query_tokens=meta["num_query_tokens"], num_candidate_tokens=meta["num_candidate_tokens"],
+                           groups=meta["model_groups"])
+
+
+def stored_r_c(meta):
+    """The r_c an index stores (the ends of its group files): a budget's r_c must be one of them."""
+    return [b for _, b in meta["groups"]]
+
+
+def stored_budgets(meta):
+    """The budgets an index holds, cheapest first: the model's groups (and the paper's that fit, see
+    metaembed.budget_groups) whose r_c it stores; any r_q x r_c a search can take is plan()'s."""
+    stored = set(stored_r_c(meta))
+    return sorted((g for g in budget_groups(meta["model_groups"], meta["num_query_tokens"], meta["num_candidate_tokens"])
+                   if g.r_c in stored), key=lambda g: (g.r_c, g.r_q))
+
+
 def plan(meta, budget, first=None, depth=None, k=10, flag="--"):
     """The one reading of a search's budgets, for search.py query and the server alike: budget and
-    first (specs, by metaembed.parse_budget's rule against the index's model and stored groups),
+    first (specs, by the one budget rule, MetaEmbedConfig.budget, against the index's model and stored groups),
     the cascade's checks (first cheaper than budget, depth only with first) -> (budget, first, depth).
     flag: how the parameters are named to the user ("--" on the command line, "" in the API)."""
-    groups, R_q, R_c = tuple(tuple(g) for g in meta["model_groups"]), meta["num_query_tokens"], meta["num_candidate_tokens"]
-    stored = [b for _, b in meta["groups"]]
-    budget = parse_budget(budget, groups, R_q, R_c, stored, f"{flag}budget")
-    first = parse_budget(first, groups, R_q, R_c, stored, f"{flag}first") if first is not None else None
+    config, stored = index_config(meta), stored_r_c(meta)
+    budget = config.budget(budget, stored, f"{flag}budget")
+    first = config.budget(first, stored, f"{flag}first") if first is not None else None
     check_depth(first, depth, flag)
-    if first and (first[0] > budget[0] or first[1] > budget[1]):
-        raise ValueError(f"{flag}first {first[0]}x{first[1]} is not cheaper than {flag}budget {budget[0]}x{budget[1]}: "
+    if first and (first.r_q > budget.r_q or first.r_c > budget.r_c):
+        raise ValueError(f"{flag}first {first} is not cheaper than {flag}budget {budget}: "
                          f"the cascade scores everything at the cheap budget first")
     return budget, first, (max(depth or 1000, k) if first else None)
 

@@ -114,8 +114,8 @@ def test_budgets_are_prefix_slices_of_one_encoding():
     model = KnownEmbeddings(table)
     out, _ = evaluate.score_retrieval(model, task, [(1, 1), (2, 2)], 8, torch.device("cpu"))
     assert model.calls == [1, 2]          # one query pass, one corpus pass, for both budgets
-    assert out["1x1"]["P@1"] == 0.0 and out["2x2"]["P@1"] == 1.0
-    assert out["1x1"]["NDCG@5"] == pytest.approx(1 / math.log2(3)) and out["2x2"]["NDCG@5"] == 1.0
+    assert out[(1, 1)]["P@1"] == 0.0 and out[(2, 2)]["P@1"] == 1.0
+    assert out[(1, 1)]["NDCG@5"] == pytest.approx(1 / math.log2(3)) and out[(2, 2)]["NDCG@5"] == 1.0
 
 
 def test_identical_items_encoded_once():
@@ -152,12 +152,12 @@ def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
     # the cat image looks like "cat"; the dog image ALSO looks like "cat": P@1 = 1/2
     model = ByImage({"cat.png": e([1, 0]), "dog.png": e([1, 0.1]), "cat": e([1, 0]), "dog": e([0, 1])})
     out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], 8)
-    assert out["1x1"]["P@1"] == 0.5
+    assert out[(1, 1)]["P@1"] == 0.5
     assert model.calls == [2, 2]  # 2 unique queries, 2 unique candidates (4 listed)
     # a duplicate of the positive among the candidates (encoded once, so an exact tie): a hit
     dup = [dict(qry=rows[0]["qry"], cands=[("cat", None), ("dog", None), ("cat", None)])]
     out, _ = evaluate.score_mmeb(model, dup, [(1, 1)], 8)
-    assert out["1x1"]["P@1"] == 1.0
+    assert out[(1, 1)]["P@1"] == 1.0
 
 
 def test_mmeb_errors(tmp_path):
@@ -345,7 +345,7 @@ def test_pages_sharing_a_filename_merge_by_max():
     task = dict(queries={"q": ("q", None)}, corpus={"p": ("x", None), "p#row1": ("y", None), "o": ("z", None)},
                 qrels={"q": {"p": 1}}, same_doc={"p": "p", "p#row1": "p", "o": "o"})
     out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
-    assert out["1x1"]["P@1"] == 1.0 and out["1x1"]["NDCG@5"] == 1.0       # p scores 1.0 (row y), not 0.0 (row x)
+    assert out[(1, 1)]["P@1"] == 1.0 and out[(1, 1)]["NDCG@5"] == 1.0       # p scores 1.0 (row y), not 0.0 (row x)
     del task["same_doc"]
     out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
-    assert out["1x1"]["P@1"] == 0.0                                        # without the merge, "p#row1" wins
+    assert out[(1, 1)]["P@1"] == 0.0                                        # without the merge, "p#row1" wins

@@ -5,7 +5,8 @@ from PIL import Image
 
 from conftest import brute_maxsim
 from maxsim import maxsim_reference
-from metaembed import GROUPS, MetaEmbed, MetaEmbedConfig, format_prompt, matryoshka_loss, parse_budgets
+from metaembed import (GROUPS, Budget, MetaEmbed, MetaEmbedConfig, format_prompt, matryoshka_loss, parse_budget,
+                       parse_budgets)
 
 
 def unit(*shape, seed=0):
@@ -181,6 +182,20 @@ def test_parse_budgets():
         parse_budgets("abc")
     with pytest.raises(ValueError, match="exceeds"):
         parse_budgets("8x8", groups=((1, 1), (4, 4)))
+
+
+def test_a_budget_is_a_small_type():
+    b = parse_budget("2x4")
+    assert b == (2, 4) and (b.r_q, b.r_c) == (2, 4) and str(b) == "2x4" and f"{b}" == "2x4"
+    assert isinstance(b, Budget) and all(isinstance(x, Budget) for x in parse_budgets("1,16"))
+    assert {b: 1}[(2, 4)] == 1                                       # a dict key the tuple finds
+    cfg = MetaEmbedConfig(num_query_tokens=4, num_candidate_tokens=8)
+    assert cfg.groups == ((1, 1), (2, 4), (4, 8)) and all(isinstance(g, Budget) for g in cfg.groups)
+    assert cfg.budget("8") == (4, 8) and parse_budget(4, cfg) == (2, 4)   # one rule, the config's
+    with pytest.raises(ValueError, match="--budget '16x64': 16x64 exceeds the trained meta tokens .R_q=4, R_c=8."):
+        cfg.budget("16x64", name="--budget")
+    with pytest.raises(ValueError, match="r_c=4 is not stored in this index, which holds r_c in 1, 8"):
+        cfg.budget("2x4", stored=[1, 8])
 
 
 def test_bad_config():
