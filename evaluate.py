@@ -25,6 +25,8 @@ from maxsim import maxsim, maxsim_pairwise, maxsim_topk
 from machinery import checks, hub, index, report
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
+from machinery.precision import Precision, default_float
+from machinery.precision import argument as precision_arg
 from metaembed import Budget, MetaEmbed, load_model, parse_budgets
 
 
@@ -217,10 +219,12 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size")
     p.add_argument("--workers", type=int, help="processes preparing batches (images, tokens) while the model "
                    "encodes; 0 = in the main process (default: 4 on a GPU, 0 on the CPU)")
-    p.add_argument("--index-dtype", choices=list(index.DTYPES), help="dtype the candidates are held and scored in "
-                   "(default: bfloat16, as the paper; float32 under 128 dimensions, where bf16 reorders near-ties)")
-    p.add_argument("--precision", choices=index.PRECISIONS, default="bf16", help="bits a stored number: bf16 (the "
-                   "index dtype), int8 or binary (sign bits), each with a scale a vector; the query stays in float")
+    p.add_argument("--precision", type=precision_arg, choices=list(Precision), metavar="{" + ",".join(Precision) + "}",
+                   help="how the candidates are held and scored (machinery/precision.py; bf16 = bfloat16): a float "
+                   "dtype (default: bfloat16, as the paper; float32 under 128 dimensions, where bf16 reorders "
+                   "near-ties), or int8 / binary (sign bits), each with a scale a vector; the query stays in float")
+    p.add_argument("--index-dtype", type=precision_arg, choices=list(index.DTYPES),
+                   help=argparse.SUPPRESS)   # deprecated: --precision; beside --precision int8 / binary, the float copy's
     p.add_argument("--index-dir", help="encode each corpus into an on-disk index here (DIR/<run>/<task>/), scored "
                    "chunk by chunk: host memory stays one chunk plus the model, for corpora larger than RAM")
     p.add_argument("--max-pixels", type=int, help="cap on an image's pixels (default: the checkpoint's; "
@@ -238,7 +242,10 @@ def get_args(argv=None):
     checks.parses(p.error, "--objects", data.parse_objects, args.objects)
     if args.index_dir:
         checks.writable_dir(p.error, "--index-dir", args.index_dir)
-    if args.mteb and args.precision != "bf16":
+    if args.index_dtype and args.precision and not args.precision.quantized and args.precision != args.index_dtype:
+        p.error(f"--index-dtype {args.index_dtype} (the old spelling of --precision) disagrees with --precision "
+                f"{args.precision}: give --precision alone")
+    if args.mteb and args.precision and args.precision.quantized:
         p.error("--precision int8 / binary is for the project's own scoring, not --mteb (mteb scores its own way)")
     for flag, path in (("--output", args.output), ("--plot", args.plot)):   # checked before hours of encoding
         if path:
@@ -274,9 +281,12 @@ def evaluate(args):
         train_args = json.load(open(ta)) if os.path.isfile(ta) else {}
     if args.max_pixels or args.min_pixels:
         model.set_image_bounds(args.min_pixels, args.max_pixels)
-    args.index_dtype = args.index_dtype or index.default_dtype(model.dim)
-    dtype, cfg = index.DTYPES[args.index_dtype], model.config
-    budgets = parse_budgets(args.budgets, cfg)
+    # one precision; a float one is the index's dtype, int8 / binary keep a float copy in the default's
+    float_copy = args.precision if args.precision and not args.precision.quantized else \
+        args.index_dtype or default_float(model.dim)
+    precision = args.precision or float_copy
+    dtype = float_copy.dtype
+    budgets = parse_budgets(args.budgets, model.config)
     if args.mteb:  # mteb's own evaluator at every budget from one encoding, the table and plot over it
         return mteb_adapter().evaluate_for_table(model, (maxsim, maxsim_pairwise), source, args.mteb, budgets,
                                                  args.mteb_results)
@@ -284,7 +294,7 @@ def evaluate(args):
     model.to(device)
     workers = args.workers if args.workers is not None else (4 if device.type == "cuda" else 0)
     results = {"model": source, "benchmark": args.benchmark, "device": str(device), "dim": model.dim,
-               "index_dtype": args.index_dtype, "precision": args.precision,
+               "index_dtype": float_copy, "precision": precision,
                "budgets": [str(b) for b in budgets], "tasks": {}}
     # --index-dir: this run's own folder in it, so runs sharing one --index-dir never mix files
     run_dir = tempfile.mkdtemp(prefix=f"run-{time.strftime('%Y%m%d-%H%M%S')}-", dir=args.index_dir) \
@@ -295,7 +305,7 @@ def evaluate(args):
         # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: maxsim.maxsim's choice)
         res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
                           index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
-                          backend=os.environ.get("METAEMBED_MAXSIM"), precision=args.precision)
+                          backend=os.environ.get("METAEMBED_MAXSIM"), precision=precision)
         results["tasks"][name] = {**{str(b): m for b, m in res.items()}, "encode_seconds": enc}   # "AxB" keys: the JSON's
     results["headline"] = headline
     mmeb = {**data.MMEB_TASKS, "IND": [s for s in tasks if s not in data.MMEB_OOD],

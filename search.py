@@ -22,7 +22,8 @@ import time
 from apps.search_index import (Index, build_index, check_collection, check_depth, list_items, plan, qdrant_client,
                                 qdrant_search, to_qdrant, verify)
 from machinery import checks
-from machinery.index import PRECISIONS
+from machinery.precision import Precision, of_index
+from machinery.precision import argument as precision_arg
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
 from metaembed import load_model as load_model_at
 
@@ -41,8 +42,9 @@ def get_args(argv=None):
     i.add_argument("--synthetic-scenes", type=int, default=300, help="with no corpus given: this many synthetic "
                    "eval scenes (and 3 variants of each)")
     i.add_argument("--batch-size", type=int, default=32)
-    i.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="bits per stored number: bf16 (default), int8 (a scale a vector: about half of bf16's bytes) "
+    i.add_argument("--precision", type=precision_arg, choices=list(Precision), metavar="{" + ",".join(Precision) + "}",
+                   help="how a stored number is held (machinery/precision.py; bf16 = bfloat16): a float dtype (default: "
+                   "bfloat16, float32 under 128 dimensions), int8 (a scale a vector: about half of bfloat16's bytes) "
                    "or binary (sign bits and a scale: about a 16th); int8 / binary keep the float copy beside them "
                    "for a cascade's rescoring (--first)")
     i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder, or a server's http(s) URL")
@@ -200,8 +202,7 @@ def main(argv=None):
             if problems:
                 sys.exit(f"search.py: {args.index} failed verification ({len(problems)} problem(s))")
             meta = json.load(open(os.path.join(args.index, "index.json")))
-            print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision "
-                  f"{meta.get('precision', meta['dtype'])})")
+            print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision {of_index(meta)})")
             return []
         if args.command == "serve":
             from apps import serve

@@ -24,6 +24,7 @@ import torch
 from machinery import index as on_disk
 from machinery.backbones import max_text_tokens
 from machinery.checkpoints import write_atomic
+from machinery.precision import Precision, default_float
 from maxsim import maxsim, maxsim_topk
 from metaembed import Budget, MetaEmbedConfig, budget_groups
 
@@ -293,11 +294,14 @@ def item_kind(image):
 
 def build_index(model, items, out, batch_size=32, progress=True, precision=None):
     """Encode items into the index folder `out`, resumably (shards marked done in progress.json);
-    precision int8 / binary: those groups too, beside the float copy (machinery/index.py).
+    precision (any spelling of machinery/precision.py's): None, the float copy alone in the default
+    dtype for D; float32 / bfloat16 / float16, the float copy in it; int8 / binary, those groups too,
+    beside the float copy (machinery/index.py).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
-    os.makedirs(out, exist_ok=True)
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
+    precision = Precision.parse(precision, "--precision") if precision is not None else default_float(D)
+    os.makedirs(out, exist_ok=True)
     listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s), **item_kind(im)}
                for n, (i, _, im, s) in enumerate(items)]
     state_file = os.path.join(out, "progress.json")
@@ -308,14 +312,15 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
                          f"resume with that checkpoint, or remove {out} to index afresh")
     if state and (state["items"] != listing or state["dim"] != D):
         raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
-    if state and state["vectors"].get("precision", "bf16") != (precision if precision in on_disk.QUANTIZED else "bf16"):
-        raise ValueError(f"{out} holds an unfinished index in precision {state['vectors'].get('precision', 'bf16')}: "
+    if state and on_disk.of_index(state["vectors"]) != precision:
+        raise ValueError(f"{out} holds an unfinished index in precision {on_disk.of_index(state['vectors'])}: "
                          f"resume it with that --precision, or remove {out}")
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
         groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
-        vectors = on_disk.create(out, N, R_c, D, groups, on_disk.default_dtype(D), precision)
+        vectors = on_disk.create(out, N, R_c, D, groups, precision if not precision.quantized else default_float(D),
+                                 precision)
         state = {"items": listing, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}

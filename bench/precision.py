@@ -115,9 +115,9 @@ def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100, fast_plaid_pytho
     q = unit_vectors(Nq, rq, D, torch.device("cpu"), torch.float32, 3)
     truth = maxsim_topk(q, x, k, exact=True)[1]
     full = x.bfloat16()
-    stores = {"float32": x, "bf16": full, **{p: quantize(x, p) for p in QUANTIZED}}
+    stores = {"float32": x, "bfloat16": full, **{p: quantize(x, p) for p in QUANTIZED}}
     rows = []
-    for p in ("bf16", *QUANTIZED):
+    for p in ("bfloat16", *QUANTIZED):
         store = stores[p]
         maxsim_topk(q, store[:64], k)                     # the dispatch measured (once a machine) before timing
         maxsim(q[:1], full[:depth])

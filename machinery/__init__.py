@@ -7,6 +7,7 @@ imports nothing from the layers above (the paper at the root, the applications i
     cpu_kernel    the fused C MaxSim kernel (maxsim.c): build, self-check, measured dispatch
     triton_kernel the fused Triton MaxSim kernel (CUDA; TRITON_INTERPRET=1 on the CPU for tests)
     hub           MMEB / ViDoRe / training sets through `datasets`, the official mixture
+    precision     the one precision vocabulary: float32, bfloat16 (bf16), float16, int8, binary
     index         the one on-disk index format, its precisions (evaluate.py --index-dir, apps/search_index.py)
     mteb_adapter  MetaEmbed as an mteb encoder (evaluate.py --mteb, evaluate.mteb_model; MaxSim given by the caller)
     report        evaluate.py's summary per budget, results table and plot
