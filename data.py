@@ -15,6 +15,7 @@ An MMEB-eval subset is a list of rows, each ranked against its own candidates (p
 """
 import hashlib
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -198,17 +199,31 @@ def batch_indices(step, n, global_batch, seed):
     return perm[k * global_batch:(k + 1) * global_batch].tolist()
 
 
+@dataclass(frozen=True)
+class Order:
+    """Whose batches, and which: `batch` examples a rank, `world` ranks, this `rank`, the `seed`,
+    steps [start, steps)."""
+    batch: int
+    world: int = 1
+    rank: int = 0
+    seed: int = 0
+    start: int = 0
+    steps: int = 0
+
+
 class StepBatches(torch.utils.data.Sampler):
-    def __init__(self, n, batch, world, rank, seed, start, steps):
-        self.args = n, batch, world, rank, seed, start, steps
+    """This rank's share of batch_indices at each step of `order`, over n examples."""
+
+    def __init__(self, n: int, order: Order):
+        self.n, self.order = n, order
 
     def __iter__(self):
-        n, batch, world, rank, seed, start, steps = self.args
-        for step in range(start, steps):
-            yield batch_indices(step, n, batch * world, seed)[rank * batch:(rank + 1) * batch]
+        o = self.order
+        for step in range(o.start, o.steps):
+            yield batch_indices(step, self.n, o.batch * o.world, o.seed)[o.rank * o.batch:(o.rank + 1) * o.batch]
 
     def __len__(self):
-        return self.args[-1] - self.args[-2]
+        return self.order.steps - self.order.start
 
 
 class MixtureBatches(torch.utils.data.Sampler):
@@ -228,8 +243,8 @@ class MixtureBatches(torch.utils.data.Sampler):
 
     BLOCK = 4096  # runs whose source is drawn by one seeded generator (and buffer picks per generator)
 
-    def __init__(self, mixture, batch, world, rank, seed, start, steps, run, buffer=0):
-        self.mixture, self.args, self.buffer = mixture, (batch, world, rank, seed, start, steps, run), buffer
+    def __init__(self, mixture, order: Order, run: int, buffer: int = 0):
+        self.mixture, self.settings, self.run, self.buffer = mixture, order, run, buffer
         self.order = np.zeros(0, dtype=np.int64)    # buffer > 0: output j -> stream position
         self.buf, self.next = np.arange(buffer, dtype=np.int64), buffer
         self.sizes = np.array([len(s) for s in mixture.sources])
@@ -241,7 +256,7 @@ class MixtureBatches(torch.utils.data.Sampler):
 
     def _runs(self, G):
         """Draw the sources of global runs [0, G) (block by block, each block its own generator)."""
-        seed = self.args[3]
+        seed = self.settings.seed
         while len(self.src) < G:
             b = len(self.src) // self.BLOCK
             u = np.random.default_rng([seed, 7919, b]).random(self.BLOCK)
@@ -256,7 +271,7 @@ class MixtureBatches(torch.utils.data.Sampler):
     def _perm(self, k, e):
         if (k, e) not in self.perms:
             self.perms.pop((k, e - 2), None)          # passes are consumed in order
-            self.perms[(k, e)] = np.random.default_rng([self.args[3], 104729 + k, e]).permutation(self.sizes[k])
+            self.perms[(k, e)] = np.random.default_rng([self.settings.seed, 104729 + k, e]).permutation(self.sizes[k])
         return self.perms[(k, e)]
 
     def _stream(self, positions):
@@ -264,7 +279,7 @@ class MixtureBatches(torch.utils.data.Sampler):
         positions = np.asarray(positions, dtype=np.int64)
         if not self.buffer or not len(positions):
             return positions
-        seed, rank = self.args[3], self.args[2]
+        seed, rank = self.settings.seed, self.settings.rank
         while len(self.order) <= positions.max():    # replayed from the start: a function of the position
             b = len(self.order) // self.BLOCK
             picks = np.random.default_rng([seed, rank, 65537, b]).integers(0, self.buffer, self.BLOCK)
@@ -277,7 +292,7 @@ class MixtureBatches(torch.utils.data.Sampler):
 
     def examples(self, positions):
         """Rank-local output positions (array) -> (source, row) arrays."""
-        B, world, rank, seed, start, steps, run = self.args
+        world, rank, run = self.settings.world, self.settings.rank, self.run
         i, o = np.divmod(self._stream(positions), run)
         g = i * world + rank                          # the global run each position falls in
         if len(g) and g.max() >= len(self.src):
@@ -289,13 +304,13 @@ class MixtureBatches(torch.utils.data.Sampler):
         return k, rows
 
     def batch(self, step):
-        B = self.args[0]
+        B = self.settings.batch
         k, rows = self.examples(np.arange(step * B, (step + 1) * B))
         return list(zip(k.tolist(), rows.tolist()))
 
     def seen(self, step):
         """Examples of each source this rank has trained on after `step` steps (for the log)."""
-        B, world, rank, seed, start, steps, run = self.args
+        B, world, rank, run = self.settings.batch, self.settings.world, self.settings.rank, self.run
         p = self._stream(np.arange(step * B))
         g = (p // run) * world + rank
         if len(g) and g.max() >= len(self.src):
@@ -304,11 +319,11 @@ class MixtureBatches(torch.utils.data.Sampler):
         return dict(zip(self.mixture.names, counts.tolist()))
 
     def __iter__(self):
-        for step in range(self.args[4], self.args[5]):
+        for step in range(self.settings.start, self.settings.steps):
             yield self.batch(step)
 
     def __len__(self):
-        return self.args[5] - self.args[4]
+        return self.settings.steps - self.settings.start
 
 
 # -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ Metrics: MMEB Precision@1 (each row against its own candidates, candidate 0 the 
 ViDoRe NDCG@5 over the full corpus (and NDCG@10, Recall@1/5/10, P@1); synthetic P@1.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -21,13 +22,13 @@ import time
 import torch
 
 import data
-from maxsim import maxsim, maxsim_pairwise, maxsim_topk
+from maxsim import maxsim, maxsim_pairwise, maxsim_topk, warm_up
 from machinery import checks, hub, index, report
 from machinery.backbones import image_key
 from machinery.checkpoints import DEFAULT_CHECKPOINT
 from machinery.precision import Precision, default_float
 from machinery.precision import argument as precision_arg
-from metaembed import Budget, MetaEmbed, load_model, parse_budgets
+from metaembed import Budget, MetaEmbed, ScoringOptions, load_model, parse_budgets
 
 
 # -----------------------------------------------------------------------------
@@ -80,11 +81,15 @@ def mmeb_p_at_1(scores):
 # -----------------------------------------------------------------------------
 # every budget from one encoding
 
-def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0, path=None, progress=True,
-                  precision=None):
-    """items: list of (text, image) -> (embeddings (U, R, D), index per item). Equal items are
-    encoded once, straight into a buffer in `dtype` (or an on-disk index at `path`). precision
-    int8 / binary: returned in that precision (on disk: the index's low-bit groups)."""
+def encode_unique(model: MetaEmbed, items: list[tuple], side: str, options: ScoringOptions | None = None):
+    """items: list of (text, image) -> (embeddings (U, R, D), index per item (N,)). Equal items are
+    encoded once. Queries: float32, in memory. Candidates: straight into a buffer in
+    options.float_copy (or an on-disk index at options.index_path); options.precision int8 /
+    binary: returned in that precision (on disk: the index's low-bit groups)."""
+    options = options or ScoringOptions()
+    query = side == "query"
+    dtype, path, precision = (torch.float32, None, None) if query else \
+        (options.float_copy.dtype, options.index_path, options.precision)
     keys, which, unique = {}, [], []
     for text, image in items:
         key = (text, image if isinstance(image, str) or image is None else id(image))
@@ -99,24 +104,24 @@ def encode_unique(model, items, side, batch_size, dtype=torch.float32, workers=0
     out = index.create(path, *shape, model.config.groups, str(dtype).removeprefix("torch."), precision) if path \
         else torch.empty(shape, dtype=dtype)
     enc = model.encode_queries if side == "query" else model.encode_candidates
-    enc(texts, images, batch_size=batch_size, progress=progress, out=out, workers=workers)
+    enc(texts, images, batch_size=options.batch_size, progress=options.progress, out=out, workers=options.workers)
     if precision in index.QUANTIZED:
         out = out.low_bits() if path else index.quantize(out, precision)
     return out, torch.tensor(which, dtype=torch.long)
 
 
-def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.bfloat16, workers=0,
-                    index_path=None, progress=True, backend=None, precision=None):
-    """One retrieval task (queries, corpus, qrels) at every budget. The corpus is encoded once
-    into the index dtype (in memory, or on disk at index_path) and never copied whole: each
-    budget streams prefix chunks of it to the scoring device."""
+def score_retrieval(model: MetaEmbed, task: dict, budgets: list[Budget], options: ScoringOptions | None = None,
+                    k: int = 10) -> tuple[dict, float]:
+    """One retrieval task (queries, corpus, qrels) at every budget -> ({Budget: metrics}, encoding
+    seconds). The corpus is encoded once in options' precision (in memory, or on disk at
+    options.index_path) and never copied whole: each budget streams prefix chunks of it to the
+    scoring device."""
+    options = options or ScoringOptions()
     t0 = time.time()
     qids, dids = list(task["queries"]), list(task["corpus"])
-    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", batch_size, torch.float32, workers,
-                          progress=progress)
-    C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", batch_size, dtype, workers,
-                          index_path, progress, precision)              # (U, R_c, D), U unique candidates
-    Q = Q[qi].to(device)                                                # (N_q, R_q, D)
+    Q, qi = encode_unique(model, [task["queries"][q] for q in qids], "query", options)
+    C, ci = encode_unique(model, [task["corpus"][d] for d in dids], "candidate", options)   # (U, R_c, D), U unique
+    Q = Q[qi].to(options.device)                                        # (N_q, R_q, D)
     docs_of = {}                                                        # unique row -> its doc ids
     for d, u in zip(dids, ci.tolist()):
         docs_of.setdefault(u, []).append(d)
@@ -124,11 +129,11 @@ def score_retrieval(model, task, budgets, batch_size, device, k=10, dtype=torch.
     out = {}
     for b in map(Budget._make, budgets):
         rq, rc = b
-        maxsim(Q[:, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)   # untimed: may measure the dispatch
+        warm_up(Q[:, :rq], C[:, :rc], options.backend)                   # untimed: may measure the dispatch
         t1 = time.time()
         # top k unique candidates; identical documents share a score, so they expand to >= k docs
-        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k, backend=backend)   # prefix views: no copy
-        if device.type == "cuda":
+        scores, idx = maxsim_topk(Q[:, :rq], C[:, :rc], k, backend=options.backend)   # prefix views: no copy
+        if options.device.type == "cuda":
             torch.cuda.synchronize()
         score_s = time.time() - t1
         scores, idx = scores.tolist(), idx.tolist()
@@ -169,29 +174,32 @@ def heldout_p_at_1(model, tasks, groups, batch_size, device):
     budgets = [Budget(*g) for g in groups]
     out = {b: 0.0 for b in budgets}
     for task in tasks.values():
-        res, _ = score_retrieval(model, task, budgets, batch_size, device, k=1, dtype=torch.float32,
-                                 progress=False)
+        res, _ = score_retrieval(model, task, budgets, ScoringOptions(batch_size, precision="float32", device=device),
+                                 k=1)
         for b in budgets:
             out[b] += res[b]["P@1"] / len(tasks)
     return {f"heldout_p1_{b}": p for b, p in out.items()}
 
 
-def score_mmeb(model, rows, budgets, batch_size, device=torch.device("cpu"), dtype=torch.bfloat16, workers=0,
-               index_path=None, backend=None, precision=None):
-    """An MMEB subset: each row against its own candidates -> P@1 per budget. Candidates are held
-    once each, in the index dtype; each row's are moved to the scoring device as it is scored."""
+def score_mmeb(model: MetaEmbed, rows: list[dict], budgets: list[Budget],
+               options: ScoringOptions | None = None) -> tuple[dict, float]:
+    """An MMEB subset: each row against its own candidates -> ({Budget: {"P@1": ...}}, encoding
+    seconds). Candidates are held once each, in options' precision; each row's are moved to the
+    scoring device as it is scored."""
+    options = options or ScoringOptions()
+    device = options.device
     t0 = time.time()
-    Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", batch_size, torch.float32, workers)
+    Q, qi = encode_unique(model, [r["qry"] for r in rows], "query", options)
     flat = [c for r in rows for c in r["cands"]]
-    C, ci = encode_unique(model, flat, "candidate", batch_size, dtype, workers, index_path, precision=precision)
+    C, ci = encode_unique(model, flat, "candidate", options)
     Q = Q.to(device)
     encode_s = time.time() - t0
     out, starts = {}, torch.tensor([0] + [len(r["cands"]) for r in rows]).cumsum(0)
     for b in map(Budget._make, budgets):
         rq, rc = b
-        maxsim(Q[:1, :rq], C[:, :rc][0:1].to(Q.device), backend=backend)  # untimed: may measure the dispatch
+        warm_up(Q[:1, :rq], C[:, :rc], options.backend)                  # untimed: may measure the dispatch
         t1 = time.time()
-        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device), backend=backend)[0]
+        per_row = [maxsim(Q[qi[i]][None, :rq], C[ci[starts[i]:starts[i + 1]], :rc].to(device), backend=options.backend)[0]
                    for i in range(len(rows))]
         out[b] = {"P@1": mmeb_p_at_1([s.cpu() for s in per_row]), "score_seconds": time.time() - t1}
     return out, encode_s
@@ -301,11 +309,10 @@ def evaluate(args):
         if args.index_dir else None
     if run_dir:
         results["index_dir"] = run_dir
+    options = ScoringOptions(args.batch_size, workers, True, precision, float_copy, device=device)
     for name, (scorer, task) in tasks.items():
-        # METAEMBED_MAXSIM=torch|c|triton forces a MaxSim path (default: maxsim.maxsim's choice)
-        res, enc = scorer(model, task, budgets, args.batch_size, device, dtype=dtype, workers=workers,
-                          index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None,
-                          backend=os.environ.get("METAEMBED_MAXSIM"), precision=precision)
+        res, enc = scorer(model, task, budgets, dataclasses.replace(
+            options, index_path=os.path.join(run_dir, name.replace("/", "--")) if run_dir else None))
         results["tasks"][name] = {**{str(b): m for b, m in res.items()}, "encode_seconds": enc}   # "AxB" keys: the JSON's
     results["headline"] = headline
     mmeb = {**data.MMEB_TASKS, "IND": [s for s in tasks if s not in data.MMEB_OOD],

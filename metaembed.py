@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from maxsim import maxsim_pairwise, maxsim_reference
 from machinery import backbones, checkpoints
 from machinery.checks import check_encode_inputs, check_groups
+from machinery.precision import Precision
 
 # -----------------------------------------------------------------------------
 # 1. config, Matryoshka groups
@@ -232,14 +233,22 @@ class MetaEmbed(nn.Module):
         return (self.embed(query_inputs, "query") if query_inputs is not None else None,
                 self.embed(candidate_inputs, "candidate") if candidate_inputs is not None else None)
 
-    # -- the interface others rely on (DESIGN.md section 5); what is behind it is section 5 below --
-    def encode_queries(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
-        """-> (N, R_q, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return encode(self, texts, images, "query", batch_size, progress, out, workers)
+    # -- the interface others rely on (the README's "Using a trained model"); behind it: section 5 --
+    def encode_queries(self, texts: list[str], images: list | None = None, batch_size: int = 32, progress: bool = False,
+                       out=None, workers: int = 0) -> torch.Tensor:
+        """texts (N,) and images (N,: PIL, path or None) -> E_q (N, R_q, D) unit rows, float32 (or written
+        into `out`, any dtype). A budget's r_q query vectors are the prefix E_q[:, :r_q].
 
-    def encode_candidates(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
-        """-> (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return encode(self, texts, images, "candidate", batch_size, progress, out, workers)
+        >>> model = MetaEmbed.from_backbone("tiny", num_query_tokens=4, num_candidate_tokens=8)
+        >>> E_q = model.encode_queries(["red top left", "blue center"])
+        >>> tuple(E_q.shape[:2]), E_q.shape[2] == model.dim, bool(torch.allclose(E_q.norm(dim=-1), torch.ones(2, 4)))
+        ((2, 4), True, True)"""
+        return encode(self, texts, images, "query", out, ScoringOptions(batch_size, workers, progress))
+
+    def encode_candidates(self, texts: list[str], images: list | None = None, batch_size: int = 32,
+                          progress: bool = False, out=None, workers: int = 0) -> torch.Tensor:
+        """-> E_c (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
+        return encode(self, texts, images, "candidate", out, ScoringOptions(batch_size, workers, progress))
 
     @classmethod
     def from_backbone(cls, name="tiny", seed=0, **kwargs):
@@ -281,23 +290,21 @@ class MetaEmbed(nn.Module):
 # -----------------------------------------------------------------------------
 # 4. the MMR loss
 
-def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, weights=None, offset=0,
-                    neg_mask=None, return_groups=False):
-    """Matryoshka Multi-Vector Retrieval loss.
+def group_losses(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, groups=GROUPS,
+                 temperature: float = TEMPERATURE, offset: int = 0, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE_g of each Matryoshka group g = (r_q, r_c) -> (|G|,).
 
     q (B, R_q, D); pos (B', R_c, D), B' >= B, the positive of query u at row offset + u (other
     rows: in-batch negatives, e.g. other ranks' positives); neg None, (B, R_c, D) or
     (B, K, R_c, D): each query's OWN hard negatives; neg_mask (B, K) bool, False = no negative
-    there (its logit is dropped). For each group g = (r_q, r_c):
+    there (its logit is dropped). For each group:
         s_g(q, c) = sum_{i<=r_q} max_{j<=r_c} <E_q^i, E_c^j>       (prefix MaxSim)
-        L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)
-    L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code)."""
+        L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)"""
     B = q.shape[0]
     if pos.shape[0] < offset + B:
         raise ValueError(f"pos has {pos.shape[0]} rows, fewer than offset {offset} + {B} queries")
     if neg is not None and neg.dim() == 3:
         neg = neg[:, None]                                                 # (B, K, R_c, D)
-    weights = weights or [1.0] * len(groups)
     labels = torch.arange(B, device=q.device) + offset                    # query u's positive
     losses = []
     for rq, rc in groups:
@@ -309,8 +316,24 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
                 s = s.masked_fill(~neg_mask.to(s.device, torch.bool).view(s.shape), float("-inf"))
             logits = torch.cat([logits, s], 1)                             # (B, B' + K)
         losses.append(F.cross_entropy(logits / temperature, labels))      # InfoNCE_g
-    total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
-    return (total, torch.stack(losses)) if return_groups else total
+    return torch.stack(losses)                                             # (|G|,)
+
+
+def weighted_mean(losses: torch.Tensor, weights=None) -> torch.Tensor:
+    """L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code); losses (|G|,)."""
+    weights = weights or [1.0] * len(losses)
+    return sum(w * l for w, l in zip(weights, losses)) / len(losses)
+
+
+def matryoshka_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, groups=GROUPS,
+                    temperature: float = TEMPERATURE, weights=None, offset: int = 0) -> torch.Tensor:
+    """The Matryoshka Multi-Vector Retrieval loss, a scalar: L = sum_g w_g InfoNCE_g / |G| over
+    the groups' prefix MaxSim scores (group_losses has the shapes, and the mask of missing negatives).
+
+    >>> q = F.normalize(torch.randn(4, 16, 8), dim=-1); pos = q.new_zeros(4, 64, 8); pos[:, :16] = q
+    >>> L = matryoshka_loss(q, pos); L.shape, float(L) < float(matryoshka_loss(q, pos.roll(1, 0)))
+    (torch.Size([]), True)"""
+    return weighted_mean(group_losses(q, pos, neg, groups, temperature, offset), weights)
 
 
 # -----------------------------------------------------------------------------
@@ -357,12 +380,37 @@ def _config_of(config, groups):
                            groups=groups)
 
 
+@dataclass
+class ScoringOptions:
+    """How a tool encodes and scores, not what: batches of `batch_size` prepared by `workers`
+    processes (0: in this one), a progress bar; candidates held in `precision` (machinery/precision.py:
+    a float dtype, or int8 / binary quantised from a `float_copy`, default bfloat16), on disk at
+    `index_path` (None: in memory), scored on `device` by the MaxSim `backend` (None: maxsim's own)."""
+    batch_size: int = 32
+    workers: int = 0
+    progress: bool = False
+    precision: str = "bfloat16"
+    float_copy: str | None = None
+    index_path: str | None = None
+    device: torch.device = torch.device("cpu")
+    backend: str | None = None
+
+    def __post_init__(self):
+        self.precision = Precision.parse(self.precision)
+        self.float_copy = self.precision if not self.precision.quantized else \
+            Precision.parse(self.float_copy or Precision.BFLOAT16, "float_copy")
+        self.device = torch.device(self.device)
+
+
 @torch.no_grad()
-def encode(model, texts, images, side, batch_size=32, progress=False, out=None, workers=0):
+def encode(model: "MetaEmbed", texts: list[str], images: list | None, side: str, out=None,
+           options: ScoringOptions | None = None) -> torch.Tensor:
     """Encode in batches straight into `out` (N, R, D): a preallocated tensor of any dtype (a
     bf16 index: half the memory, no float32 copy) or anything that takes `out[i:j] = x` (an
     on-disk index). Batches are prepared (images decoded, tokenized) in a DataLoader, in
-    `workers` processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+    options.workers processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+    options = options or ScoringOptions()
+    batch_size, progress, workers = options.batch_size, options.progress, options.workers
     texts, images = check_encode_inputs(texts, images, batch_size)
     R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
     N = len(texts)

@@ -167,7 +167,7 @@ def query_cmd(args):
         hits = qdrant_search(client, q[0].numpy(), budget, args.k, first, depth if first else None, args.collection,
                              rescore=index.vectors.quantized)
     else:
-        s, i = index.search(q, budget, args.k, first, depth, os.environ.get("METAEMBED_MAXSIM"))
+        s, i = index.search(q, budget, args.k, first, depth)          # METAEMBED_MAXSIM: read by maxsim
         hits = list(zip(s[0].tolist(), i[0].tolist()))
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]

@@ -26,7 +26,7 @@ from machinery.backbones import max_text_tokens
 from machinery.checkpoints import write_atomic
 from machinery.precision import Precision, default_float
 from maxsim import maxsim, maxsim_topk
-from metaembed import Budget, MetaEmbedConfig, budget_groups
+from metaembed import MetaEmbedConfig, budget_groups
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together

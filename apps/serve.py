@@ -117,7 +117,7 @@ class Searcher:
         with self.lock:                           # one encode and search at a time
             q = self.model.encode_queries([text], [image] if image is not None else None)
             try:
-                s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
+                s, i = index.search(q, budget, k, first, depth or 1000)
             except ValueError as e:                # files changed mid-search (a short read): not the client's fault
                 if index.changed():
                     raise BadRequest(f"{index.changed()}: {e}", 503) from None

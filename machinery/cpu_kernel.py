@@ -17,9 +17,11 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -410,3 +412,25 @@ def _run_c(lib, q, c, q_mask, c_mask, unit=None):
     return torch.from_numpy(out)
 
 
+
+
+_onednn_mode = threading.Lock()
+
+
+@contextmanager
+def onednn_bf16():
+    """float32 GEMMs on the CPU in oneDNN's bf16 mode (both operands rounded to bf16, AMX /
+    AVX512_BF16 where the CPU has them) while inside; nothing changes where torch has no such mode.
+    The mode is process-wide (torch's global context): a float32 matmul in another thread runs in
+    bf16 while it is on, so only a caller that asked for it ('torch-bf16') enters, and the lock
+    keeps two such blocks from restoring each other's setting."""
+    mode = getattr(torch.backends.mkldnn, "matmul", None)
+    if mode is None:
+        yield
+        return
+    with _onednn_mode:
+        old, mode.fp32_precision = mode.fp32_precision, "bf16"
+        try:
+            yield
+        finally:
+            mode.fp32_precision = old
