@@ -13,6 +13,8 @@ A retrieval task (evaluation) is a dict:
     queries {qid: (text, image)}, corpus {docid: (text, image)}, qrels {qid: {docid: rel}}
 An MMEB-eval subset is a list of rows, each ranked against its own candidates (positive first).
 """
+from __future__ import annotations
+
 import hashlib
 import random
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from machinery.backbones import load_image
+from machinery.backbones import ImageTextProcessor, load_image
 from metaembed import prepare
 
 # -----------------------------------------------------------------------------
@@ -40,7 +42,7 @@ CELL = 28  # pixels; 3x3 cells make an 84x84 image: one visual token per cell (1
 OBJECTS = (6, 9)  # squares per scene, min and max
 
 
-def parse_objects(spec):
+def parse_objects(spec: str) -> tuple[int, int]:
     """'6,9' -> (6, 9): squares per scene, 1 <= min <= max <= 9 (one per cell of the 3x3 grid)."""
     try:
         lo, hi = (int(x) for x in str(spec).split(","))
@@ -51,18 +53,18 @@ def parse_objects(spec):
     return lo, hi
 
 
-def make_scene(rng, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def make_scene(rng: random.Random, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]) -> list:
     """A scene: a sorted tuple of squares (cell, colour), at most one per cell."""
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(len(CELLS)), n)
     return tuple(sorted((c, rng.choice(list(COLOURS))) for c in cells))
 
 
-def caption(scene):
+def caption(scene: list) -> str:
     return ", ".join(f"{colour} {CELLS[cell]}" for cell, colour in scene)
 
 
-def scene_of(text):
+def scene_of(text: str) -> list:
     """caption's inverse: 'red top left, blue center' -> the scene ((0, 'red'), (4, 'blue'))."""
     try:
         return tuple(sorted((CELLS.index(part.split(" ", 1)[1]), part.split(" ", 1)[0]) for part in text.split(", ")))
@@ -70,7 +72,7 @@ def scene_of(text):
         raise ValueError(f"not a synthetic caption: {text[:60]!r}") from None
 
 
-def render(scene):
+def render(scene: list) -> Image.Image:
     """84x84 RGB image of a scene, drawn with Pillow."""
     im = Image.new("RGB", (3 * CELL, 3 * CELL), (20, 20, 20))
     d = ImageDraw.Draw(im)
@@ -80,7 +82,7 @@ def render(scene):
     return im
 
 
-def variant(scene, rng):
+def variant(scene: list, rng: random.Random) -> list:
     """A hard negative: the scene with ONE change (a colour, a move, a colour swap)."""
     objs = [list(o) for o in scene]
     while True:
@@ -109,7 +111,7 @@ def _split_of(scene):
     return "eval" if int(hashlib.md5(caption(scene).encode()).hexdigest(), 16) % 10 == 0 else "train"
 
 
-def synthetic_scene(split, i, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def synthetic_scene(split: str, i: int, seed: int = 0, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]) -> list:
     """The i-th scene of a split (deterministic by seed)."""
     for attempt in range(1000):
         rng = random.Random(f"{seed}-{split}-{i}-{attempt}")
@@ -141,7 +143,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
                     negs=[(caption(neg), None)], source=f"synthetic row {i}")
 
 
-def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def synthetic_eval(n_scenes: int = 300, n_variants: int = 3, seed: int = 0, min_objects: int = OBJECTS[0],
+                   max_objects: int = OBJECTS[1]) -> dict:
     """Two retrieval tasks over one corpus of eval scenes and their one-change variants:
     t2i (caption -> every image) and i2t (image -> every caption). One relevant item per query."""
     scenes, seen = [], set()
@@ -189,7 +192,7 @@ MMEB_SUBSETS = [s for subsets in MMEB_TASKS.values() for s in subsets]
 # -----------------------------------------------------------------------------
 # data order: a function of (seed, step) only, so a resumed run sees the same batches
 
-def batch_indices(step, n, global_batch, seed):
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     """Indices of the global batch at `step`: epoch-wise seeded permutations, last partial dropped."""
     per_epoch = n // global_batch
     if per_epoch == 0:
@@ -290,7 +293,7 @@ class MixtureBatches(torch.utils.data.Sampler):
             self.order = np.concatenate([self.order, out])
         return self.order[positions]
 
-    def examples(self, positions):
+    def examples(self, positions: np.ndarray | range) -> tuple[np.ndarray, np.ndarray]:
         """Rank-local output positions (array) -> (source, row) arrays."""
         world, rank, run = self.settings.world, self.settings.rank, self.run
         i, o = np.divmod(self._stream(positions), run)
@@ -303,12 +306,12 @@ class MixtureBatches(torch.utils.data.Sampler):
         rows = np.array([self._perm(int(kk), int(ee))[rr] for kk, ee, rr in zip(k, e, r)], dtype=np.int64)
         return k, rows
 
-    def batch(self, step):
+    def batch(self, step: int) -> list[tuple[int, int]]:
         B = self.settings.batch
         k, rows = self.examples(np.arange(step * B, (step + 1) * B))
         return list(zip(k.tolist(), rows.tolist()))
 
-    def seen(self, step):
+    def seen(self, step: int) -> dict[str, int]:
         """Examples of each source this rank has trained on after `step` steps (for the log)."""
         B, world, rank, run = self.settings.batch, self.settings.world, self.settings.rank, self.run
         p = self._stream(np.arange(step * B))
@@ -329,7 +332,7 @@ class MixtureBatches(torch.utils.data.Sampler):
 # -----------------------------------------------------------------------------
 # collate: examples -> backbone inputs
 
-def collate(examples, processor, query_suffix=False, num_negatives=1):
+def collate(examples: list[dict], processor: ImageTextProcessor, query_suffix: bool = False, num_negatives: int = 1) -> tuple:
     """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then K =
     num_negatives hard negatives per query (B * K more rows, query-major) where any example has
     one: an example with fewer than K repeats its last (as the official collator), one with none

@@ -10,6 +10,8 @@ once at (R_q, R_c), and a budget (r_q, r_c) is scored on the prefixes E_q[:r_q],
 Metrics: MMEB Precision@1 (each row against its own candidates, candidate 0 the positive);
 ViDoRe NDCG@5 over the full corpus (and NDCG@10, Recall@1/5/10, P@1); synthetic P@1.
 """
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
@@ -18,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import types
 
 import torch
 
@@ -39,7 +42,7 @@ def _ranked(docs):
     return [d for d, _ in sorted(docs.items(), key=lambda x: (x[1], x[0]), reverse=True)]
 
 
-def ndcg(run, qrels, k):
+def ndcg(run: dict, qrels: dict, k: int) -> float:
     """NDCG@k, linear gains (rel), log2 discount; mean over the queries of qrels (a query missing
     from the run scores 0); a fraction in [0, 1]."""
     total, n = 0.0, 0
@@ -54,7 +57,7 @@ def ndcg(run, qrels, k):
     return total / n if n else 0.0
 
 
-def recall(run, qrels, k):
+def recall(run: dict, qrels: dict, k: int) -> float:
     """Fraction of a query's relevant documents in its top k, mean over queries."""
     total, n = 0.0, 0
     for qid, rels in qrels.items():
@@ -65,13 +68,13 @@ def recall(run, qrels, k):
     return total / n if n else 0.0
 
 
-def retrieval_p_at_1(run, qrels):
+def retrieval_p_at_1(run: dict, qrels: dict) -> float:
     """Fraction of queries whose top-ranked document is relevant (trec_eval order)."""
     hits = [float(bool(run.get(q)) and qrels[q].get(_ranked(run[q])[0], 0) > 0) for q in qrels]
     return sum(hits) / len(hits) if hits else 0.0
 
 
-def mmeb_p_at_1(scores):
+def mmeb_p_at_1(scores: list[torch.Tensor]) -> float:
     """MMEB: per row, candidate 0 is the positive; a hit when it is the argmax, so a tie with it
     counts as a hit (VLM2Vec: argmax, then pred == 0; identical candidates score the same)."""
     hits = [float(s[0] >= s[1:].max()) if len(s) > 1 else 1.0 for s in scores]
@@ -81,7 +84,8 @@ def mmeb_p_at_1(scores):
 # -----------------------------------------------------------------------------
 # every budget from one encoding
 
-def encode_unique(model: MetaEmbed, items: list[tuple], side: str, options: ScoringOptions | None = None):
+def encode_unique(model: MetaEmbed, items: list[tuple], side: str,
+                  options: ScoringOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """items: list of (text, image) -> (embeddings (U, R, D), index per item (N,)). Equal items are
     encoded once. Queries: float32, in memory. Candidates: straight into a buffer in
     options.float_copy (or an on-disk index at options.index_path); options.precision int8 /
@@ -152,7 +156,7 @@ def score_retrieval(model: MetaEmbed, task: dict, budgets: list[Budget], options
     return out, encode_s
 
 
-def heldout_task(source):
+def heldout_task(source: torch.utils.data.Dataset) -> dict:
     """Held-out rows -> a retrieval task: each query against the held-out positives, identical
     ones (same text, same image) counted once, so a query is a hit when its top candidate has its
     positive's content (MMEB's tie rule; a classification source has a few labels among its rows)."""
@@ -167,7 +171,7 @@ def heldout_task(source):
 
 
 @torch.no_grad()
-def heldout_p_at_1(model, tasks, groups, batch_size, device):
+def heldout_p_at_1(model: MetaEmbed, tasks: dict, groups: tuple, batch_size: int, device: torch.device) -> dict:
     """train.py --eval-every: P@1 on held-out rows at each Matryoshka group, mean over tasks (sources)."""
     if not tasks:
         return {}
@@ -208,7 +212,7 @@ def score_mmeb(model: MetaEmbed, rows: list[dict], budgets: list[Budget],
 # -----------------------------------------------------------------------------
 # CLI
 
-def get_args(argv=None):
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--budgets", default="1,4,8,16,64",
                    help="comma list: k = the group with r_c = k, or AxB = (r_q, r_c) (default 1,4,8,16,64)")
@@ -261,7 +265,7 @@ def get_args(argv=None):
     return args
 
 
-def load_tasks(args, train_args):
+def load_tasks(args: argparse.Namespace, train_args: dict) -> tuple[str, dict]:
     """The benchmark's tasks -> (headline metric, {name: (scorer, task)}), every data set checked
     before anything is encoded."""
     if args.benchmark == "synthetic":
@@ -278,7 +282,7 @@ def load_tasks(args, train_args):
     return "P@1", {s: (score_mmeb, hub.load_mmeb_eval(args.mmeb, s, args.mmeb_images, args.max_rows)) for s in subsets}
 
 
-def evaluate(args):
+def evaluate(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.backbone:
         model, source, train_args = MetaEmbed.from_backbone(args.backbone, seed=args.seed), f"untrained {args.backbone}", {}
@@ -324,7 +328,7 @@ def evaluate(args):
     return results
 
 
-def mteb_adapter():  # optional: imported only here, its absence one line
+def mteb_adapter() -> types.ModuleType:  # optional: imported only here, its absence one line
     """machinery/mteb_adapter.py, or one line saying how to install mteb."""
     try:
         from machinery import mteb_adapter
@@ -333,7 +337,7 @@ def mteb_adapter():  # optional: imported only here, its absence one line
     return mteb_adapter
 
 
-def mteb_model(checkpoint_or_model, budget=(16, 64)):
+def mteb_model(checkpoint_or_model: str | MetaEmbed, budget: str | tuple[int, int] = (16, 64)) -> object:
     """An object mteb.evaluate(model, tasks) accepts (mteb 2.x's encoder protocol; MaxSim through
     maxsim.maxsim) at one budget: a checkpoint folder (or train.py --out) or a MetaEmbed."""
     model, found = (checkpoint_or_model, None) if isinstance(checkpoint_or_model, MetaEmbed) else \
@@ -345,7 +349,7 @@ def mteb_model(checkpoint_or_model, budget=(16, 64)):
     return adapter.MetaEmbedEncoder(model, (maxsim, maxsim_pairwise), budget, **named)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> dict:
     args = get_args(argv)
     try:
         results = evaluate(args)

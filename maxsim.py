@@ -23,6 +23,8 @@ units (AMX tiles, AVX512_BF16 dot products) compute, at up to 4x float32's rate 
 
 The fused kernels (their builds, self-check, measured dispatch, oneDNN's bf16 mode) are in machinery/.
 """
+from __future__ import annotations
+
 import os
 from contextlib import nullcontext
 
@@ -30,7 +32,7 @@ import torch
 
 from machinery import cpu_kernel
 from machinery.checks import check_maxsim_inputs
-from machinery.index import Quantized
+from machinery.index import Prefix, Quantized, QuantizedPrefix
 
 
 def maxsim_reference(q: torch.Tensor, c: torch.Tensor, q_mask: torch.Tensor | None = None,
@@ -80,8 +82,8 @@ def _max_over_rc(s, scratch):
     return m[:, 0]
 
 
-def maxsim_chunked(q: torch.Tensor, c, q_mask: torch.Tensor | None = None, c_mask: torch.Tensor | None = None,
-                   chunk: int | None = None, bf16: bool = False) -> torch.Tensor:
+def maxsim_chunked(q: torch.Tensor, c: torch.Tensor | Quantized, q_mask: torch.Tensor | None = None,
+                   c_mask: torch.Tensor | None = None, chunk: int | None = None, bf16: bool = False) -> torch.Tensor:
     """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
@@ -152,8 +154,8 @@ def maxsim_chunked(q: torch.Tensor, c, q_mask: torch.Tensor | None = None, c_mas
     return out
 
 
-def maxsim(q: torch.Tensor, c, q_mask: torch.Tensor | None = None, c_mask: torch.Tensor | None = None,
-           backend: str | None = None, exact: bool = False) -> torch.Tensor:
+def maxsim(q: torch.Tensor, c: torch.Tensor | Quantized, q_mask: torch.Tensor | None = None,
+           c_mask: torch.Tensor | None = None, backend: str | None = None, exact: bool = False) -> torch.Tensor:
     """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q] of (N_q, R_q, D)
     and c[:, :r_c] of (N_c, R_c, D). c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
@@ -195,8 +197,9 @@ def maxsim(q: torch.Tensor, c, q_mask: torch.Tensor | None = None, c_mask: torch
                      f"'c-bf16', 'c-amx' or 'triton'")
 
 
-def maxsim_topk(q: torch.Tensor, c, k: int, c_mask: torch.Tensor | None = None, chunk: int | None = None,
-                backend: str | None = None, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def maxsim_topk(q: torch.Tensor, c: torch.Tensor | Quantized | Prefix | QuantizedPrefix, k: int,
+                c_mask: torch.Tensor | None = None, chunk: int | None = None, backend: str | None = None,
+                exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k candidates per query over a corpus too large for one score matrix.
 
     q (N_q, r_q, D); c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one
@@ -226,7 +229,7 @@ def maxsim_topk(q: torch.Tensor, c, k: int, c_mask: torch.Tensor | None = None, 
     return best_s, best_i
 
 
-def warm_up(q: torch.Tensor, c, backend: str | None = None) -> None:
+def warm_up(q: torch.Tensor, c: torch.Tensor | Quantized | Prefix | QuantizedPrefix, backend: str | None = None) -> None:
     """Score q against c's first candidate, untimed: the first call of a class of shape may measure
     the CPU dispatch (machinery/cpu_kernel.py) or compile a kernel; a timing that follows holds neither."""
     maxsim(q, c[0:1].to(q.device), backend=backend)

@@ -14,6 +14,8 @@ Read top to bottom in the paper's order: the loss of a batch, the step (GradCach
 the loop; then the set-up, the recipes and the command line. The run folder's rules (resume,
 refuse changed settings, overwrite) and the log are machinery/checkpoints.py's.
 """
+from __future__ import annotations
+
 import argparse
 import functools
 import math
@@ -22,6 +24,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
@@ -30,13 +33,13 @@ import data
 import evaluate
 from machinery import checkpoints, checks, distributed, hub
 from machinery.backbones import BACKBONES, OFFLINE, check_backbone, is_offline
-from metaembed import TEMPERATURE, MetaEmbed, group_losses, weighted_mean
+from metaembed import TEMPERATURE, MetaEmbed, MetaEmbedConfig, group_losses, weighted_mean
 
 
 # -----------------------------------------------------------------------------
 # the loss of one batch: this rank's queries against every rank's positives and its own negatives
 
-def gather_with_grad(x):
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """All ranks' x concatenated in rank order; the gradient flows back to each rank's own rows
     (summed over ranks by a reduce-scatter)."""
     if not dist.is_initialized():
@@ -45,7 +48,7 @@ def gather_with_grad(x):
     return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
-def mmr_loss(cfg, q: torch.Tensor, c: torch.Tensor, neg_mask: torch.Tensor | None = None,
+def mmr_loss(cfg: MetaEmbedConfig, q: torch.Tensor, c: torch.Tensor, neg_mask: torch.Tensor | None = None,
              rank: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The MMR loss of one local batch's embeddings, in fp32, and the loss per group (|G|,).
     q (B, R_q, D); c (B + B K, R_c, D): B positives, then B K hard negatives (query-major) if
@@ -62,7 +65,7 @@ def mmr_loss(cfg, q: torch.Tensor, c: torch.Tensor, neg_mask: torch.Tensor | Non
     return weighted_mean(losses, cfg.group_weights), losses             # L = sum_g w_g L_g / |G|
 
 
-def check_finite(loss):
+def check_finite(loss: torch.Tensor) -> None:
     if not math.isfinite(loss.item()):
         raise FloatingPointError(f"the loss is {loss.item()}: lower --lr or check the data")
 
@@ -70,8 +73,8 @@ def check_finite(loss):
 # -----------------------------------------------------------------------------
 # the step: one batch's loss and gradients, whole or with GradCache
 
-def train_step(net, model, batch: tuple, rank: int = 0, chunk: int = 0, amp=nullcontext(),
-               no_sync=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
+def train_step(net: torch.nn.Module, model: MetaEmbed, batch: tuple, rank: int = 0, chunk: int = 0,
+               amp: ContextManager = nullcontext(), no_sync: Callable = nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
     """batch (query inputs, candidate inputs, neg_mask) -> (loss, loss per group), detached, with
     the parameters' gradients accumulated. chunk = 0: one forward and backward of the whole batch.
     chunk > 0: GradCache (Gao et al., 2021): 1) every chunk's embeddings without a graph; 2) the
@@ -116,7 +119,7 @@ def train_step(net, model, batch: tuple, rank: int = 0, chunk: int = 0, amp=null
 
 # GradCache's pieces: one chunk's rows of a batch, the RNG state replayed for its second pass
 
-def rows_of(inputs, lo, hi, image_token_id):
+def rows_of(inputs: dict, lo: int, hi: int, image_token_id: int) -> dict:
     """Rows lo:hi of a processor batch, with their images' patches (each row holds at most one
     image, its patches in row order in pixel_values, its grid in image_grid_thw)."""
     out = {k: inputs[k][lo:hi] for k in ("input_ids", "attention_mask", "mm_token_type_ids") if k in inputs}
@@ -144,7 +147,7 @@ def _set_rng_state(state):
 # -----------------------------------------------------------------------------
 # the loop
 
-def train(args):
+def train(args: argparse.Namespace) -> str | None:
     ddp, rank, world, local, device = distributed.setup()
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
@@ -227,7 +230,7 @@ def train(args):
 # -----------------------------------------------------------------------------
 # set-up: data, model, optimizer
 
-def load_mixture(args, say):
+def load_mixture(args: argparse.Namespace, say: Callable) -> hub.Mixture:
     """--mixture: every source opened and its first row read (one error naming every source that
     cannot be), before the backbone is built; what each source lacks said once, here."""
     mix = hub.load_mixture(args.mixture, args.images, args.holdout, args.seed, args.mmeb_train)
@@ -247,7 +250,7 @@ def load_mixture(args, say):
     return mix
 
 
-def build_data(args, world, rank, start, mix=None):
+def build_data(args: argparse.Namespace, world: int, rank: int, start: int, mix: hub.Mixture | None = None) -> tuple:
     """-> (dataset, batch sampler, held-out retrieval tasks for --eval-every)."""
     order = data.Order(args.batch_size, world, rank, args.seed, start, args.steps)
     if mix is not None:
@@ -264,7 +267,7 @@ def build_data(args, world, rank, start, mix=None):
     return ds, data.StepBatches(len(ds), order), heldout
 
 
-def build_model(args, resume_from):
+def build_model(args: argparse.Namespace, resume_from: str | None) -> MetaEmbed:
     if resume_from:
         return MetaEmbed.from_pretrained(resume_from)
     R_q, R_c = args.query_tokens, args.candidate_tokens
@@ -277,12 +280,13 @@ def build_model(args, resume_from):
                                    query_suffix=args.query_suffix, lora_vision=args.lora_vision)
 
 
-def lr_lambda(warmup, steps):
+def lr_lambda(warmup: int, steps: int) -> Callable[[int], float]:
     """Linear warmup to the peak, then linear decay to 0 at `steps`."""
     return lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
 
 
-def make_optimizer(model, params, args, resume_from, fsdp):
+def make_optimizer(model: MetaEmbed, params: list, args: argparse.Namespace, resume_from: str | None,
+                   fsdp: bool) -> tuple:
     """AdamW, warmup then linear decay; on --resume its state and the RNG. -> (opt, sched, first step)."""
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     start = checkpoints.load_optimizer(resume_from, model, opt, fsdp) if resume_from else 0
@@ -309,7 +313,7 @@ RECIPES = {
 }
 
 
-def get_args(argv=None):
+def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--recipe", choices=["paper"], help="paper: every setting of the official 7b_mrl.yaml (the "
                    "mixture, LoRA, lr, warmup, steps, per-device batch, negatives, image cap, prompts); printed; "
@@ -419,7 +423,7 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> str | None:
     args = get_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)   # SIGTERM (a scheduler's stop) ends like Ctrl-C
     try:

@@ -130,6 +130,15 @@ def resolve_checkpoint(path, log=None, hint=""):
     raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}{hint}")
 
 
+def find_for_tool(path, tool, hint=""):
+    """A command-line tool's checkpoint: the folder at `path`, or the newest in a train.py --out
+    folder; fallbacks said on stderr as `tool`; the offline default's absence says to train first."""
+    import sys
+
+    hint = f": run `python train.py` first{hint}" if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""
+    return resolve_checkpoint(path, log=lambda m: print(f"{tool}: {m}", file=sys.stderr), hint=hint)
+
+
 def latest_checkpoint(out, files=MODEL_FILES, log=None):
     """The checkpoint to continue from in a train.py --out folder: the one OUT/latest names, or,
     if that one is missing or incomplete, the newest complete other (said through `log`). None if
