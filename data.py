@@ -13,14 +13,17 @@ A retrieval task (evaluation) is a dict:
     queries {qid: (text, image)}, corpus {docid: (text, image)}, qrels {qid: {docid: rel}}
 An MMEB-eval subset is a list of rows, each ranked against its own candidates (positive first).
 """
+from __future__ import annotations
+
 import hashlib
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from machinery.backbones import load_image
+from machinery.backbones import ImageTextProcessor, load_image
 from metaembed import prepare
 
 # -----------------------------------------------------------------------------
@@ -39,7 +42,7 @@ CELL = 28  # pixels; 3x3 cells make an 84x84 image: one visual token per cell (1
 OBJECTS = (6, 9)  # squares per scene, min and max
 
 
-def parse_objects(spec):
+def parse_objects(spec: str) -> tuple[int, int]:
     """'6,9' -> (6, 9): squares per scene, 1 <= min <= max <= 9 (one per cell of the 3x3 grid)."""
     try:
         lo, hi = (int(x) for x in str(spec).split(","))
@@ -50,18 +53,18 @@ def parse_objects(spec):
     return lo, hi
 
 
-def make_scene(rng, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def make_scene(rng: random.Random, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]) -> list:
     """A scene: a sorted tuple of squares (cell, colour), at most one per cell."""
     n = rng.randint(min_objects, max_objects)
     cells = rng.sample(range(len(CELLS)), n)
     return tuple(sorted((c, rng.choice(list(COLOURS))) for c in cells))
 
 
-def caption(scene):
+def caption(scene: list) -> str:
     return ", ".join(f"{colour} {CELLS[cell]}" for cell, colour in scene)
 
 
-def scene_of(text):
+def scene_of(text: str) -> list:
     """caption's inverse: 'red top left, blue center' -> the scene ((0, 'red'), (4, 'blue'))."""
     try:
         return tuple(sorted((CELLS.index(part.split(" ", 1)[1]), part.split(" ", 1)[0]) for part in text.split(", ")))
@@ -69,7 +72,7 @@ def scene_of(text):
         raise ValueError(f"not a synthetic caption: {text[:60]!r}") from None
 
 
-def render(scene):
+def render(scene: list) -> Image.Image:
     """84x84 RGB image of a scene, drawn with Pillow."""
     im = Image.new("RGB", (3 * CELL, 3 * CELL), (20, 20, 20))
     d = ImageDraw.Draw(im)
@@ -79,7 +82,7 @@ def render(scene):
     return im
 
 
-def variant(scene, rng):
+def variant(scene: list, rng: random.Random) -> list:
     """A hard negative: the scene with ONE change (a colour, a move, a colour swap)."""
     objs = [list(o) for o in scene]
     while True:
@@ -108,7 +111,7 @@ def _split_of(scene):
     return "eval" if int(hashlib.md5(caption(scene).encode()).hexdigest(), 16) % 10 == 0 else "train"
 
 
-def synthetic_scene(split, i, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def synthetic_scene(split: str, i: int, seed: int = 0, min_objects: int = OBJECTS[0], max_objects: int = OBJECTS[1]) -> list:
     """The i-th scene of a split (deterministic by seed)."""
     for attempt in range(1000):
         rng = random.Random(f"{seed}-{split}-{i}-{attempt}")
@@ -140,7 +143,8 @@ class SyntheticPairs(torch.utils.data.Dataset):
                     negs=[(caption(neg), None)], source=f"synthetic row {i}")
 
 
-def synthetic_eval(n_scenes=300, n_variants=3, seed=0, min_objects=OBJECTS[0], max_objects=OBJECTS[1]):
+def synthetic_eval(n_scenes: int = 300, n_variants: int = 3, seed: int = 0, min_objects: int = OBJECTS[0],
+                   max_objects: int = OBJECTS[1]) -> dict:
     """Two retrieval tasks over one corpus of eval scenes and their one-change variants:
     t2i (caption -> every image) and i2t (image -> every caption). One relevant item per query."""
     scenes, seen = [], set()
@@ -188,7 +192,7 @@ MMEB_SUBSETS = [s for subsets in MMEB_TASKS.values() for s in subsets]
 # -----------------------------------------------------------------------------
 # data order: a function of (seed, step) only, so a resumed run sees the same batches
 
-def batch_indices(step, n, global_batch, seed):
+def batch_indices(step: int, n: int, global_batch: int, seed: int) -> list[int]:
     """Indices of the global batch at `step`: epoch-wise seeded permutations, last partial dropped."""
     per_epoch = n // global_batch
     if per_epoch == 0:
@@ -198,17 +202,31 @@ def batch_indices(step, n, global_batch, seed):
     return perm[k * global_batch:(k + 1) * global_batch].tolist()
 
 
+@dataclass(frozen=True)
+class Order:
+    """Whose batches, and which: `batch` examples a rank, `world` ranks, this `rank`, the `seed`,
+    steps [start, steps)."""
+    batch: int
+    world: int = 1
+    rank: int = 0
+    seed: int = 0
+    start: int = 0
+    steps: int = 0
+
+
 class StepBatches(torch.utils.data.Sampler):
-    def __init__(self, n, batch, world, rank, seed, start, steps):
-        self.args = n, batch, world, rank, seed, start, steps
+    """This rank's share of batch_indices at each step of `order`, over n examples."""
+
+    def __init__(self, n: int, order: Order):
+        self.n, self.order = n, order
 
     def __iter__(self):
-        n, batch, world, rank, seed, start, steps = self.args
-        for step in range(start, steps):
-            yield batch_indices(step, n, batch * world, seed)[rank * batch:(rank + 1) * batch]
+        o = self.order
+        for step in range(o.start, o.steps):
+            yield batch_indices(step, self.n, o.batch * o.world, o.seed)[o.rank * o.batch:(o.rank + 1) * o.batch]
 
     def __len__(self):
-        return self.args[-1] - self.args[-2]
+        return self.order.steps - self.order.start
 
 
 class MixtureBatches(torch.utils.data.Sampler):
@@ -228,8 +246,8 @@ class MixtureBatches(torch.utils.data.Sampler):
 
     BLOCK = 4096  # runs whose source is drawn by one seeded generator (and buffer picks per generator)
 
-    def __init__(self, mixture, batch, world, rank, seed, start, steps, run, buffer=0):
-        self.mixture, self.args, self.buffer = mixture, (batch, world, rank, seed, start, steps, run), buffer
+    def __init__(self, mixture, order: Order, run: int, buffer: int = 0):
+        self.mixture, self.settings, self.run, self.buffer = mixture, order, run, buffer
         self.order = np.zeros(0, dtype=np.int64)    # buffer > 0: output j -> stream position
         self.buf, self.next = np.arange(buffer, dtype=np.int64), buffer
         self.sizes = np.array([len(s) for s in mixture.sources])
@@ -241,7 +259,7 @@ class MixtureBatches(torch.utils.data.Sampler):
 
     def _runs(self, G):
         """Draw the sources of global runs [0, G) (block by block, each block its own generator)."""
-        seed = self.args[3]
+        seed = self.settings.seed
         while len(self.src) < G:
             b = len(self.src) // self.BLOCK
             u = np.random.default_rng([seed, 7919, b]).random(self.BLOCK)
@@ -256,7 +274,7 @@ class MixtureBatches(torch.utils.data.Sampler):
     def _perm(self, k, e):
         if (k, e) not in self.perms:
             self.perms.pop((k, e - 2), None)          # passes are consumed in order
-            self.perms[(k, e)] = np.random.default_rng([self.args[3], 104729 + k, e]).permutation(self.sizes[k])
+            self.perms[(k, e)] = np.random.default_rng([self.settings.seed, 104729 + k, e]).permutation(self.sizes[k])
         return self.perms[(k, e)]
 
     def _stream(self, positions):
@@ -264,7 +282,7 @@ class MixtureBatches(torch.utils.data.Sampler):
         positions = np.asarray(positions, dtype=np.int64)
         if not self.buffer or not len(positions):
             return positions
-        seed, rank = self.args[3], self.args[2]
+        seed, rank = self.settings.seed, self.settings.rank
         while len(self.order) <= positions.max():    # replayed from the start: a function of the position
             b = len(self.order) // self.BLOCK
             picks = np.random.default_rng([seed, rank, 65537, b]).integers(0, self.buffer, self.BLOCK)
@@ -275,9 +293,9 @@ class MixtureBatches(torch.utils.data.Sampler):
             self.order = np.concatenate([self.order, out])
         return self.order[positions]
 
-    def examples(self, positions):
+    def examples(self, positions: np.ndarray | range) -> tuple[np.ndarray, np.ndarray]:
         """Rank-local output positions (array) -> (source, row) arrays."""
-        B, world, rank, seed, start, steps, run = self.args
+        world, rank, run = self.settings.world, self.settings.rank, self.run
         i, o = np.divmod(self._stream(positions), run)
         g = i * world + rank                          # the global run each position falls in
         if len(g) and g.max() >= len(self.src):
@@ -288,14 +306,14 @@ class MixtureBatches(torch.utils.data.Sampler):
         rows = np.array([self._perm(int(kk), int(ee))[rr] for kk, ee, rr in zip(k, e, r)], dtype=np.int64)
         return k, rows
 
-    def batch(self, step):
-        B = self.args[0]
+    def batch(self, step: int) -> list[tuple[int, int]]:
+        B = self.settings.batch
         k, rows = self.examples(np.arange(step * B, (step + 1) * B))
         return list(zip(k.tolist(), rows.tolist()))
 
-    def seen(self, step):
+    def seen(self, step: int) -> dict[str, int]:
         """Examples of each source this rank has trained on after `step` steps (for the log)."""
-        B, world, rank, seed, start, steps, run = self.args
+        B, world, rank, run = self.settings.batch, self.settings.world, self.settings.rank, self.run
         p = self._stream(np.arange(step * B))
         g = (p // run) * world + rank
         if len(g) and g.max() >= len(self.src):
@@ -304,17 +322,17 @@ class MixtureBatches(torch.utils.data.Sampler):
         return dict(zip(self.mixture.names, counts.tolist()))
 
     def __iter__(self):
-        for step in range(self.args[4], self.args[5]):
+        for step in range(self.settings.start, self.settings.steps):
             yield self.batch(step)
 
     def __len__(self):
-        return self.args[5] - self.args[4]
+        return self.settings.steps - self.settings.start
 
 
 # -----------------------------------------------------------------------------
 # collate: examples -> backbone inputs
 
-def collate(examples, processor, query_suffix=False, num_negatives=1):
+def collate(examples: list[dict], processor: ImageTextProcessor, query_suffix: bool = False, num_negatives: int = 1) -> tuple:
     """-> (query inputs, candidate inputs, neg_mask). Candidates = the B positives, then K =
     num_negatives hard negatives per query (B * K more rows, query-major) where any example has
     one: an example with fewer than K repeats its last (as the official collator), one with none

@@ -18,7 +18,7 @@ import data
 from apps.attention import explain, figure, print_study, study, to_json
 from machinery import checks
 from machinery.checkpoints import DEFAULT_CHECKPOINT
-from metaembed import load_model, parse_budget
+from metaembed import load_model
 
 
 def main(argv=None):
@@ -80,8 +80,7 @@ def main(argv=None):
         scene = data.synthetic_scene("eval", 0)
         image = args.image or data.render(scene)
         query = args.query if args.query is not None else (None if args.image else data.caption(scene))
-        budget = parse_budget(args.budget, model.config.groups, model.config.num_query_tokens,
-                              model.config.num_candidate_tokens, name="--budget") if query is not None else None
+        budget = model.config.budget(args.budget, name="--budget") if query is not None else None
         result = explain(model, image, args.text, query, budget, tuple(args.layers))
     except (ValueError, FileNotFoundError, TypeError) as e:
         sys.exit(f"explain.py: error: {e}")

@@ -12,27 +12,31 @@ maxsim_chunked    the reference over candidate chunks, in bounded memory (any de
                   math (bf16=True: the query rounded to bf16, the GEMM at the bf16 rate)
 maxsim            the inference entry point: the fused Triton kernel on CUDA; on the CPU the
                   fused C kernel (float32 math, or bf16 math on AMX) or the chunked path,
-                  whichever was measured fastest here
+                  whichever was measured fastest here (METAEMBED_MAXSIM=torch|c|... forces one)
+maxsim_topk       the best k candidates of a corpus too large for one score matrix
+warm_up           one untimed call, so a timing after it holds no first-time dispatch measurement
 
 bf16 math, as the issue of 16-bit indexes defines it: the query rounded to bf16 (the index is
 bf16 or fewer bits already), each product exact, sums and outputs in float32; the one difference
 from float32 math is the query's rounding (2^-9 of each element). It is what the CPU's bf16
 units (AMX tiles, AVX512_BF16 dot products) compute, at up to 4x float32's rate here.
-maxsim_topk       the best k candidates of a corpus too large for one score matrix
 
-The fused kernels (their builds, self-check and measured dispatch) are in machinery/.
+The fused kernels (their builds, self-check, measured dispatch, oneDNN's bf16 mode) are in machinery/.
 """
+from __future__ import annotations
+
 import os
-import threading
+from contextlib import nullcontext
 
 import torch
 
 from machinery import cpu_kernel
 from machinery.checks import check_maxsim_inputs
-from machinery.index import Quantized
+from machinery.index import Prefix, Quantized, QuantizedPrefix
 
 
-def maxsim_reference(q, c, q_mask=None, c_mask=None):
+def maxsim_reference(q: torch.Tensor, c: torch.Tensor, q_mask: torch.Tensor | None = None,
+                     c_mask: torch.Tensor | None = None) -> torch.Tensor:
     """q (N_q, r_q, D), c (N_c, r_c, D), masks (N, r) bool (True = real) -> (N_q, N_c) float32.
 
     Materialises (N_q, r_q, N_c, r_c): use for training batches, not for a corpus."""
@@ -50,7 +54,7 @@ def maxsim_reference(q, c, q_mask=None, c_mask=None):
     return m.sum(1)                                                   # (N_q, N_c)
 
 
-def maxsim_pairwise(q, c):
+def maxsim_pairwise(q: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """q (B, r_q, D), c (B, K, r_c, D): query b against ITS OWN K candidates -> (B, K) float32.
 
     s[b, k] = sum_i max_j <q_b^i, c_{b,k}^j>: B K pairs, not the B x B K of maxsim_reference."""
@@ -78,10 +82,8 @@ def _max_over_rc(s, scratch):
     return m[:, 0]
 
 
-_onednn_mode = threading.Lock()
-
-
-def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
+def maxsim_chunked(q: torch.Tensor, c: torch.Tensor | Quantized, q_mask: torch.Tensor | None = None,
+                   c_mask: torch.Tensor | None = None, chunk: int | None = None, bf16: bool = False) -> torch.Tensor:
     """The reference over candidate chunks, never more than (N_q, r_q, chunk, r_c) at once.
 
     One matmul per chunk into a reused buffer (fresh large allocations cost page faults), max
@@ -97,20 +99,13 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     Nc, r_c, _ = c.shape
     M = Nq * r_q
     # oneDNN's bf16 mode rounds both operands to bf16: exact only for a bf16 index (a dequantised
-    # int8 / binary chunk, code x scale, is not bf16: there the float32 GEMM takes the rounded query)
-    # The mode is process-wide (torch's global context): a float32 matmul in another thread runs in
-    # bf16 while it is on, so the auto path never takes this one (maxsim), and the lock keeps two
-    # such calls from restoring each other's setting.
-    if bf16 and q.device.type == "cpu" and c.dtype == torch.bfloat16 and hasattr(torch.backends.mkldnn, "matmul"):
-        mode = torch.backends.mkldnn.matmul
-        with _onednn_mode:
-            old, mode.fp32_precision = mode.fp32_precision, "bf16"   # oneDNN: float32 GEMMs in bf16 math
-            try:
-                return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
-            finally:
-                mode.fp32_precision = old
-    if bf16:                    # elsewhere the same numbers in float32 math (bf16 values are exact there)
-        return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
+    # int8 / binary chunk, code x scale, is not bf16: there, and off the CPU, the float32 GEMM takes
+    # the rounded query: the same numbers in float32 math). The mode is process-wide, so the auto
+    # path (maxsim) never takes this one: cpu_kernel.onednn_bf16 says why and holds its lock.
+    if bf16:
+        in_bf16_mode = q.device.type == "cpu" and c.dtype == torch.bfloat16
+        with cpu_kernel.onednn_bf16() if in_bf16_mode else nullcontext():
+            return maxsim_chunked(q.bfloat16(), c, q_mask, c_mask, chunk)
     if r_c == 0 or r_q == 0:   # no candidate (or query) vector: every score 0, as a fully masked one
         return torch.zeros(Nq, Nc, dtype=torch.float32, device=q.device)
     tall = M < 64
@@ -161,17 +156,26 @@ def maxsim_chunked(q, c, q_mask=None, c_mask=None, chunk=None, bf16=False):
     return out
 
 
-def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
-    """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q], c[:, :r_c].
-    c: a tensor, or an int8 / binary index (machinery.index.Quantized).
+def maxsim(q: torch.Tensor, c: torch.Tensor | Quantized, q_mask: torch.Tensor | None = None,
+           c_mask: torch.Tensor | None = None, backend: str | None = None, exact: bool = False) -> torch.Tensor:
+    """MaxSim scores (N_q, N_c) float32 for any budget: pass prefix views q[:, :r_q] of (N_q, R_q, D)
+    and c[:, :r_c] of (N_c, R_c, D). c: a tensor, or an int8 / binary index (machinery.index.Quantized).
 
-    backend: None (auto: 'triton' on CUDA; on the CPU the path measured fastest for this class of
-    shape on this machine), 'torch', 'c', 'c-bf16' / 'c-amx' (bf16 math on AVX512_BF16 / AMX),
-    'torch-bf16' (bf16 math through oneDNN's process-wide mode: asked for only, never chosen) or
-    'triton' (the command-line tools pass METAEMBED_MAXSIM here). On a bf16 or low-bit index the
+    backend: None (the environment's METAEMBED_MAXSIM if set, else auto: 'triton' on CUDA; on the
+    CPU the path measured fastest for this class of shape on this machine), 'torch', 'c', 'c-bf16' /
+    'c-amx' (bf16 math on AVX512_BF16 / AMX), 'torch-bf16' (bf16 math through oneDNN's
+    process-wide mode: asked for only, never chosen) or 'triton'. On a bf16 or low-bit index the
     auto path lets bf16 math (the query rounded to bf16, see the top) compete with float32 math;
-    exact=True keeps float32 math (references and tests). A float32 index is never scored in bf16."""
+    exact=True keeps float32 math (references and tests). A float32 index is never scored in bf16.
+
+    >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])              # 1 query, r_q = 2, D = 2
+    >>> c = torch.tensor([[[1.0, 0.0], [0.6, 0.8]], [[0.0, 1.0], [0.0, -1.0]]])   # 2 candidates, r_c = 2
+    >>> maxsim(q, c, backend="torch")                             # sum_i max_j <q^i, c^j>
+    tensor([[1.8000, 1.0000]])
+    >>> maxsim(q[:, :1], c[:, :1], backend="torch")               # the budget 1x1: prefixes
+    tensor([[1., 0.]])"""
     width = None
+    backend = backend or os.environ.get("METAEMBED_MAXSIM") or None
     if backend is None:
         if q.is_cuda:
             backend = "triton"
@@ -195,16 +199,18 @@ def maxsim(q, c, q_mask=None, c_mask=None, backend=None, exact=False):
                      f"'c-bf16', 'c-amx' or 'triton'")
 
 
-def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exact=False):
+def maxsim_topk(q: torch.Tensor, c: torch.Tensor | Quantized | Prefix | QuantizedPrefix, k: int,
+                c_mask: torch.Tensor | None = None, chunk: int | None = None, backend: str | None = None,
+                exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k candidates per query over a corpus too large for one score matrix.
 
-    c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one
+    q (N_q, r_q, D); c: a tensor (N_c, r_c, D) on any device, or an on-disk index that slices like one
     (machinery.index). A corpus already on q's device is scored in place, 65,536
     candidates at a time; any other is copied (or read) to q's device a chunk of about 256 MiB at
     a time, in its own dtype, so a host or on-disk corpus is scored in bounded memory.
     -> (scores (N_q, k) float32, indices (N_q, k) int64), best first; a running top-k merged
     chunk by chunk, so memory is O(N_q * (k + chunk)) plus one chunk of the corpus."""
-    check_maxsim_inputs(q, c, q_mask, c_mask)
+    check_maxsim_inputs(q, c, None, c_mask)
     for name, v in (("k", k), ("chunk", chunk)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise ValueError(f"maxsim_topk: {name} must be a whole number >= 1, got {v!r}")
@@ -219,10 +225,16 @@ def maxsim_topk(q, c, k, q_mask=None, c_mask=None, chunk=None, backend=None, exa
     for j in range(0, Nc, chunk):
         cj = c[j:j + chunk].to(q.device, non_blocking=True)
         cm = c_mask[j:j + chunk].to(q.device) if c_mask is not None else None
-        s = maxsim(q, cj, q_mask, cm, backend, exact)                         # (N_q, chunk)
+        s = maxsim(q, cj, None, cm, backend, exact)                            # (N_q, chunk)
         idx = torch.arange(j, j + s.shape[1], device=q.device).expand(Nq, -1)
         s, idx = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
         best_s, pos = s.topk(min(k, s.shape[1]), dim=1)                       # k may exceed a chunk
         best_i = idx.gather(1, pos)
         del cj                                         # freed before the next chunk is read
     return best_s, best_i
+
+
+def warm_up(q: torch.Tensor, c: torch.Tensor | Quantized | Prefix | QuantizedPrefix, backend: str | None = None) -> None:
+    """Score q against c's first candidate, untimed: the first call of a class of shape may measure
+    the CPU dispatch (machinery/cpu_kernel.py) or compile a kernel; a timing that follows holds neither."""
+    maxsim(q, c[0:1].to(q.device), backend=backend)

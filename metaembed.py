@@ -1,23 +1,19 @@
 """
 MetaEmbed: a vision-language backbone + learnable Meta Tokens -> a multi-vector embedding,
-trained with the Matryoshka Multi-Vector Retrieval (MMR) loss.
+trained with the Matryoshka Multi-Vector Retrieval (MMR) loss. Xiao et al., "MetaEmbed: Scaling
+Multimodal Retrieval at Test-Time with Flexible Late Interaction", arXiv 2509.18095.
 
-Xiao et al., "MetaEmbed: Scaling Multimodal Retrieval at Test-Time with Flexible Late
-Interaction", arXiv 2509.18095. Read top to bottom, in the paper's order:
-  1. config, Matryoshka groups           (MetaEmbedConfig, GROUPS)
-  2. prompts                              (the paper's "simple prompt", Qwen chat format)
-  3. the model                            (Meta Tokens appended, M-RoPE positions, last-layer
-                                           states, projection, L2 normalisation)
-  4. the MMR loss                         (InfoNCE per Matryoshka group on prefix MaxSim scores)
-  5. using it                             (the budget syntax, encoding in batches into an index,
-                                           construction, save / load)
-Backbones, images, checkpoints' files and input checks live in machinery/.
+Read top to bottom, in the paper's order: 1. config, Matryoshka groups, budgets; 2. prompts;
+3. the model (Meta Tokens appended, M-RoPE positions, last-layer states, projection, L2
+normalisation); 4. the MMR loss; 5. using it (budgets named, encoding in batches, save / load).
+Backbones, images, checkpoints' files, options and input checks live in machinery/.
 """
+from __future__ import annotations
+
 import functools
-import os
-import re
 import sys
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -25,20 +21,32 @@ import torch.nn.functional as F
 
 from maxsim import maxsim_pairwise, maxsim_reference
 from machinery import backbones, checkpoints, st_format
-from machinery.checks import check_encode_inputs, check_groups
+from machinery.checks import check_budget, check_encode_inputs, check_groups
+from machinery.options import ScoringOptions
 
 # -----------------------------------------------------------------------------
 # 1. config, Matryoshka groups
 
+class Budget(NamedTuple):
+    """A test-time budget: the first r_q query vectors x the first r_c candidate vectors. Still the
+    tuple (r_q, r_c) (it unpacks and compares as one); str() is the command lines' 'AxB'."""
+    r_q: int
+    r_c: int
+
+    def __str__(self):
+        return f"{self.r_q}x{self.r_c}"
+
+
 # Matryoshka groups (r_q, r_c): nested prefixes of the R_q query and R_c candidate vectors.
 GROUPS = ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64))
+Groups = tuple[tuple[int, int], ...]   # (r_q, r_c) pairs, coarse to fine (Budgets once in a config)
 TEMPERATURE = 0.03   # tau of InfoNCE
 
 
-def matryoshka_groups(R_q, R_c):
+def matryoshka_groups(R_q: int, R_c: int) -> tuple[Budget, ...]:
     """The paper's groups that fit within (R_q, R_c), ending with (R_q, R_c) itself."""
-    groups = tuple(g for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
-    return groups if groups and groups[-1] == (R_q, R_c) else groups + ((R_q, R_c),)
+    groups = tuple(Budget(*g) for g in GROUPS if g[0] <= R_q and g[1] <= R_c)
+    return groups if groups and groups[-1] == (R_q, R_c) else groups + (Budget(R_q, R_c),)
 
 
 @dataclass
@@ -66,7 +74,7 @@ class MetaEmbedConfig:
 
     def __post_init__(self):
         R_q, R_c = self.num_query_tokens, self.num_candidate_tokens
-        self.groups = tuple(tuple(int(x) for x in g) for g in (self.groups or matryoshka_groups(R_q, R_c)))
+        self.groups = tuple(Budget(*(int(x) for x in g)) for g in (self.groups or matryoshka_groups(R_q, R_c)))
         if self.group_weights is not None:
             self.group_weights = tuple(float(w) for w in self.group_weights)
         check_groups(self.groups, R_q, R_c)
@@ -79,8 +87,16 @@ class MetaEmbedConfig:
         self.dtype = self.dtype or ("bfloat16" if real else "float32")
 
     @property
-    def offline(self):
+    def offline(self) -> bool:
         return backbones.is_offline(self.backbone)
+
+    def budget(self, spec: str | int | tuple, stored: list[int] | None = None, name: str = "budget") -> Budget:
+        """The one budget rule, for every tool: 'AxB' (r_q x r_c directly), a number k (the group whose
+        r_c == k, see budget_groups) or a pair (A, B) -> Budget, with r_q <= R_q and r_c <= R_c;
+        `stored`: the r_c an index holds (it reads whole groups). A bad budget is one ValueError
+        naming `name` (machinery.checks.check_budget)."""
+        named = budget_groups(self.groups, self.num_query_tokens, self.num_candidate_tokens)
+        return Budget(*check_budget(spec, named, (self.num_query_tokens, self.num_candidate_tokens), stored, name))
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +106,7 @@ IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 QUERY_SUFFIX = "<|endoftext|>" * 10 + "\n"   # the official query augmentation, before the meta tokens
 
 
-def format_prompt(text, has_image, side, query_suffix=False):
+def format_prompt(text: str, has_image: bool, side: str, query_suffix: bool = False) -> str:
     """The paper's "simple prompt" in Qwen chat format, as the official processor builds it; side is
     'query' or 'candidate'. The image always comes first (MMEB's inline <|image_1|> is removed);
     an image with no text at all is described; a query may get the augmentation suffix."""
@@ -107,7 +123,8 @@ def format_prompt(text, has_image, side, query_suffix=False):
     return f"<|im_start|>user\n{image}{prefix}{text}<|im_end|><|endoftext|>{suffix}"
 
 
-def prepare(processor, texts, images=None, side="query", first=0, query_suffix=False):
+def prepare(processor: backbones.ImageTextProcessor, texts: list[str], images: list | None = None,
+            side: str = "query", first: int = 0, query_suffix: bool = False) -> dict:
     """texts (list[str]), images (list[PIL | path | None]) -> processor tensors, LEFT-padded, so
     the meta tokens appended after them are the last positions of every row. first: the index
     of texts[0] in the caller's list (errors name items by it)."""
@@ -138,7 +155,7 @@ class MetaEmbed(nn.Module):
         self.proj = nn.Linear(hidden, config.proj_dim) if config.proj_dim else None
         self.dim = config.proj_dim or hidden                              # D
 
-    def meta_states(self, inputs, R):
+    def meta_states(self, inputs: dict, R: int) -> torch.Tensor:
         """Append meta_tokens[:R] to every row; -> last-layer states at those positions (B, R, H)."""
         dev = self.device
         ids = inputs["input_ids"].to(dev)                                  # (B, L), left-padded
@@ -167,7 +184,7 @@ class MetaEmbed(nn.Module):
                             image_grid_thw=grid, use_cache=False)
         return out.last_hidden_state[:, -R:]                               # (B, R, H)
 
-    def embed(self, inputs, side):
+    def embed(self, inputs: dict, side: str) -> torch.Tensor:
         """Processor tensors -> (B, R, D) unit vectors; side 'query' (R = R_q) or 'candidate' (R_c).
 
         Query: [x; M_q] -> E_q. Candidate: [x; M_q; M_c] -> E_c at the M_c positions."""
@@ -180,78 +197,84 @@ class MetaEmbed(nn.Module):
             h = self.proj(h.to(self.proj.weight.dtype))                    # (B, R, D)
         return F.normalize(h.float(), dim=-1)                              # E / ||E|| per vector
 
-    def forward(self, query_inputs=None, candidate_inputs=None):
+    def forward(self, query_inputs: dict | None = None, candidate_inputs: dict | None = None) -> tuple:
         """One forward through the wrapper (so DDP / FSDP see it): -> (E_q (B, R_q, D) or None,
         E_c (B_c, R_c, D) or None), for whichever inputs are given."""
         return (self.embed(query_inputs, "query") if query_inputs is not None else None,
                 self.embed(candidate_inputs, "candidate") if candidate_inputs is not None else None)
 
-    # -- the interface others rely on (DESIGN.md section 5); what is behind it is section 5 below --
-    def encode_queries(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
-        """-> (N, R_q, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return encode(self, texts, images, "query", batch_size, progress, out, workers)
+    # -- the interface others rely on (the README's "Using a trained model"); behind it: section 5 --
+    def encode_queries(self, texts: list[str], images: list | None = None, batch_size: int = 32, progress: bool = False,
+                       out: torch.Tensor | None = None, workers: int = 0) -> torch.Tensor:
+        """texts (N,) and images (N,: PIL, path or None) -> E_q (N, R_q, D) unit rows, float32 (or written
+        into `out`, any dtype). A budget's r_q query vectors are the prefix E_q[:, :r_q].
 
-    def encode_candidates(self, texts, images=None, batch_size=32, progress=False, out=None, workers=0):
-        """-> (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
-        return encode(self, texts, images, "candidate", batch_size, progress, out, workers)
+        >>> model = MetaEmbed.from_backbone("tiny", num_query_tokens=4, num_candidate_tokens=8)
+        >>> E_q = model.encode_queries(["red top left", "blue center"])
+        >>> tuple(E_q.shape[:2]), E_q.shape[2] == model.dim, bool(torch.allclose(E_q.norm(dim=-1), torch.ones(2, 4)))
+        ((2, 4), True, True)"""
+        return encode(self, texts, images, "query", out, ScoringOptions(batch_size, workers, progress))
+
+    def encode_candidates(self, texts: list[str], images: list | None = None, batch_size: int = 32,
+                          progress: bool = False, out: torch.Tensor | None = None, workers: int = 0) -> torch.Tensor:
+        """-> E_c (N, R_c, D) unit rows, float32 (or written into `out`, any dtype)."""
+        return encode(self, texts, images, "candidate", out, ScoringOptions(batch_size, workers, progress))
 
     @classmethod
-    def from_backbone(cls, name="tiny", seed=0, **kwargs):
+    def from_backbone(cls, name: str = "tiny", seed: int = 0, **kwargs) -> MetaEmbed:
         """Backbone by alias / hub id / folder, with fresh meta tokens (seeded)."""
-        return build(cls, MetaEmbedConfig(backbone=name, **kwargs), seed)
+        return backbones.build(cls, MetaEmbedConfig(backbone=name, **kwargs), seed)
 
     @classmethod
-    def from_pretrained(cls, path):
+    def from_pretrained(cls, path: str) -> MetaEmbed:
         """A saved folder (save_pretrained's), every file checked first."""
         return load(cls, path)
 
-    def save_pretrained(self, path, state_dict=None, budget=None):
+    def save_pretrained(self, path: str, state_dict: dict | None = None, budget: str | None = None) -> None:
         """metaembed.json, model.safetensors, the backbone config and processor: see save()."""
         save(self, path, state_dict, budget)
 
-    def set_image_bounds(self, min_pixels=None, max_pixels=None):
+    def set_image_bounds(self, min_pixels: int | None = None, max_pixels: int | None = None) -> None:
         """Change the image bounds (pixels) of this model's processor; kept in its config."""
         backbones.set_image_bounds(self.processor, min_pixels, max_pixels)
         self.config.min_pixels = min_pixels or self.config.min_pixels
         self.config.max_pixels = max_pixels or self.config.max_pixels
 
-    def prepare(self, texts, images=None, side="query"):
+    def prepare(self, texts: list[str], images: list | None = None, side: str = "query") -> dict:
         return prepare(self.processor, texts, images, side, query_suffix=self.config.query_suffix)
 
-    def base_model(self):
+    def base_model(self) -> nn.Module:
         """The backbone without its LoRA wrapper (peft's PeftModel), if any."""
         b = self.backbone
         return b.get_base_model() if hasattr(b, "get_base_model") else b
 
-    def trained_parameters(self):
+    def trained_parameters(self) -> dict[str, nn.Parameter]:
         """What training changes: meta tokens, projection, and LoRA adapters or the full backbone."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return self.meta_tokens.device
 
 
 # -----------------------------------------------------------------------------
 # 4. the MMR loss
 
-def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, weights=None, offset=0,
-                    neg_mask=None, return_groups=False):
-    """Matryoshka Multi-Vector Retrieval loss.
+def group_losses(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, groups: Groups = GROUPS,
+                 temperature: float = TEMPERATURE, offset: int = 0, neg_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE_g of each Matryoshka group g = (r_q, r_c) -> (|G|,).
 
     q (B, R_q, D); pos (B', R_c, D), B' >= B, the positive of query u at row offset + u (other
     rows: in-batch negatives, e.g. other ranks' positives); neg None, (B, R_c, D) or
     (B, K, R_c, D): each query's OWN hard negatives; neg_mask (B, K) bool, False = no negative
-    there (its logit is dropped). For each group g = (r_q, r_c):
+    there (its logit is dropped). For each group:
         s_g(q, c) = sum_{i<=r_q} max_{j<=r_c} <E_q^i, E_c^j>       (prefix MaxSim)
-        L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)
-    L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code)."""
+        L_g = InfoNCE over logits s_g / tau (positive, other positives, own negatives)"""
     B = q.shape[0]
     if pos.shape[0] < offset + B:
         raise ValueError(f"pos has {pos.shape[0]} rows, fewer than offset {offset} + {B} queries")
     if neg is not None and neg.dim() == 3:
         neg = neg[:, None]                                                 # (B, K, R_c, D)
-    weights = weights or [1.0] * len(groups)
     labels = torch.arange(B, device=q.device) + offset                    # query u's positive
     losses = []
     for rq, rc in groups:
@@ -263,93 +286,82 @@ def matryoshka_loss(q, pos, neg=None, groups=GROUPS, temperature=TEMPERATURE, we
                 s = s.masked_fill(~neg_mask.to(s.device, torch.bool).view(s.shape), float("-inf"))
             logits = torch.cat([logits, s], 1)                             # (B, B' + K)
         losses.append(F.cross_entropy(logits / temperature, labels))      # InfoNCE_g
-    total = sum(w * l for w, l in zip(weights, losses)) / len(groups)
-    return (total, torch.stack(losses)) if return_groups else total
+    return torch.stack(losses)                                             # (|G|,)
+
+
+def weighted_mean(losses: torch.Tensor, weights: tuple[float, ...] | None = None) -> torch.Tensor:
+    """L = sum_g w_g L_g / |G|   (w_g = 1: the mean over groups, as the official code); losses (|G|,)."""
+    weights = weights or [1.0] * len(losses)
+    return sum(w * l for w, l in zip(weights, losses)) / len(losses)
+
+
+def matryoshka_loss(q: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor | None = None, groups: Groups = GROUPS,
+                    temperature: float = TEMPERATURE, weights: tuple[float, ...] | None = None,
+                    offset: int = 0) -> torch.Tensor:
+    """The Matryoshka Multi-Vector Retrieval loss, a scalar: L = sum_g w_g InfoNCE_g / |G| over
+    the groups' prefix MaxSim scores (group_losses has the shapes, and the mask of missing negatives).
+
+    >>> q = F.normalize(torch.randn(4, 16, 8), dim=-1); pos = q.new_zeros(4, 64, 8); pos[:, :16] = q
+    >>> L = matryoshka_loss(q, pos); L.shape, float(L) < float(matryoshka_loss(q, pos.roll(1, 0)))
+    (torch.Size([]), True)"""
+    return weighted_mean(group_losses(q, pos, neg, groups, temperature, offset), weights)
 
 
 # -----------------------------------------------------------------------------
 # 5. using the model: the budget syntax, encoding in batches, construction, save / load
 # (the machinery behind the interface; the files are machinery/checkpoints.py's)
 
-def budget_groups(groups, R_q, R_c):
+def budget_groups(groups: Groups, R_q: int, R_c: int) -> tuple[Budget, ...]:
     """The groups a budget number names: the model's own, then the paper's that fit in (R_q, R_c)
     (so an ablation trained on (16, 64) alone is still served at budget 1 = (1, 1), everywhere)."""
-    groups = tuple(tuple(g) for g in groups)
-    return groups + tuple(g for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
+    groups = tuple(Budget(*g) for g in groups)
+    return groups + tuple(Budget(*g) for g in GROUPS if g not in groups and g[0] <= R_q and g[1] <= R_c)
 
 
-def parse_budget(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None, name="budget"):
-    """The one budget rule: one budget -> (r_q, r_c), for every tool (evaluate, search and its server,
-    explain, the mteb encoder). spec: 'AxB' (r_q x r_c directly), a number k (the group whose
-    r_c == k, see budget_groups) or a pair (A, B). r_q <= R_q and r_c <= R_c (default: the largest
-    group); `stored`: the r_c an index holds (it reads whole groups). Any bad budget is one
-    ValueError naming `name`, the budget and what would be accepted."""
-    R_q = num_query_tokens or max(g[0] for g in groups)
-    R_c = num_candidate_tokens or max(g[1] for g in groups)
-    named = budget_groups(groups, R_q, R_c)
-    text = "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
-
-    def bad(why):
-        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
-                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: "
-                          f"{', '.join(f'{a}x{b}' for a, b in sorted(named, key=lambda g: (g[1], g[0])))})")
-    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
-        raise bad("a pair must be two whole numbers (r_q, r_c)")
-    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
-        raise bad(f"a {type(spec).__name__} is not a budget")
-    if not text:
-        raise bad("empty")
-    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
-        budget = (int(m.group(1)), int(m.group(2)))
-    elif re.fullmatch(r"\d{1,6}", text):
-        match = [g for g in named if g[1] == int(text)]
-        if not match:
-            raise bad(f"no Matryoshka group has {text} candidate vectors")
-        budget = match[0]
-    else:
-        raise bad("not a number or 'AxB'")
-    if budget[0] < 1 or budget[1] < 1:
-        raise bad("r_q and r_c must be at least 1")
-    if budget[0] > R_q or budget[1] > R_c:
-        raise bad(f"{budget[0]}x{budget[1]} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
-    if stored is not None and budget[1] not in stored:
-        raise bad(f"r_c={budget[1]} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
-    return budget
+def parse_budget(spec: str | int | tuple[int, int], config: MetaEmbedConfig | None = None,
+                 stored: list[int] | None = None, name: str = "budget", groups: Groups | None = None) -> Budget:
+    """One budget -> Budget by MetaEmbedConfig.budget. config: the model's (default: the paper's
+    16 x 64 with GROUPS; groups=...: those groups, R_q x R_c their largest)."""
+    return _config_of(config, groups).budget(spec, stored, name)
 
 
-def parse_budgets(spec, groups=GROUPS, num_query_tokens=None, num_candidate_tokens=None, stored=None):
-    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets (r_q, r_c), each by
-    parse_budget's rule."""
-    budgets = []
-    for part in str(spec).replace(" ", "").split(","):
-        if part:
-            budget = parse_budget(part, groups, num_query_tokens, num_candidate_tokens, stored)
-            budgets += [budget] if budget not in budgets else []
+def parse_budgets(spec: str, config: MetaEmbedConfig | None = None, stored: list[int] | None = None,
+                  groups: Groups | None = None) -> list[Budget]:
+    """'1,4,16,64' -> [(1, 1), (2, 4), (8, 16), (16, 64)]: test-time budgets, each by parse_budget's rule.
+
+    >>> [str(b) for b in parse_budgets("1,4,16,64")]
+    ['1x1', '2x4', '8x16', '16x64']"""
+    config = _config_of(config, groups)
+    budgets = list(dict.fromkeys(config.budget(part, stored) for part in str(spec).replace(" ", "").split(",") if part))
     if not budgets:
         raise ValueError(f"no budget given in {spec!r}")
     return budgets
 
 
+def _config_of(config, groups):
+    groups = GROUPS if groups is None else groups
+    return config or MetaEmbedConfig(num_query_tokens=max(g[0] for g in groups),
+                                     num_candidate_tokens=max(g[1] for g in groups), groups=groups)
+
+
 @torch.no_grad()
-def encode(model, texts, images, side, batch_size=32, progress=False, out=None, workers=0):
+def encode(model: MetaEmbed, texts: list[str], images: list | None, side: str, out: torch.Tensor | None = None,
+           options: ScoringOptions | None = None) -> torch.Tensor:
     """Encode in batches straight into `out` (N, R, D): a preallocated tensor of any dtype (a
     bf16 index: half the memory, no float32 copy) or anything that takes `out[i:j] = x` (an
     on-disk index). Batches are prepared (images decoded, tokenized) in a DataLoader, in
-    `workers` processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+    options.workers processes where > 0, pinned on CUDA, so the GPU does not wait on PIL."""
+    options = options or ScoringOptions()
+    batch_size, progress, workers = options.batch_size, options.progress, options.workers
     texts, images = check_encode_inputs(texts, images, batch_size)
     R = model.config.num_query_tokens if side == "query" else model.config.num_candidate_tokens
     N = len(texts)
     out = torch.empty(N, R, model.dim) if out is None else out
     if tuple(out.shape) != (N, R, model.dim):
         raise ValueError(f"out has shape {tuple(out.shape)}, expected {(N, R, model.dim)}")
-    batches = backbones.Batches(functools.partial(prepare, model.processor, side=side,
-                                                  query_suffix=model.config.query_suffix), texts, images, batch_size)
-    loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
-                                         pin_memory=model.device.type == "cuda")
-    if progress:
-        from tqdm import tqdm
-        loader = tqdm(loader, desc="encode queries" if side == "query" else "encode candidates", unit="batch",
-                      leave=False)
+    prep = functools.partial(prepare, model.processor, side=side, query_suffix=model.config.query_suffix)
+    loader = backbones.Batches(prep, texts, images, batch_size).loader(   # prepared in workers, pinned on CUDA
+        workers, model.device.type == "cuda", progress and ("encode queries" if side == "query" else "encode candidates"))
     was_training = model.training
     model.eval()
     try:
@@ -362,42 +374,13 @@ def encode(model, texts, images, side, batch_size=32, progress=False, out=None, 
     return out
 
 
-def build(cls, config, seed=0):
-    """MetaEmbed.from_backbone: the backbone by alias / hub id / folder, fresh meta tokens (seeded)."""
-    name = config.backbone
-    if config.offline:
-        backbone, processor = backbones.build_tiny_backbone(seed, backbones.OFFLINE[name], **config.tiny)
-    else:
-        backbone, processor = backbones.load_backbone(name, config.dtype, config.attn_implementation)
-    return assemble(cls, config, backbone, processor, seed)
-
-
-def assemble(cls, config, backbone, processor, seed=0):
-    """A loaded or built backbone -> the MetaEmbed: the image cap resolved to the family's pixels
-    (once, then saved), LoRA where asked, meta tokens drawn from `seed`."""
-    if config.max_pixels is None and (config.max_visual_tokens or not config.offline):  # resolved once, saved
-        tokens = config.max_visual_tokens or backbones.MAX_VISUAL_TOKENS   # 1024 x 28 x 28 or x 32 x 32 pixels
-        config.max_pixels = tokens * backbones.visual_token_pixels(processor)
-    backbones.set_image_bounds(processor, config.min_pixels, config.max_pixels)
-    if config.offline:  # built in float32 with sdpa
-        if config.attn_implementation != "sdpa":
-            backbone.set_attn_implementation(config.attn_implementation)
-        backbone = backbone.to(getattr(torch, config.dtype))
-    if config.lora:
-        backbone = backbones.add_lora(backbone, config)
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        return cls(config, backbone, processor)
-
-
-def save(model, path, state_dict=None, budget=None):
+def save(model: MetaEmbed, path: str, state_dict: dict | None = None, budget: str | None = None) -> None:
     """Folder: metaembed.json, model.safetensors (what was trained: the random `tiny` base
     whole, a hub base is reloaded by name), the backbone config and the processor; written
     whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one).
     Also a sentence-transformers MultiVectorEncoder (machinery/st_format.py) of default `budget`."""
     c = model.config
-    budget = parse_budget(budget or (c.num_query_tokens, c.num_candidate_tokens), c.groups, c.num_query_tokens,
-                          c.num_candidate_tokens, name="default budget")
+    budget = c.budget(budget or (c.num_query_tokens, c.num_candidate_tokens), name="default budget")
     state = model.state_dict() if state_dict is None else state_dict
     if not model.config.offline:
         state = {k: state[k] for k in model.trained_parameters()}
@@ -406,20 +389,17 @@ def save(model, path, state_dict=None, budget=None):
                            lambda folder: st_format.write(folder, model, budget, sys.modules[__name__]))
 
 
-def load(cls, path):
+def load(cls, path: str) -> MetaEmbed:
     """MetaEmbed.from_pretrained: the config and every file checked first, the backbone rebuilt,
     the trained weights loaded."""
     config = MetaEmbedConfig(**checkpoints.read_config(path))   # every file checked first
-    model = assemble(cls, config, *backbones.load_saved(path, config))
+    model = backbones.assemble(cls, config, *backbones.load_saved(path, config))
     checkpoints.load_weights(model, path)
     return model
 
 
-def load_model(path, tool, hint=""):
+def load_model(path: str, tool: str, hint: str = "") -> tuple[MetaEmbed, str]:
     """A command-line tool's model: the checkpoint at `path` (or the newest in a train.py --out
-    folder) -> (MetaEmbed, the checkpoint folder). Fallbacks are said on stderr as `tool`."""
-    import sys
-
-    hint = f": run `python train.py` first{hint}" if os.path.normpath(path) == os.path.normpath(checkpoints.DEFAULT_CHECKPOINT) else ""
-    found = checkpoints.resolve_checkpoint(path, log=lambda m: print(f"{tool}: {m}", file=sys.stderr), hint=hint)
+    folder; checkpoints.find_for_tool) -> (MetaEmbed, the checkpoint folder)."""
+    found = checkpoints.find_for_tool(path, tool, hint)
     return MetaEmbed.from_pretrained(found), found

@@ -23,7 +23,8 @@ from apps.search_index import (OVERSAMPLING, Index, build_index, check_collectio
                                 non_finite_items, plan,
                                 qdrant_client, qdrant_search, to_qdrant, verify)
 from machinery import checks
-from machinery.index import PRECISIONS
+from machinery.precision import Precision, of_index
+from machinery.precision import argument as precision_arg
 from machinery.checkpoints import DEFAULT_CHECKPOINT, fingerprint
 from metaembed import load_model as load_model_at
 
@@ -42,8 +43,9 @@ def get_args(argv=None):
     i.add_argument("--synthetic-scenes", type=int, default=300, help="with no corpus given: this many synthetic "
                    "eval scenes (and 3 variants of each)")
     i.add_argument("--batch-size", type=int, default=32)
-    i.add_argument("--precision", choices=PRECISIONS, default="bf16",
-                   help="bits per stored number: bf16 (default), int8 (a scale a vector: about half of bf16's bytes) "
+    i.add_argument("--precision", type=precision_arg, choices=list(Precision), metavar="{" + ",".join(Precision) + "}",
+                   help="how a stored number is held (machinery/precision.py; bf16 = bfloat16): a float dtype (default: "
+                   "bfloat16, float32 under 128 dimensions), int8 (a scale a vector: about half of bfloat16's bytes) "
                    "or binary (sign bits and a scale: about a 16th); int8 / binary keep the float copy beside them "
                    "for a cascade's rescoring (--first)")
     i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder (Qdrant's engine in-process, "
@@ -184,18 +186,18 @@ def query_cmd(args):
         finally:
             store.close()
     else:
-        s, i = index.search(q, budget, args.k, first, depth, os.environ.get("METAEMBED_MAXSIM"))
+        s, i = index.search(q, budget, args.k, first, depth)          # METAEMBED_MAXSIM: read by maxsim
         hits = list(zip(s[0].tolist(), i[0].tolist()))
     t_search = time.time() - t
     results = [{"rank": r + 1, "score": s, **index.items[j]} for r, (s, j) in enumerate(hits)]
     if args.json:
-        print(json.dumps({"query": args.text, "image": args.image, "budget": f"{budget[0]}x{budget[1]}",
-                          "first": f"{first[0]}x{first[1]}" if first else None, "precision": index.precision,
+        print(json.dumps({"query": args.text, "image": args.image, "budget": str(budget),
+                          "first": str(first) if first else None, "precision": index.precision,
                           "results": results,
                           "encode_ms": 1e3 * t_enc, "search_ms": 1e3 * t_search}, indent=2))
         return results
-    how = f"{first[0]}x{first[1]} over {index.N}, then {budget[0]}x{budget[1]} on the best {min(depth, index.N)}" \
-        if first else f"{budget[0]}x{budget[1]} over {index.N}"
+    how = f"{first} over {index.N}, then {budget} on the best {min(depth, index.N)}" if first else \
+        f"{budget} over {index.N}"
     if index.vectors.quantized and args.qdrant:     # Qdrant's quantization, always rescored
         how += f" ({index.precision} quantization, rescored with the originals, oversampling {OVERSAMPLING:g})"
     elif index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
@@ -221,8 +223,7 @@ def main(argv=None):
             if problems:
                 sys.exit(f"search.py: {args.index} failed verification ({len(problems)} problem(s))")
             meta = json.load(open(os.path.join(args.index, "index.json")))
-            print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision "
-                  f"{meta.get('precision', meta['dtype'])})")
+            print(f"{args.index}: ok (sizes, items, checksums, every value finite; precision {of_index(meta)})")
             if "meta_sha256" not in meta:      # an index built before index.json carried its own checksum
                 print(f"{args.index}: note: index.json and items.jsonl carry no checksum (built before they were "
                       f"written): they were checked field by field only; rebuild the index to cover them")

@@ -15,7 +15,7 @@ import torch
 import data
 from machinery.backbones import load_image
 from maxsim import maxsim
-from metaembed import matryoshka_groups
+from metaembed import Budget, matryoshka_groups
 
 @contextmanager
 def meta_attention(model, layers=(-1,)):
@@ -50,7 +50,7 @@ def visual_grid(model, inputs):
 
 @torch.no_grad()
 def explain(model, image, text="", query=None, budget=None, layers=(-1,)):
-    """-> dict: grid [rows, cols], maps (R_c, rows, cols) and group_maps {"AxB": (rows, cols)} of the
+    """-> dict: grid [rows, cols], maps (R_c, rows, cols) and group_maps {Budget: (rows, cols)} of the
     candidate (image, text); with query, the attribution at budget (r_q, r_c)."""
     if image is None:
         raise ValueError("the candidate has no image: there is nothing to map (explain maps visual tokens)")
@@ -62,9 +62,9 @@ def explain(model, image, text="", query=None, budget=None, layers=(-1,)):
     maps = attn[:, positions].view(-1, rows, cols)                        # (R_c, rows, cols)
     out = {"grid": [rows, cols], "maps": maps, "group_maps": {}, "query": None}
     lo = 0
-    for rq, rc in paper_groups(model):                                    # vectors lo+1..rc: one group
-        out["group_maps"][f"{rq}x{rc}"] = maps[lo:rc].mean(0)
-        lo = rc
+    for g in paper_groups(model):                                         # vectors lo+1..r_c: one group
+        out["group_maps"][g] = maps[lo:g.r_c].mean(0)
+        lo = g.r_c
     if query is not None:
         r_q, r_c = budget
         E_q = model.encode_queries([query])[0]                            # (R_q, D)
@@ -85,7 +85,7 @@ def paper_groups(model):
 def to_json(result):
     listed = lambda t: [[round(float(v), 7) for v in row] for row in t]  # noqa: E731
     return {"grid": result["grid"], "maps": [listed(m) for m in result["maps"]],
-            "group_maps": {k: listed(m) for k, m in result["group_maps"].items()}, "query": result["query"]}
+            "group_maps": {str(g): listed(m) for g, m in result["group_maps"].items()}, "query": result["query"]}
 
 
 def figure(result, image, path):
@@ -110,8 +110,8 @@ def figure(result, image, path):
     axes[0, 0].imshow(rgb)
     axes[0, 0].set_title("candidate", fontsize=8)
     lo = 0
-    for ax, (key, m) in zip(axes[0, 1:], groups.items()):
-        hi = int(key.split("x")[1])
+    for ax, (g, m) in zip(axes[0, 1:], groups.items()):
+        hi = g.r_c
         overlay(ax, m, f"vectors {lo + 1}-{hi}: {float(m.sum()):.2f} on image" if hi > lo + 1 else
                 f"vector 1: {float(m.sum()):.2f} on image")
         lo = hi
@@ -148,7 +148,7 @@ def study(model, n_scenes=50, seed=0):
         for rq, rc in paper_groups(model):
             m = maps[lo:rc]
             p = m / m.sum(1, keepdim=True)
-            r = rows.setdefault(f"{rq}x{rc}", {"on_image": 0.0, "entropy": 0.0, "on_squares": 0.0, "cells": 0.0,
+            r = rows.setdefault(str(Budget(rq, rc)), {"on_image": 0.0, "entropy": 0.0, "on_squares": 0.0, "cells": 0.0,
                                                "cells_at_random": 9 * (1 - (8 / 9) ** (rc - lo))})
             r["on_image"] += float(m.sum(1).mean()) / n_scenes
             r["entropy"] += float(-(p * p.clamp_min(1e-12).log()).sum(1).mean()) / n_scenes

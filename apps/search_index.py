@@ -27,8 +27,9 @@ import torch
 from machinery import index as on_disk
 from machinery.backbones import max_text_tokens
 from machinery.checkpoints import write_atomic
+from machinery.precision import Precision, default_float
 from maxsim import maxsim, maxsim_topk
-from metaembed import budget_groups, parse_budget
+from metaembed import MetaEmbedConfig, budget_groups
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD = 256          # items encoded and marked done together
@@ -178,18 +179,36 @@ def check_depth(first, depth, flag="--"):
         raise ValueError(f"{flag}depth is the cascade's: give {flag}first too (e.g. {example})")
 
 
+def index_config(meta):
+    """The model's budget rule as an index's index.json records it (its groups, R_q and R_c)."""
+    return MetaEmbedConfig(num_query_tokens=meta["num_query_tokens"], num_candidate_tokens=meta["num_candidate_tokens"],
+                           groups=meta["model_groups"])
+
+
+def stored_r_c(meta):
+    """The r_c an index stores (the ends of its group files): a budget's r_c must be one of them."""
+    return [b for _, b in meta["groups"]]
+
+
+def stored_budgets(meta):
+    """The budgets an index holds, cheapest first: the model's groups (and the paper's that fit, see
+    metaembed.budget_groups) whose r_c it stores; any r_q x r_c a search can take is plan()'s."""
+    stored = set(stored_r_c(meta))
+    return sorted((g for g in budget_groups(meta["model_groups"], meta["num_query_tokens"], meta["num_candidate_tokens"])
+                   if g.r_c in stored), key=lambda g: (g.r_c, g.r_q))
+
+
 def plan(meta, budget, first=None, depth=None, k=10, flag="--"):
     """The one reading of a search's budgets, for search.py query and the server alike: budget and
-    first (specs, by metaembed.parse_budget's rule against the index's model and stored groups),
+    first (specs, by the one budget rule, MetaEmbedConfig.budget, against the index's model and stored groups),
     the cascade's checks (first cheaper than budget, depth only with first) -> (budget, first, depth).
     flag: how the parameters are named to the user ("--" on the command line, "" in the API)."""
-    groups, R_q, R_c = tuple(tuple(g) for g in meta["model_groups"]), meta["num_query_tokens"], meta["num_candidate_tokens"]
-    stored = [b for _, b in meta["groups"]]
-    budget = parse_budget(budget, groups, R_q, R_c, stored, f"{flag}budget")
-    first = parse_budget(first, groups, R_q, R_c, stored, f"{flag}first") if first is not None else None
+    config, stored = index_config(meta), stored_r_c(meta)
+    budget = config.budget(budget, stored, f"{flag}budget")
+    first = config.budget(first, stored, f"{flag}first") if first is not None else None
     check_depth(first, depth, flag)
-    if first and (first[0] > budget[0] or first[1] > budget[1]):
-        raise ValueError(f"{flag}first {first[0]}x{first[1]} is not cheaper than {flag}budget {budget[0]}x{budget[1]}: "
+    if first and (first.r_q > budget.r_q or first.r_c > budget.r_c):
+        raise ValueError(f"{flag}first {first} is not cheaper than {flag}budget {budget}: "
                          f"the cascade scores everything at the cheap budget first")
     return budget, first, (max(depth or 1000, k) if first else None)
 
@@ -331,11 +350,14 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
     """Encode items into the index folder `out`, resumably (shards marked done in progress.json, which
     names the items by a digest: its size, rewritten after every shard, does not grow with N);
     memory: one shard of vectors (written into the group files as encoded) and the items' listing;
-    precision int8 / binary: those groups too, beside the float copy (machinery/index.py).
+    precision (any spelling of machinery/precision.py's): None, the float copy alone in the default
+    dtype for D; float32 / bfloat16 / float16, the float copy in it; int8 / binary, those groups too,
+    beside the float copy (machinery/index.py).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
-    os.makedirs(out, exist_ok=True)
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
+    precision = Precision.parse(precision, "--precision") if precision is not None else default_float(D)
+    os.makedirs(out, exist_ok=True)
     listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s), **item_kind(im)}
                for n, (i, _, im, s) in enumerate(items)]
     state_file = os.path.join(out, "progress.json")
@@ -349,14 +371,15 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
         state["items_sha256"] = hashlib.sha256(json.dumps(state.pop("items")).encode()).hexdigest()   # (an older state)
     if state and (state["items_sha256"] != items_sha256 or state["dim"] != D):
         raise ValueError(f"{out} holds an unfinished index of other items: remove it, or index into another --out")
-    if state and state["vectors"].get("precision", "bf16") != (precision if precision in on_disk.QUANTIZED else "bf16"):
-        raise ValueError(f"{out} holds an unfinished index in precision {state['vectors'].get('precision', 'bf16')}: "
+    if state and on_disk.of_index(state["vectors"]) != precision:
+        raise ValueError(f"{out} holds an unfinished index in precision {on_disk.of_index(state['vectors'])}: "
                          f"resume it with that --precision, or remove {out}")
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
         groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
-        vectors = on_disk.create(out, N, R_c, D, groups, on_disk.default_dtype(D), precision)
+        vectors = on_disk.create(out, N, R_c, D, groups, precision if not precision.quantized else default_float(D),
+                                 precision)
         state = {"items_sha256": items_sha256, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}

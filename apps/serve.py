@@ -33,7 +33,7 @@ from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from apps.search_index import Index, plan
+from apps.search_index import Index, plan, stored_budgets
 from machinery.index import vector_bytes
 
 MAX_UPLOAD = 20 << 20          # bytes of an uploaded query image
@@ -91,19 +91,9 @@ class Searcher:
     def info(self):
         index = self.current()
         m = index.meta
-        return {"count": index.N - len(index.skipped), "budgets": [f"{rq}x{rc}" for rq, rc in self.budgets(index)],
+        return {"count": index.N - len(index.skipped), "budgets": [str(b) for b in stored_budgets(index.meta)],
                 "model": index.checkpoint, "backbone": m.get("backbone"), "dim": index.D, "dtype": m["dtype"],
                 "precision": index.precision}
-
-    @staticmethod
-    def budgets(index):
-        """The budgets the page's slider offers: the model's groups (and the paper's, see
-        metaembed.budget_groups) that the index stores; any r_q x r_c a search can take is plan()'s."""
-        from metaembed import budget_groups
-        stored = {b for _, b in index.bounds}
-        m = index.meta
-        return sorted((tuple(g) for g in budget_groups(m["model_groups"], m["num_query_tokens"], index.R_c)
-                       if g[1] in stored), key=lambda g: (g[1], g[0]))
 
     def search(self, params, body=None, content_type=None):
         """A search; body: an uploaded image's bytes, decoded once the parameters are found good,
@@ -132,7 +122,7 @@ class Searcher:
         with self.lock:                           # one encode and search at a time
             q = self.model.encode_queries([text], [image] if image is not None else None)
             try:
-                s, i = index.search(q, budget, k, first, depth or 1000, os.environ.get("METAEMBED_MAXSIM"))
+                s, i = index.search(q, budget, k, first, depth or 1000)
             except ValueError as e:                # files changed mid-search, or damaged: not the client's fault
                 raise BadRequest(f"{index.changed()}: {e}" if index.changed() else str(e), 503) from None
         ms = 1e3 * (time.perf_counter() - t)
@@ -142,7 +132,7 @@ class Searcher:
         read = index.N * (first or budget)[1] * low + (min(depth, index.N) * budget[1] * vector if first else 0)
         return {"results": [{"rank": r + 1, "n": j, "id": items[j]["id"], "score": x, "source": items[j]["source"],
                              "kind": items[j].get("kind", "image")} for r, (x, j) in enumerate(zip(s[0].tolist(), i[0].tolist()))],
-                "budget": f"{budget[0]}x{budget[1]}", "first": f"{first[0]}x{first[1]}" if first else None,
+                "budget": str(budget), "first": str(first) if first else None,
                 "depth": depth, "ms": ms, "bytes_read": read}
 
     @staticmethod

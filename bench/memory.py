@@ -34,7 +34,7 @@ def eval_memory(n, index_dir=None, D=3584, queries=2):
     t = time.perf_counter()
     with tempfile.TemporaryDirectory(dir=index_dir) as tmp:
         path = os.path.join(tmp, "corpus") if index_dir else None
-        evaluate.score_retrieval(model, task, [(1, 1), (16, 64)], 64, torch.device("cpu"), index_path=path)
+        evaluate.score_retrieval(model, task, [(1, 1), (16, 64)], evaluate.ScoringOptions(64, progress=True, index_path=path))
     peak = _status("VmHWM") - base
     return dict(candidates=n, D=D, on_disk=bool(index_dir), index_bytes=index_bytes, peak_extra_bytes=peak,
                 ratio=peak / index_bytes, seconds=time.perf_counter() - t)
@@ -44,8 +44,6 @@ def grad_cache_step_memory(batch, chunk, image_px=448):
     """Peak host memory beyond the model of one training step (forward + backward, tiny backbone,
     text queries against image candidates of image_px^2 pixels, one hard negative each), plain
     (chunk 0) or with GradCache in chunks of `chunk` rows."""
-    from contextlib import nullcontext
-
     from PIL import Image
 
     import data
@@ -62,11 +60,10 @@ def grad_cache_step_memory(batch, chunk, image_px=448):
     base = rss_peak_reset()
     t = time.perf_counter()
     if chunk:
-        loss, _ = train.grad_cache_step(model, model, model.config, q_in, c_in, neg_mask, batch, 0, chunk,
-                                        nullcontext(), nullcontext)
+        loss, _ = train.train_step(model, model, (q_in, c_in, neg_mask), 0, chunk)
     else:
         q, c = model(q_in, c_in)
-        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, batch, 0)
+        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, 0)
         loss.backward()
     # the whole process's peak: the step's own increase can hide in memory freed by the collate
     return dict(batch=batch, chunk=chunk, visual_tokens_per_image=tokens, loss=loss.item(), rss_before_bytes=base,
@@ -312,7 +309,7 @@ def rehearse(name, dtype=torch.bfloat16):
         with AnonPeak() as fwd:
             (q, _), kept_q = kept_for_backward(lambda: model(q_in, None), model)
             (_, cand), kept_c = kept_for_backward(lambda: model(None, c_in), model)
-            loss, _ = train.mmr_loss(model.config, q, cand, neg_mask, 1, 0)
+            loss, _ = train.mmr_loss(model.config, q, cand, neg_mask, 0)
         with AnonPeak() as bwd:
             loss.backward()
         out["train_step_s"], out["loss"] = time.perf_counter() - t, loss.item()

@@ -130,9 +130,9 @@ def recall_rows(quick, budget=(8, 16), D=1536, k=10, depth=100, fast_plaid_pytho
     q = unit_vectors(Nq, rq, D, torch.device("cpu"), torch.float32, 3)
     truth = maxsim_topk(q, x, k, exact=True)[1]
     full = x.bfloat16()
-    stores = {"float32": x, "bf16": full, **{p: quantize(x, p) for p in QUANTIZED}}
+    stores = {"float32": x, "bfloat16": full, **{p: quantize(x, p) for p in QUANTIZED}}
     rows = []
-    for p in ("bf16", *QUANTIZED):
+    for p in ("bfloat16", *QUANTIZED):
         store = stores[p]
         maxsim_topk(q, store[:64], k)                     # the dispatch measured (once a machine) before timing
         maxsim(q[:1], full[:depth])
@@ -233,13 +233,13 @@ def score_difference(checkpoint, budgets):
     whole corpus, a bf16 index), per budget, and the median gap between a query's best two scores
     (what a difference must exceed to change a ranking)."""
     import data
-    from evaluate import encode_unique
+    from evaluate import ScoringOptions, encode_unique
     from metaembed import load_model
     model, _ = load_model(checkpoint, "bench")
     out = {}
     for name, task in data.synthetic_eval().items():
-        Q = encode_unique(model, list(task["queries"].values()), "query", 64, progress=False)[0]
-        C = encode_unique(model, list(task["corpus"].values()), "candidate", 64, torch.bfloat16, progress=False)[0]
+        Q = encode_unique(model, list(task["queries"].values()), "query", ScoringOptions(64))[0]
+        C = encode_unique(model, list(task["corpus"].values()), "candidate", ScoringOptions(64, precision="bfloat16"))[0]
         for rq, rc in budgets:
             f32 = maxsim(Q[:, :rq], C[:, :rc], backend="torch")
             bf = maxsim(Q[:, :rq], C[:, :rc], backend="torch-bf16")

@@ -139,6 +139,7 @@ def layout_bench(N=10_000, Nq=32, D=1536, repeats=7, folder=None):
 def mode_dispatch(args):
     """the CPU dispatch, measured afresh for every regime."""
     from machinery import cpu_kernel
+    from machinery.precision import Precision
     if cpu_kernel.library() is None:
         print("the C kernel does not build here: maxsim always takes the torch path")
         return
@@ -152,8 +153,8 @@ def mode_dispatch(args):
     for one in ("one-query", "many-queries"):
         for rc in ("rc1", "multi", "multi>16"):
             for d in ("D<=256", "D>256"):
-                for dt in ("fp32", "16bit", "int8", "binary"):
-                    for math in maths if dt != "fp32" else ("",):
+                for dt in Precision:               # bf16 math only where it loses nothing the index holds
+                    for math in maths if dt in ("bfloat16", "int8", "binary") else ("",):
                         name = f"{one}/{rc}/{d}/{dt}{math}"
                         win, t = cpu_kernel.measured_choice(name, maxsim_chunked)
                         paths = "  ".join(f"{k[:-3]} {v:7.2f} ms" for k, v in t.items()

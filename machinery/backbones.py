@@ -319,6 +319,15 @@ class Batches(torch.utils.data.Dataset):
         lo, hi = b * self.bs, (b + 1) * self.bs
         return self.prepare(self.texts[lo:hi], self.images[lo:hi], first=lo)
 
+    def loader(self, workers=0, pin=False, progress=None):
+        """A DataLoader over these batches, prepared in `workers` processes (0: this one), pinned
+        where asked; progress: a tqdm bar's title (None / False: no bar)."""
+        out = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin)
+        if progress:
+            from tqdm import tqdm
+            out = tqdm(out, desc=progress, unit="batch", leave=False)
+        return out
+
 
 class ImageTextProcessor(Qwen2VLProcessor):
     """Qwen2VLProcessor without the video processor (which needs torchvision); left padding,
@@ -421,3 +430,35 @@ def load_image(image, where="", max_pixels=None, draft=None):
         s = MIN_EDGE / min(w, h)
         im = im.resize((max(MIN_EDGE, round(w * s)), max(MIN_EDGE, round(h * s))), Image.BICUBIC)
     return im
+
+
+# -----------------------------------------------------------------------------
+# building a MetaEmbed around a backbone (metaembed.py's from_backbone / from_pretrained)
+
+def build(cls, config, seed=0):
+    """MetaEmbed.from_backbone's work: the backbone of `config` (a MetaEmbedConfig) by alias / hub id
+    / folder, then assemble(): cls(config, backbone, processor) with fresh meta tokens (seeded)."""
+    name = config.backbone
+    if config.offline:
+        backbone, processor = build_tiny_backbone(seed, OFFLINE[name], **config.tiny)
+    else:
+        backbone, processor = load_backbone(name, config.dtype, config.attn_implementation)
+    return assemble(cls, config, backbone, processor, seed)
+
+
+def assemble(cls, config, backbone, processor, seed=0):
+    """A loaded or built backbone -> the MetaEmbed: the image cap resolved to the family's pixels
+    (once, then saved), LoRA where asked, meta tokens drawn from `seed`."""
+    if config.max_pixels is None and (config.max_visual_tokens or not config.offline):  # resolved once, saved
+        tokens = config.max_visual_tokens or MAX_VISUAL_TOKENS   # 1024 x 28 x 28 or x 32 x 32 pixels
+        config.max_pixels = tokens * visual_token_pixels(processor)
+    set_image_bounds(processor, config.min_pixels, config.max_pixels)
+    if config.offline:  # built in float32 with sdpa
+        if config.attn_implementation != "sdpa":
+            backbone.set_attn_implementation(config.attn_implementation)
+        backbone = backbone.to(getattr(torch, config.dtype))
+    if config.lora:
+        backbone = add_lora(backbone, config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return cls(config, backbone, processor)

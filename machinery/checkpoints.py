@@ -1,6 +1,7 @@
 """Checkpoints: the model folder (safetensors + json, never pickle), its integrity checks,
 train.py's checkpoint-STEP folders (plus optimizer and RNG state), latest / resolve, pruning
-and atomic writes (which settings a resumed run may change is train.py's rule)."""
+and atomic writes; train.py's run folder: which settings a resumed run may change, --out's
+set-up (resume, refuse changed settings, overwrite) and the JSON log."""
 import hashlib
 import json
 import os
@@ -8,6 +9,8 @@ import re
 import shutil
 
 import torch
+
+from machinery import checks
 
 MODEL_FILES = ("metaembed.json", "model.safetensors", "config.json", "tokenizer.json",
                "tokenizer_config.json", "preprocessor_config.json")
@@ -127,6 +130,15 @@ def resolve_checkpoint(path, log=None, hint=""):
     if found:
         return found
     raise FileNotFoundError(f"no MetaEmbed checkpoint at {path!r}{hint}")
+
+
+def find_for_tool(path, tool, hint=""):
+    """A command-line tool's checkpoint: the folder at `path`, or the newest in a train.py --out
+    folder; fallbacks said on stderr as `tool`; the offline default's absence says to train first."""
+    import sys
+
+    hint = f": run `python train.py` first{hint}" if os.path.normpath(path) == os.path.normpath(DEFAULT_CHECKPOINT) else ""
+    return resolve_checkpoint(path, log=lambda m: print(f"{tool}: {m}", file=sys.stderr), hint=hint)
 
 
 def latest_checkpoint(out, files=MODEL_FILES, log=None):
@@ -282,3 +294,93 @@ def check_same_data(path, record):
                          f"{'; '.join(said)}): resume with the same mixture and sources, or train afresh into "
                          f"another --out")
     return record
+
+
+# train.py's output folder: resume, refuse changed settings, overwrite; its log
+
+# Settings a resumed run may change (they decide where and how things run, not what is computed);
+# any other must match the checkpoint's train_args.json.
+# GradCache chunks give the full batch's gradients by design (a smaller GPU, smaller chunks); only
+# LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
+SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
+                  "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
+                  "require_negatives", "default_budget"}
+
+
+def check_resume(settings, path):
+    """Refuse to resume with settings that change the model, the loss, the optimisation or the data
+    order; settings: this run's, world_size included. -> the settings actually in force (the
+    checkpoint's, plus what may change)."""
+    with open(os.path.join(path, "train_args.json")) as f:
+        saved = json.load(f)
+    saved.setdefault("world_size", settings["world_size"])        # checkpoints from before it was recorded
+    diff = {k: (saved[k], settings[k]) for k in saved
+            if k in settings and k not in SAFE_TO_CHANGE and saved[k] != settings[k]}
+    if diff:
+        said = ", ".join(f"{'--' + k.replace('_', '-') if k != 'world_size' else 'processes'} {a!r} -> {b!r}"
+                         for k, (a, b) in diff.items())
+        raise ValueError(f"--resume from {path} with other settings than it was trained with ({said}): "
+                         f"resume with the same ones (only "
+                         f"{', '.join(sorted(SAFE_TO_CHANGE - {'resume', 'out', 'overwrite'}))} "
+                         f"may change), or train afresh into another --out")
+    if saved.get("grad_cache_chunk", 0) != settings.get("grad_cache_chunk", 0):
+        print(f"--resume: --grad-cache-chunk {saved.get('grad_cache_chunk', 0)} -> {settings['grad_cache_chunk']}: the "
+              f"same gradients; with LoRA, dropout masks are drawn per chunk, so the run will not repeat an "
+              f"uninterrupted one exactly")
+    return {**saved, **{k: settings[k] for k in SAFE_TO_CHANGE if k in settings}}
+
+
+def prepare_out(args, world, master, say, ddp=False):
+    """train.py's set-up of --out: check --out and --log-file, find the checkpoint to resume from, clear old ones on
+    --overwrite. -> (checkpoint or None, the settings in force)."""
+    checks.writable_dir(checks.refuse, "--out", args.out)
+    if args.log_file:
+        checks.writable_file(checks.refuse, "--log-file", args.log_file)
+    resume_from = latest_checkpoint(args.out, TRAIN_FILES, log=say) if args.resume else None
+    settings = {**vars(args), "world_size": world}
+    used = check_resume(settings, resume_from) if resume_from else settings
+    stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
+    _barrier(ddp)  # every rank has looked before anything is removed
+    if stale:
+        if not args.overwrite:
+            raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
+                             f"--overwrite to start afresh, or another --out")
+        if master:
+            clear_checkpoints(args.out)
+        _barrier(ddp)
+    if args.resume and resume_from is None:
+        say(f"--resume: no checkpoint in {args.out}, starting fresh")
+    return resume_from, used
+
+
+def _barrier(ddp):
+    if ddp:
+        torch.distributed.barrier()
+
+
+class Log:
+    """The master's JSON log (one object a step) and progress bar; other ranks log nothing."""
+
+    def __init__(self, args, start, master):
+        self.file = open(args.log_file, "a") if (args.log_file and master) else None
+        if self.file and start:   # a resumed run: the steps after `start` logged before the stop are done again
+            self.file.write(json.dumps({"resumed_at_step": start, "note": f"steps after {start} above this line "
+                                        "were cut short and are repeated below"}) + "\n")
+            self.file.flush()
+        self.bar = None
+        if master and not args.no_progress:
+            from tqdm import tqdm
+            self.bar = tqdm(total=args.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+
+    def step(self, rec):
+        if self.file:
+            self.file.write(json.dumps(rec) + "\n")
+            self.file.flush()
+        if self.bar:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{rec['loss']:.3f}", **{"samples/s": f"{rec['samples_per_s']:.0f}"})
+
+    def close(self):
+        for x in (self.bar, self.file):
+            if x:
+                x.close()

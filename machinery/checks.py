@@ -2,6 +2,7 @@
 count), raised before any work starts. Only the command-line tools print."""
 import math
 import os
+import re
 
 
 def at_least(error, args, **bounds):
@@ -81,6 +82,41 @@ def check_encode_inputs(texts, images, batch_size):
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     return texts, images
+
+
+def check_budget(spec, named, limits, stored=None, name="budget"):
+    """metaembed's budget rule at the boundary: spec 'AxB', a number k (the first of `named`, pairs
+    (r_q, r_c), whose r_c == k) or a pair (A, B) -> (r_q, r_c) within limits (R_q, R_c) and, where
+    `stored` is given, with r_c among them; anything else is one ValueError naming `name`, the
+    budget and what would be accepted."""
+    (R_q, R_c), text = limits, "x".join(str(x) for x in spec) if isinstance(spec, (tuple, list)) else str(spec).strip()
+
+    def bad(why):
+        accepted = ", ".join(f"{a}x{b}" for a, b in sorted(named, key=lambda g: (g[1], g[0])))
+        return ValueError(f"{name} {text[:40]!r}{'...' if len(text) > 40 else ''}: {why} (a budget is r_q x r_c "
+                          f"like 2x4 within {R_q}x{R_c}, or a number naming a group's r_c: {accepted})")
+    if isinstance(spec, (tuple, list)) and not (len(spec) == 2 and all(type(x) is int for x in spec)):
+        raise bad("a pair must be two whole numbers (r_q, r_c)")
+    if not isinstance(spec, (tuple, list, str, int)) or isinstance(spec, bool):
+        raise bad(f"a {type(spec).__name__} is not a budget")
+    if not text:
+        raise bad("empty")
+    if m := re.fullmatch(r"(-?\d{1,6})x(-?\d{1,6})", text):
+        r_q, r_c = int(m.group(1)), int(m.group(2))
+    elif re.fullmatch(r"\d{1,6}", text):
+        match = [g for g in named if g[1] == int(text)]
+        if not match:
+            raise bad(f"no Matryoshka group has {text} candidate vectors")
+        r_q, r_c = match[0]
+    else:
+        raise bad("not a number or 'AxB'")
+    if r_q < 1 or r_c < 1:
+        raise bad("r_q and r_c must be at least 1")
+    if r_q > R_q or r_c > R_c:
+        raise bad(f"{r_q}x{r_c} exceeds the trained meta tokens (R_q={R_q}, R_c={R_c})")
+    if stored is not None and r_c not in stored:
+        raise bad(f"r_c={r_c} is not stored in this index, which holds r_c in {', '.join(map(str, stored))}")
+    return r_q, r_c
 
 
 def check_groups(groups, num_query_tokens, num_candidate_tokens):

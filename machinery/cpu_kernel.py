@@ -17,9 +17,11 @@ import json
 import os
 import subprocess
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +29,7 @@ import torch
 
 from machinery.checks import check_maxsim_inputs, maxsim_float64
 from machinery.index import Quantized, quantize
+from machinery.precision import Precision, of as precision_of
 
 _CFLAGS = ["-O3", "-march=native", "-mtune=skylake", "-shared", "-fPIC"]
 # -mtune=skylake: gcc's znver tuning folds every load into an FMA operand, reloading the same
@@ -67,10 +70,9 @@ def can_take(q, c):
 # on the same machine read it instead of measuring.
 
 def precision(c):
-    """The index precision a dispatch decision holds for: fp32, 16bit, int8 or binary."""
-    if isinstance(c, Quantized):
-        return c.precision
-    return "fp32" if c.dtype == torch.float32 else "16bit"
+    """The index precision a dispatch decision holds for, in machinery/precision.py's names:
+    float32, bfloat16, float16, int8 or binary."""
+    return precision_of(c)
 
 
 def bf16_math_allowed(c, exact):
@@ -84,7 +86,7 @@ def regime(q, c, exact=False):
     """The class of shape a dispatch decision holds for: one block of query vectors (<= 16: one
     query) or many; one candidate vector (a plain product), up to 16 or more (the 16x64 budget,
     where bf16 GEMMs read whole rows: measured apart); D up to 256 or more; the
-    index's precision (fp32, 16bit, int8, binary); float32 math only, or bf16 math allowed."""
+    index's precision (float32, bfloat16, float16, int8, binary); float32 math only, or bf16 math allowed."""
     r_c = c.shape[1]
     return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
                      "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16",
@@ -96,8 +98,9 @@ def _probe(name):
     """Random inputs standing for a regime: 1 or 32 queries; r_q = r_c = 1 (a plain product), 16 x 16
     prefix views of (16, 64) embeddings, as at serving time, or 16 x 64 (multi>16); enough
     candidates to amortise set-up (512 to 10,000, up to about 1 GFLOP); int8 / binary: quantized."""
-    one, rc1, small, fp32 = (p in name for p in ("one-query", "rc1", "D<=256", "fp32"))
-    packed = next((p for p in ("int8", "binary") if p in name.split("/")), None)
+    one, rc1, small = (p in name for p in ("one-query", "rc1", "D<=256"))
+    held = next(Precision(p) for p in name.split("/") if p in Precision._value2member_map_)
+    packed = held if held.quantized else None
     Nq, r, D = (1 if one else 32), (1 if rc1 else 16), (128 if small else 1536)
     rc = 64 if "multi>16" in name.split("/") else r                     # 16x64: whole rows
     Nc = min(10_000, max(512, int(1e9 // (2 * Nq * r * rc * D))))
@@ -106,7 +109,7 @@ def _probe(name):
     # the prefix view of a full (N_c, 64, D) index with only its first r_c vectors written: the
     # strides are serving time's, and only the pages it reads are ever committed (the whole
     # float32 index would be 3.9 GB at D = 1536)
-    c = torch.empty(Nc, 64, D, dtype=torch.float32 if fp32 else torch.bfloat16)[:, :rc]
+    c = torch.empty(Nc, 64, D, dtype=held.dtype or torch.bfloat16)[:, :rc]   # int8 / binary: from bf16
     c.copy_(torch.nn.functional.normalize(torch.randn(Nc, rc, D, generator=g), dim=-1))
     return q, (quantize(c, packed) if packed else c)
 
@@ -423,3 +426,25 @@ def _run_c(lib, q, c, q_mask, c_mask, unit=None):
     return torch.from_numpy(out)
 
 
+
+
+_onednn_mode = threading.Lock()
+
+
+@contextmanager
+def onednn_bf16():
+    """float32 GEMMs on the CPU in oneDNN's bf16 mode (both operands rounded to bf16, AMX /
+    AVX512_BF16 where the CPU has them) while inside; nothing changes where torch has no such mode.
+    The mode is process-wide (torch's global context): a float32 matmul in another thread runs in
+    bf16 while it is on, so only a caller that asked for it ('torch-bf16') enters, and the lock
+    keeps two such blocks from restoring each other's setting."""
+    mode = getattr(torch.backends.mkldnn, "matmul", None)
+    if mode is None:
+        yield
+        return
+    with _onednn_mode:
+        old, mode.fp32_precision = mode.fp32_precision, "bf16"
+        try:
+            yield
+        finally:
+            mode.fp32_precision = old

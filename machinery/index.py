@@ -8,7 +8,9 @@ num_candidate_tokens, groups and dtype (and whatever the writer adds; search.py 
 and the items). Vectors are written with pwrite and read with plain reads (ranges of rows) or a
 memory map (lists of rows), so resident memory stays one chunk, whatever N is.
 
-Precision, the second budget axis (index.json's "precision"; absent = the float dtype): besides
+Precision, the second budget axis (the vocabulary is machinery/precision.py's; index.json's
+"precision" is written for int8 / binary only, absent = the float "dtype"; an old "bf16" is read
+as that dtype): besides
 the float copy, an int8 or binary index stores each group once more in fewer bits, in the same
 layout: group-A-B.int8.bin (N, B - A, D) int8 codes, or group-A-B.binary.bin (N, B - A, ceil(D/8))
 uint8 sign bits (bit d % 8 of byte d // 8, 1 = positive), and group-A-B.scale.bin (N, B - A)
@@ -27,20 +29,9 @@ import numpy as np
 import torch
 
 from machinery.checkpoints import write_atomic
+from machinery.precision import FLOATS as DTYPES, QUANTIZED, Precision, default_float, of_index, vector_bytes  # noqa: F401
 
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-QUANTIZED = ("int8", "binary")
-PRECISIONS = ("bf16", *QUANTIZED)     # the command lines' --precision (bf16: the float index alone)
-
-
-def vector_bytes(D, precision):
-    """Bytes one stored vector takes at a precision (a dtype name or int8 / binary): the one rule
-    behind every bytes-per-candidate figure (r_c * vector_bytes)."""
-    if precision == "int8":
-        return D + 4                                   # codes + a float32 scale
-    if precision == "binary":
-        return -(-D // 8) + 4                          # sign bits + a float32 scale
-    return D * DTYPES["bfloat16" if precision == "bf16" else precision].itemsize
+PRECISIONS = tuple(Precision)         # the command lines' --precision: float32, bfloat16, float16, int8, binary
 
 
 def quantize(x, precision):
@@ -66,7 +57,7 @@ class Quantized:
     expanded in the C kernel's registers)."""
 
     def __init__(self, precision, codes, scale, D):
-        self.precision, self.codes, self.scale, self.D = precision, codes, scale, D
+        self.precision, self.codes, self.scale, self.D = Precision.parse(precision), codes, scale, D
         self.shape = (codes.shape[0], codes.shape[1], D)
         self.row_bytes = codes.shape[1] * vector_bytes(D, precision)
         self.device, self.dtype = codes.device, codes.dtype
@@ -98,9 +89,8 @@ class Quantized:
 
 
 def default_dtype(D):
-    """The one dtype rule: bf16 (the paper's index) from D = 128 up; float32 below, where bf16's
-    8 bits turn near-ties of small vectors (the offline model's D = 4) into reorderings."""
-    return "bfloat16" if D >= 128 else "float32"
+    """The float copy's dtype when none is asked for: machinery.precision.default_float."""
+    return default_float(D)
 
 
 def group_bounds(R_c, groups):
@@ -111,13 +101,14 @@ def group_bounds(R_c, groups):
 
 def create(path, N, R_c, D, groups, dtype, precision=None):
     """Empty group files for N candidates (sparse until written) -> Vectors to write into.
-    precision int8 / binary: the low-bit groups too (beside the float copy, in dtype)."""
-    if precision not in (None, "bf16", *QUANTIZED):
-        raise ValueError(f"precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    precision int8 / binary: the low-bit groups too (beside the float copy, in dtype); None or a
+    float precision: the float copy alone."""
+    precision = Precision.parse(precision) if precision is not None else None
     os.makedirs(path, exist_ok=True)
-    meta = dict(count=N, dim=D, num_candidate_tokens=R_c, groups=group_bounds(R_c, groups), dtype=dtype)
-    if precision in QUANTIZED:
-        meta["precision"] = precision
+    meta = dict(count=N, dim=D, num_candidate_tokens=R_c, groups=group_bounds(R_c, groups),
+                dtype=str(Precision.parse(dtype, "dtype")))
+    if precision is not None and precision.quantized:
+        meta["precision"] = str(precision)
     vectors = Vectors(path, meta)
     for f, size in vectors.file_sizes():
         with open(f, "wb") as fh:
@@ -170,7 +161,7 @@ FIELDS = {
     "num_candidate_tokens": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
     "groups": (_pairs, "is not a list of [start, end] pairs of whole numbers"),
     "dtype": (lambda v: v in DTYPES, f"is none of {', '.join(DTYPES)}"),
-    "precision": (lambda v: v in (*DTYPES, *QUANTIZED), f"is none of {', '.join(QUANTIZED)} (or the dtype)"),
+    "precision": (lambda v: v in (*DTYPES, *QUANTIZED, "bf16"), f"is none of {', '.join(QUANTIZED)} (or the dtype)"),
     "num_query_tokens": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
     "model_groups": (lambda v: _pairs(v) and all(min(p) >= 1 for p in v), "is not a list of [r_q, r_c] pairs >= 1"),
     "checkpoint": (lambda v: isinstance(v, str), "is not a string"),
@@ -204,7 +195,8 @@ def check_meta(path, meta, required=()):
             any(a >= b for a, b in meta["groups"]):
         damaged(f"groups {json.dumps(meta['groups'])[:80]} are not consecutive ranges from 0 to "
                 f"num_candidate_tokens {meta['num_candidate_tokens']}")
-    if meta.get("precision", meta["dtype"]) not in (meta["dtype"], *QUANTIZED):
+    legacy = () if "meta_sha256" in meta else ("bf16",)  # the float copy's name before index.json had a checksum
+    if meta.get("precision", meta["dtype"]) not in (meta["dtype"], *QUANTIZED, *legacy):
         damaged(f"precision {meta['precision']!r} is none of {', '.join(QUANTIZED)} (or the dtype, {meta['dtype']})")
     return meta
 
@@ -304,7 +296,7 @@ def read_range(vectors, file, width, start, n):
     """Rows start..start + n of one group file holding `width` vectors a candidate, with one plain
     read -> (n, width, D) in the index dtype."""
     out = torch.empty(n, width, vectors.D, dtype=vectors.dtype)
-    _read_into(file, out.view(torch.uint8).numpy(), start * width * vectors.vector_bytes, vectors.path)
+    _read_into(file, out.view(torch.uint8).numpy(), start * width * vectors.float_vector_bytes, vectors.path)
     return out
 
 
@@ -337,13 +329,13 @@ class Vectors:
         self.path, self.meta = os.fspath(path), meta
         self.N, self.R_c, self.D = meta["count"], meta["num_candidate_tokens"], meta["dim"]
         self.bounds = [tuple(b) for b in meta["groups"]]
-        self.dtype = DTYPES[meta["dtype"]]
-        self.vector_bytes = self.D * self.dtype.itemsize
+        self.dtype = Precision.parse(meta["dtype"], "dtype").dtype
+        self.float_vector_bytes = self.D * self.dtype.itemsize         # one vector of the float copy
         self.files = [os.path.join(self.path, f"group-{a}-{b}.bin") for a, b in self.bounds]
         self.shape = (self.N, self.R_c, self.D)
         # int8 / binary: the low-bit codes and scales of each group, beside the float copy
-        self.precision = meta.get("precision", meta["dtype"])
-        self.quantized = self.precision in QUANTIZED
+        self.precision = of_index(meta)                                # int8 / binary, or the float dtype
+        self.quantized = self.precision.quantized
         self.code_files = [os.path.join(self.path, f"group-{a}-{b}.{self.precision}.bin") for a, b in self.bounds] \
             if self.quantized else []
         self.scale_files = [os.path.join(self.path, f"group-{a}-{b}.scale.bin") for a, b in self.bounds] \
@@ -352,7 +344,7 @@ class Vectors:
 
     def file_sizes(self):
         """[(file, bytes)] of every group file: the float copy, then codes and scales."""
-        out = [(f, self.N * (b - a) * self.vector_bytes) for (a, b), f in zip(self.bounds, self.files)]
+        out = [(f, self.N * (b - a) * self.float_vector_bytes) for (a, b), f in zip(self.bounds, self.files)]
         for (a, b), fc, fs in zip(self.bounds, self.code_files, self.scale_files):
             out += [(fc, self.N * (b - a) * self.code_width), (fs, self.N * (b - a) * 4)]
         return out
@@ -363,7 +355,8 @@ class Vectors:
     def prefix(self, r_c, precision=None):
         """The first r_c vectors of every candidate, in the float copy (precision None) or in the
         index's low-bit precision ("int8" / "binary", as index.json says)."""
-        if precision in (None, "bf16", self.meta["dtype"]):
+        precision = Precision.parse(precision) if precision is not None else None
+        if precision is None or precision == self.meta["dtype"]:
             return Prefix(self, r_c)
         if precision != self.precision:
             raise ValueError(f"index {self.path} holds {self.precision} vectors (and the {self.meta['dtype']} copy), "
@@ -381,7 +374,7 @@ class Vectors:
         q = quantize(x, self.precision) if self.quantized else None
         x = x.detach().to("cpu", self.dtype).contiguous()
         for i, ((a, b), f) in enumerate(zip(self.bounds, self.files)):
-            writes = [(f, x[:, a:b], self.vector_bytes)]
+            writes = [(f, x[:, a:b], self.float_vector_bytes)]
             if q is not None:
                 writes += [(self.code_files[i], q.codes[:, a:b], self.code_width),
                            (self.scale_files[i], q.scale[:, a:b], 4)]
@@ -432,7 +425,7 @@ class Prefix:
         self.vectors, self.r_c = vectors, r_c
         self.parts = [(a, b, f) for (a, b), f in zip(vectors.bounds, vectors.files) if a < r_c]
         self.shape, self.dtype = (vectors.N, r_c, vectors.D), vectors.dtype
-        self.row_bytes = r_c * vectors.vector_bytes
+        self.row_bytes = r_c * vectors.float_vector_bytes
 
     def __len__(self):
         return self.vectors.N

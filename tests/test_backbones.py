@@ -112,7 +112,7 @@ def step_gradients(m, checkpointing):
     q_in, c_in, mask = data.collate(rows, m.processor, query_suffix=True)
     torch.manual_seed(0)                                                       # the same LoRA dropout
     q, c = m(q_in, c_in)
-    loss, _ = train.mmr_loss(m.config, q, c, mask, 1, 0)
+    loss, _ = train.mmr_loss(m.config, q, c, mask, 0)
     loss.backward()
     hook.remove()
     grads = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}

@@ -239,7 +239,7 @@ def test_mixture_shares_follow_the_weights_with_replacement(tmp_path, world):
     runs of one source."""
     mix = toy_mixture(tmp_path)
     for rank in range(world):
-        order = data.MixtureBatches(mix, 16, world, rank, seed=0, start=0, steps=2000, run=4)
+        order = data.MixtureBatches(mix, data.Order(16, world, rank, seed=0, start=0, steps=2000), run=4)
         k, rows = order.examples(np.arange(2000 * 16))
         shares = np.bincount(k, minlength=3) / len(k)
         assert np.abs(shares - [0.25, 0.25, 0.5]).max() < 0.02, shares
@@ -255,7 +255,7 @@ def test_mixture_passes_never_repeat_a_row_across_ranks(tmp_path):
     """The stream split across 2 ranks: within one pass of a source no row is seen twice, on either rank;
     the next pass is a new order; a pure function of the step (a fresh sampler agrees)."""
     mix = toy_mixture(tmp_path)
-    orders = [data.MixtureBatches(mix, 8, 2, rank, seed=5, start=0, steps=100, run=4) for rank in range(2)]
+    orders = [data.MixtureBatches(mix, data.Order(8, 2, rank, seed=5, start=0, steps=100), run=4) for rank in range(2)]
     # the global stream: rank r's run i is global run 2 i + r
     ex = [o.examples(np.arange(4000)) for o in orders]                     # 1000 runs each
     k = np.stack([e[0].reshape(-1, 4) for e in ex], 1).reshape(-1)
@@ -266,9 +266,9 @@ def test_mixture_passes_never_repeat_a_row_across_ranks(tmp_path):
         assert passes and all(sorted(p.tolist()) == list(range(n)) for p in passes), s
         if len(passes) > 1:
             assert passes[0].tolist() != passes[1].tolist()                  # a new order each pass
-    fresh = data.MixtureBatches(mix, 8, 2, 1, seed=5, start=0, steps=100, run=4)
+    fresh = data.MixtureBatches(mix, data.Order(8, 2, 1, seed=5, start=0, steps=100), run=4)
     assert fresh.batch(77) == orders[1].batch(77)
-    assert data.MixtureBatches(mix, 8, 2, 1, seed=6, start=0, steps=100, run=4).batch(77) != orders[1].batch(77)
+    assert data.MixtureBatches(mix, data.Order(8, 2, 1, seed=6, start=0, steps=100), run=4).batch(77) != orders[1].batch(77)
 
 
 def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_path):
@@ -276,8 +276,8 @@ def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_
     example of the rank's stream, drawn from at most N ahead; batches mix runs; shares still follow
     the weights; a fresh sampler gives the same batch at any step."""
     mix = toy_mixture(tmp_path)
-    plain = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4)
-    mixed = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    plain = data.MixtureBatches(mix, data.Order(16, 2, 1, seed=0, start=0, steps=2000), run=4)
+    mixed = data.MixtureBatches(mix, data.Order(16, 2, 1, seed=0, start=0, steps=2000), run=4, buffer=100)
     pos = mixed._stream(np.arange(20000))
     assert len(set(pos.tolist())) == 20000 and (pos < np.arange(20000) + 100).all()   # no example twice, none ahead
     assert sorted(pos[:5000].tolist())[:4000] == list(range(4000))               # nothing left behind for long
@@ -285,7 +285,7 @@ def test_mixture_shuffle_buffer_mixes_runs_and_stays_a_function_of_the_step(tmp_
     assert np.abs(np.bincount(k, minlength=3) / len(k) - [0.25, 0.25, 0.5]).max() < 0.02
     assert np.mean([len(set(b)) > 1 for b in k.reshape(-1, 16).tolist()]) > 0.9   # most batches mix sources
     assert np.mean([len(set(b)) > 1 for b in plain.examples(np.arange(2000 * 16))[0].reshape(-1, 4).tolist()]) == 0
-    fresh = data.MixtureBatches(mix, 16, 2, 1, seed=0, start=0, steps=2000, run=4, buffer=100)
+    fresh = data.MixtureBatches(mix, data.Order(16, 2, 1, seed=0, start=0, steps=2000), run=4, buffer=100)
     assert fresh.batch(1234) == mixed.batch(1234) and fresh.seen(1500) == mixed.seen(1500)
 
 

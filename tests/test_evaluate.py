@@ -12,6 +12,7 @@ from PIL import Image
 import data
 from machinery import hub
 import evaluate
+from metaembed import ScoringOptions
 from maxsim import maxsim
 from conftest import write_hub_repo
 
@@ -112,16 +113,16 @@ def test_budgets_are_prefix_slices_of_one_encoding():
     task = dict(queries={"q0": ("q0", None)}, corpus={"x": ("x", None), "y": ("y", None)},
                 qrels={"q0": {"y": 1}})
     model = KnownEmbeddings(table)
-    out, _ = evaluate.score_retrieval(model, task, [(1, 1), (2, 2)], 8, torch.device("cpu"))
+    out, _ = evaluate.score_retrieval(model, task, [(1, 1), (2, 2)], ScoringOptions(8))
     assert model.calls == [1, 2]          # one query pass, one corpus pass, for both budgets
-    assert out["1x1"]["P@1"] == 0.0 and out["2x2"]["P@1"] == 1.0
-    assert out["1x1"]["NDCG@5"] == pytest.approx(1 / math.log2(3)) and out["2x2"]["NDCG@5"] == 1.0
+    assert out[(1, 1)]["P@1"] == 0.0 and out[(2, 2)]["P@1"] == 1.0
+    assert out[(1, 1)]["NDCG@5"] == pytest.approx(1 / math.log2(3)) and out[(2, 2)]["NDCG@5"] == 1.0
 
 
 def test_identical_items_encoded_once():
     table = {"a": e([1, 0]), "b": e([0, 1])}
     model = KnownEmbeddings(table)
-    emb, index = evaluate.encode_unique(model, [("a", None), ("b", None), ("a", None)], "candidate", 8)
+    emb, index = evaluate.encode_unique(model, [("a", None), ("b", None), ("a", None)], "candidate", ScoringOptions(8))
     assert model.calls == [2] and index.tolist() == [0, 1, 0]
 
 
@@ -151,13 +152,13 @@ def test_mmeb_p_at_1_with_known_embeddings(tmp_path):
             return text if image is None else image.rsplit("/", 1)[-1]
     # the cat image looks like "cat"; the dog image ALSO looks like "cat": P@1 = 1/2
     model = ByImage({"cat.png": e([1, 0]), "dog.png": e([1, 0.1]), "cat": e([1, 0]), "dog": e([0, 1])})
-    out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], 8)
-    assert out["1x1"]["P@1"] == 0.5
+    out, _ = evaluate.score_mmeb(model, rows, [(1, 1)], ScoringOptions(8))
+    assert out[(1, 1)]["P@1"] == 0.5
     assert model.calls == [2, 2]  # 2 unique queries, 2 unique candidates (4 listed)
     # a duplicate of the positive among the candidates (encoded once, so an exact tie): a hit
     dup = [dict(qry=rows[0]["qry"], cands=[("cat", None), ("dog", None), ("cat", None)])]
-    out, _ = evaluate.score_mmeb(model, dup, [(1, 1)], 8)
-    assert out["1x1"]["P@1"] == 1.0
+    out, _ = evaluate.score_mmeb(model, dup, [(1, 1)], ScoringOptions(8))
+    assert out[(1, 1)]["P@1"] == 1.0
 
 
 def test_mmeb_errors(tmp_path):
@@ -320,7 +321,7 @@ def test_corrupt_page_in_a_dataset_is_named(tmp_path, tiny):
 
 
 def test_maxsim_path_from_the_environment(monkeypatch, tmp_path):
-    """METAEMBED_MAXSIM on the command line forces a MaxSim path (passed down as backend=), and a
+    """METAEMBED_MAXSIM on the command line forces a MaxSim path (read by maxsim.maxsim), and a
     path that does not exist is one line, not a traceback."""
     import maxsim as maxsim_module
     from machinery import cpu_kernel
@@ -344,8 +345,8 @@ def test_pages_sharing_a_filename_merge_by_max():
     table = {"q": e([1, 0]), "x": e([0, 1]), "y": e([1, 0]), "z": e([0.6, 0.8])}
     task = dict(queries={"q": ("q", None)}, corpus={"p": ("x", None), "p#row1": ("y", None), "o": ("z", None)},
                 qrels={"q": {"p": 1}}, same_doc={"p": "p", "p#row1": "p", "o": "o"})
-    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
-    assert out["1x1"]["P@1"] == 1.0 and out["1x1"]["NDCG@5"] == 1.0       # p scores 1.0 (row y), not 0.0 (row x)
+    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], ScoringOptions(8))
+    assert out[(1, 1)]["P@1"] == 1.0 and out[(1, 1)]["NDCG@5"] == 1.0       # p scores 1.0 (row y), not 0.0 (row x)
     del task["same_doc"]
-    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], 8, torch.device("cpu"), progress=False)
-    assert out["1x1"]["P@1"] == 0.0                                        # without the merge, "p#row1" wins
+    out, _ = evaluate.score_retrieval(KnownEmbeddings(table), task, [(1, 1)], ScoringOptions(8))
+    assert out[(1, 1)]["P@1"] == 0.0                                        # without the merge, "p#row1" wins

@@ -61,7 +61,7 @@ def test_maps_are_the_backbones_output_attentions(tiny, monkeypatch):
     torch.testing.assert_close(res["maps"], want, atol=1e-6, rtol=0)
     sums = res["maps"].flatten(1).sum(1)
     assert res["maps"].shape == (64, 2, 4) and bool((sums > 0).all()) and bool((sums <= 1 + 1e-6).all())
-    torch.testing.assert_close(res["group_maps"]["2x4"], res["maps"][1:4].mean(0))
+    torch.testing.assert_close(res["group_maps"][(2, 4)], res["maps"][1:4].mean(0))
 
 
 def test_uniform_attention_is_a_flat_map_of_known_value():

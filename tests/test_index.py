@@ -1,11 +1,12 @@
-"""machinery/index.py: the on-disk format, its precisions (bf16, int8, binary) and prefixes."""
+"""machinery/index.py: the on-disk format, its precisions (machinery/precision.py's names) and prefixes."""
 import os
 
 import pytest
 import torch
 
 import evaluate
-from machinery import index
+from machinery import cpu_kernel, index
+from machinery.precision import Precision
 
 
 GROUPS = ((1, 1), (2, 4), (4, 8))
@@ -43,6 +44,30 @@ def test_a_low_bit_index_keeps_its_codes_and_the_float_copy(tmp_path, precision)
     os.truncate(tmp_path / f"group-1-4.{precision}.bin", 7)
     with pytest.raises(ValueError, match=f"group-1-4.{precision}.bin is 7 bytes"):
         index.open_vectors(tmp_path)
+
+
+def test_one_precision_vocabulary_and_old_index_json_normalised_at_read(tmp_path):
+    """One vocabulary (bf16 only a spelling of bfloat16) from the flag to the kernel's dispatch; an
+    index.json written by the old code ("precision": "bf16" beside its float dtype, or none) opens
+    as that float dtype with the same vectors; an unknown precision is one line."""
+    assert Precision.parse("bf16") == "bfloat16" == Precision.parse(torch.bfloat16) == Precision.parse(" BFloat16 ")
+    with pytest.raises(ValueError, match="--precision 'fp8' is none of float32, bfloat16, float16, int8, binary"):
+        Precision.parse("fp8", "--precision")
+    x = unit(5, 8, 20, 1)
+    v = index.create(tmp_path, 5, 8, 20, GROUPS, "float32", "bf16")     # a float precision: the float copy alone
+    v[0:5] = x
+    assert "precision" not in v.meta and v.meta["dtype"] == "float32"
+    for old in ({"precision": "bf16"}, {}, {"precision": "float32"}):
+        index.write_meta(tmp_path, {**v.meta, **old})
+        w = index.open_vectors(tmp_path)
+        assert w.precision == Precision.FLOAT32 and not w.quantized and w.float_vector_bytes == 20 * 4
+        assert torch.equal(w[:, :8][0:5], x)
+    index.write_meta(tmp_path, {**v.meta, "precision": "int4"})
+    with pytest.raises(ValueError, match="index.json is damaged .*'int4' is none of float32, bfloat16"):
+        index.open_vectors(tmp_path)
+    q, c = unit(2, 1, 20, 2), unit(3, 4, 20, 3)
+    assert [cpu_kernel.regime(q, y).split("/")[3] for y in (c, c.bfloat16(), c.half(), index.quantize(c, "int8"),
+                                                            index.quantize(c, "binary"))] == list(Precision)
 
 
 def test_bytes_per_vector_rule():

@@ -53,14 +53,14 @@ def project_imports(root=ROOT):
     return {m: {d for d in deps if d in found or d.split(".")[0] in PAPER} for m, deps in found.items()}
 
 
-def test_layers_import_only_downward():
-    ups = [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
-           for m, deps in project_imports().items() for d in sorted(deps) if layer_of(d) > layer_of(m)]
-    assert not ups, "; ".join(ups)
+def upward_imports(graph):
+    """Every edge of {module: {modules it imports}} that goes to a higher layer, said in words."""
+    return [f"{m} (layer {layer_of(m)}) imports {d} (layer {layer_of(d)})"
+            for m, deps in graph.items() for d in sorted(deps) if layer_of(d) > layer_of(m)]
 
 
-def test_no_import_cycles():
-    graph = project_imports()
+def import_cycles(graph):
+    """Each module that reaches itself again, with the path, said as 'a -> b -> a'."""
     def cycle_from(start):
         stack = [(start, [start])]
         while stack:
@@ -70,12 +70,31 @@ def test_no_import_cycles():
                     return path + [d]
                 if d not in path:
                     stack.append((d, path + [d]))
-    cycles = [" -> ".join(c) for c in map(cycle_from, graph) if c]
+    return [" -> ".join(c) for c in map(cycle_from, graph) if c]
+
+
+def test_layers_import_only_downward():
+    ups = upward_imports(project_imports())
+    assert not ups, "; ".join(ups)
+
+
+def test_no_import_cycles():
+    cycles = import_cycles(project_imports())
     assert not cycles, "; ".join(cycles)
 
 
 def test_the_layer_checks_can_fail():
-    """The checks above see a real upward import and a real cycle (not an empty graph)."""
+    """The two checkers find what they look for on a made-up graph with exactly one upward edge
+    (the machinery importing the paper) and one cycle (two applications importing each other),
+    and nothing on the same graph without them; the real graph they check is not empty."""
+    clean = {"machinery.index": {"machinery.checks"}, "machinery.checks": set(),
+             "maxsim": {"machinery.index"}, "metaembed": {"maxsim", "machinery.checks"},
+             "data": set(), "apps.serve": {"apps.search_index", "metaembed"}, "apps.search_index": {"maxsim"}}
+    assert upward_imports(clean) == [] and import_cycles(clean) == []
+    bad = {**clean, "machinery.checks": {"data"},                              # one upward edge
+           "apps.search_index": {"maxsim", "apps.serve"}}                    # one cycle
+    assert upward_imports(bad) == ["machinery.checks (layer 0) imports data (layer 1)"]
+    assert sorted(import_cycles(bad)) == ["apps.search_index -> apps.serve -> apps.search_index",
+                                          "apps.serve -> apps.search_index -> apps.serve"]
     graph = project_imports()
     assert "maxsim" in graph["metaembed"] and "machinery.cpu_kernel" in graph["maxsim"]
-    assert layer_of("machinery.cpu_kernel") < layer_of("maxsim") < layer_of("apps.search_index")

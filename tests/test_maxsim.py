@@ -174,12 +174,12 @@ def test_dispatch_is_measured_once_and_kept(monkeypatch, tmp_path):
     monkeypatch.setattr(maxsim_module, "maxsim_chunked", lambda *a, **k: used.append("torch") or chunked(*a, **k))
     q, c = ragged(3, 16, 32, 50)[0], ragged(20, 64, 32, 51)[0][:, :16]
     torch.testing.assert_close(maxsim(q, c), maxsim_reference(q, c), atol=1e-5, rtol=0)
-    assert used == ["torch"] and cpu_kernel.regime(q, c) == "many-queries/multi/D<=256/fp32"
+    assert used == ["torch"] and cpu_kernel.regime(q, c) == "many-queries/multi/D<=256/float32"
     kept = json.loads((tmp_path / "dispatch-abc123.json").read_text())
-    assert kept["many-queries/multi/D<=256/fp32"]["winner"] == "torch"
+    assert kept["many-queries/multi/D<=256/float32"]["winner"] == "torch"
     monkeypatch.setattr(cpu_kernel, "choices", {})
     monkeypatch.setattr(cpu_kernel, "_time", lambda fns, repeats=3: pytest.fail("measured again"))
-    assert cpu_kernel.measured_choice("many-queries/multi/D<=256/fp32", maxsim_chunked)[0] == "torch"
+    assert cpu_kernel.measured_choice("many-queries/multi/D<=256/float32", maxsim_chunked)[0] == "torch"
     used.clear()
     maxsim(q, c, backend="c")                  # backend= still forces a path
     assert used == []
@@ -430,7 +430,7 @@ def test_pairwise_scores_each_query_against_its_own_candidates():
 
 
 def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
-    """The first-time probe of 'one query, 1x1, D > 256, 16-bit' times 10,000 candidates' first
+    """The first-time probe of 'one query, 1x1, D > 256, bfloat16' times 10,000 candidates' first
     vectors (30 MB) as a prefix view of a (16, 64) index; it used to build the whole float32
     index first and raised the process's peak memory by 7.3 GiB."""
     if not c_kernel_builds():
@@ -441,7 +441,7 @@ def test_a_dispatch_probe_holds_only_what_it_times(monkeypatch):
         f.write("5")
     status = lambda key: int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])  # noqa: E731
     base = status("VmRSS")
-    cpu_kernel.measured_choice("one-query/rc1/D>256/16bit", maxsim_chunked)
+    cpu_kernel.measured_choice("one-query/rc1/D>256/bfloat16", maxsim_chunked)
     assert (status("VmHWM") - base) * 1024 < 512 << 20
 
 
@@ -499,7 +499,7 @@ def test_auto_path_lets_bf16_math_compete_only_where_it_loses_nothing(monkeypatc
     got = maxsim(q, c, qm, cm)
     assert "torch-bf16" not in timed[-1] and set(units) <= timed[-1]
     if units:                                           # it scored in bf16 math: the query rounded
-        assert cpu_kernel.regime(q, c).endswith("16bit/bf16math")
+        assert cpu_kernel.regime(q, c).endswith("bfloat16/bf16math")
         torch.testing.assert_close(got.double(), brute_maxsim(q.bfloat16(), c, qm, cm), atol=2e-5, rtol=1e-6)
     else:                                               # no bf16 unit here: the regime and paths of before
         assert not cpu_kernel.regime(q, c).endswith("bf16math")

@@ -5,7 +5,8 @@ from PIL import Image
 
 from conftest import brute_maxsim
 from maxsim import maxsim_reference
-from metaembed import GROUPS, MetaEmbed, MetaEmbedConfig, format_prompt, matryoshka_loss, parse_budgets
+from metaembed import (GROUPS, Budget, MetaEmbed, MetaEmbedConfig, format_prompt, group_losses, matryoshka_loss,
+                       parse_budget, parse_budgets)
 
 
 def unit(*shape, seed=0):
@@ -126,14 +127,14 @@ def test_loss_uses_only_prefixes():
     vector 1 changes every group except (1, 1)."""
     q, pos = unit(4, 16, 8, seed=4), unit(4, 64, 8, seed=5)
     groups = ((1, 1), (2, 4))
-    _, base = matryoshka_loss(q, pos, groups=groups, return_groups=True)
+    base = group_losses(q, pos, groups=groups)
     q2, pos2 = q.clone(), pos.clone()
     q2[:, 2:] = unit(4, 14, 8, seed=6)
     pos2[:, 4:] = unit(4, 60, 8, seed=7)
-    _, same = matryoshka_loss(q2, pos2, groups=groups, return_groups=True)
+    same = group_losses(q2, pos2, groups=groups)
     torch.testing.assert_close(same, base)
     pos2[:, 1] = unit(4, 8, seed=8)
-    _, moved = matryoshka_loss(q2, pos2, groups=groups, return_groups=True)
+    moved = group_losses(q2, pos2, groups=groups)
     assert moved[0] == base[0] and moved[1] != base[1]
 
 
@@ -181,6 +182,20 @@ def test_parse_budgets():
         parse_budgets("abc")
     with pytest.raises(ValueError, match="exceeds"):
         parse_budgets("8x8", groups=((1, 1), (4, 4)))
+
+
+def test_a_budget_is_a_small_type():
+    b = parse_budget("2x4")
+    assert b == (2, 4) and (b.r_q, b.r_c) == (2, 4) and str(b) == "2x4" and f"{b}" == "2x4"
+    assert isinstance(b, Budget) and all(isinstance(x, Budget) for x in parse_budgets("1,16"))
+    assert {b: 1}[(2, 4)] == 1                                       # a dict key the tuple finds
+    cfg = MetaEmbedConfig(num_query_tokens=4, num_candidate_tokens=8)
+    assert cfg.groups == ((1, 1), (2, 4), (4, 8)) and all(isinstance(g, Budget) for g in cfg.groups)
+    assert cfg.budget("8") == (4, 8) and parse_budget(4, cfg) == (2, 4)   # one rule, the config's
+    with pytest.raises(ValueError, match="--budget '16x64': 16x64 exceeds the trained meta tokens .R_q=4, R_c=8."):
+        cfg.budget("16x64", name="--budget")
+    with pytest.raises(ValueError, match="r_c=4 is not stored in this index, which holds r_c in 1, 8"):
+        cfg.budget("2x4", stored=[1, 8])
 
 
 def test_bad_config():
@@ -305,3 +320,19 @@ def test_encode_checks_its_inputs_up_front(tiny):
         tiny.encode_queries(["a", "b", "c"], out=out[:2])
 
 
+
+
+def test_the_docstrings_examples_run():
+    """The worked examples in the docstrings of maxsim, matryoshka_loss, MetaEmbed.encode_queries
+    and parse_budgets run and print what they say."""
+    import doctest
+
+    import maxsim
+    import metaembed
+    for fn in (maxsim.maxsim, metaembed.matryoshka_loss, metaembed.MetaEmbed.encode_queries, metaembed.parse_budgets):
+        assert ">>>" in fn.__doc__, fn.__name__
+        globs = {**vars(maxsim), **vars(metaembed), "torch": torch, "F": torch.nn.functional}
+        runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+        for test in doctest.DocTestFinder().find(fn, fn.__name__, globs=globs):
+            runner.run(test)
+        assert runner.failures == 0 and runner.tries >= 1, (fn.__name__, runner.summarize(verbose=False))

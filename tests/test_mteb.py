@@ -44,9 +44,9 @@ def test_mteb_scores_as_evaluate_does_at_every_budget(tiny, tmp_path):
         enc = mteb_adapter.MetaEmbedEncoder(tiny, (maxsim, maxsim_pairwise), (rq, rc), cache)
         result = mteb.evaluate(enc, [LocalScenes()], cache=mteb.cache.ResultCache(tmp_path / f"{rq}x{rc}"),
                                overwrite_strategy="always", show_progress_bar=False)
-        got[f"{rq}x{rc}"] = next(iter(result.task_results[0].scores.values()))[0]["ndcg_at_5"]
+        got[(rq, rc)] = next(iter(result.task_results[0].scores.values()))[0]["ndcg_at_5"]
         assert enc.encoded == (40 if (rq, rc) == (1, 1) else 0)      # 10 queries + 30 documents, encoded once
-    own, _ = evaluate.score_retrieval(tiny, TASK, budgets, 16, torch.device("cpu"), dtype=torch.float32, progress=False)
+    own, _ = evaluate.score_retrieval(tiny, TASK, budgets, evaluate.ScoringOptions(16, precision="float32"))
     for b in got:              # mteb stores scores rounded to 5 decimals: equal to that rounding
         assert got[b] == pytest.approx(own[b]["NDCG@5"], abs=5e-6), b
     assert len(set(got.values())) > 1                                 # the budgets do differ here

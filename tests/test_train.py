@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-from machinery import hub
+from machinery import checkpoints, hub
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["--query-tokens", "4", "--candidate-tokens", "8", "--synthetic-size", "400", "--no-progress",
@@ -153,7 +153,7 @@ def test_resume_refuses_changed_settings(tmp_path):
     settings = {**vars(train.get_args(SMALL + ["--out", str(tmp_path / "r"), "--log-file", str(tmp_path / "r.jsonl"),
                                              *common, "--resume"])), "world_size": 2}
     with pytest.raises(ValueError, match="other settings than it was trained with .*processes 1 -> 2"):
-        train.check_resume(settings, str(tmp_path / "r" / "checkpoint-0000004"))
+        checkpoints.check_resume(settings, str(tmp_path / "r" / "checkpoint-0000004"))
     # what may change does, and is what the next checkpoint records
     import shutil
     shutil.rmtree(tmp_path / "r" / "checkpoint-0000004")         # back to step 2, then steps 3-4 again
@@ -220,11 +220,10 @@ def test_grad_cache_gradients_equal_the_full_batch():
 
     def full():
         q, c = model(q_in, c_in)
-        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, 8, 0)
+        loss, _ = train.mmr_loss(model.config, q, c, neg_mask, 0)
         loss.backward()
         return loss.detach()
-    cached = partial(train.grad_cache_step, model, model, model.config, q_in, c_in, neg_mask, 8, 0, 3,
-                     train.nullcontext(), train.nullcontext)
+    cached = partial(train.train_step, model, model, (q_in, c_in, neg_mask), 0, 3)
     l1, g1 = grads(full)
     (l2, _), g2 = grads(cached)
     torch.testing.assert_close(l2, l1, rtol=1e-5, atol=0)
@@ -259,7 +258,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     path, log = run(tmp_path, "full", *common)
     # the examples seen per source are those of the mixture's order (seed 0, one rank, runs of 3)
     order = hub.load_mixture(str(mix), holdout=8, seed=0)
-    src = train.data.MixtureBatches(order, 4, 1, 0, 0, 0, 4, 3).examples(range(600))[0]
+    src = train.data.MixtureBatches(order, train.data.Order(4, 1, 0, 0, 0, 4), 3).examples(range(600))[0]
     assert [r["seen"] for r in log] == [{"A": int((src[:n] == 0).sum()), "B": int((src[:n] == 1).sum())}
                                         for n in (4, 8, 12, 16)]
     # weights 1 : 3, drawn with replacement: B's share 0.75 over 600 examples (200 runs), within 0.1
@@ -267,7 +266,7 @@ def test_mixture_training_logs_sources_and_heldout_and_resumes_exactly(tmp_path,
     # the log counts this step's queries that have a hard negative (moca_copy: row i has i % 3 of them)
     assert [r["hard_negatives"] for r in log] == [
         sum(bool(order[(int(k), int(i))]["negs"]) for k, i in zip(*train.data.MixtureBatches(
-            order, 4, 1, 0, 0, 0, 4, 3).examples(range(4 * s, 4 * s + 4)))) for s in range(4)]
+            order, train.data.Order(4, 1, 0, 0, 0, 4), 3).examples(range(4 * s, 4 * s + 4)))) for s in range(4)]
     # held-out P@1 at step 4, recomputed from the saved model: each source's 8 held-out queries
     # against its 8 positives, the argmax of the prefix MaxSim (then the mean over the two sources)
     from maxsim import maxsim_reference
