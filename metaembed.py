@@ -11,7 +11,6 @@ Backbones, images, checkpoints' files, options and input checks live in machiner
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -245,16 +244,13 @@ class MetaEmbed(nn.Module):
 
     def base_model(self) -> nn.Module:
         """The backbone without its LoRA wrapper (peft's PeftModel), if any."""
-        b = self.backbone
-        return b.get_base_model() if hasattr(b, "get_base_model") else b
+        return getattr(self.backbone, "get_base_model", lambda: self.backbone)()
 
     def trained_parameters(self) -> dict[str, nn.Parameter]:
         """What training changes: meta tokens, projection, and LoRA adapters or the full backbone."""
         return {k: v for k, v in self.named_parameters() if v.requires_grad}
 
-    @property
-    def device(self) -> torch.device:
-        return self.meta_tokens.device
+    device = property(lambda self: self.meta_tokens.device, doc="torch.device: where the model's weights are")
 
 
 # -----------------------------------------------------------------------------
@@ -379,14 +375,12 @@ def save(model: MetaEmbed, path: str, state_dict: dict | None = None, budget: st
     whole, a hub base is reloaded by name), the backbone config and the processor; written
     whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one).
     Also a sentence-transformers MultiVectorEncoder (machinery/st_format.py) of default `budget`."""
-    c = model.config
-    budget = c.budget(budget or (c.num_query_tokens, c.num_candidate_tokens), name="default budget")
+    budget = model.config.budget(budget or model.config.groups[-1], name="default budget")   # default: (R_q, R_c)
     state = model.state_dict() if state_dict is None else state_dict
     if not model.config.offline:
         state = {k: state[k] for k in model.trained_parameters()}
-    checkpoints.save_model(path, state, asdict(model.config), [model.base_model().config, model.processor.tokenizer,
-                                                               model.processor.image_processor],
-                           lambda folder: st_format.write(folder, model, budget, sys.modules[__name__]))
+    files = [model.base_model().config, model.processor.tokenizer, model.processor.image_processor]
+    checkpoints.save_model(path, state, asdict(model.config), files, lambda f: st_format.write(f, model, budget))
 
 
 def load(cls, path: str) -> MetaEmbed:

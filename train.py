@@ -373,9 +373,6 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--skip-bad-rows", action="store_true", help="with --mixture: a row whose image cannot be decoded "
                    "is skipped (the next good row of its source in its place, the same on --resume) and counted in "
                    "the log; without it such a row stops the run, naming the source and the row")
-    g.add_argument("--skip-bad-rows", action="store_true", help="with --mixture: a row whose image cannot be decoded "
-                   "is skipped (the next good row of its source in its place, the same on --resume) and counted in "
-                   "the log; without it such a row stops the run, naming the source and the row")
     g.add_argument("--require-negatives", action="store_true", help="with --mixture: refuse to start unless every "
                    "training row of every source has a hard negative")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
@@ -429,11 +426,8 @@ def get_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.weight_decay < 0:
         p.error(f"--weight-decay must be at least 0, got {args.weight_decay}")
     checks.parses(p.error, "--objects", data.parse_objects, args.objects)
-    R_q, R_c = args.query_tokens, args.candidate_tokens
-    config = MetaEmbedConfig(num_query_tokens=R_q, num_candidate_tokens=R_c,
-                             groups=((R_q, R_c),) if args.no_matryoshka else None)
-    checks.parses(p.error, "--default-budget", functools.partial(config.budget, name="default-budget"),
-                  args.default_budget)
+    config = MetaEmbedConfig(num_query_tokens=args.query_tokens, num_candidate_tokens=args.candidate_tokens)
+    checks.parses(p.error, "--default-budget", functools.partial(config.budget, name="default-budget"), args.default_budget)
     return args
 
 

@@ -15,6 +15,7 @@ import ast
 import hashlib
 import json
 import os
+import sys
 
 from machinery import backbones, checkpoints
 
@@ -30,9 +31,10 @@ LEFT_OUT = ("build", "save")
 ORDER = ("machinery.checks", "machinery.backbones", "machinery.checkpoints")
 
 
-def write(folder, model, budget, paper, results=None):
+def write(folder, model, budget, paper=None, results=None):
     """The sentence-transformers files of a checkpoint folder being written (model: the MetaEmbed,
-    budget: its default (r_q, r_c), paper: the module that defines MetaEmbed)."""
+    budget: its default (r_q, r_c), paper: the module that defines MetaEmbed, by default the model's)."""
+    paper = paper or sys.modules[type(model).__module__]
     import torch
     import transformers
     versions = {"transformers": transformers.__version__, "pytorch": torch.__version__}
@@ -180,6 +182,7 @@ def module_code(paper, lora=False):
            "Do not edit it: change the repository and save again. Loaded by",
            "    MultiVectorEncoder(folder, trust_remote_code=True)",
            '"""',
+           "from __future__ import annotations   # the copied annotations name classes defined further down",
            "import sys",
            *[line for line in import_lines if line != "import sys"],
            "",

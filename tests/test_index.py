@@ -1,4 +1,5 @@
 """machinery/index.py: the on-disk format, its precisions (machinery/precision.py's names) and prefixes."""
+import json
 import os
 
 import pytest
@@ -57,13 +58,13 @@ def test_one_precision_vocabulary_and_old_index_json_normalised_at_read(tmp_path
     v = index.create(tmp_path, 5, 8, 20, GROUPS, "float32", "bf16")     # a float precision: the float copy alone
     v[0:5] = x
     assert "precision" not in v.meta and v.meta["dtype"] == "float32"
-    for old in ({"precision": "bf16"}, {}, {"precision": "float32"}):
-        index.write_meta(tmp_path, {**v.meta, **old})
+    for old in ({"precision": "bf16"}, {}, {"precision": "float32"}):    # as the old code wrote it: no checksums
+        json.dump({**v.meta, **old}, open(tmp_path / "index.json", "w"))
         w = index.open_vectors(tmp_path)
         assert w.precision == Precision.FLOAT32 and not w.quantized and w.float_vector_bytes == 20 * 4
         assert torch.equal(w[:, :8][0:5], x)
     index.write_meta(tmp_path, {**v.meta, "precision": "int4"})
-    with pytest.raises(ValueError, match="index.json is damaged .*'int4' is none of float32, bfloat16"):
+    with pytest.raises(ValueError, match="index.json is damaged .*'int4' is none of int8, binary"):
         index.open_vectors(tmp_path)
     q, c = unit(2, 1, 20, 2), unit(3, 4, 20, 3)
     assert [cpu_kernel.regime(q, y).split("/")[3] for y in (c, c.bfloat16(), c.half(), index.quantize(c, "int8"),

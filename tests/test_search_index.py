@@ -349,7 +349,7 @@ def test_type_damage_is_one_line(scenes, wide, tmp_path, capsys):
     # an int8 index said to be bf16: index.json is blamed, not the code files beside it
     bad = edited(wide / "int8", tmp_path / "bf16-said", {"precision": "bf16"})
     assert search_index.verify(bad) == [f"index {bad}: index.json is damaged (precision 'bf16' is none of int8, "
-                                        f"binary (or the dtype)): rebuild the index"]
+                                        f"binary (or the dtype, bfloat16)): rebuild the index"]
     # an items.jsonl changed in a way every field allows: its checksum in index.json
     same = edited(scenes, tmp_path / "renamed", items={4: json.dumps({**json.loads(
         open(os.path.join(scenes, "items.jsonl")).read().splitlines()[3]), "id": "renamed"})})
