@@ -175,7 +175,8 @@ def maxsim(q: torch.Tensor, c: torch.Tensor | Quantized, q_mask: torch.Tensor | 
     >>> maxsim(q[:, :1], c[:, :1], backend="torch")               # the budget 1x1: prefixes
     tensor([[1., 0.]])"""
     width = None
-    backend = backend or os.environ.get("METAEMBED_MAXSIM") or None
+    if backend is None and not exact:             # an asked-for path, for experiments; exact=True keeps float32 math
+        backend = os.environ.get("METAEMBED_MAXSIM") or None
     if backend is None:
         if q.is_cuda:
             backend = "triton"

@@ -375,7 +375,8 @@ def save(model: MetaEmbed, path: str, state_dict: dict | None = None, budget: st
     whole, a hub base is reloaded by name), the backbone config and the processor; written
     whole or not at all. state_dict: a full state dict to save instead (FSDP gathers one).
     Also a sentence-transformers MultiVectorEncoder (machinery/st_format.py) of default `budget`."""
-    budget = model.config.budget(budget or model.config.groups[-1], name="default budget")   # default: (R_q, R_c)
+    c = model.config
+    budget = c.budget(budget or (c.num_query_tokens, c.num_candidate_tokens), name="default budget")
     state = model.state_dict() if state_dict is None else state_dict
     if not model.config.offline:
         state = {k: state[k] for k in model.trained_parameters()}

@@ -116,7 +116,6 @@ def train_step(net: torch.nn.Module, model: MetaEmbed, batch: tuple, rank: int =
     return loss.detach(), per_group.detach()
 
 
-
 # GradCache's pieces: one chunk's rows of a batch, the RNG state replayed for its second pass
 
 def rows_of(inputs: dict, lo: int, hi: int, image_token_id: int) -> dict:
@@ -141,7 +140,6 @@ def _set_rng_state(state):
     torch.set_rng_state(state[0])
     if state[1] is not None:
         torch.cuda.set_rng_state(state[1])
-
 
 
 # -----------------------------------------------------------------------------

@@ -474,7 +474,7 @@ def qdrant_collection(D, budgets, precision=None, dtype="float32", disk=False):
     index is stored in float16 (bf16's 8 bits fit in its 11; half of float32's bytes). disk:
     the originals on disk, read only to rescore (the engine keeps the quantized ones in RAM)."""
     kind = {"precision": precision if precision in on_disk.QUANTIZED else None,
-            "datatype": "float16" if dtype == "bfloat16" else "float32", "on_disk": disk}
+            "datatype": "float16" if dtype in ("bfloat16", "float16") else "float32", "on_disk": disk}
     return {"first": {"size": D, "multivector": False, "hnsw_m": HNSW["m"], **kind},
             **{f"mv{b}": {"size": D, "multivector": True, "hnsw_m": 0, **kind} for b in budgets}}
 
@@ -496,6 +496,7 @@ class Qdrant:
 
     def __init__(self, where, client=None):
         self.where, self.server, self.shards = where, client is not None or where.startswith(("http://", "https://")), {}
+        self.own_client = client is None
         try:
             if client is not None:
                 self.client = client
@@ -541,7 +542,7 @@ class Qdrant:
         for s in self.shards.values():
             s.close()
         self.shards = {}
-        if self.server:
+        if self.server and self.own_client:           # a client the caller passed in stays the caller's
             self.client.close()
 
     # -- the calls both answer
@@ -664,11 +665,15 @@ def qdrant_client(where, collection=None, index=None, overwrite=False):
     unwritable, held by another process: one line, before any encoding). With an index: its
     collection may be written (empty, or this index's own; another index's only with overwrite)."""
     store = Qdrant(where)
-    if collection is not None and index is not None and not overwrite and store.exists(collection):
-        owner = store.owner(collection)
-        if owner and owner != index["index_id"]:
-            store.close()
-            raise ValueError(f"Qdrant collection {collection!r} at {where} holds another index ({owner}): pass "
+    try:
+        owner = store.owner(collection) if collection is not None and index is not None and not overwrite \
+            and store.exists(collection) else None
+    except BaseException:
+        store.close()
+        raise
+    if owner and owner != index["index_id"]:
+        store.close()
+        raise ValueError(f"Qdrant collection {collection!r} at {where} holds another index ({owner}): pass "
                              f"--overwrite to replace it, or --collection another name")
     return store
 

@@ -87,7 +87,7 @@ def build_index(path, N, precision=None, seed=SEED):
     index.json), BATCH at a time: memory is one batch, whatever N."""
     from machinery import index as on_disk
     topics = centres(N, seed)
-    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_dtype(D), precision)
+    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_float(D), precision)
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         for s in range(0, N, BATCH):
             n = min(BATCH, N - s)
@@ -159,6 +159,8 @@ def run_one(job):
             got.append(search(qa))
             times.append(time.perf_counter() - t)
         row["p50_ms"], row["p95_ms"] = percentiles(times)
+        if job["what"].startswith("engine"):
+            store.close()                                                     # the shard's files and lock
         row.update(recall_at_10=recall_at_10(got, truth), queries=len(q), timed_queries=len(times),
                    depth=job.get("depth"))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

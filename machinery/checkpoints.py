@@ -10,7 +10,7 @@ import shutil
 
 import torch
 
-from machinery import checks
+from machinery import checks, distributed
 
 MODEL_FILES = ("metaembed.json", "model.safetensors", "config.json", "tokenizer.json",
                "tokenizer_config.json", "preprocessor_config.json")
@@ -304,7 +304,7 @@ def check_same_data(path, record):
 # LoRA dropout draws its masks per chunk, so a changed --grad-cache-chunk is said, not refused.
 SAFE_TO_CHANGE = {"out", "resume", "overwrite", "save_every", "keep", "log_file", "no_progress", "workers",
                   "grad_checkpointing", "attn_implementation", "fsdp", "images", "eval_every", "grad_cache_chunk",
-                  "require_negatives", "default_budget"}
+                  "require_negatives", "default_budget", "skip_bad_rows"}
 
 
 def check_resume(settings, path):
@@ -340,22 +340,17 @@ def prepare_out(args, world, master, say, ddp=False):
     settings = {**vars(args), "world_size": world}
     used = check_resume(settings, resume_from) if resume_from else settings
     stale = not args.resume and any(d.startswith("checkpoint-") for d in os.listdir(args.out))
-    _barrier(ddp)  # every rank has looked before anything is removed
+    distributed.barrier(ddp)  # every rank has looked before anything is removed
     if stale:
         if not args.overwrite:
             raise ValueError(f"{args.out} already holds checkpoints: pass --resume to continue from them, "
                              f"--overwrite to start afresh, or another --out")
         if master:
             clear_checkpoints(args.out)
-        _barrier(ddp)
+        distributed.barrier(ddp)
     if args.resume and resume_from is None:
         say(f"--resume: no checkpoint in {args.out}, starting fresh")
     return resume_from, used
-
-
-def _barrier(ddp):
-    if ddp:
-        torch.distributed.barrier()
 
 
 class Log:

@@ -426,8 +426,6 @@ def _run_c(lib, q, c, q_mask, c_mask, unit=None):
     return torch.from_numpy(out)
 
 
-
-
 _onednn_mode = threading.Lock()
 
 

@@ -88,11 +88,6 @@ class Quantized:
         return torch.mul(x, self.scale[..., None].to(dtype), out=out)
 
 
-def default_dtype(D):
-    """The float copy's dtype when none is asked for: machinery.precision.default_float."""
-    return default_float(D)
-
-
 def group_bounds(R_c, groups):
     """Vector ranges stored together: the groups' r_c, e.g. (0,1) (1,4) (4,8) (8,16) (16,64)."""
     ends = sorted({rc for _, rc in groups if rc <= R_c} | {R_c})

@@ -34,6 +34,9 @@ class Precision(StrEnum):
             raise ValueError(f"{name} {value!r} is none of {', '.join(cls)} (bf16 is accepted for bfloat16)")
         return cls(text)
 
+    def __repr__(self):                 # as its plain name, in argparse's messages and printed dicts
+        return repr(self.value)
+
     @property
     def quantized(self):
         """int8 / binary: fewer bits than a float, each vector with a float32 scale."""

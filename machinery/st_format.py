@@ -18,6 +18,7 @@ import os
 import sys
 
 from machinery import backbones, checkpoints
+from machinery.precision import Precision
 
 CODE_FILE = "metaembed_st.py"
 MODULE_CLASS = "MetaEmbedModule"
@@ -232,8 +233,9 @@ def model_card(config, dim, budget, results=None):
     base = None if offline else backbones.BACKBONES.get(c["backbone"], c["backbone"])
     hub_base = base if base and backbones.looks_like_hub_id(base) else None
     groups = sorted({*map(tuple, c["groups"]), tuple(budget)}, key=lambda g: (g[1], g[0]))
-    rows = [f"| {rq}x{rc}{' (default)' if (rq, rc) == tuple(budget) else ''} | {rc} | {rc * dim * 2:,} | "
-            f"{rc * dim * 4:,} | {2 * rq * rc * dim:,} |" for rq, rc in groups]
+    bf16, fp32 = Precision.BFLOAT16.vector_bytes(dim), Precision.FLOAT32.vector_bytes(dim)
+    rows = [f"| {rq}x{rc}{' (default)' if (rq, rc) == tuple(budget) else ''} | {rc} | {rc * bf16:,} | "
+            f"{rc * fp32:,} | {2 * rq * rc * dim:,} |" for rq, rc in groups]
     what = "the offline tiny backbone (random base weights, built in code: a test model, not a retriever)" if offline \
         else f"`{base}`" + (" with LoRA adapters" if c.get("lora") else "")
     return "\n".join([

@@ -689,3 +689,15 @@ def test_edge_inputs_are_the_same_on_every_path_or_one_line():
                            (3, 0, "chunk must be a whole number >= 1, got 0")):
         with pytest.raises(ValueError, match=f"maxsim_topk: {said}"):
             maxsim_topk(q, c, k, chunk=chunk)
+
+
+def test_the_environment_never_turns_exact_into_bf16_math(monkeypatch):
+    """METAEMBED_MAXSIM names a path for experiments; exact=True keeps float32 math whatever it says
+    (with torch-bf16 asked for, the exact reference drifted by 1e-3 after the env read moved into maxsim)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(3, 16, 256, generator=g), dim=-1)
+    c = torch.nn.functional.normalize(torch.randn(50, 64, 256, generator=g), dim=-1).bfloat16()
+    want = maxsim_reference(q.double(), c.double()).float()
+    monkeypatch.setenv("METAEMBED_MAXSIM", "torch-bf16")
+    assert (maxsim(q, c, exact=True) - want).abs().max() < 1e-5
+    assert (maxsim(q, c) - want).abs().max() > 1e-5                 # the variable is read where exact is not asked
