@@ -82,12 +82,13 @@ def queries(N, topics, count, seed=SEED):
     return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
 
-def build_index(path, N, precision=None, seed=SEED):
+def build_index(path, N, precision=None, seed=SEED, float_r_c=None):
     """N stub candidates into an index folder as search.py writes one (bf16 groups, items.jsonl,
-    index.json), BATCH at a time: memory is one batch, whatever N."""
+    index.json), BATCH at a time: memory is one batch, whatever N. precision int8 / binary: those
+    groups too, with the float copy of vectors 1..float_r_c (None: all; 0: none)."""
     from machinery import index as on_disk
     topics = centres(N, seed)
-    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_dtype(D), precision)
+    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_dtype(D), precision, float_r_c)
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         for s in range(0, N, BATCH):
             n = min(BATCH, N - s)
