@@ -127,7 +127,8 @@ def index_cmd(args):
     low = [f for f, _ in index.vectors.file_sizes() if f not in index.vectors.files]
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
           f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}"
-          + (f" (the float copy of vectors 1-{index.vectors.float_r_c} only)" if index.vectors.float_r_c < index.R_c else "")
+          + ("" if index.vectors.float_r_c == index.R_c else " (no float copy)" if index.vectors.float_r_c == 0
+             else f" (the float copy of vectors 1-{index.vectors.float_r_c} only)")
           + (f" + {sum(os.path.getsize(f) for f in low) / 2**20:.1f} MiB {index.precision}, searched" if low else "")
           + f"; budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
     for r in unreadable:

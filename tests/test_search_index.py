@@ -255,6 +255,7 @@ def test_keep_float_none_through_the_command_line(two_checkpoints, tmp_path, cap
     search.main(["index", "--checkpoint", a, "--out", out, "--synthetic-scenes", "3", "--precision", "int8",
                  "--keep-float", "none"])
     assert json.load(open(os.path.join(out, "index.json")))["float_r_c"] == 0
+    assert " MiB float32 (no float copy) + " in capsys.readouterr().out
     assert sorted(f for f in os.listdir(out) if f.endswith(".bin") and f.count(".") == 1) == []
     assert os.path.isfile(os.path.join(out, "group-16-64.int8.bin"))
     capsys.readouterr()
