@@ -690,7 +690,8 @@ def qdrant_client(where, collection=None, index=None, overwrite=False):
 def to_qdrant(index, store, collection="metaembed", batch=256, overwrite=False, budgets=None, precision=None):
     """One point per candidate: 'first' (E_c[0], for HNSW) and 'mv{r_c}' per stored budget (MaxSim over
     the first r_c vectors), with the index's id, `batch` rows at a time (memory is one batch, whatever
-    N); from the float copy, or where the index keeps none (--keep-float) its low bits dequantised. budgets: the r_c to send (default every stored one); precision: the collection's quantization
+    N), from the float copy, or where the index keeps none (--keep-float) its low bits dequantised.
+    budgets: the r_c to send (default every stored one); precision: the collection's quantization
     (default the index's). An existing collection of this index is completed (upserts are
     idempotent), another's replaced only with overwrite. The engine then builds its graph and
     quantization (Qdrant.finish)."""
@@ -703,8 +704,8 @@ def to_qdrant(index, store, collection="metaembed", batch=256, overwrite=False, 
             store.drop(collection)
     if not store.exists(collection):
         store.create(collection, qdrant_collection(index.D, budgets, precision or index.precision, index.meta["dtype"]))
-    view, tag = index.rescore_view(max(budgets)), {"index_id": index.meta["index_id"],
-                                                           "fingerprint": index.meta["fingerprint"]}
+    view = index.rescore_view(max(budgets))                              # (N, r_c, D): float, or low bits
+    tag = {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
     for s in range(0, index.N, batch):
         keep = [n for n in range(min(batch, index.N - s)) if s + n not in index.skipped]
         if not keep:                               # a batch that was skipped whole has nothing to send
