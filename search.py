@@ -48,6 +48,10 @@ def get_args(argv=None):
                    "bfloat16, float32 under 128 dimensions), int8 (a scale a vector: about half of bfloat16's bytes) "
                    "or binary (sign bits and a scale: about a 16th); int8 / binary keep the float copy beside them "
                    "for a cascade's rescoring (--first)")
+    i.add_argument("--keep-float", default="all", metavar="{all,none,R_C}",
+                   help="with --precision int8 / binary: how much of the float copy to keep: all (default), none (a "
+                   "cascade rescores from the low bits), or a stored r_c (e.g. 16: the float copy of vectors 1-16, what "
+                   "a cascade rescoring at 8x16 reads; past it, the low bits). See docs/search.md")
     i.add_argument("--qdrant", help="also write the index into Qdrant: a local folder (Qdrant's engine in-process, "
                    "qdrant-edge), or a server's http(s) URL")
     i.add_argument("--collection", default="metaembed", help="the Qdrant collection (default metaembed)")
@@ -113,7 +117,8 @@ def index_cmd(args):
     items, unreadable = list_items(args, model)
     t = time.time()
     try:
-        skipped = build_index(model, items, args.out, args.batch_size, precision=args.precision)
+        skipped = build_index(model, items, args.out, args.batch_size, precision=args.precision,
+                              keep_float=args.keep_float)
     except OSError as e:          # a full disk, a folder made read-only: said, and a rerun continues
         raise ValueError(f"writing the index into {args.out} failed ({e.strerror or e}"
                          f"{': the disk is full' if e.errno == errno.ENOSPC else ''}): make room and run the same "
@@ -122,6 +127,8 @@ def index_cmd(args):
     low = [f for f, _ in index.vectors.file_sizes() if f not in index.vectors.files]
     print(f"indexed {index.N - len(skipped)} items in {time.time() - t:.1f}s into {args.out} "
           f"({sum(os.path.getsize(f) for f in index.vectors.files) / 2**20:.1f} MiB {index.meta['dtype']}"
+          + ("" if index.vectors.float_r_c == index.R_c else " (no float copy)" if index.vectors.float_r_c == 0
+             else f" (the float copy of vectors 1-{index.vectors.float_r_c} only)")
           + (f" + {sum(os.path.getsize(f) for f in low) / 2**20:.1f} MiB {index.precision}, searched" if low else "")
           + f"; budgets r_c {', '.join(str(b) for _, b in index.bounds)})")
     for r in unreadable:
@@ -201,7 +208,8 @@ def query_cmd(args):
     if index.vectors.quantized and args.qdrant:     # Qdrant's quantization, always rescored
         how += f" ({index.precision} quantization, rescored with the originals, oversampling {OVERSAMPLING:g})"
     elif index.vectors.quantized:        # the low bits searched; a cascade rescores from the float copy
-        how += f" ({index.precision}" + (f", rescored in {index.meta['dtype']})" if first else ")")
+        rescored = index.meta["dtype"] if budget[1] <= index.vectors.float_r_c else f"{index.precision} (no float copy)"
+        how += f" ({index.precision}" + (f", rescored in {rescored})" if first else ")")
     print(f"{how}{' (Qdrant)' if args.qdrant else ''}: encoded in {1e3 * t_enc:.0f} ms, "
           f"searched in {1e3 * t_search:.1f} ms")
     for r in results:            # one line a result: a newline (or any control character) in a name is escaped

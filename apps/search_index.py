@@ -7,7 +7,8 @@ candidate (N x (B - A) x D, machinery/index.py's format: bf16 from D = 128, floa
 search at r_c reads exactly the first r_c / R_c of the bytes, each group contiguously. An int8 or
 binary index (--precision) holds each group once more in that precision: searches read those
 (a quarter / a sixteenth of bf16's bytes, plus a scale a vector), and a cascade rescores its best
-`depth` from the float copy kept beside them. Indexing is resumable: shards are marked
+`depth` from the float copy kept beside them (or, where --keep-float dropped it, from the low
+bits). Indexing is resumable: shards are marked
 done atomically, a rerun continues where it stopped, and index.json (which `query` needs) is
 written last, so an interrupted run never leaves an index that looks complete. A corrupt image
 among many is skipped, listed in skipped.jsonl and never returned.
@@ -89,12 +90,18 @@ class Index:
                              f"{', '.join(str(b) for _, b in self.bounds)}")
         return self.vectors.prefix(r_c, precision)
 
+    def rescore_view(self, r_c):
+        """What a cascade rescores from at r_c: the float copy, or the low bits where the index keeps
+        no float copy of r_c vectors (--keep-float)."""
+        self.prefix(r_c, self.precision)                 # r_c stored, or its one-line error
+        return self.vectors.rescore_view(r_c)
+
     def search(self, q, budget, k=10, first=None, depth=1000, backend=None, precision=None, exact=False):
         """q (N_q, R_q, D) -> (scores (N_q, k), item indices (N_q, k)), best first. budget (r_q, r_c);
         with first: score every candidate at `first`, then the best `depth` at `budget`.
         precision: the vectors of the one stage, or the cascade's first (default: the index's own,
-        int8 / binary where it holds them); a cascade rescores from the float copy. exact: float32
-        math only (maxsim's exact)."""
+        int8 / binary where it holds them); a cascade rescores from the float copy, or from the low
+        bits where the index keeps none at budget (--keep-float). exact: float32 math only (maxsim's exact)."""
         k_all = k + len(self.skipped)                  # skipped items are dropped from the results
         precision = precision or self.precision
         if first is None:
@@ -103,7 +110,7 @@ class Index:
         else:
             _, cand = maxsim_topk(q[:, :first[0]], self.prefix(first[1], precision), min(max(depth, k_all), self.N),
                                   backend=backend, exact=exact)
-            view, out_s, out_i = self.prefix(budget[1]), [], []
+            view, out_s, out_i = self.rescore_view(budget[1]), [], []
             for a in range(0, q.shape[0], 16):      # 16 queries at a time: their candidates read once
                 block = cand[a:a + 16]                                        # (n, depth)
                 rows, where = torch.unique(block, return_inverse=True)       # sorted: sequential reads
@@ -120,7 +127,8 @@ class Index:
             raise ValueError(f"index {self.path}: item(s) {named} "
                              f"score NaN or inf (their vectors are damaged): run `search.py verify {self.path}`, "
                              f"then rebuild the index")
-        self.check_plausible(q[:, :budget[0]], keep, budget[1], None if first else precision)
+        rescored = (None if isinstance(view, on_disk.Prefix) else self.precision) if first else precision
+        self.check_plausible(q[:, :budget[0]], keep, budget[1], rescored)
         return (torch.tensor([[x for x, _ in r] for r in keep]), torch.tensor([[j for _, j in r] for r in keep],
                                                                               dtype=torch.long))
 
@@ -346,17 +354,20 @@ def item_kind(image):
     return {"kind": "text"} if image is None else {"kind": "synthetic"}
 
 
-def build_index(model, items, out, batch_size=32, progress=True, precision=None):
+def build_index(model, items, out, batch_size=32, progress=True, precision=None, keep_float="all"):
     """Encode items into the index folder `out`, resumably (shards marked done in progress.json, which
     names the items by a digest: its size, rewritten after every shard, does not grow with N);
     memory: one shard of vectors (written into the group files as encoded) and the items' listing;
     precision (any spelling of machinery/precision.py's): None, the float copy alone in the default
     dtype for D; float32 / bfloat16 / float16, the float copy in it; int8 / binary, those groups too,
-    beside the float copy (machinery/index.py).
+    beside the float copy (machinery/index.py); keep_float (int8 / binary only): all, none, or an
+    r_c: how much of the float copy is kept (machinery/index.py's keep_float).
     The index records the checkpoint's fingerprint (its contents): a rerun with another model is
     refused, and so is a query once the checkpoint has changed."""
     N, R_c, D = len(items), model.config.num_candidate_tokens, model.dim
     precision = Precision.parse(precision, "--precision") if precision is not None else default_float(D)
+    groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
+    float_r_c = on_disk.keep_float(keep_float, R_c, groups, precision)
     os.makedirs(out, exist_ok=True)
     listing = [{"n": n, "id": i, "source": s if isinstance(s, str) else str(s), **item_kind(im)}
                for n, (i, _, im, s) in enumerate(items)]
@@ -374,12 +385,15 @@ def build_index(model, items, out, batch_size=32, progress=True, precision=None)
     if state and on_disk.of_index(state["vectors"]) != precision:
         raise ValueError(f"{out} holds an unfinished index in precision {on_disk.of_index(state['vectors'])}: "
                          f"resume it with that --precision, or remove {out}")
+    if state and state["vectors"].get("float_r_c") != float_r_c:
+        was = state["vectors"].get("float_r_c")
+        raise ValueError(f"{out} holds an unfinished index with --keep-float {'all' if was is None else was or 'none'}: "
+                         f"resume it with that --keep-float, or remove {out}")
     if state is None:
         if os.path.isfile(os.path.join(out, "index.json")):
             raise ValueError(f"{out} already holds an index: remove it or choose another --out")
-        groups = budget_groups(model.config.groups, model.config.num_query_tokens, R_c)   # what a budget can name
         vectors = on_disk.create(out, N, R_c, D, groups, precision if not precision.quantized else default_float(D),
-                                 precision)
+                                 precision, float_r_c)
         state = {"items_sha256": items_sha256, "dim": D, "model": model.config.backbone, "vectors": vectors.meta,
                  "checkpoint": model.source, "fingerprint": model.fingerprint, "index_id": uuid.uuid4().hex,
                  "done": [], "skipped": []}
@@ -681,7 +695,8 @@ def qdrant_client(where, collection=None, index=None, overwrite=False):
 def to_qdrant(index, store, collection="metaembed", batch=256, overwrite=False, budgets=None, precision=None):
     """One point per candidate: 'first' (E_c[0], for HNSW) and 'mv{r_c}' per stored budget (MaxSim over
     the first r_c vectors), with the index's id, `batch` rows at a time (memory is one batch, whatever
-    N). budgets: the r_c to send (default every stored one); precision: the collection's quantization
+    N), from the float copy, or where the index keeps none (--keep-float) its low bits dequantised.
+    budgets: the r_c to send (default every stored one); precision: the collection's quantization
     (default the index's). An existing collection of this index is completed (upserts are
     idempotent), another's replaced only with overwrite. The engine then builds its graph and
     quantization (Qdrant.finish)."""
@@ -694,12 +709,14 @@ def to_qdrant(index, store, collection="metaembed", batch=256, overwrite=False, 
             store.drop(collection)
     if not store.exists(collection):
         store.create(collection, qdrant_collection(index.D, budgets, precision or index.precision, index.meta["dtype"]))
-    view, tag = index.prefix(max(budgets)), {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
+    view = index.rescore_view(max(budgets))                              # (N, r_c, D): float, or low bits
+    tag = {"index_id": index.meta["index_id"], "fingerprint": index.meta["fingerprint"]}
     for s in range(0, index.N, batch):
         keep = [n for n in range(min(batch, index.N - s)) if s + n not in index.skipped]
         if not keep:                               # a batch that was skipped whole has nothing to send
             continue
-        E = view[s:s + batch].float().numpy()[keep]                           # (n, r_c, D)
+        E = view[s:s + batch]
+        E = (E.dequantize() if isinstance(E, on_disk.Quantized) else E.float()).numpy()[keep]    # (n, r_c, D)
         store.upsert(collection, [s + n for n in keep], {"first": E[:, 0], **{f"mv{b}": E[:, :b] for b in budgets}},
                      [{**index.items[s + n], **tag} for n in keep])
     store.finish(collection)

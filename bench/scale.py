@@ -14,6 +14,10 @@ its own, ru_maxrss), one query at a time:
     engine hnsw             the engine: HNSW prefetch of `depth` by the first vector (1x1), MaxSim rerank
     engine hnsw int8        the same collection with scalar int8 quantization (rescored, oversampling 4)
     engine hnsw binary      binary quantization (8-bit queries, rescored, oversampling 4)
+    cascade int8 + bf16 copy     ours on an int8 index (search.py index --precision int8): 1x1 in int8
+                                 over everything, 16x64 rescored from the bf16 copy on the best `depth`
+    cascade int8, no float copy  the same index built with --keep-float none: rescored from the int8 codes
+    cascade binary ...           the same two with --precision binary (N <= 100k: each builds its index)
 
 recall@10 is against the exact (float32 math) 16x64 top 10 over all N. The stub: topic t of
 candidate n = n mod T (T = N / 100 topics, random unit centres c_t); candidate n has a random
@@ -47,6 +51,9 @@ BATCH = 2048                  # candidates generated and written at a time
 DEPTH = 1000                  # the cascades' depth (ours and the engine's prefetch)
 SEED = 0
 METHODS = ("exhaustive 16x64", "cascade 1x1->16x64", "engine hnsw", "engine hnsw int8", "engine hnsw binary")
+KEEP_FLOAT = ("cascade int8 + bf16 copy", "cascade int8, no float copy", "cascade binary + bf16 copy",
+              "cascade binary, no float copy")     # --keep-float all / none (issue 39 item 3), N <= KEEP_FLOAT_MAX
+KEEP_FLOAT_MAX = 100_000
 
 
 # -----------------------------------------------------------------------------
@@ -82,12 +89,13 @@ def queries(N, topics, count, seed=SEED):
     return torch.nn.functional.normalize(torch.stack(out), dim=-1)
 
 
-def build_index(path, N, precision=None, seed=SEED):
+def build_index(path, N, precision=None, seed=SEED, float_r_c=None):
     """N stub candidates into an index folder as search.py writes one (bf16 groups, items.jsonl,
-    index.json), BATCH at a time: memory is one batch, whatever N."""
+    index.json), BATCH at a time: memory is one batch, whatever N. precision int8 / binary: those
+    groups too, with the float copy of vectors 1..float_r_c (None: all; 0: none)."""
     from machinery import index as on_disk
     topics = centres(N, seed)
-    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_float(D), precision)
+    v = on_disk.create(path, N, R_C, D, GROUPS, on_disk.default_float(D), precision, float_r_c)
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         for s in range(0, N, BATCH):
             n = min(BATCH, N - s)
@@ -148,6 +156,15 @@ def run_one(job):
                        engine_precision=precision or "float16")
             search = lambda qa: [j for _, j in search_index.qdrant_search(                   # noqa: E731
                 store, qa.numpy(), (R_Q, job["rerank"]), 10, first=(1, 1), depth=job["depth"], precision=precision)]
+        elif job["what"] in KEEP_FLOAT:                 # its own low-bit index, built here (build_s, disk_bytes)
+            precision, none = job["what"].split()[1].rstrip(","), "no float" in job["what"]
+            path = os.path.join(work, f"index-{precision}-{'none' if none else 'all'}")
+            t = time.perf_counter()
+            build_index(path, N, precision, float_r_c=0 if none else None)
+            row.update(build_s=time.perf_counter() - t, disk_bytes=disk_bytes(path),
+                       stored=f"16x64 {precision}" + ("" if none else " + bf16"))
+            index = search_index.Index(path)
+            search = lambda qa: index.search(qa[None], (R_Q, R_C), 10, first=(1, 1), depth=job["depth"])[1][0].tolist()  # noqa: E731
         elif job["what"] == "exhaustive 16x64":
             search = lambda qa: index.search(qa[None], (R_Q, R_C), 10)[1][0].tolist()       # noqa: E731
         else:
@@ -197,7 +214,7 @@ def study(sizes, work_root=None, count=30, depth=DEPTH, keep=False, log=print, m
                 if m == "exhaustive 16x64" and N >= 500_000:
                     job["timed"] = 3          # each reads the whole index from disk: 3 queries, timed and scored
                 r = child(job)
-                if not m.startswith("engine"):             # ours: the index built above
+                if "build_s" not in r:                     # ours: the index built above
                     r.update(build_s=base["build_s"], disk_bytes=base["disk_bytes"], build_peak_rss_mb=base["peak_rss_mb"],
                              stored="16x64 bf16")
                 r["peak_rss_mb"] = max(r["peak_rss_mb"], r.get("build_peak_rss_mb", 0))
@@ -215,7 +232,8 @@ def table(rows):
     """The rows as a markdown table (docs/scale.md's)."""
     out = ["| N | method | p50 ms | p95 ms | recall@10 | build s | peak RSS MB | disk GiB | stored |",
            "|---:|---|---:|---:|---:|---:|---:|---:|---|"]
-    for r in sorted(rows, key=lambda r: (r["n"], METHODS.index(r["method"]) if r["method"] in METHODS else 99)):
+    order = METHODS + KEEP_FLOAT
+    for r in sorted(rows, key=lambda r: (r["n"], order.index(r["method"]) if r["method"] in order else 99)):
         out.append(f"| {r['n']:,} | {r['method']} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} | {r['recall_at_10']:.3f} | "
                    f"{r['build_s']:.0f} | {r['peak_rss_mb']:.0f} | {r['disk_bytes'] / 2**30:.2f} | {r.get('stored', '')} |")
     return "\n".join(out)
@@ -247,7 +265,8 @@ def mode_scale(args):
     t, rows = time.time(), []
     for N in sizes:                   # the JSON (and plot) rewritten after each N: a long run keeps what it measured
         count = 20 if args.quick else 10 if N >= 1_000_000 else 30       # at 1M: 10 queries (each exhaustive one reads 16 GB)
-        rows += study([N], args.scale_dir, count=count, rerank=rerank)
+        rows += study([N], args.scale_dir, count=count, rerank=rerank,
+                      methods=METHODS + (KEEP_FLOAT if N <= KEEP_FLOAT_MAX else ()))
         out = {"cpu": cpu_name(), "D": D, "depth": DEPTH, "seconds": time.time() - t,
                "stub": {"topic_size": TOPIC_SIZE, "A": A, "B": B, "C": C, "query_noise": QUERY_NOISE}, "rows": rows}
         if args.json:

@@ -20,6 +20,9 @@ float32, one scale a vector:
     binary: x ~ scale * sign,   scale = mean_d |x_d|  (the least-squares scale of the signs)
 
 Search reads the low-bit groups; the float copy is read only to rescore a cascade's best few.
+A low-bit index may keep less of its float copy (search.py index --keep-float): index.json's
+"float_r_c" is the r_c up to which group-A-B.bin files exist (0: none, a group end: the groups up to
+it; absent: all of them). A cascade rescoring past it rescores from the low bits (Vectors.rescore_view).
 """
 import hashlib
 import json
@@ -94,16 +97,35 @@ def group_bounds(R_c, groups):
     return list(zip([0] + ends[:-1], ends))
 
 
-def create(path, N, R_c, D, groups, dtype, precision=None):
+def keep_float(spec, R_c, groups, precision):
+    """--keep-float's value (all, none, or a stored r_c: the float copy of vectors 1..r_c, what a
+    cascade rescoring at that r_c reads) -> index.json's float_r_c (None: all, the field left out)."""
+    ends = [b for _, b in group_bounds(R_c, groups)]
+    spec = str(spec).strip().lower()
+    if spec == "all":
+        return None
+    r_c = 0 if spec == "none" else int(spec) if spec.isdigit() else -1
+    if r_c not in (0, *ends):
+        raise ValueError(f"--keep-float {spec}: give all, none, or an r_c the index stores ({', '.join(map(str, ends))})")
+    if precision is None or not Precision.parse(precision).quantized:
+        raise ValueError(f"--keep-float {spec}: only an int8 / binary index can drop its float copy (pass --precision "
+                         f"int8 or binary; a float index's vectors are its float copy)")
+    return None if r_c == R_c else r_c
+
+
+def create(path, N, R_c, D, groups, dtype, precision=None, float_r_c=None):
     """Empty group files for N candidates (sparse until written) -> Vectors to write into.
     precision int8 / binary: the low-bit groups too (beside the float copy, in dtype); None or a
-    float precision: the float copy alone."""
+    float precision: the float copy alone. float_r_c (keep_float's): the float copy of the first
+    float_r_c vectors only (0: none; None: all)."""
     precision = Precision.parse(precision) if precision is not None else None
     os.makedirs(path, exist_ok=True)
     meta = dict(count=N, dim=D, num_candidate_tokens=R_c, groups=group_bounds(R_c, groups),
                 dtype=str(Precision.parse(dtype, "dtype")))
     if precision is not None and precision.quantized:
         meta["precision"] = str(precision)
+    if float_r_c is not None and float_r_c != R_c:
+        meta["float_r_c"] = float_r_c
     vectors = Vectors(path, meta)
     for f, size in vectors.file_sizes():
         with open(f, "wb") as fh:
@@ -157,6 +179,7 @@ FIELDS = {
     "groups": (_pairs, "is not a list of [start, end] pairs of whole numbers"),
     "dtype": (lambda v: v in DTYPES, f"is none of {', '.join(DTYPES)}"),
     "precision": (lambda v: v in (*DTYPES, *QUANTIZED, "bf16"), f"is none of {', '.join(QUANTIZED)} (or the dtype)"),
+    "float_r_c": (lambda v: _whole(v, 0), "is not a whole number >= 0"),
     "num_query_tokens": (lambda v: _whole(v, 1), "is not a whole number >= 1"),
     "model_groups": (lambda v: _pairs(v) and all(min(p) >= 1 for p in v), "is not a list of [r_q, r_c] pairs >= 1"),
     "checkpoint": (lambda v: isinstance(v, str), "is not a string"),
@@ -193,6 +216,9 @@ def check_meta(path, meta, required=()):
     legacy = () if "meta_sha256" in meta else ("bf16",)  # the float copy's name before index.json had a checksum
     if meta.get("precision", meta["dtype"]) not in (meta["dtype"], *QUANTIZED, *legacy):
         damaged(f"precision {meta['precision']!r} is none of {', '.join(QUANTIZED)} (or the dtype, {meta['dtype']})")
+    if "float_r_c" in meta and (meta["float_r_c"] not in (0, *ends[1:]) or meta.get("precision") not in QUANTIZED):
+        damaged(f"float_r_c {meta['float_r_c']} is not 0 or a group end of a low-bit index (groups "
+                f"{json.dumps(meta['groups'])[:60]}, precision {meta.get('precision', meta['dtype'])})")
     return meta
 
 
@@ -238,11 +264,14 @@ def checksums(vectors):
 
 def non_finite_rows(vectors, rows=4096):
     """The candidates holding a NaN or inf in any stored vector (each group file read once, a block
-    of rows at a time)."""
+    of rows at a time): the float copy, and the scales of the groups it does not keep (the only
+    low-bit numbers that can be NaN or inf)."""
     bad = set()
-    for (a, b), f in zip(vectors.bounds, vectors.files):
+    for g, (a, b) in enumerate(vectors.bounds):
         for j in range(0, vectors.N, rows):
-            x = read_range(vectors, f, b - a, j, min(rows, vectors.N - j))          # (n, b - a, D)
+            n = min(rows, vectors.N - j)
+            x = read_range(vectors, vectors.files[g], b - a, j, n) if g < len(vectors.files) else \
+                _read_rows(vectors.scale_files[g], np.float32, (vectors.N, b - a), slice(j, j + n), vectors.path)
             bad.update((j + torch.nonzero(~torch.isfinite(x.float()).flatten(1).all(1)).flatten()).tolist())
     return sorted(bad)
 
@@ -326,7 +355,8 @@ class Vectors:
         self.bounds = [tuple(b) for b in meta["groups"]]
         self.dtype = Precision.parse(meta["dtype"], "dtype").dtype
         self.float_vector_bytes = self.D * self.dtype.itemsize         # one vector of the float copy
-        self.files = [os.path.join(self.path, f"group-{a}-{b}.bin") for a, b in self.bounds]
+        self.float_r_c = meta.get("float_r_c", self.R_c)                # the float copy: vectors 1..float_r_c
+        self.files = [os.path.join(self.path, f"group-{a}-{b}.bin") for a, b in self.bounds if b <= self.float_r_c]
         self.shape = (self.N, self.R_c, self.D)
         # int8 / binary: the low-bit codes and scales of each group, beside the float copy
         self.precision = of_index(meta)                                # int8 / binary, or the float dtype
@@ -338,7 +368,7 @@ class Vectors:
         self.code_width = (self.D if self.precision == "int8" else -(-self.D // 8)) if self.quantized else None
 
     def file_sizes(self):
-        """[(file, bytes)] of every group file: the float copy, then codes and scales."""
+        """[(file, bytes)] of every group file: the float copy (the groups it keeps), then codes and scales."""
         out = [(f, self.N * (b - a) * self.float_vector_bytes) for (a, b), f in zip(self.bounds, self.files)]
         for (a, b), fc, fs in zip(self.bounds, self.code_files, self.scale_files):
             out += [(fc, self.N * (b - a) * self.code_width), (fs, self.N * (b - a) * 4)]
@@ -352,11 +382,21 @@ class Vectors:
         index's low-bit precision ("int8" / "binary", as index.json says)."""
         precision = Precision.parse(precision) if precision is not None else None
         if precision is None or precision == self.meta["dtype"]:
+            if r_c > self.float_r_c:
+                a, b = next((a, b) for a, b in self.bounds if b > self.float_r_c)
+                kept = f"the float copy of vectors 1-{self.float_r_c} only" if self.float_r_c else "no float copy"
+                raise ValueError(f"index {self.path} has no group-{a}-{b}.bin (built with --keep-float "
+                                 f"{self.float_r_c or 'none'}: {kept}): r_c={r_c} is held in {self.precision} alone")
             return Prefix(self, r_c)
         if precision != self.precision:
             raise ValueError(f"index {self.path} holds {self.precision} vectors (and the {self.meta['dtype']} copy), "
                              f"not {precision}: rebuild it with --precision {precision}")
         return QuantizedPrefix(self, r_c)
+
+    def rescore_view(self, r_c):
+        """What a cascade rescores from at r_c: the float copy where the index keeps it, else the low
+        bits (an index built with --keep-float none, or below r_c)."""
+        return self.prefix(r_c, None if r_c <= self.float_r_c else self.precision)
 
     def __getitem__(self, key):
         rows, vecs = key if isinstance(key, tuple) else (key, slice(None))
@@ -368,8 +408,8 @@ class Vectors:
     def __setitem__(self, rows, x):                              # rows: a slice, x (n, R_c, D)
         q = quantize(x, self.precision) if self.quantized else None
         x = x.detach().to("cpu", self.dtype).contiguous()
-        for i, ((a, b), f) in enumerate(zip(self.bounds, self.files)):
-            writes = [(f, x[:, a:b], self.float_vector_bytes)]
+        for i, (a, b) in enumerate(self.bounds):
+            writes = [(self.files[i], x[:, a:b], self.float_vector_bytes)] if i < len(self.files) else []
             if q is not None:
                 writes += [(self.code_files[i], q.codes[:, a:b], self.code_width),
                            (self.scale_files[i], q.scale[:, a:b], 4)]

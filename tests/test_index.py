@@ -2,6 +2,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -45,6 +46,57 @@ def test_a_low_bit_index_keeps_its_codes_and_the_float_copy(tmp_path, precision)
     os.truncate(tmp_path / f"group-1-4.{precision}.bin", 7)
     with pytest.raises(ValueError, match=f"group-1-4.{precision}.bin is 7 bytes"):
         index.open_vectors(tmp_path)
+
+
+def test_keep_float_drops_the_float_groups_past_it_and_a_read_of_one_is_one_line(tmp_path):
+    """float_r_c 4 (--keep-float 4): group-4-8.bin is never created; the low bits of every group and
+    the float copy of vectors 1-4 read back as written; a float read past 4 is one line naming the
+    missing file, rescore_view reads the low bits there; checksums and the NaN scan cover the files
+    that exist (a NaN scale in a group without its float copy is found)."""
+    x = unit(10, 8, 20, 4)
+    assert index.keep_float("all", 8, GROUPS, "int8") is None and index.keep_float("8", 8, GROUPS, "int8") is None
+    assert index.keep_float("none", 8, GROUPS, "binary") == 0 and index.keep_float(" 4", 8, GROUPS, "int8") == 4
+    with pytest.raises(ValueError, match=r"^--keep-float 3: give all, none, or an r_c the index stores \(1, 4, 8\)$"):
+        index.keep_float("3", 8, GROUPS, "int8")
+    with pytest.raises(ValueError, match=r"^--keep-float none: only an int8 / binary index can drop its float copy"):
+        index.keep_float("none", 8, GROUPS, "bfloat16")
+    assert index.create(tmp_path / "all", 10, 8, 20, GROUPS, "bfloat16", "int8", None).meta == \
+        index.create(tmp_path / "old", 10, 8, 20, GROUPS, "bfloat16", "int8").meta      # all: today's index.json
+    v = index.create(tmp_path, 10, 8, 20, GROUPS, "bfloat16", "int8", 4)
+    v[0:10] = x
+    index.write_meta(tmp_path, {**v.meta, "checksums": index.checksums(v)})
+    v = index.open_vectors(tmp_path)
+    assert v.meta["float_r_c"] == 4 and not (tmp_path / "group-4-8.bin").exists()
+    assert (tmp_path / "group-1-4.bin").exists() and (tmp_path / "group-4-8.int8.bin").exists()
+    assert "group-4-8.bin" not in v.meta["checksums"] and "group-4-8.int8.bin" in v.meta["checksums"]
+    want = index.quantize(x, "int8")
+    got = v.prefix(8, "int8")[[9, 2]]
+    assert torch.equal(got.codes, want.codes[[9, 2]]) and torch.equal(got.scale, want.scale[[9, 2]])
+    assert torch.equal(v.prefix(4)[0:10], x[:, :4].bfloat16())
+    with pytest.raises(ValueError, match=r"^index .* has no group-4-8.bin \(built with --keep-float 4: the float copy "
+                                         r"of vectors 1-4 only\): r_c=8 is held in int8 alone$"):
+        v.prefix(8)
+    assert isinstance(v.rescore_view(4), index.Prefix) and isinstance(v.rescore_view(8), index.QuantizedPrefix)
+    assert index.non_finite_rows(v) == []
+    s = np.memmap(tmp_path / "group-4-8.scale.bin", dtype=np.float32, mode="r+").reshape(10, 4)
+    s[6, 1] = np.nan
+    s.flush()
+    assert index.non_finite_rows(v) == [6]
+
+
+def test_float_r_c_in_index_json_is_checked(tmp_path):
+    """float_r_c must be 0 or a group end, and only in a low-bit index; an index.json without it (every
+    index written before it) keeps its whole float copy."""
+    v = index.create(tmp_path, 3, 8, 20, GROUPS, "bfloat16", "binary")
+    v[0:3] = unit(3, 8, 20, 5)
+    index.write_meta(tmp_path, v.meta)
+    assert index.open_vectors(tmp_path).float_r_c == 8
+    for meta, said in (({"float_r_c": 3}, "float_r_c 3 is not 0 or a group end"),
+                       ({"float_r_c": -1}, "float_r_c -1 is not a whole number >= 0"),
+                       ({"float_r_c": 0, "precision": "bfloat16"}, "float_r_c 0 is not 0 or a group end of a low-bit")):
+        index.write_meta(tmp_path, {**v.meta, **meta})
+        with pytest.raises(ValueError, match=f"index.json is damaged \\({said}"):
+            index.open_vectors(tmp_path)
 
 
 def test_one_precision_vocabulary_and_old_index_json_normalised_at_read(tmp_path):

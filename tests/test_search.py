@@ -184,13 +184,13 @@ def test_the_engine_returns_the_exhaustive_top10_at_every_stored_budget(scenes, 
     store.close()
 
 
-def random_index(path, precision, N=400, D=128, seed=0):
+def random_index(path, precision, N=400, D=128, seed=0, float_r_c=None):
     """An index of N random unit candidates (16 x 64 vectors of D) written through machinery/index.py,
     as search.py writes one, and queries that are noisy copies of 20 of them."""
     from machinery import index as on_disk
     g = torch.Generator().manual_seed(seed)
     x = torch.nn.functional.normalize(torch.randn(N, 64, D, generator=g), dim=-1)
-    v = on_disk.create(path, N, 64, D, ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64)), "bfloat16", precision)
+    v = on_disk.create(path, N, 64, D, ((1, 1), (2, 4), (4, 8), (8, 16), (16, 64)), "bfloat16", precision, float_r_c)
     v[0:N] = x
     with open(os.path.join(path, "items.jsonl"), "w") as f:
         f.writelines(json.dumps({"n": n, "id": f"c{n}", "source": "random"}) + "\n" for n in range(N))
@@ -225,6 +225,39 @@ def test_a_low_bit_index_searches_and_its_cascade_rescores_from_the_float_copy(t
     assert recall(i) >= (0.9 if precision == "int8" else 0.1)          # measured: 0.985 and 0.2 (seed 0)
     info = {"bf16 copy": sum(os.path.getsize(f) for f in index.vectors.files)}
     assert info["bf16 copy"] == 400 * 64 * 128 * 2
+
+
+@pytest.mark.parametrize("precision", ["int8", "binary"])
+def test_without_the_float_copy_a_cascade_rescores_from_the_low_bits(tmp_path, precision):
+    """--keep-float none: no group-A-B.bin at all; the cascade's rescoring is MaxSim of the dequantised
+    low bits (at depth N: the exhaustive low-bit search's own top 10 and scores); with --keep-float 16
+    a cascade at 8x16 rescores from the float copy, one at 16x64 from the low bits; verify passes."""
+    from machinery.index import quantize
+    x, q = random_index(tmp_path / "none", precision, N=200, float_r_c=0)
+    index = search_index.Index(tmp_path / "none")
+    assert not any(os.path.exists(tmp_path / "none" / f"group-{a}-{b}.bin") for a, b in index.bounds)
+    assert search_index.verify(tmp_path / "none") == [] and index.vectors.files == []
+    deq = quantize(x, precision).dequantize()                                       # (N, 64, D)
+    cs, ci = index.search(q, (16, 64), k=10, first=(1, 1), depth=200, exact=True)
+    s, i = index.search(q, (16, 64), k=10, exact=True)                             # the low bits, exhaustively
+    torch.testing.assert_close(cs, maxsim(q, deq, exact=True).gather(1, ci), atol=1e-4, rtol=0)
+    torch.testing.assert_close(cs, s, atol=1e-4, rtol=0)
+    assert (ci == i).float().mean() >= 0.99                                          # ties aside
+    store = search_index.qdrant_client(str(tmp_path / "engine"))                # the push sends the low bits
+    search_index.to_qdrant(index, store, budgets=[64])                             # dequantised (no float copy)
+    hits = [search_index.qdrant_search(store, qa.numpy(), (16, 64), 10, precision=precision) for qa in q[:5]]
+    store.close()
+    assert recall_at([[j for _, j in h] for h in hits], i[:5].tolist()) >= 0.9
+    torch.testing.assert_close(torch.tensor([[x for x, _ in h] for h in hits]), s[:5], atol=0.05, rtol=0)
+    x, q = random_index(tmp_path / "16", precision, N=200, float_r_c=16)
+    index = search_index.Index(tmp_path / "16")
+    assert os.path.exists(tmp_path / "16" / "group-8-16.bin") and not os.path.exists(tmp_path / "16" / "group-16-64.bin")
+    cs, ci = index.search(q, (8, 16), k=5, first=(1, 1), depth=50, exact=True)
+    torch.testing.assert_close(cs, maxsim(q[:, :8], x[:, :16].bfloat16(), exact=True).gather(1, ci), atol=1e-4, rtol=0)
+    cs, ci = index.search(q, (16, 64), k=5, first=(1, 1), depth=50, exact=True)
+    torch.testing.assert_close(cs, maxsim(q, quantize(x, precision).dequantize(), exact=True).gather(1, ci),
+                               atol=1e-4, rtol=0)
+    assert search_index.verify(tmp_path / "16") == []
 
 
 def test_cli_builds_verifies_and_queries_a_binary_index(ckpt, tmp_path, capsys):

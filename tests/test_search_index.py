@@ -247,6 +247,29 @@ def test_messages(two_checkpoints, scenes, tmp_path, capsys):
         Image.MAX_IMAGE_PIXELS = old
 
 
+def test_keep_float_none_through_the_command_line(two_checkpoints, tmp_path, capsys):
+    """search.py index --precision int8 --keep-float none: index.json records float_r_c 0, no float
+    group file is written, verify passes, a cascade query says it rescored from the low bits; a
+    --keep-float that is not stored, or on a float index, is one line before any encoding."""
+    a, out = two_checkpoints[0], str(tmp_path / "int8")
+    search.main(["index", "--checkpoint", a, "--out", out, "--synthetic-scenes", "3", "--precision", "int8",
+                 "--keep-float", "none"])
+    assert json.load(open(os.path.join(out, "index.json")))["float_r_c"] == 0
+    assert " MiB float32 (no float copy) + " in capsys.readouterr().out
+    assert sorted(f for f in os.listdir(out) if f.endswith(".bin") and f.count(".") == 1) == []
+    assert os.path.isfile(os.path.join(out, "group-16-64.int8.bin"))
+    capsys.readouterr()
+    search.main(["verify", out])
+    assert ": ok (" in capsys.readouterr().out
+    search.main(["query", "--index", out, "red top left", "--first", "1x1", "--depth", "5", "-k", "3"])
+    assert "(int8, rescored in int8 (no float copy))" in capsys.readouterr().out
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "x"), "--synthetic-scenes", "3", "--precision", "int8",
+           "--keep-float", "3"], r"^search.py: error: --keep-float 3: give all, none, or an r_c the index stores \(1, 4")
+    fails(["index", "--checkpoint", a, "--out", str(tmp_path / "y"), "--synthetic-scenes", "3", "--keep-float", "none"],
+          r"^search.py: error: --keep-float none: only an int8 / binary index can drop its float copy")
+    assert not os.path.exists(tmp_path / "y" / "progress.json")
+
+
 
 
 # 41. what an index reads back is checked: index.json and items.jsonl whole on every open, every field's
