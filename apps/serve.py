@@ -128,7 +128,7 @@ class Searcher:
         ms = 1e3 * (time.perf_counter() - t)
         items = index.items
         low = vector_bytes(index.D, index.precision)                                 # what the first pass reads
-        vector = index.D * index.vectors.dtype.itemsize if budget[1] <= index.vectors.float_r_c else low  # the rescoring's
+        vector = index.vectors.float_vector_bytes if budget[1] <= index.vectors.float_r_c else low  # the rescoring's
         read = index.N * (first or budget)[1] * low + (min(depth, index.N) * budget[1] * vector if first else 0)
         return {"results": [{"rank": r + 1, "n": j, "id": items[j]["id"], "score": x, "source": items[j]["source"],
                              "kind": items[j].get("kind", "image")} for r, (x, j) in enumerate(zip(s[0].tolist(), i[0].tolist()))],

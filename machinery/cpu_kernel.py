@@ -69,12 +69,6 @@ def can_take(q, c):
 # JSON file beside the compiled kernel (keyed like it: source, flags, CPU), so later processes
 # on the same machine read it instead of measuring.
 
-def precision(c):
-    """The index precision a dispatch decision holds for, in machinery/precision.py's names:
-    float32, bfloat16, float16, int8 or binary."""
-    return precision_of(c)
-
-
 def bf16_math_allowed(c, exact):
     """bf16 math (the query rounded to bf16, exact products, float32 sums and outputs) is a
     candidate of the dispatch only where the kernel has a bf16 unit here and it loses nothing the
@@ -91,7 +85,7 @@ def regime(q, c, exact=False):
     return "/".join(("one-query" if q.shape[0] * q.shape[1] <= 16 else "many-queries",
                      "rc1" if r_c == 1 else "multi" if r_c <= 16 else "multi>16",
                      "D<=256" if c.shape[2] <= 256 else "D>256",
-                     precision(c), *(("bf16math",) if bf16_math_allowed(c, exact) else ())))
+                     precision_of(c), *(("bf16math",) if bf16_math_allowed(c, exact) else ())))
 
 
 def _probe(name):
@@ -165,7 +159,7 @@ def measured_choice(name, torch_paths=None):
                           "winner": "c" if t_c and t_c[width] <= t_torch[fastest] else fastest,
                           **{f"C{w}_ms": 1e3 * t for w, t in t_c.items()},
                           "probe": f"{q.shape[0]}x{c.shape[0]} at {q.shape[1]}x{c.shape[1]}, D={c.shape[2]}, "
-                                   f"{precision(c)}"}
+                                   f"{precision_of(c)}"}
         if dispatch_file():
             tmp = dispatch_file().with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(choices, indent=1))

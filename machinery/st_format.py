@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the repository's construction from a backbone and its saving are not the folder's: a call says so
 LEFT_OUT = ("build", "save")
 # the machinery files' order in the folder's code (the lower first: a top-level line may use what is above it)
-ORDER = ("machinery.checks", "machinery.backbones", "machinery.checkpoints")
+ORDER = ("machinery.precision", "machinery.options", "machinery.checks", "machinery.backbones", "machinery.checkpoints")
 
 
 def write(folder, model, budget, paper=None, results=None):
